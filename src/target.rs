@@ -1,0 +1,260 @@
+//! The kernel a package is built for: where its pristine source, its config
+//! and its module-building headers come from, and where builds for it are
+//! cached. A Debian 6.1 build is fetched through apt on first use; a user's
+//! own tree (`--src DIR --config FILE`) is used in place and never written.
+
+use crate::cache;
+use crate::debian::{self, DebRef};
+use anyhow::{bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Kernel release of the default target: Debian 12's current kernel.
+pub const DEFAULT_RELEASE: &str = "6.1.0-57-amd64";
+
+/// Debian 6.1 kernel builds this tool knows how to fetch: ABI release and
+/// the source package version that produced it.
+const DEBIAN_BUILDS: &[(&str, &str)] = &[
+    ("6.1.0-53-amd64", "6.1.187-1"),
+    ("6.1.0-54-amd64", "6.1.190-1"),
+    ("6.1.0-55-amd64", "6.1.192-1"),
+    ("6.1.0-56-amd64", "6.1.192-2"),
+    ("6.1.0-57-amd64", "6.1.192-3"),
+];
+
+/// Identity of a Debian kernel build.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DebianBuild {
+    /// ABI release as `uname -r` prints it, e.g. `6.1.0-57-amd64`.
+    pub release: String,
+    /// Debian version of the linux source and image packages, e.g. `6.1.192-3`.
+    pub version: String,
+}
+
+impl DebianBuild {
+    pub fn by_release(release: &str) -> Result<DebianBuild> {
+        DEBIAN_BUILDS
+            .iter()
+            .find(|(r, _)| *r == release)
+            .map(|(r, v)| DebianBuild {
+                release: r.to_string(),
+                version: v.to_string(),
+            })
+            .with_context(|| {
+                let known: Vec<&str> = DEBIAN_BUILDS.iter().map(|(r, _)| *r).collect();
+                format!(
+                    "unknown target {release}: known Debian builds are {}",
+                    known.join(", ")
+                )
+            })
+    }
+
+    /// `6.1.0-57-amd64` → `6.1.0-57`, the ABI part used in package names.
+    fn abi(&self) -> &str {
+        self.release
+            .strip_suffix("-amd64")
+            .unwrap_or(&self.release)
+    }
+
+    fn image_deb(&self) -> DebRef {
+        DebRef::new(
+            &format!("linux-image-{}", self.release),
+            Some(&self.version),
+        )
+    }
+
+    /// The linux-image package unpacked: `boot/` and `lib/modules/`.
+    pub fn image_root(&self) -> Result<PathBuf> {
+        let dir = target_dir(&self.release).join("image");
+        debian::unpacked(&dir, &[self.image_deb()])
+    }
+
+    pub fn vmlinuz(&self) -> Result<PathBuf> {
+        Ok(self
+            .image_root()?
+            .join(format!("boot/vmlinuz-{}", self.release)))
+    }
+
+    pub fn modules_dir(&self) -> Result<PathBuf> {
+        Ok(self
+            .image_root()?
+            .join(format!("lib/modules/{}", self.release)))
+    }
+
+    fn config(&self) -> Result<PathBuf> {
+        Ok(self
+            .image_root()?
+            .join(format!("boot/config-{}", self.release)))
+    }
+
+    /// Pristine source tree, shared by every target built from that version.
+    fn source(&self) -> Result<PathBuf> {
+        let dir = cache::cache_root()
+            .join("sources")
+            .join(format!("linux-{}", self.version));
+        let tree = dir.join("linux-source-6.1");
+        cache::ensure_dir(&dir, |tmp| {
+            let deb_dir = tmp.join(".debs");
+            fs::create_dir_all(&deb_dir)?;
+            let debs = debian::download(
+                &[DebRef::new("linux-source-6.1", Some(&self.version))],
+                &deb_dir,
+            )?;
+            debian::extract(&debs[0], &deb_dir)?;
+            let tarball = deb_dir.join("usr/src/linux-source-6.1.tar.xz");
+            let progress = crate::build::spinner(format!("unpacking {}", tarball.display()));
+            let status = std::process::Command::new("tar")
+                .arg("-xf")
+                .arg(&tarball)
+                .arg("-C")
+                .arg(tmp)
+                .status()
+                .context("cannot run tar")?;
+            progress.finish_and_clear();
+            if !status.success() {
+                bail!("cannot unpack {}", tarball.display());
+            }
+            fs::remove_dir_all(&deb_dir)?;
+            Ok(())
+        })?;
+        Ok(tree)
+    }
+
+    /// Headers for building external modules, with the absolute paths of
+    /// Debian's layout rewritten to point into the cache.
+    fn headers(&self) -> Result<PathBuf> {
+        let dir = target_dir(&self.release).join("headers");
+        let kbuild_dir = format!("usr/src/linux-headers-{}", self.release);
+        cache::ensure_dir(&dir, |tmp| {
+            let deb_dir = tmp.join(".debs");
+            fs::create_dir_all(&deb_dir)?;
+            let debs = debian::download(
+                &[
+                    DebRef::new(
+                        &format!("linux-headers-{}", self.release),
+                        Some(&self.version),
+                    ),
+                    DebRef::new(
+                        &format!("linux-headers-{}-common", self.abi()),
+                        Some(&self.version),
+                    ),
+                    DebRef::new("linux-kbuild-6.1", Some(&self.version)),
+                ],
+                &deb_dir,
+            )?;
+            for deb in &debs {
+                debian::extract(deb, tmp)?;
+            }
+            fs::remove_dir_all(&deb_dir)?;
+            // The arch Makefile includes the common one by absolute path.
+            let makefile = tmp.join(&kbuild_dir).join("Makefile");
+            let text = fs::read_to_string(&makefile)
+                .with_context(|| format!("cannot read {}", makefile.display()))?;
+            let final_root = dir.to_string_lossy();
+            fs::write(
+                &makefile,
+                text.replace("include /usr/src/", &format!("include {final_root}/usr/src/")),
+            )?;
+            Ok(())
+        })?;
+        Ok(dir.join(kbuild_dir))
+    }
+}
+
+fn target_dir(release: &str) -> PathBuf {
+    cache::cache_root().join("targets").join(release)
+}
+
+/// How the user named the target on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct TargetSpec {
+    /// A Debian ABI release such as `6.1.0-57-amd64`.
+    pub release: Option<String>,
+    /// A kernel source tree of the user's, used read-only.
+    pub src: Option<PathBuf>,
+    /// The config for `src`.
+    pub config: Option<PathBuf>,
+}
+
+/// Everything later stages need to know about the kernel being patched.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Kernel release string the package is for (`uname -r` on the target).
+    pub release: String,
+    /// The Debian build, when the target is one.
+    pub debian: Option<DebianBuild>,
+    /// Pristine source tree; never written to.
+    pub source: PathBuf,
+    /// Kernel config to build with.
+    pub config: PathBuf,
+    /// Kbuild folder for external modules; `None` means the tool prepares
+    /// its own from the configured original build.
+    pub headers: Option<PathBuf>,
+    /// Cache folder for builds of this target.
+    pub work: PathBuf,
+}
+
+impl Target {
+    /// Resolve the spec into a ready-to-use target, fetching what is missing.
+    pub fn resolve(spec: &TargetSpec) -> Result<Target> {
+        match (&spec.src, &spec.config) {
+            (Some(src), Some(config)) => Self::user_tree(src, config, spec.release.as_deref()),
+            (Some(_), None) | (None, Some(_)) => {
+                bail!("--src and --config go together: give both, or neither for a Debian build")
+            }
+            (None, None) => {
+                let release = spec.release.as_deref().unwrap_or(DEFAULT_RELEASE);
+                Self::debian(DebianBuild::by_release(release)?)
+            }
+        }
+    }
+
+    fn debian(build: DebianBuild) -> Result<Target> {
+        let source = build.source()?;
+        let config = build.config()?;
+        let headers = Some(build.headers()?);
+        Ok(Target {
+            release: build.release.clone(),
+            work: target_dir(&build.release).join("work"),
+            source,
+            config,
+            headers,
+            debian: Some(build),
+        })
+    }
+
+    fn user_tree(src: &Path, config: &Path, release: Option<&str>) -> Result<Target> {
+        let source = src
+            .canonicalize()
+            .with_context(|| format!("kernel source {} not found", src.display()))?;
+        if !source.join("Makefile").is_file() || !source.join("Kbuild").is_file() {
+            bail!("{} is not a kernel source tree (no Makefile/Kbuild)", source.display());
+        }
+        if source.join(".config").exists() {
+            bail!(
+                "{} has been configured in place; the tool builds out of tree and needs a clean tree (run `make mrproper` there)",
+                source.display()
+            );
+        }
+        let config = config
+            .canonicalize()
+            .with_context(|| format!("kernel config {} not found", config.display()))?;
+        let mut hasher = Sha256::new();
+        hasher.update(source.to_string_lossy().as_bytes());
+        hasher.update(fs::read(&config)?);
+        let key = hex::encode(&hasher.finalize()[..8]);
+        let release = match release {
+            Some(r) => r.to_string(),
+            None => crate::build::kernel_version(&source)?,
+        };
+        Ok(Target {
+            release,
+            debian: None,
+            work: cache::cache_root().join("trees").join(key),
+            source,
+            config,
+            headers: None,
+        })
+    }
+}
