@@ -17,7 +17,10 @@ pub fn kernel_version(source: &Path) -> Result<String> {
     let text = std::fs::read_to_string(source.join("Makefile"))?;
     let field = |name: &str| {
         text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().strip_prefix('=')))
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.trim().strip_prefix('='))
+            })
             .map(|v| v.trim().to_string())
             .unwrap_or_default()
     };

@@ -68,6 +68,8 @@ pub struct ReplacedFunction {
 pub enum SymbolKind {
     Function,
     Data,
+    /// Defined in another file; the kernel's symbol table says which.
+    Any,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +81,8 @@ pub struct ExternalSymbol {
     pub kind: SymbolKind,
     /// Source file defining it when it is a file-local (static) symbol.
     pub file: Option<String>,
+    /// A global symbol: unique among the kernel's global symbols.
+    pub global: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,0 +1,646 @@
+//! Diff stage: compare the original and patched builds of one translation
+//! unit function by function and decide what a package must carry.
+//!
+//! Functions are compared as code bytes with relocated fields masked plus
+//! the list of relocations, each reduced to what it points at (a symbol of
+//! the original object, a string literal, an anonymous constant), so
+//! layout shifts, renumbered static locals and moved strings do not count
+//! as changes. Anything whose live effect the engine cannot vouch for is
+//! refused with a reason.
+
+mod correlate;
+pub mod object;
+pub mod special;
+
+pub use correlate::Correlation;
+pub use object::ObjectFile;
+
+use crate::error::Refusal;
+use object::{reloc_is_pc_relative, reloc_width};
+use special::SectionRole;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// A function's code inside an object: a whole `.text.<name>` section with
+/// -ffunction-sections, or a symbol's range in a shared section such as
+/// `.sched.text`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FunctionUnit {
+    pub symbol: usize,
+    pub section: usize,
+    pub start: u64,
+    pub end: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChangeKind {
+    /// Exists in the running kernel and is redirected to the new version.
+    Changed,
+    /// Only in the patched build; shipped but not redirected.
+    New,
+}
+
+/// One function the package carries, with the `.cold` parts that belong
+/// to it (they are reached only from the function itself).
+#[derive(Debug, Clone)]
+pub struct FunctionChange {
+    pub name: String,
+    pub kind: ChangeKind,
+    pub unit: FunctionUnit,
+    pub parts: Vec<FunctionUnit>,
+}
+
+/// Result of comparing two builds of one translation unit.
+#[derive(Debug, Clone)]
+pub struct ObjectDiff {
+    pub functions: Vec<FunctionChange>,
+    pub refused: Vec<Refusal>,
+    pub correlation: Correlation,
+}
+
+impl ObjectDiff {
+    pub fn changed(&self) -> Vec<String> {
+        self.names(ChangeKind::Changed)
+    }
+    pub fn new_functions(&self) -> Vec<String> {
+        self.names(ChangeKind::New)
+    }
+    fn names(&self, kind: ChangeKind) -> Vec<String> {
+        self.functions
+            .iter()
+            .filter(|f| f.kind == kind)
+            .map(|f| f.name.clone())
+            .collect()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.functions.is_empty() && self.refused.is_empty()
+    }
+}
+
+/// What a relocation points at, independent of where things sit in the
+/// object. Names are in the original object's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum RelocTarget {
+    /// A named symbol plus the addend relative to its start.
+    Symbol(String, i64),
+    /// A string literal, by content.
+    Str(Vec<u8>),
+    /// Anonymous contents of a section, by section name and addend.
+    Section(String, i64),
+}
+
+/// Compare two builds of the same translation unit.
+pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<ObjectDiff> {
+    let correlation = Correlation::new(orig, patched);
+    let mut orig_view = View::new(orig, None);
+    let mut patched_view = View::new(patched, Some(&correlation));
+    let mut refused = Vec::new();
+
+    check_relocation_types(orig, &mut refused);
+    check_relocation_types(patched, &mut refused);
+    if !refused.is_empty() {
+        return Ok(ObjectDiff {
+            functions: Vec::new(),
+            refused,
+            correlation,
+        });
+    }
+
+    let orig_units = function_units(orig);
+    let patched_units = function_units(patched);
+    let orig_by_name: HashMap<&str, &FunctionUnit> = orig_units
+        .iter()
+        .map(|u| (orig.symbols[u.symbol].name.as_str(), u))
+        .collect();
+
+    // Compare every function; a `.cold` part's change counts for its parent.
+    let mut differs: BTreeMap<String, ChangeKind> = BTreeMap::new();
+    for unit in &patched_units {
+        let name = &patched.symbols[unit.symbol].name;
+        let Some(orig_name) = correlation.orig_name(name) else {
+            differs.insert(name.clone(), ChangeKind::New);
+            continue;
+        };
+        let Some(orig_unit) = orig_by_name.get(orig_name) else {
+            differs.insert(name.clone(), ChangeKind::New);
+            continue;
+        };
+        if orig_view.signature(orig_unit) != patched_view.signature(unit) {
+            differs.insert(name.clone(), ChangeKind::Changed);
+        }
+    }
+
+    let parents = cold_parents(patched, &patched_units);
+    let mut functions: BTreeMap<String, FunctionChange> = BTreeMap::new();
+    for (name, kind) in &differs {
+        let owner = parents.get(name.as_str()).map_or(name.as_str(), |p| p);
+        let owner_kind = if owner == name {
+            *kind
+        } else if correlation.orig_name(owner).is_some() {
+            ChangeKind::Changed
+        } else {
+            ChangeKind::New
+        };
+        if functions.contains_key(owner) {
+            continue;
+        }
+        let Some(unit) = patched_units
+            .iter()
+            .find(|u| patched.symbols[u.symbol].name == owner)
+        else {
+            continue;
+        };
+        let parts = patched_units
+            .iter()
+            .filter(|u| parents.get(patched.symbols[u.symbol].name.as_str()) == Some(&owner))
+            .copied()
+            .collect();
+        functions.insert(
+            owner.to_string(),
+            FunctionChange {
+                name: owner.to_string(),
+                kind: owner_kind,
+                unit: *unit,
+                parts,
+            },
+        );
+    }
+
+    let mut functions: Vec<FunctionChange> = functions.into_values().collect();
+    refuse_unsafe_functions(
+        orig,
+        patched,
+        &functions,
+        &orig_by_name,
+        &correlation,
+        &mut refused,
+    );
+    compare_data(&mut orig_view, &mut patched_view, &mut refused);
+    compare_registrations(&mut orig_view, &mut patched_view, &mut refused);
+    refuse_unsafe_references(&mut patched_view, &functions, &mut refused);
+
+    // Init code that changed is refused above; it is never carried.
+    functions.retain(|f| !special::is_init(&patched.sections[f.unit.section].name));
+    functions.sort_by(|a, b| a.name.cmp(&b.name));
+    refused.sort_by(|a, b| (&a.symbol, &a.reason).cmp(&(&b.symbol, &b.reason)));
+    refused.dedup();
+    Ok(ObjectDiff {
+        functions,
+        refused,
+        correlation,
+    })
+}
+
+fn check_relocation_types(obj: &ObjectFile, refused: &mut Vec<Refusal>) {
+    for section in &obj.sections {
+        if special::classify(&section.name, section.is_alloc(), section.is_exec())
+            == SectionRole::Ignored
+        {
+            continue;
+        }
+        if let Some(r) = section
+            .relocs
+            .iter()
+            .find(|r| reloc_width(r.r_type).is_none())
+        {
+            refused.push(Refusal {
+                symbol: section.name.clone(),
+                reason: format!(
+                    "relocation type {} at {:#x} is not supported",
+                    r.r_type, r.offset
+                ),
+            });
+        }
+    }
+}
+
+/// Every function symbol defined in code (text or init) sections.
+pub fn function_units(obj: &ObjectFile) -> Vec<FunctionUnit> {
+    let mut per_section: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (index, sym) in obj.symbols.iter().enumerate() {
+        if let (true, Some(section)) = (sym.is_function(), sym.section()) {
+            if obj.sections[section].is_exec() {
+                per_section.entry(section).or_default().push(index);
+            }
+        }
+    }
+    let mut units = Vec::new();
+    for (section, symbols) in per_section {
+        let whole = symbols.len() == 1 && obj.sections[section].name.starts_with(".text.");
+        for symbol in symbols {
+            let sym = &obj.symbols[symbol];
+            let (start, end) = if whole {
+                (0, obj.sections[section].size)
+            } else {
+                (sym.value, sym.value + sym.size)
+            };
+            units.push(FunctionUnit {
+                symbol,
+                section,
+                start,
+                end,
+            });
+        }
+    }
+    units
+}
+
+/// `foo.cold` (and `foo.cold.3`) are parts of `foo`.
+fn cold_parents<'a>(obj: &'a ObjectFile, units: &[FunctionUnit]) -> HashMap<&'a str, &'a str> {
+    let names: BTreeSet<&str> = units
+        .iter()
+        .map(|u| obj.symbols[u.symbol].name.as_str())
+        .collect();
+    let mut parents = HashMap::new();
+    for &name in &names {
+        if let Some(pos) = name.find(".cold") {
+            let rest = &name[pos + 5..];
+            if rest.is_empty() || rest.strip_prefix('.').is_some_and(is_number) {
+                if let Some(parent) = names.get(&name[..pos]) {
+                    parents.insert(name, *parent);
+                }
+            }
+        }
+    }
+    parents
+}
+
+fn is_number(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Comparison signature of a code or data range: the bytes with relocated
+/// fields zeroed, and each relocation as (offset, type, target).
+#[derive(Debug, PartialEq, Eq)]
+struct Signature {
+    bytes: Vec<u8>,
+    relocs: Vec<(u64, u32, RelocTarget)>,
+}
+
+/// One object seen through a namespace: the patched object's names are
+/// translated into the original's so signatures compare directly.
+struct View<'a> {
+    obj: &'a ObjectFile,
+    correlation: Option<&'a Correlation>,
+    instruction_ends: HashMap<usize, Vec<u64>>,
+}
+
+impl<'a> View<'a> {
+    fn new(obj: &'a ObjectFile, correlation: Option<&'a Correlation>) -> Self {
+        View {
+            obj,
+            correlation,
+            instruction_ends: HashMap::new(),
+        }
+    }
+
+    fn name(&self, name: &str) -> String {
+        match self.correlation {
+            None => name.to_string(),
+            Some(c) => match c.orig_name(name) {
+                Some(orig) => orig.to_string(),
+                None if self
+                    .obj
+                    .symbols
+                    .iter()
+                    .any(|s| s.name == name && s.is_named_definition()) =>
+                {
+                    format!("{name} (new)")
+                }
+                None => name.to_string(),
+            },
+        }
+    }
+
+    fn signature(&mut self, unit: &FunctionUnit) -> Signature {
+        self.range_signature(unit.section, unit.start, unit.end)
+    }
+
+    fn range_signature(&mut self, section: usize, start: u64, end: u64) -> Signature {
+        let data = self.obj.data(section);
+        let mut bytes = if data.is_empty() {
+            Vec::new()
+        } else {
+            data[start as usize..(end as usize).min(data.len())].to_vec()
+        };
+        let mut relocs = Vec::new();
+        let section_relocs = self.obj.sections[section].relocs.clone();
+        for r in section_relocs
+            .iter()
+            .filter(|r| r.offset >= start && r.offset < end)
+        {
+            let at = (r.offset - start) as usize;
+            let width = reloc_width(r.r_type).unwrap_or(4);
+            if at + width <= bytes.len() {
+                bytes[at..at + width].fill(0);
+            }
+            let target = self.target(section, r);
+            relocs.push((r.offset - start, r.r_type, target));
+        }
+        if !self.obj.sections[section].is_nobits() && bytes.is_empty() && end > start {
+            bytes = vec![0; (end - start) as usize];
+        }
+        if self.obj.sections[section].is_nobits() {
+            bytes = (end - start).to_le_bytes().to_vec();
+        }
+        Signature { bytes, relocs }
+    }
+
+    /// What relocation `r` of `section` points at.
+    fn target(&mut self, section: usize, r: &object::Reloc) -> RelocTarget {
+        let sym = &self.obj.symbols[r.symbol];
+        if !sym.is_section() {
+            return RelocTarget::Symbol(self.name(&sym.name), r.addend);
+        }
+        let Some(target_section) = sym.section() else {
+            return RelocTarget::Section(sym.name.clone(), r.addend);
+        };
+        let position = r.addend + self.pc_bias(section, r);
+        let target = &self.obj.sections[target_section];
+        if target.is_strings() {
+            return RelocTarget::Str(c_string_at(self.obj.data(target_section), position));
+        }
+        match covering_symbol(self.obj, target_section, position) {
+            Some(s) => {
+                let s = &self.obj.symbols[s];
+                RelocTarget::Symbol(self.name(&s.name), r.addend - s.value as i64)
+            }
+            None => RelocTarget::Section(anonymous_section_key(&target.name), r.addend),
+        }
+    }
+
+    /// For a PC-relative reference from code, the distance from the
+    /// relocated field to the end of its instruction (what the addend
+    /// subtracts); 0 for data.
+    fn pc_bias(&mut self, section: usize, r: &object::Reloc) -> i64 {
+        if !reloc_is_pc_relative(r.r_type) || !self.obj.sections[section].is_exec() {
+            return 0;
+        }
+        let obj = self.obj;
+        let ends = self
+            .instruction_ends
+            .entry(section)
+            .or_insert_with(|| instruction_ends(obj.data(section)));
+        match ends.binary_search(&(r.offset + 1)) {
+            Ok(i) | Err(i) if i < ends.len() => ends[i] as i64 - r.offset as i64,
+            _ => 4,
+        }
+    }
+}
+
+/// The symbol defined in `section` whose extent contains `position`.
+pub fn covering_symbol(obj: &ObjectFile, section: usize, position: i64) -> Option<usize> {
+    let candidates = obj.symbols_in(section);
+    if candidates.len() == 1 && obj.symbols[candidates[0]].value == 0 {
+        return Some(candidates[0]);
+    }
+    candidates.into_iter().find(|&i| {
+        let s = &obj.symbols[i];
+        let start = s.value as i64;
+        let end = start + (s.size.max(1) as i64);
+        position >= start && position < end
+    })
+}
+
+/// `.rodata.cst16` and friends keep their names; numbered anonymous
+/// sections lose the number.
+fn anonymous_section_key(name: &str) -> String {
+    correlate::numbering_key(name).unwrap_or_else(|| name.to_string())
+}
+
+fn c_string_at(data: &[u8], position: i64) -> Vec<u8> {
+    let Ok(start) = usize::try_from(position) else {
+        return Vec::new();
+    };
+    let Some(rest) = data.get(start..) else {
+        return Vec::new();
+    };
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+    rest[..end].to_vec()
+}
+
+/// End offsets of the instructions of an x86-64 code section, in order.
+pub fn instruction_ends(code: &[u8]) -> Vec<u64> {
+    use iced_x86::{Decoder, DecoderOptions};
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    let mut ends = Vec::new();
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        ends.push(instr.next_ip());
+    }
+    ends
+}
+
+fn refuse_unsafe_functions(
+    orig: &ObjectFile,
+    patched: &ObjectFile,
+    functions: &[FunctionChange],
+    orig_by_name: &HashMap<&str, &FunctionUnit>,
+    correlation: &Correlation,
+    refused: &mut Vec<Refusal>,
+) {
+    let traced = ftrace_sites(orig);
+    for f in functions {
+        let section = &patched.sections[f.unit.section].name;
+        if special::is_init(section) {
+            refused.push(Refusal {
+                symbol: f.name.clone(),
+                reason: format!(
+                    "changed {} function: it ran at boot (or module init) and its memory is freed, so the change cannot take effect in a running kernel",
+                    if section.starts_with(".exit") { "__exit" } else { "__init" }
+                ),
+            });
+            continue;
+        }
+        if f.kind == ChangeKind::Changed {
+            let orig_name = correlation.orig_name(&f.name).unwrap_or(&f.name);
+            if let Some(unit) = orig_by_name.get(orig_name) {
+                if !traced.contains(&(unit.section, unit.start)) {
+                    refused.push(Refusal {
+                        symbol: f.name.clone(),
+                        reason: "cannot be redirected: it has no ftrace entry (notrace, or code the kernel does not trace)".into(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// (section, offset) of every `__fentry__` call site recorded in __mcount_loc.
+fn ftrace_sites(obj: &ObjectFile) -> BTreeSet<(usize, u64)> {
+    let mut sites = BTreeSet::new();
+    if let Some(mcount) = obj.section_by_name("__mcount_loc") {
+        for r in &obj.sections[mcount].relocs {
+            let sym = &obj.symbols[r.symbol];
+            if let Some(section) = sym.section() {
+                let offset = sym.value as i64 + r.addend;
+                // The call follows at most a 4-byte endbr at the function start.
+                for start in [offset, offset - 4] {
+                    if start >= 0 {
+                        sites.insert((section, start as u64));
+                    }
+                }
+            }
+        }
+    }
+    sites
+}
+
+/// Data objects: new ones are carried; changed ones are refused, except
+/// anonymous read-only data (strings, constants) which new code gets its
+/// own copy of.
+fn compare_data(orig: &mut View, patched: &mut View, refused: &mut Vec<Refusal>) {
+    let orig_obj = orig.obj;
+    let patched_obj = patched.obj;
+    let correlation = patched.correlation.expect("patched view has a correlation");
+    let orig_objects: HashMap<&str, usize> = data_symbols(orig_obj)
+        .into_iter()
+        .map(|i| (orig_obj.symbols[i].name.as_str(), i))
+        .collect();
+    for index in data_symbols(patched_obj) {
+        let sym = &patched_obj.symbols[index];
+        let Some(orig_name) = correlation.orig_name(&sym.name) else {
+            continue; // new data: allocated by the package
+        };
+        let Some(&orig_index) = orig_objects.get(orig_name) else {
+            continue;
+        };
+        let section = sym.section().expect("data symbols are defined");
+        let orig_sym = &orig_obj.symbols[orig_index];
+        let orig_section = orig_sym.section().expect("data symbols are defined");
+        if copied_readonly(patched_obj, index) {
+            continue;
+        }
+        let before =
+            orig.range_signature(orig_section, orig_sym.value, orig_sym.value + orig_sym.size);
+        let after = patched.range_signature(section, sym.value, sym.value + sym.size);
+        if before != after {
+            let what = if patched_obj.sections[section].is_write() {
+                "changed initialised data"
+            } else {
+                "changed read-only data"
+            };
+            refused.push(Refusal {
+                symbol: sym.name.clone(),
+                reason: format!(
+                    "{what} in {}: existing kernel objects keep their old contents",
+                    patched_obj.sections[section].name
+                ),
+            });
+        }
+    }
+}
+
+/// Named data objects outside the special tables.
+fn data_symbols(obj: &ObjectFile) -> Vec<usize> {
+    obj.symbols
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.is_object() && s.section().is_some())
+        .filter(|(_, s)| {
+            let sec = &obj.sections[s.section().unwrap()];
+            special::classify(&sec.name, sec.is_alloc(), sec.is_exec()) == SectionRole::Data
+        })
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// Read-only objects the compiler makes up (`__func__`, switch tables):
+/// new code carries its own copy, so their change is not a data change.
+pub fn copied_readonly(obj: &ObjectFile, symbol: usize) -> bool {
+    let sym = &obj.symbols[symbol];
+    let Some(section) = sym.section() else {
+        return false;
+    };
+    let sec = &obj.sections[section];
+    if sec.is_write() || !sym.is_local() {
+        return false;
+    }
+    let base = sym.name.split('.').next().unwrap_or("");
+    matches!(
+        base,
+        "__func__" | "__FUNCTION__" | "__PRETTY_FUNCTION__" | "CSWTCH"
+    )
+}
+
+/// Registration tables must be identical: a new initcall, export or module
+/// parameter would need the kernel to register it again.
+fn compare_registrations(orig: &mut View, patched: &mut View, refused: &mut Vec<Refusal>) {
+    let names: BTreeSet<String> = orig
+        .obj
+        .sections
+        .iter()
+        .chain(patched.obj.sections.iter())
+        .filter(|s| {
+            special::classify(&s.name, s.is_alloc(), s.is_exec()) == SectionRole::Registration
+        })
+        .map(|s| s.name.clone())
+        .collect();
+    for name in names {
+        let before = orig
+            .obj
+            .section_by_name(&name)
+            .map(|i| orig.range_signature(i, 0, orig.obj.sections[i].size));
+        let after = patched
+            .obj
+            .section_by_name(&name)
+            .map(|i| patched.range_signature(i, 0, patched.obj.sections[i].size));
+        if before != after {
+            refused.push(Refusal {
+                symbol: name,
+                reason: "changed registration table (initcalls, exports, parameters, tracepoints): the kernel registered the old one at boot".into(),
+            });
+        }
+    }
+}
+
+/// New code must not reach into init memory, which is freed after boot.
+fn refuse_unsafe_references(
+    patched: &mut View,
+    functions: &[FunctionChange],
+    refused: &mut Vec<Refusal>,
+) {
+    let obj = patched.obj;
+    for f in functions {
+        for unit in std::iter::once(&f.unit).chain(&f.parts) {
+            for r in obj.sections[unit.section]
+                .relocs
+                .iter()
+                .filter(|r| r.offset >= unit.start && r.offset < unit.end)
+            {
+                let sym = &obj.symbols[r.symbol];
+                let Some(section) = sym.section() else {
+                    continue;
+                };
+                let target = &obj.sections[section];
+                if special::is_init(&target.name) {
+                    refused.push(Refusal {
+                        symbol: f.name.clone(),
+                        reason: format!(
+                            "references {} in {}, which is freed after boot",
+                            sym.name, target.name
+                        ),
+                    });
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn c_strings_are_bounded() {
+        assert_eq!(c_string_at(b"ab\0cd\0", 3), b"cd");
+        assert_eq!(c_string_at(b"ab", 7), b"");
+        assert_eq!(c_string_at(b"ab", -1), b"");
+    }
+
+    #[test]
+    fn cold_suffixes() {
+        assert!(is_number("12"));
+        assert!(!is_number(""));
+    }
+}

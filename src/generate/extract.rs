@@ -1,0 +1,513 @@
+//! Write side of the diff: a new relocatable object holding only what the
+//! package carries from one patched translation unit — the changed and new
+//! functions, the data only they use, and the special-section entries that
+//! describe their instructions. Every reference to anything else becomes an
+//! undefined symbol that `dynamos apply` resolves against the running kernel.
+
+use crate::diff::object::{reloc_is_pc_relative, Reloc};
+use crate::diff::special::{self, SectionRole};
+use crate::diff::{covering_symbol, instruction_ends, ChangeKind, ObjectDiff, ObjectFile};
+use crate::error::Refusal;
+use crate::package::{ExternalSymbol, SymbolKind};
+use object::write::{self, Object, Relocation, SectionId, SymbolId};
+use object::{
+    elf, Architecture, BinaryFormat, Endianness, RelocationFlags, SectionFlags, SectionKind,
+    SymbolFlags, SymbolScope,
+};
+use std::collections::{BTreeMap, HashMap};
+
+/// A replaced function and the global name its new version has in the
+/// extracted object (what the generated livepatch table points at).
+#[derive(Debug, Clone)]
+pub struct NewVersion {
+    pub name: String,
+    pub alias: String,
+}
+
+#[derive(Debug)]
+pub struct Extracted {
+    pub object: Vec<u8>,
+    pub replaced: Vec<NewVersion>,
+    pub added: Vec<String>,
+    pub externals: Vec<ExternalSymbol>,
+}
+
+/// Names shared by every extracted object of one package, so aliases and
+/// external symbols stay unique across translation units.
+#[derive(Debug, Default)]
+pub struct PackageNames {
+    next_alias: usize,
+    next_external: usize,
+}
+
+/// A piece of an input section copied to the output.
+#[derive(Debug, Clone, Copy)]
+struct Carried {
+    start: u64,
+    end: u64,
+    out: SectionId,
+    out_offset: u64,
+}
+
+struct Extractor<'a> {
+    patched: &'a ObjectFile,
+    diff: &'a ObjectDiff,
+    source_file: &'a str,
+    out: Object<'static>,
+    carried: HashMap<usize, Vec<Carried>>,
+    /// Output sections by name, for sections assembled from several pieces.
+    merged: HashMap<String, SectionId>,
+    /// Relocations still to translate: (input section, input range, output place).
+    pending: Vec<(usize, Carried)>,
+    externals: BTreeMap<(String, bool), (SymbolId, ExternalSymbol)>,
+    names: &'a mut PackageNames,
+    refused: Vec<Refusal>,
+    instruction_ends: HashMap<usize, Vec<u64>>,
+}
+
+pub fn extract(
+    patched: &ObjectFile,
+    diff: &ObjectDiff,
+    source_file: &str,
+    names: &mut PackageNames,
+) -> Result<Extracted, Vec<Refusal>> {
+    let mut x = Extractor {
+        patched,
+        diff,
+        source_file,
+        out: Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
+        carried: HashMap::new(),
+        merged: HashMap::new(),
+        pending: Vec::new(),
+        externals: BTreeMap::new(),
+        names,
+        refused: Vec::new(),
+        instruction_ends: HashMap::new(),
+    };
+    let (replaced, added) = x.carry_functions();
+    x.translate_pending();
+    x.carry_entry_tables();
+    x.translate_pending();
+    if !x.refused.is_empty() {
+        return Err(x.refused);
+    }
+    let object = x.out.write().map_err(|e| {
+        vec![Refusal {
+            symbol: source_file.to_string(),
+            reason: format!("cannot write the extracted object: {e}"),
+        }]
+    })?;
+    Ok(Extracted {
+        object,
+        replaced,
+        added,
+        externals: x.externals.into_values().map(|(_, e)| e).collect(),
+    })
+}
+
+impl Extractor<'_> {
+    fn carry_functions(&mut self) -> (Vec<NewVersion>, Vec<String>) {
+        let mut replaced = Vec::new();
+        let mut added = Vec::new();
+        for f in &self.diff.functions {
+            let units = std::iter::once(&f.unit).chain(&f.parts);
+            let mut main_place = None;
+            for unit in units {
+                let sym = &self.patched.symbols[unit.symbol];
+                let place = self.carry_range(unit.section, unit.start, unit.end, true);
+                let value = place.out_offset + sym.value - unit.start;
+                self.out.add_symbol(write::Symbol {
+                    name: sym.name.as_bytes().to_vec(),
+                    value,
+                    size: sym.size,
+                    kind: object::SymbolKind::Text,
+                    scope: SymbolScope::Compilation,
+                    weak: false,
+                    section: write::SymbolSection::Section(place.out),
+                    flags: SymbolFlags::None,
+                });
+                if unit.symbol == f.unit.symbol {
+                    main_place = Some((place.out, value, sym.size));
+                }
+            }
+            match f.kind {
+                ChangeKind::Changed => {
+                    let (section, value, size) = main_place.expect("main unit carried");
+                    let alias = format!("__dynamos_v2_{}", self.names.next_alias);
+                    self.names.next_alias += 1;
+                    self.out.add_symbol(write::Symbol {
+                        name: alias.as_bytes().to_vec(),
+                        value,
+                        size,
+                        kind: object::SymbolKind::Text,
+                        scope: SymbolScope::Linkage,
+                        weak: false,
+                        section: write::SymbolSection::Section(section),
+                        flags: SymbolFlags::None,
+                    });
+                    replaced.push(NewVersion {
+                        name: self
+                            .diff
+                            .correlation
+                            .orig_name(&f.name)
+                            .unwrap_or(&f.name)
+                            .to_string(),
+                        alias,
+                    });
+                }
+                ChangeKind::New => added.push(f.name.clone()),
+            }
+        }
+        (replaced, added)
+    }
+
+    /// Copy `[start, end)` of an input section (once) and queue its
+    /// relocations. `own_section`: give the range its own output section
+    /// named after the input one; otherwise append to a merged section.
+    fn carry_range(&mut self, section: usize, start: u64, end: u64, own_section: bool) -> Carried {
+        if let Some(c) = self.find_carried(section, start as i64) {
+            if c.start <= start && end <= c.end {
+                return c;
+            }
+        }
+        let input = &self.patched.sections[section];
+        let name = input.name.clone();
+        let out =
+            if own_section && !self.merged.contains_key(&name) && (start == 0 && end == input.size)
+            {
+                self.new_section(section, &name)
+            } else if own_section {
+                let sym = covering_symbol(self.patched, section, start as i64)
+                    .map(|s| self.patched.symbols[s].name.clone())
+                    .unwrap_or_else(|| format!("{start:x}"));
+                self.new_section(section, &format!(".text.{sym}"))
+            } else {
+                match self.merged.get(&name) {
+                    Some(&id) => id,
+                    None => {
+                        let id = self.new_section(section, &name);
+                        self.merged.insert(name.clone(), id);
+                        id
+                    }
+                }
+            };
+        let align = input.align.max(1);
+        let out_offset = if input.is_nobits() {
+            self.out.append_section_bss(out, end - start, align)
+        } else {
+            let data = self.patched.data(section)[start as usize..end as usize].to_vec();
+            self.out.append_section_data(out, &data, align)
+        };
+        let carried = Carried {
+            start,
+            end,
+            out,
+            out_offset,
+        };
+        self.carried.entry(section).or_default().push(carried);
+        self.pending.push((section, carried));
+        carried
+    }
+
+    fn new_section(&mut self, input: usize, name: &str) -> SectionId {
+        let s = &self.patched.sections[input];
+        let kind = if s.is_exec() {
+            SectionKind::Text
+        } else if s.is_nobits() {
+            SectionKind::UninitializedData
+        } else if s.is_write() {
+            SectionKind::Data
+        } else {
+            SectionKind::ReadOnlyData
+        };
+        let id = self
+            .out
+            .add_section(Vec::new(), name.as_bytes().to_vec(), kind);
+        let section = self.out.section_mut(id);
+        // Copies are plain data: merging strings across files buys nothing here.
+        let merge = u64::from(elf::SHF_MERGE | elf::SHF_STRINGS);
+        section.flags = SectionFlags::Elf {
+            sh_flags: s.flags & !merge,
+        };
+        id
+    }
+
+    fn find_carried(&self, section: usize, position: i64) -> Option<Carried> {
+        self.carried
+            .get(&section)?
+            .iter()
+            .copied()
+            .find(|c| position >= c.start as i64 && position < c.end.max(c.start + 1) as i64)
+    }
+
+    fn translate_pending(&mut self) {
+        while let Some((section, carried)) = self.pending.pop() {
+            let relocs: Vec<Reloc> = self.patched.sections[section]
+                .relocs
+                .iter()
+                .filter(|r| r.offset >= carried.start && r.offset < carried.end)
+                .copied()
+                .collect();
+            for r in relocs {
+                if let Some((symbol, addend)) = self.translate_target(section, &r) {
+                    let relocation = Relocation {
+                        offset: carried.out_offset + (r.offset - carried.start),
+                        symbol,
+                        addend,
+                        flags: RelocationFlags::Elf { r_type: r.r_type },
+                    };
+                    if let Err(e) = self.out.add_relocation(carried.out, relocation) {
+                        self.refused.push(Refusal {
+                            symbol: self.patched.sections[section].name.clone(),
+                            reason: format!("cannot add relocation: {e}"),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// The output symbol and addend a relocation must use.
+    fn translate_target(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
+        let sym = self.patched.symbols[r.symbol].clone();
+        let Some(target_section) = sym.section() else {
+            return Some((self.external(&sym.name, &sym.name, None, true), r.addend));
+        };
+        let role = {
+            let t = &self.patched.sections[target_section];
+            special::classify(&t.name, t.is_alloc(), t.is_exec())
+        };
+        if sym.is_section() {
+            let position = r.addend + self.pc_bias(from_section, r);
+            if let Some(c) = self.find_carried(target_section, position) {
+                let out_sym = self.out.section_symbol(c.out);
+                return Some((out_sym, r.addend - c.start as i64 + c.out_offset as i64));
+            }
+            if let Some(c) = self.carry_anonymous(target_section, position, role) {
+                let out_sym = self.out.section_symbol(c.out);
+                return Some((out_sym, r.addend - c.start as i64 + c.out_offset as i64));
+            }
+            let Some(named) = covering_symbol(self.patched, target_section, position) else {
+                self.refused.push(Refusal {
+                    symbol: self.patched.sections[target_section].name.clone(),
+                    reason:
+                        "referenced by new code but has no symbol the running kernel could provide"
+                            .into(),
+                });
+                return None;
+            };
+            let named = self.patched.symbols[named].clone();
+            let addend = r.addend - named.value as i64;
+            return self.named_target(&named, target_section, addend);
+        }
+        self.named_target(&sym, target_section, r.addend)
+    }
+
+    fn named_target(
+        &mut self,
+        sym: &crate::diff::object::Symbol,
+        section: usize,
+        addend: i64,
+    ) -> Option<(SymbolId, i64)> {
+        // Part of what the package carries: point at our copy.
+        if let Some(c) = self.find_carried(section, sym.value as i64) {
+            let out_sym = self.out.section_symbol(c.out);
+            return Some((
+                out_sym,
+                sym.value as i64 - c.start as i64 + c.out_offset as i64 + addend,
+            ));
+        }
+        let is_new = self.diff.correlation.orig_name(&sym.name).is_none();
+        let copied = crate::diff::copied_readonly(self.patched, self.symbol_index(sym));
+        if is_new || copied {
+            // New data (or a compiler-made constant): the package allocates it.
+            let s = &self.patched.sections[section];
+            let (start, end) = if self.patched.symbols_in(section).len() == 1 {
+                (0, s.size)
+            } else {
+                (sym.value, sym.value + sym.size.max(1))
+            };
+            let c = self.carry_range(section, start, end, false);
+            let out_sym = self.out.section_symbol(c.out);
+            return Some((
+                out_sym,
+                sym.value as i64 - c.start as i64 + c.out_offset as i64 + addend,
+            ));
+        }
+        let kernel_name = self
+            .diff
+            .correlation
+            .orig_name(&sym.name)
+            .unwrap_or(&sym.name)
+            .to_string();
+        let is_code = self.patched.sections[section].is_exec();
+        Some((
+            self.external(&kernel_name, &sym.name, Some(is_code), !sym.is_local()),
+            addend,
+        ))
+    }
+
+    fn symbol_index(&self, sym: &crate::diff::object::Symbol) -> usize {
+        self.patched
+            .symbols
+            .iter()
+            .position(|s| s.name == sym.name && s.value == sym.value && s.place == sym.place)
+            .unwrap_or(0)
+    }
+
+    /// String literals and anonymous constants are copied whole: new code
+    /// gets its own read-only copy.
+    fn carry_anonymous(
+        &mut self,
+        section: usize,
+        position: i64,
+        role: SectionRole,
+    ) -> Option<Carried> {
+        let s = &self.patched.sections[section];
+        if role != SectionRole::Data || s.is_write() {
+            return None;
+        }
+        let anonymous = s.is_strings()
+            || s.name.starts_with(".rodata.cst")
+            || covering_symbol(self.patched, section, position)
+                .is_none_or(|i| crate::diff::copied_readonly(self.patched, i));
+        if !anonymous {
+            return None;
+        }
+        Some(self.carry_range(section, 0, s.size, true))
+    }
+
+    /// An undefined symbol for something the running kernel provides.
+    /// `is_code`: None when unknown (an undefined reference).
+    fn external(
+        &mut self,
+        kernel_name: &str,
+        _local_name: &str,
+        is_code: Option<bool>,
+        global: bool,
+    ) -> SymbolId {
+        let defined_here = is_code.is_some();
+        let key = (kernel_name.to_string(), defined_here);
+        if let Some((id, _)) = self.externals.get(&key) {
+            return *id;
+        }
+        let module_symbol = format!("__dynamos_ext_{}", self.names.next_external);
+        self.names.next_external += 1;
+        let id = self.out.add_symbol(write::Symbol {
+            name: module_symbol.as_bytes().to_vec(),
+            value: 0,
+            size: 0,
+            kind: object::SymbolKind::Unknown,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: write::SymbolSection::Undefined,
+            flags: SymbolFlags::None,
+        });
+        let kind = match is_code {
+            Some(true) => SymbolKind::Function,
+            Some(false) => SymbolKind::Data,
+            None => SymbolKind::Any,
+        };
+        let external = ExternalSymbol {
+            module_symbol,
+            name: kernel_name.to_string(),
+            kind,
+            file: (defined_here && !global).then(|| self.source_file.to_string()),
+            global,
+        };
+        self.externals.insert(key, (id, external));
+        id
+    }
+
+    fn pc_bias(&mut self, section: usize, r: &Reloc) -> i64 {
+        if !reloc_is_pc_relative(r.r_type) || !self.patched.sections[section].is_exec() {
+            return 0;
+        }
+        let obj = self.patched;
+        let ends = self
+            .instruction_ends
+            .entry(section)
+            .or_insert_with(|| instruction_ends(obj.data(section)));
+        match ends.binary_search(&(r.offset + 1)) {
+            Ok(i) | Err(i) if i < ends.len() => ends[i] as i64 - r.offset as i64,
+            _ => 4,
+        }
+    }
+
+    /// Keep the entries of per-instruction tables that describe carried
+    /// code, and drop the rest.
+    fn carry_entry_tables(&mut self) {
+        let tables: Vec<(usize, special::EntryTable)> = self
+            .patched
+            .sections
+            .iter()
+            .enumerate()
+            .filter_map(
+                |(i, s)| match special::classify(&s.name, s.is_alloc(), s.is_exec()) {
+                    SectionRole::Entries(t) => Some((i, t)),
+                    _ => None,
+                },
+            )
+            .collect();
+        for (section, table) in tables {
+            let size = self.patched.sections[section].size;
+            let relocs = self.patched.sections[section].relocs.clone();
+            let paired = table
+                .paired
+                .and_then(|(name, entry)| self.patched.section_by_name(name).map(|i| (i, entry)));
+            let mut entry = 0;
+            while entry + table.entry_size <= size {
+                let owner = relocs.iter().find(|r| r.offset == entry);
+                if let Some(owner) = owner {
+                    if self.describes_carried(owner) {
+                        self.keep_entry(section, entry, &table, &relocs);
+                        if let Some((paired_section, paired_size)) = paired {
+                            let index = entry / table.entry_size;
+                            let start = index * paired_size;
+                            self.carry_range(paired_section, start, start + paired_size, false);
+                        }
+                    }
+                }
+                entry += table.entry_size;
+            }
+        }
+    }
+
+    fn describes_carried(&self, owner: &Reloc) -> bool {
+        let sym = &self.patched.symbols[owner.symbol];
+        let Some(section) = sym.section() else {
+            return false;
+        };
+        let position = if sym.is_section() {
+            owner.addend
+        } else {
+            sym.value as i64 + owner.addend
+        };
+        self.patched.sections[section].is_exec()
+            && self.find_carried(section, position).is_some()
+            && !special::is_init(&self.patched.sections[section].name)
+    }
+
+    fn keep_entry(
+        &mut self,
+        section: usize,
+        entry: u64,
+        table: &special::EntryTable,
+        relocs: &[Reloc],
+    ) {
+        // Alternatives: carry the replacement instructions the entry uses.
+        if table.name == ".altinstructions" {
+            if let (Some(repl), Some(&len)) = (
+                relocs.iter().find(|r| r.offset == entry + 4),
+                self.patched.data(section).get(entry as usize + 11),
+            ) {
+                let sym = &self.patched.symbols[repl.symbol];
+                if let Some(repl_section) = sym.section() {
+                    let start = (sym.value as i64 + repl.addend).max(0) as u64;
+                    self.carry_range(repl_section, start, start + u64::from(len), false);
+                }
+            }
+        }
+        self.carry_range(section, entry, entry + table.entry_size, false);
+    }
+}

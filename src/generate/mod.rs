@@ -1,0 +1,227 @@
+//! Generate stage: turn the diffs of the touched translation units into one
+//! kernel livepatch module, built with kbuild against the target's headers.
+//!
+//! The module is the registration code rendered from `templates/` plus one
+//! extracted object per translation unit (see `extract`). References to
+//! kernel symbols stay undefined under `__dynamos_ext_N` names; the manifest
+//! says what each one is, and `dynamos apply` resolves them on the running
+//! kernel before loading (docs/architecture.md explains why).
+
+pub mod extract;
+
+use crate::diff::{ObjectDiff, ObjectFile};
+use crate::error::Error;
+use crate::package::{ObjectUpdate, ReplacedFunction, SourceObject};
+use anyhow::{bail, Context, Result};
+use extract::{Extracted, PackageNames};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+
+const LIVEPATCH_TEMPLATE: &str = include_str!("../../templates/livepatch.c");
+const KBUILD_TEMPLATE: &str = include_str!("../../templates/Kbuild");
+
+/// One translation unit's contribution to the package.
+pub struct TranslationUnit<'a> {
+    /// Source file relative to the tree root, e.g. `fs/proc/version.c`.
+    pub source_file: String,
+    /// `vmlinux` or the module the file is part of.
+    pub kernel_object: String,
+    pub original: &'a ObjectFile,
+    pub patched: &'a ObjectFile,
+    pub diff: &'a ObjectDiff,
+}
+
+/// The built module and what it does, per kernel object.
+#[derive(Debug)]
+pub struct GeneratedModule {
+    pub ko: Vec<u8>,
+    pub objects: Vec<ObjectUpdate>,
+}
+
+/// Extract, render and build. `kbuild_dir` is the target's headers (or a
+/// prepared tree); `work` an empty folder the caller owns.
+pub fn generate(
+    package: &str,
+    module_name: &str,
+    units: &[TranslationUnit],
+    kbuild_dir: &Path,
+    work: &Path,
+) -> Result<GeneratedModule> {
+    let mut names = PackageNames::default();
+    let mut by_object: BTreeMap<String, ObjectUpdate> = BTreeMap::new();
+    let mut tables: BTreeMap<String, Vec<(ReplacedFunction, String)>> = BTreeMap::new();
+    let mut object_files = Vec::new();
+    let mut refusals = Vec::new();
+
+    for (index, unit) in units.iter().enumerate() {
+        if unit.diff.functions.is_empty() {
+            continue;
+        }
+        let extracted: Extracted =
+            match extract::extract(unit.patched, unit.diff, &unit.source_file, &mut names) {
+                Ok(e) => e,
+                Err(mut r) => {
+                    refusals.append(&mut r);
+                    continue;
+                }
+            };
+        let file_name = format!("extracted_{index}.o");
+        std::fs::write(work.join(&file_name), &extracted.object)?;
+        // Kbuild's modpost reads a command record for every object it links.
+        std::fs::write(
+            work.join(format!(".{file_name}.cmd")),
+            format!(
+                "cmd_{0} := dynamos extract {1}\nsource_{0} := \ndeps_{0} := \n",
+                work.join(&file_name).display(),
+                unit.source_file
+            ),
+        )?;
+        object_files.push(file_name);
+
+        let update = by_object
+            .entry(unit.kernel_object.clone())
+            .or_insert_with(|| ObjectUpdate {
+                object: unit.kernel_object.clone(),
+                replaced: Vec::new(),
+                added: Vec::new(),
+                externals: Vec::new(),
+                files: Vec::new(),
+            });
+        for version in &extracted.replaced {
+            let replaced = ReplacedFunction {
+                name: version.name.clone(),
+                file: unit.source_file.clone(),
+                new_symbol: version.alias.clone(),
+            };
+            update.replaced.push(replaced.clone());
+            tables
+                .entry(unit.kernel_object.clone())
+                .or_default()
+                .push((replaced, version.alias.clone()));
+        }
+        update.added.extend(extracted.added.iter().cloned());
+        update.externals.extend(extracted.externals.iter().cloned());
+        update.files.push(SourceObject {
+            file: unit.source_file.clone(),
+            symbols: defined_symbols(unit.original),
+        });
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    if tables.is_empty() {
+        return Err(Error::NoChange.into());
+    }
+
+    // vmlinux first: its table entries come first in `sympos`.
+    let mut objects: Vec<ObjectUpdate> = by_object.into_values().collect();
+    objects.sort_by_key(|o| (o.object != "vmlinux", o.object.clone()));
+    let source = render_livepatch(package, &objects);
+    std::fs::write(work.join("livepatch.c"), source)?;
+    std::fs::write(
+        work.join("Kbuild"),
+        KBUILD_TEMPLATE
+            .replace("{{module}}", module_name)
+            .replace("{{extracted_objects}}", &object_files.join(" ")),
+    )?;
+    let ko = build_module(kbuild_dir, work, module_name, &objects)?;
+    Ok(GeneratedModule { ko, objects })
+}
+
+/// Names the original object defines, so the resolver can tell same-named
+/// statics of different files apart by their neighbours.
+fn defined_symbols(obj: &ObjectFile) -> Vec<String> {
+    let mut names: Vec<String> = obj
+        .symbols
+        .iter()
+        .filter(|s| s.is_named_definition() && !s.name.starts_with(".L"))
+        .map(|s| s.name.clone())
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn c_identifier(object: &str) -> String {
+    object
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}
+
+fn render_livepatch(package: &str, objects: &[ObjectUpdate]) -> String {
+    let mut declarations = String::new();
+    let mut tables = String::new();
+    let mut entries = String::new();
+    let mut count = 0;
+    for object in objects {
+        let table = format!("funcs_{}", c_identifier(&object.object));
+        tables.push_str(&format!("static struct klp_func {table}[] = {{\n"));
+        for f in &object.replaced {
+            declarations.push_str(&format!(
+                "extern char {}[]; /* {} in {} */\n",
+                f.new_symbol, f.name, f.file
+            ));
+            tables.push_str(&format!(
+                "\t{{ .old_name = \"{}\", .new_func = {} }},\n",
+                f.name, f.new_symbol
+            ));
+            count += 1;
+        }
+        tables.push_str("\t{ }\n};\n\n");
+        let name = if object.object == "vmlinux" {
+            "NULL".to_string()
+        } else {
+            format!("\"{}\"", object.object)
+        };
+        entries.push_str(&format!("\t{{ .name = {name}, .funcs = {table} }},\n"));
+    }
+    LIVEPATCH_TEMPLATE
+        .replace("{{package}}", package)
+        .replace("{{tool_version}}", crate::TOOL_VERSION)
+        .replace("{{declarations}}", declarations.trim_end())
+        .replace("{{function_count}}", &count.max(1).to_string())
+        .replace("{{function_tables}}", tables.trim_end())
+        .replace("{{object_entries}}", entries.trim_end())
+}
+
+fn build_module(
+    kbuild_dir: &Path,
+    work: &Path,
+    module_name: &str,
+    objects: &[ObjectUpdate],
+) -> Result<Vec<u8>> {
+    let progress = crate::build::spinner(format!("building module {module_name}"));
+    let mut make = Command::new("make");
+    make.arg("-C")
+        .arg(kbuild_dir)
+        .arg(format!("M={}", work.display()))
+        // Our resolver symbols are undefined on purpose; they are checked below.
+        .arg("KBUILD_MODPOST_WARN=1")
+        .arg("modules");
+    let output = make.output().context("cannot run make")?;
+    progress.finish_and_clear();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    if !output.status.success() {
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        bail!("building the livepatch module failed:\n{}", tail.join("\n"));
+    }
+    let expected: std::collections::HashSet<&str> = objects
+        .iter()
+        .flat_map(|o| o.externals.iter().map(|e| e.module_symbol.as_str()))
+        .collect();
+    for line in log.lines().filter(|l| l.contains("undefined!")) {
+        let symbol = line.split('"').nth(1).unwrap_or("");
+        if !expected.contains(symbol) {
+            bail!("the livepatch module uses `{symbol}`, which the target kernel does not export: {line}");
+        }
+    }
+    let ko = work.join(format!("{module_name}.ko"));
+    std::fs::read(&ko).with_context(|| format!("kbuild produced no {}", ko.display()))
+}
