@@ -5,11 +5,12 @@
 //! when exactly one candidate is left on each side.
 
 use super::object::ObjectFile;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 #[derive(Debug, Clone, Default)]
 pub struct Correlation {
     patched_to_orig: HashMap<String, String>,
+    ambiguous: Vec<String>,
 }
 
 impl Correlation {
@@ -17,30 +18,30 @@ impl Correlation {
         let orig_names = defined_names(orig);
         let patched_names = defined_names(patched);
         let mut patched_to_orig = HashMap::new();
-        let mut orig_left: BTreeMap<String, Vec<&str>> = BTreeMap::new();
-        let mut patched_left: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+        // Numbered names match by base name and by the functions that use
+        // them, never by their number: GCC numbers static locals in reverse
+        // order of appearance, so one added above shifts every other.
+        let orig_numbered = numbered_by_key(orig, &orig_names);
+        let patched_numbered = numbered_by_key(patched, &patched_names);
+        let mut ambiguous = Vec::new();
         for name in &patched_names {
-            if orig_names.contains(name) {
+            if numbering_key(name).is_none() && orig_names.contains(name) {
                 patched_to_orig.insert(name.clone(), name.clone());
-            } else if let Some(key) = numbering_key(name) {
-                patched_left.entry(key).or_default().push(name);
             }
         }
-        for name in &orig_names {
-            if !patched_names.contains(name) {
-                if let Some(key) = numbering_key(name) {
-                    orig_left.entry(key).or_default().push(name);
+        for (key, patched_side) in &patched_numbered {
+            match (orig_numbered.get(key).map(Vec::as_slice), patched_side.as_slice()) {
+                (Some([orig_only]), [only]) => {
+                    patched_to_orig.insert(only.clone(), orig_only.clone());
                 }
+                (Some(_), _) => ambiguous.extend(patched_side.iter().cloned()),
+                (None, _) => {}
             }
         }
-        for (key, patched_side) in patched_left {
-            if let (Some(orig_side), [only]) = (orig_left.get(&key), patched_side.as_slice()) {
-                if let [orig_only] = orig_side.as_slice() {
-                    patched_to_orig.insert(only.to_string(), orig_only.to_string());
-                }
-            }
+        Correlation {
+            patched_to_orig,
+            ambiguous,
         }
-        Correlation { patched_to_orig }
     }
 
     /// The original name of a symbol the patched object defines, if it
@@ -48,6 +49,69 @@ impl Correlation {
     pub fn orig_name(&self, patched_name: &str) -> Option<&str> {
         self.patched_to_orig.get(patched_name).map(String::as_str)
     }
+
+    /// Numbered symbols of the patched object that have several possible
+    /// originals: treating them as new could silently reset kernel state.
+    pub fn ambiguous(&self) -> &[String] {
+        &self.ambiguous
+    }
+}
+
+/// Numbered names grouped by (base name, functions referring to them).
+fn numbered_by_key(
+    obj: &ObjectFile,
+    names: &std::collections::BTreeSet<String>,
+) -> BTreeMap<String, Vec<String>> {
+    let users = referencing_functions(obj);
+    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for name in names {
+        if let Some(base) = numbering_key(name) {
+            let mut by: Vec<&str> = users
+                .get(name.as_str())
+                .map(|s| s.iter().map(|n| strip_number(n)).collect())
+                .unwrap_or_default();
+            by.sort_unstable();
+            by.dedup();
+            groups
+                .entry(format!("{base} used by {}", by.join(",")))
+                .or_default()
+                .push(name.clone());
+        }
+    }
+    groups
+}
+
+fn strip_number(name: &str) -> &str {
+    match numbering_key(name) {
+        Some(_) => name.rsplit_once('.').map_or(name, |(b, _)| b),
+        None => name,
+    }
+}
+
+/// For each defined symbol, the functions whose code refers to it.
+fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeSet<&str>> {
+    let mut users: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+    for unit in super::function_units(obj) {
+        let function = obj.symbols[unit.symbol].name.as_str();
+        for r in obj.sections[unit.section]
+            .relocs
+            .iter()
+            .filter(|r| r.offset >= unit.start && r.offset < unit.end)
+        {
+            let sym = &obj.symbols[r.symbol];
+            let target = if sym.is_section() {
+                sym.section()
+                    .and_then(|s| super::covering_symbol(obj, s, r.addend.max(0)))
+                    .map(|i| obj.symbols[i].name.as_str())
+            } else {
+                Some(sym.name.as_str())
+            };
+            if let Some(target) = target {
+                users.entry(target).or_default().insert(function);
+            }
+        }
+    }
+    users
 }
 
 /// Names of functions and data objects an object defines.

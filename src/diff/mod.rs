@@ -167,6 +167,12 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
     }
 
     let mut functions: Vec<FunctionChange> = functions.into_values().collect();
+    for name in correlation.ambiguous() {
+        refused.push(Refusal {
+            symbol: name.clone(),
+            reason: "cannot tell which static local of the running kernel this is (several candidates with the same name and users)".into(),
+        });
+    }
     refuse_unsafe_functions(
         orig,
         patched,

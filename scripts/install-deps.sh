@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the host packages dynamos needs to build kernel objects and
+# modules. Everything else (kernel source, headers, QEMU, busybox) the tool
+# fetches into its own cache on first use.
+set -euo pipefail
+
+packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils dpkg-dev)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+
+sudo_cmd=()
+[ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+
+# The tool downloads kernel packages with `apt-get download`, which needs
+# current package lists.
+"${sudo_cmd[@]}" apt-get update -qq
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
+fi

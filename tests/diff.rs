@@ -1,0 +1,217 @@
+//! The diff stage on objects compiled at test time with kernel-like flags
+//! (function/data sections, fentry with recorded mcount locations, kernel
+//! code model), through the `dynamos diff` command.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const KERNEL_LIKE_FLAGS: &[&str] = &[
+    "-O2",
+    "-c",
+    "-ffunction-sections",
+    "-fdata-sections",
+    "-mcmodel=kernel",
+    "-fno-pic",
+    "-pg",
+    "-mfentry",
+    "-mrecord-mcount",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-jump-tables",
+    "-mno-red-zone",
+    "-fno-common",
+];
+
+const INIT: &str = "#define __init __attribute__((__section__(\".init.text\"), __cold__))\n";
+
+fn compile(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let c = dir.join(format!("{name}.c"));
+    let o = dir.join(format!("{name}.o"));
+    std::fs::write(&c, source).unwrap();
+    let status = Command::new("cc")
+        .args(KERNEL_LIKE_FLAGS)
+        .arg(&c)
+        .arg("-o")
+        .arg(&o)
+        .status()
+        .expect("cc runs");
+    assert!(status.success(), "compiling {name}.c failed");
+    o
+}
+
+struct DiffRun {
+    code: i32,
+    json: serde_json::Value,
+}
+
+fn diff(orig_src: &str, patched_src: &str) -> DiffRun {
+    let dir = tempfile::tempdir().unwrap();
+    let a = compile(dir.path(), "orig", orig_src);
+    let b = compile(dir.path(), "patched", patched_src);
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
+        .arg("diff")
+        .arg(&a)
+        .arg(&b)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no JSON: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    DiffRun {
+        code: out.status.code().unwrap(),
+        json,
+    }
+}
+
+fn names(v: &serde_json::Value, key: &str) -> Vec<String> {
+    v[key]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap().to_string())
+        .collect()
+}
+
+fn refused_symbols(v: &serde_json::Value) -> Vec<String> {
+    v["refused"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["symbol"].as_str().unwrap().to_string())
+        .collect()
+}
+
+const BASE: &str = r#"
+extern int printk(const char *fmt, ...);
+static int counter;
+int shown(int x)
+{
+    static int calls;
+    calls++;
+    counter += x;
+    printk("shown %d\n", x);
+    return counter;
+}
+int other(int y) { return y * 3 + counter; }
+"#;
+
+#[test]
+fn identical_sources_have_no_change() {
+    let run = diff(BASE, BASE);
+    assert_eq!(run.code, 3);
+    assert!(names(&run.json, "changed").is_empty());
+}
+
+#[test]
+fn a_changed_body_is_reported_alone() {
+    let patched = BASE.replace("counter += x;", "counter += 2 * x;");
+    let run = diff(BASE, &patched);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["shown"]);
+    assert!(names(&run.json, "new").is_empty());
+}
+
+#[test]
+fn a_changed_string_literal_changes_only_its_function() {
+    let patched = BASE.replace("shown %d\\n", "shown now %d\\n");
+    let run = diff(BASE, &patched);
+    assert_eq!(names(&run.json, "changed"), ["shown"]);
+}
+
+#[test]
+fn a_new_function_is_new_and_its_caller_changed() {
+    let patched = BASE.replace(
+        "int other(int y) { return y * 3 + counter; }",
+        "static __attribute__((noinline)) int helper(int y) { return y ^ counter; }\n\
+         int other(int y) { return helper(y) * 3 + counter; }",
+    );
+    let run = diff(BASE, &patched);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["other"]);
+    assert_eq!(names(&run.json, "new"), ["helper"]);
+}
+
+#[test]
+fn renumbered_static_locals_are_not_changes() {
+    // A new static local earlier in the file shifts GCC's numbering of
+    // `calls` in shown(); shown itself is unchanged.
+    let patched = format!(
+        "int first(void) {{ static int calls; return ++calls; }}\n{BASE}"
+    );
+    let run = diff(BASE, &patched);
+    assert!(
+        names(&run.json, "changed").is_empty(),
+        "{}",
+        run.json
+    );
+    assert_eq!(names(&run.json, "new"), ["first"]);
+}
+
+#[test]
+fn static_locals_renumbered_by_a_later_function_keep_their_identity() {
+    // GCC numbers same-named static locals in reverse order: a function
+    // added after shown() makes shown's `calls` change number.
+    let patched = format!("{BASE}\nint later(void) {{ static int calls; return ++calls; }}\n");
+    let run = diff(BASE, &patched);
+    assert!(names(&run.json, "changed").is_empty(), "{}", run.json);
+    assert_eq!(names(&run.json, "new"), ["later"]);
+    assert_eq!(run.code, 0);
+}
+
+#[test]
+fn a_changed_init_function_is_refused_by_name() {
+    let orig = format!("{INIT}static int level;\nint __init setup_level(void) {{ level = 1; return 0; }}\nint get_level(void) {{ return level; }}\n");
+    let patched = orig.replace("level = 1;", "level = 2;");
+    let run = diff(&orig, &patched);
+    assert_eq!(run.code, 2);
+    assert_eq!(refused_symbols(&run.json), ["setup_level"]);
+}
+
+#[test]
+fn changed_initialised_data_is_refused() {
+    let orig = "int limit = 10;\nint get_limit(void) { return limit; }\n";
+    let patched = orig.replace("= 10", "= 20");
+    let run = diff(orig, &patched);
+    assert_eq!(run.code, 2);
+    assert_eq!(refused_symbols(&run.json), ["limit"]);
+}
+
+#[test]
+fn notrace_functions_cannot_be_redirected() {
+    let orig = "__attribute__((no_instrument_function)) int quiet(int x) { return x + 1; }\n";
+    let patched = orig.replace("x + 1", "x + 2");
+    let run = diff(orig, &patched);
+    assert_eq!(run.code, 2);
+    assert_eq!(refused_symbols(&run.json), ["quiet"]);
+}
+
+#[test]
+fn malformed_objects_are_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = compile(dir.path(), "good", BASE);
+    let bytes = std::fs::read(&good).unwrap();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", Vec::new()),
+        ("text", b"hello world".to_vec()),
+        ("truncated", bytes[..bytes.len() / 2].to_vec()),
+        ("header-only", bytes[..64].to_vec()),
+    ];
+    for (name, data) in cases {
+        let bad = dir.path().join(format!("{name}.o"));
+        std::fs::write(&bad, data).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
+            .arg("diff")
+            .arg(&good)
+            .arg(&bad)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{name}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "{name}: {stderr}");
+    }
+}
