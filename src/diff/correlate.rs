@@ -30,12 +30,16 @@ impl Correlation {
             }
         }
         for (key, patched_side) in &patched_numbered {
-            match (orig_numbered.get(key).map(Vec::as_slice), patched_side.as_slice()) {
-                (Some([orig_only]), [only]) => {
-                    patched_to_orig.insert(only.clone(), orig_only.clone());
+            // Several statics with one name in one function (WARN_ONCE's
+            // flags, say) pair up in the order the code first uses them.
+            match orig_numbered.get(key) {
+                Some(orig_side) if orig_side.len() == patched_side.len() => {
+                    for (p, o) in patched_side.iter().zip(orig_side) {
+                        patched_to_orig.insert(p.1.clone(), o.1.clone());
+                    }
                 }
-                (Some(_), _) => ambiguous.extend(patched_side.iter().cloned()),
-                (None, _) => {}
+                Some(_) => ambiguous.extend(patched_side.iter().map(|p| p.1.clone())),
+                None => {}
             }
         }
         Correlation {
@@ -57,26 +61,38 @@ impl Correlation {
     }
 }
 
-/// Numbered names grouped by (base name, functions referring to them).
+/// A numbered name's place in its group: first user, and where in that
+/// user's code the first reference is.
+type FirstUse = (String, u64);
+
+/// Numbered names grouped by (base name, functions referring to them),
+/// each group in order of first use.
 fn numbered_by_key(
     obj: &ObjectFile,
-    names: &std::collections::BTreeSet<String>,
-) -> BTreeMap<String, Vec<String>> {
+    names: &BTreeSet<String>,
+) -> BTreeMap<String, Vec<(FirstUse, String)>> {
     let users = referencing_functions(obj);
-    let mut groups: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut groups: BTreeMap<String, Vec<(FirstUse, String)>> = BTreeMap::new();
     for name in names {
         if let Some(base) = numbering_key(name) {
-            let mut by: Vec<&str> = users
-                .get(name.as_str())
-                .map(|s| s.iter().map(|n| strip_number(n)).collect())
+            let uses = users.get(name.as_str());
+            let mut by: Vec<&str> = uses
+                .map(|s| s.keys().map(|n| strip_number(n)).collect())
                 .unwrap_or_default();
             by.sort_unstable();
             by.dedup();
+            let first = uses
+                .and_then(|s| s.iter().next())
+                .map(|(f, off)| (strip_number(f).to_string(), *off))
+                .unwrap_or_default();
             groups
                 .entry(format!("{base} used by {}", by.join(",")))
                 .or_default()
-                .push(name.clone());
+                .push((first, name.clone()));
         }
+    }
+    for group in groups.values_mut() {
+        group.sort();
     }
     groups
 }
@@ -88,9 +104,10 @@ fn strip_number(name: &str) -> &str {
     }
 }
 
-/// For each defined symbol, the functions whose code refers to it.
-fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeSet<&str>> {
-    let mut users: HashMap<&str, BTreeSet<&str>> = HashMap::new();
+/// For each defined symbol, the functions whose code refers to it, with
+/// the offset of the first reference in each.
+fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeMap<&str, u64>> {
+    let mut users: HashMap<&str, BTreeMap<&str, u64>> = HashMap::new();
     for unit in super::function_units(obj) {
         let function = obj.symbols[unit.symbol].name.as_str();
         for r in obj.sections[unit.section]
@@ -107,7 +124,9 @@ fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeSet<&str>> {
                 Some(sym.name.as_str())
             };
             if let Some(target) = target {
-                users.entry(target).or_default().insert(function);
+                let at = r.offset - unit.start;
+                let first = users.entry(target).or_default().entry(function).or_insert(at);
+                *first = (*first).min(at);
             }
         }
     }
@@ -115,7 +134,7 @@ fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeSet<&str>> {
 }
 
 /// Names of functions and data objects an object defines.
-fn defined_names(obj: &ObjectFile) -> std::collections::BTreeSet<String> {
+fn defined_names(obj: &ObjectFile) -> BTreeSet<String> {
     obj.symbols
         .iter()
         .filter(|s| s.is_named_definition())

@@ -167,12 +167,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
     }
 
     let mut functions: Vec<FunctionChange> = functions.into_values().collect();
-    for name in correlation.ambiguous() {
-        refused.push(Refusal {
-            symbol: name.clone(),
-            reason: "cannot tell which static local of the running kernel this is (several candidates with the same name and users)".into(),
-        });
-    }
+
     refuse_unsafe_functions(
         orig,
         patched,
@@ -607,6 +602,10 @@ fn refuse_unsafe_references(
     refused: &mut Vec<Refusal>,
 ) {
     let obj = patched.obj;
+    let ambiguous: BTreeSet<&str> = patched
+        .correlation
+        .map(|c| c.ambiguous().iter().map(String::as_str).collect())
+        .unwrap_or_default();
     for f in functions {
         for unit in std::iter::once(&f.unit).chain(&f.parts) {
             for r in obj.sections[unit.section]
@@ -618,6 +617,19 @@ fn refuse_unsafe_references(
                 let Some(section) = sym.section() else {
                     continue;
                 };
+                let named = if sym.is_section() {
+                    covering_symbol(obj, section, r.addend.max(0)).map(|i| &obj.symbols[i])
+                } else {
+                    Some(sym)
+                };
+                if let Some(named) = named {
+                    if ambiguous.contains(named.name.as_str()) {
+                        refused.push(Refusal {
+                            symbol: named.name.clone(),
+                            reason: format!("used by {} but cannot be matched to one static variable of the running kernel (several have this name and users)", f.name),
+                        });
+                    }
+                }
                 let target = &obj.sections[section];
                 if special::is_init(&target.name) {
                     refused.push(Refusal {
