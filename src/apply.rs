@@ -366,9 +366,19 @@ pub fn resolve(manifest: &Manifest, kallsyms: &[Ksym]) -> Result<Resolution> {
                     object: obj.object.clone(),
                     address: c.address,
                 }),
-                Err(reason) => refusals.push(crate::Refusal {
+                Err(mut reason) => refusals.push(crate::Refusal {
                     symbol: qualified(&obj.object, &e.name),
-                    reason,
+                    reason: {
+                        if e.kind == SymbolKind::Data
+                            && obj.object == "vmlinux"
+                            && !lists_data_symbols(&syms)
+                        {
+                            reason.push_str(
+                                " (this kernel lists no data symbols in /proc/kallsyms: CONFIG_KALLSYMS_ALL is off)",
+                            );
+                        }
+                        reason
+                    },
                 }),
             }
         }
@@ -377,6 +387,16 @@ pub fn resolve(manifest: &Manifest, kallsyms: &[Ksym]) -> Result<Resolution> {
         return Err(Error::Refused(refusals).into());
     }
     Ok(Resolution { externals, sympos })
+}
+
+/// Whether kallsyms lists data symbols at all (CONFIG_KALLSYMS_ALL): without
+/// it only a handful of data symbols show up among the functions.
+fn lists_data_symbols(syms: &[&Ksym]) -> bool {
+    let data = syms
+        .iter()
+        .filter(|s| matches!(s.kind, 'd' | 'D' | 'b' | 'B'))
+        .count();
+    data * 100 >= syms.len()
 }
 
 fn qualified(object: &str, name: &str) -> String {
@@ -858,17 +878,17 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         )
         .into());
     }
-    if let Some(inner) = modinfo_name(&pkg.module)? {
-        if &inner != name {
-            bail!("package module is named {inner} but the manifest says {name}");
-        }
-    }
     let paths = &opts.paths;
     if !paths.livepatch.is_dir() {
         bail!(
             "{} does not exist: this kernel has no livepatch support",
             paths.livepatch.display()
         );
+    }
+    if let Some(inner) = modinfo_name(&pkg.module)? {
+        if &inner != name {
+            bail!("package module is named {inner} but the manifest says {name}");
+        }
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -1251,6 +1271,36 @@ mod tests {
         assert!(parse_kallsyms("ffff T x mod\n").is_err());
     }
 
+    /// The parser and the choice hold up on the kallsyms of the machine
+    /// running the tests, when it shows addresses.
+    #[test]
+    fn handles_this_machines_kallsyms() {
+        let Ok(text) = fs::read_to_string("/proc/kallsyms") else {
+            return;
+        };
+        let all = parse_kallsyms(&text).unwrap();
+        if all.iter().all(|s| s.address == 0) {
+            return;
+        }
+        let v = object_symbols(&all, "vmlinux");
+        let mut counts = std::collections::HashMap::new();
+        for s in &v {
+            *counts.entry(s.name.as_str()).or_insert(0u32) += 1;
+        }
+        let mut names: Vec<(&str, u32)> = counts.into_iter().collect();
+        names.sort_by_key(|&(name, n)| (std::cmp::Reverse(n), name));
+        let sample = names.iter().take(100).chain(names.iter().rev().take(100));
+        for (name, n) in sample {
+            match choose(&v, name, SymbolKind::Function, None) {
+                Ok(c) => {
+                    assert_eq!(v[c.index].name, *name);
+                    assert_eq!(c.sympos == 0, *n == 1, "{name}");
+                }
+                Err(e) => assert!(*n > 1 || e.contains("not as a function"), "{name}: {e}"),
+            }
+        }
+    }
+
     fn strs(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -1378,6 +1428,14 @@ mod tests {
         assert!(text.contains("show: ambiguous"), "{text}");
 
         let mut m = manifest();
+        m.objects[0].replaced.clear();
+        m.objects[0].externals.remove(0);
+        let functions_only =
+            parse_kallsyms("ffffffff81000000 T a\nffffffff81000010 t b\n").unwrap();
+        let err = resolve(&m, &functions_only).unwrap_err().to_string();
+        assert!(err.contains("CONFIG_KALLSYMS_ALL"), "{err}");
+
+        let mut m = manifest();
         m.objects[0].object = "other_mod".into();
         let err = resolve(&m, &ks()).unwrap_err().to_string();
         assert!(err.contains("other_mod: module is not loaded"), "{err}");
@@ -1477,6 +1535,74 @@ mod tests {
             modinfo_name(&image).unwrap().as_deref(),
             Some("dynamos_fix")
         );
+    }
+
+    #[test]
+    fn apply_checks_trust_and_kernel_first() {
+        use crate::package::{write_signed, Package};
+        let dir = tempfile::tempdir().unwrap();
+        let paths = fake_system(dir.path());
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let trust = dir.path().join("trusted.d");
+        fs::create_dir(&trust).unwrap();
+        let write = |release: &str| {
+            let mut m = manifest();
+            m.target.release = release.into();
+            let bytes = write_signed(
+                &Package {
+                    manifest: m,
+                    module: vec![],
+                },
+                &key,
+            );
+            let path = dir.path().join("fix.dynamos");
+            fs::write(&path, bytes).unwrap();
+            path
+        };
+        let opts = ApplyOptions {
+            trusted_dirs: vec![trust.clone()],
+            extra_trust: vec![],
+            transition_timeout: Duration::from_secs(1),
+            paths: paths.clone(),
+        };
+        // Untrusted: refused naming the key, whatever else is wrong.
+        let pkg = write("no-such-kernel");
+        let err = apply(&pkg, &opts).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        let id = KeyId::of(&key.verifying_key()).to_string();
+        assert!(format!("{err:#}").contains(&id), "{err:#}");
+
+        // Trusted, built for another kernel: refused naming both.
+        fs::write(trust.join("k.pub"), keys::public_line(&key.verifying_key())).unwrap();
+        let err = apply(&pkg, &opts).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        let running = kernel_release().unwrap();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("no-such-kernel") && text.contains(&running),
+            "{text}"
+        );
+
+        // Right kernel, no livepatch support (the fake sysfs is empty).
+        let pkg = write(&running);
+        let err = apply(&pkg, &opts).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no livepatch support"),
+            "{err:#}"
+        );
+
+        // A corrupted file never gets that far.
+        let mut bytes = fs::read(&pkg).unwrap();
+        bytes[20] ^= 4;
+        fs::write(&pkg, bytes).unwrap();
+        let err = apply(&pkg, &opts).unwrap_err();
+        assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
     }
 
     fn fake_system(root: &Path) -> SystemPaths {
