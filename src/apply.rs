@@ -970,10 +970,10 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         Err(err) => {
             let cleanup = disable_and_unload(paths, name, timeout, false);
             match cleanup {
-                Ok(()) => Err(err.context(format!(
-                    "update {} was reverted and unloaded",
+                Ok(()) => Err(anyhow!(
+                    "{err:#}; update {} was reverted and unloaded",
                     manifest.name
-                ))),
+                )),
                 Err(c) => Err(anyhow!("{err:#}; reverting it failed too: {c:#}")),
             }
         }

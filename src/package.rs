@@ -194,7 +194,13 @@ pub fn read_unverified(bytes: &[u8]) -> Result<(Package, KeyId)> {
 
 /// Check framing and signature; returns the signed part and the signer key.
 fn check_signature(bytes: &[u8]) -> Result<(&[u8], VerifyingKey)> {
-    if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
+    if bytes.len() < MAGIC.len() {
+        if MAGIC.starts_with(bytes) {
+            bail!("truncated package: {} bytes", bytes.len());
+        }
+        bail!("not a dynamos package (wrong magic)");
+    }
+    if bytes[..MAGIC.len()] != MAGIC {
         bail!("not a dynamos package (wrong magic)");
     }
     if bytes.len() < HEADER_LEN + TRAILER_LEN {
