@@ -74,12 +74,15 @@ exit 7
 
 #[test]
 fn hung_guest_is_stopped_at_the_timeout() {
-    let mut opts = options("sleep 1000");
+    let mut opts = options("echo started; sleep 1000");
     opts.timeout = Duration::from_secs(60);
     let started = Instant::now();
     let err = vm::run(&opts).unwrap_err().to_string();
     let elapsed = started.elapsed();
     assert!(err.contains("did not finish within 60 s"), "{err}");
+    // What the command printed before hanging is part of the report.
+    assert!(err.contains("started"), "{err}");
+    assert!(err.contains("Run /init"), "{err}");
     // The clock starts after the downloads, so allow for a first-run fetch.
     assert!(elapsed < Duration::from_secs(60 + 240), "took {elapsed:?}");
 }

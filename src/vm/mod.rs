@@ -30,6 +30,8 @@ pub const GUEST_TRUSTED_KEYS: &str = "/etc/dynamos/trusted.d";
 
 /// Console lines quoted in errors about a guest that did not finish.
 const CONSOLE_TAIL_LINES: usize = 30;
+/// Lines of the command's output quoted when it had to be stopped.
+const OUTPUT_TAIL_LINES: usize = 10;
 
 /// What to run, and in which machine.
 #[derive(Debug, Clone)]
@@ -137,7 +139,7 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
         .env("QEMU_MODULE_DIR", &qemu.module_dir)
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
         .args([
-            "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "1",
+            "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "2",
         ])
         .arg("-m")
         .arg(opts.memory_mb.to_string())
@@ -188,8 +190,9 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
     let raw_output = read_lossy(&output_log);
     let Some(status) = status else {
         bail!(
-            "the virtual machine did not finish within {} s and was stopped{}",
+            "the virtual machine did not finish within {} s and was stopped{}{}",
             opts.timeout.as_secs(),
+            output_tail(&raw_output),
             console_tail(&console)
         );
     };
@@ -340,10 +343,19 @@ fn parse_output(raw: &str, marker: &str) -> Option<(String, i32)> {
 fn console_tail(console: &str) -> String {
     let lines: Vec<&str> = console.lines().collect();
     if lines.is_empty() {
-        return "; the kernel console stayed empty".to_string();
+        return " (the kernel console stayed empty)".to_string();
     }
     let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..];
-    format!("; last kernel console lines:\n{}", tail.join("\n"))
+    format!("\n--- kernel console, last lines ---\n{}", tail.join("\n"))
+}
+
+fn output_tail(output: &str) -> String {
+    let lines: Vec<&str> = output.lines().collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = &lines[lines.len().saturating_sub(OUTPUT_TAIL_LINES)..];
+    format!("\n--- command output, last lines ---\n{}", tail.join("\n"))
 }
 
 fn read_lossy(path: &Path) -> String {
