@@ -23,7 +23,7 @@ const QEMU_BINARY: &str = "usr/bin/qemu-system-x86_64";
 const QEMU_MODULE_DIR: &str = "usr/lib/x86_64-linux-gnu/qemu";
 const TCG_MODULE: &str = "accel-tcg-x86_64.so";
 /// Rounds of "fetch the missing library dependencies" before giving up.
-const MAX_DEPENDENCY_ROUNDS: usize = 6;
+const MAX_DEPENDENCY_ROUNDS: usize = 10;
 
 /// An unpacked QEMU and how to run it.
 pub struct Qemu {
@@ -69,29 +69,38 @@ impl Qemu {
 
 /// Unpack QEMU into `root`, then add the library packages its binary still
 /// lacks on this host, following Debian dependencies until `ldd` is happy.
+/// The walk starts from the emulator's own package, whose libraries are the
+/// ones the binary links, and widens to the other packages only if needed.
 fn fill_qemu(root: &Path) -> Result<()> {
-    let mut fetched: BTreeSet<String> = BTreeSet::new();
-    let mut frontier: Vec<String> = QEMU_PACKAGES.iter().map(|p| p.to_string()).collect();
-    fetch_into(root, &frontier)?;
-    fetched.extend(frontier.iter().cloned());
+    let base: Vec<String> = QEMU_PACKAGES.iter().map(|p| p.to_string()).collect();
+    fetch_into(root, &base)?;
+    let mut fetched: BTreeSet<String> = base.iter().cloned().collect();
+    let mut expanded: BTreeSet<String> = BTreeSet::new();
+    let mut frontier = vec![base[0].clone()];
     for _ in 0..MAX_DEPENDENCY_ROUNDS {
         let missing = missing_libraries(&Qemu::at(root)?)?;
         if missing.is_empty() {
             return Ok(());
         }
-        let next: Vec<String> = uninstalled(&library_dependencies(&frontier)?)?
-            .into_iter()
-            .filter(|p| !fetched.contains(p))
-            .collect();
-        if next.is_empty() {
+        if frontier.is_empty() {
+            frontier = fetched.difference(&expanded).cloned().collect();
+        }
+        if frontier.is_empty() {
             bail!(
                 "QEMU needs {} which no Debian dependency of it provides",
                 missing.join(", ")
             );
         }
-        fetch_into(root, &next)?;
-        fetched.extend(next.iter().cloned());
-        frontier = next;
+        let next: Vec<String> = uninstalled(&library_dependencies(&frontier)?)?
+            .into_iter()
+            .filter(|p| !fetched.contains(p))
+            .collect();
+        expanded.extend(frontier.drain(..));
+        if !next.is_empty() {
+            fetch_into(root, &next)?;
+            fetched.extend(next.iter().cloned());
+            frontier = next;
+        }
     }
     let missing = missing_libraries(&Qemu::at(root)?)?;
     if missing.is_empty() {
