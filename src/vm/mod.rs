@@ -447,5 +447,21 @@ mod tests {
         };
         let err = run(&kernel).unwrap_err().to_string();
         assert!(err.contains("unknown target"), "{err}");
+        let no_time = VmOptions {
+            timeout: Duration::ZERO,
+            ..VmOptions::default()
+        };
+        assert!(run(&no_time).unwrap_err().to_string().contains("timeout"));
+        let tiny = VmOptions {
+            memory_mb: 16,
+            ..VmOptions::default()
+        };
+        assert!(run(&tiny).unwrap_err().to_string().contains("memory"));
+        let no_binary = VmOptions {
+            dynamos_binary: Some(PathBuf::from("/nonexistent/dynamos")),
+            ..VmOptions::default()
+        };
+        let err = run(&no_binary).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/dynamos"), "{err}");
     }
 }
