@@ -1,0 +1,163 @@
+//! Builds against the real default target: the first run downloads and
+//! unpacks the Debian source and configures two kernel trees; later runs
+//! reuse the cache and take seconds.
+
+use dynamos::build::{build, BuildOutput};
+use dynamos::patch::{apply_all, parse};
+use dynamos::target::{Target, TargetSpec};
+use dynamos::Error;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// Builds of one target serialize on a lock anyway; running the tests one
+/// after the other keeps their timings meaningful.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn target() -> Target {
+    Target::resolve(&TargetSpec::default()).expect("default target")
+}
+
+fn build_patch(target: &Target, patch: &str) -> anyhow::Result<BuildOutput> {
+    let patch = parse(patch, Path::new("test.patch"))?;
+    let changes = apply_all(&[patch], |p| {
+        let path = target.source.join(p);
+        Ok(path.exists().then(|| std::fs::read(&path)).transpose()?)
+    })?;
+    build(target, &changes)
+}
+
+const VERSION_PATCH: &str = r#"--- a/fs/proc/version.c
++++ b/fs/proc/version.c
+@@ -9,7 +9,7 @@
+ 
+ static int version_proc_show(struct seq_file *m, void *v)
+ {
+-	seq_printf(m, linux_proc_banner,
++	seq_printf(m, "patched: %s version %s (%s)\n",
+ 		utsname()->sysname,
+ 		utsname()->release,
+ 		utsname()->version);
+"#;
+
+fn section_names(path: &Path) -> Vec<String> {
+    use object::{Object, ObjectSection};
+    let data = std::fs::read(path).unwrap();
+    let file = object::File::parse(&*data).unwrap();
+    assert_eq!(
+        file.kind(),
+        object::ObjectKind::Relocatable,
+        "{}",
+        path.display()
+    );
+    assert_eq!(file.format(), object::BinaryFormat::Elf);
+    file.sections()
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .collect()
+}
+
+#[test]
+fn builds_original_and_patched_object() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    let pristine_path = target.source.join("fs/proc/version.c");
+    let pristine = std::fs::read(&pristine_path).unwrap();
+
+    let started = Instant::now();
+    let out = build_patch(&target, VERSION_PATCH).expect("build");
+    eprintln!("build of fs/proc/version.c took {:.1?}", started.elapsed());
+
+    assert_eq!(out.pairs.len(), 1);
+    let pair = &out.pairs[0];
+    assert_eq!(pair.source, Path::new("fs/proc/version.c"));
+    assert_eq!(pair.object, Path::new("fs/proc/version.o"));
+    assert_eq!(pair.kernel_object, "vmlinux");
+    let orig = std::fs::read(&pair.original).unwrap();
+    let patched = std::fs::read(&pair.patched).unwrap();
+    assert_ne!(orig, patched, "the patch must change the object");
+    for path in [&pair.original, &pair.patched] {
+        let sections = section_names(path);
+        assert!(
+            sections.iter().any(|s| s == ".text.version_proc_show"),
+            "{}: {sections:?}",
+            path.display()
+        );
+    }
+    // The patched string made it into the patched object only.
+    let needle = b"patched: %s version";
+    assert!(patched.windows(needle.len()).any(|w| w == needle));
+    assert!(!orig.windows(needle.len()).any(|w| w == needle));
+
+    // Pristine source untouched; the work tree file is back to pristine.
+    assert_eq!(std::fs::read(&pristine_path).unwrap(), pristine);
+    let worktree_file = target.work.join("src/fs/proc/version.c");
+    assert_eq!(std::fs::read(&worktree_file).unwrap(), pristine);
+    assert!(!target.work.join("src.journal").exists());
+
+    // The objects belong to the output and go away with it.
+    let dir = out.dir.clone();
+    drop(out);
+    assert!(!dir.exists());
+
+    // Warm cache: one more build of a single-file patch, timed.
+    let started = Instant::now();
+    let again = build_patch(&target, VERSION_PATCH).expect("second build");
+    let warm = started.elapsed();
+    eprintln!("warm-cache build of a single-file patch: {warm:.1?}");
+    assert_eq!(
+        std::fs::read(&again.pairs[0].patched).unwrap(),
+        patched,
+        "rebuilding the same patch gives the same object"
+    );
+}
+
+#[test]
+fn refuses_header_changes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    let header = std::fs::read_to_string(target.source.join("include/linux/seq_file.h")).unwrap();
+    let first = header.lines().next().unwrap();
+    let patch = format!(
+        "--- a/include/linux/seq_file.h\n+++ b/include/linux/seq_file.h\n@@ -1 +1,2 @@\n {first}\n+/* changed */\n"
+    );
+    let err = build_patch(&target, &patch).unwrap_err();
+    let typed = err.downcast_ref::<Error>().expect("typed error");
+    assert!(matches!(typed, Error::Refused(_)), "{err}");
+    assert_eq!(typed.exit_code(), 2);
+    let text = err.to_string();
+    assert!(text.contains("include/linux/seq_file.h"), "{text}");
+    assert!(
+        text.contains("header changes are not supported yet"),
+        "{text}"
+    );
+}
+
+#[test]
+fn refuses_files_not_in_the_config() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    // The Debian amd64 config does not build this board driver.
+    let file = "drivers/net/ethernet/ti/davinci_emac.c";
+    let config = std::fs::read_to_string(&target.config).unwrap();
+    assert!(
+        !config.contains("CONFIG_TI_DAVINCI_EMAC=y")
+            && !config.contains("CONFIG_TI_DAVINCI_EMAC=m")
+    );
+    let text = std::fs::read_to_string(target.source.join(file)).unwrap();
+    let first = text.lines().next().unwrap();
+    let patch = format!("--- a/{file}\n+++ b/{file}\n@@ -1 +1,2 @@\n {first}\n+/* changed */\n");
+    let pristine = std::fs::read(target.source.join(file)).unwrap();
+    let err = build_patch(&target, &patch).unwrap_err();
+    let typed = err.downcast_ref::<Error>().expect("typed error");
+    assert!(matches!(typed, Error::Refused(_)), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(file) && msg.contains("not built by this kernel config"),
+        "{msg}"
+    );
+    assert_eq!(std::fs::read(target.source.join(file)).unwrap(), pristine);
+    assert_eq!(
+        std::fs::read(target.work.join("src").join(file)).unwrap(),
+        pristine
+    );
+}
