@@ -57,6 +57,18 @@ pub fn kernel_version(source: &Path) -> Result<String> {
 /// object gets its own section for the diff stage to compare.
 const KCFLAGS: &str = "-ffunction-sections -fdata-sections";
 
+/// Compiler flags for a tree: [`KCFLAGS`], plus path maps so the source
+/// and output folders do not end up in the objects (debug info). kbuild
+/// already maps `__FILE__`; with this, the same source compiles to the
+/// same bytes in both trees and only real changes show up.
+fn kcflags(source: &Path, out: &Path) -> String {
+    format!(
+        "{KCFLAGS} -ffile-prefix-map={}/= -ffile-prefix-map={}=.",
+        source.display(),
+        out.display()
+    )
+}
+
 /// Parallel jobs of each `make`.
 const JOBS: &str = "-j2";
 
@@ -762,18 +774,19 @@ impl Trees {
     }
 
     /// What a configured O= folder depends on: a change redoes it.
-    fn stamp_text(&self, source: &Path) -> Result<String> {
+    fn stamp_text(&self, source: &Path, out: &Path) -> Result<String> {
         let mut hasher = Sha256::new();
         hasher.update(
             fs::read(&self.config)
                 .with_context(|| format!("cannot read kernel config {}", self.config.display()))?,
         );
         Ok(format!(
-            "source {}\nconfig {}\ncc {}\nrelease {}\nkcflags {KCFLAGS}\n",
+            "source {}\nconfig {}\ncc {}\nrelease {}\nkcflags {}\n",
             source.display(),
             hex::encode(hasher.finalize()),
             self.cc.unwrap_or("default"),
-            self.release
+            self.release,
+            kcflags(source, out)
         ))
     }
 
@@ -782,7 +795,7 @@ impl Trees {
     /// from scratch.
     fn configure(&self, source: &Path, out: &Path) -> Result<()> {
         let stamp = out.join(".dynamos-configured");
-        let want = self.stamp_text(source)?;
+        let want = self.stamp_text(source, out)?;
         if fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
             return Ok(());
         }
@@ -846,7 +859,7 @@ impl Trees {
             .arg(source)
             .arg(format!("O={}", out.display()))
             .arg(format!("KERNELRELEASE={}", self.release))
-            .arg(format!("KCFLAGS={KCFLAGS}"));
+            .arg(format!("KCFLAGS={}", kcflags(source, out)));
         if let Some(cc) = self.cc {
             cmd.arg(format!("CC={cc}"));
         }

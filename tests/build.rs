@@ -161,3 +161,22 @@ fn refuses_files_not_in_the_config() {
         pristine
     );
 }
+
+#[test]
+fn unchanged_source_compiles_to_identical_objects() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    let file = Path::new("fs/proc/version.c");
+    let mut changes = std::collections::BTreeMap::new();
+    changes.insert(
+        file.to_path_buf(),
+        Some(std::fs::read(target.source.join(file)).unwrap()),
+    );
+    let out = build(&target, &changes).expect("build");
+    let pair = &out.pairs[0];
+    assert_eq!(
+        std::fs::read(&pair.original).unwrap(),
+        std::fs::read(&pair.patched).unwrap(),
+        "the two trees must compile the same source to the same bytes"
+    );
+}
