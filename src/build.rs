@@ -313,7 +313,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
                 .unwrap_or_default();
             bail!(
                 "{failed} ({which} version){hint}\n{}",
-                tail(&run.output, LOG_TAIL)
+                tail(&run.output, LOG_TAIL, &[&trees.src, &trees.source])
             );
         }
     }
@@ -370,7 +370,19 @@ fn join(paths: &[PathBuf]) -> String {
         .join(", ")
 }
 
+/// A fresh folder for one build's objects. Folders left by processes that
+/// died before dropping their [`BuildOutput`] are cleared on the way.
 fn new_result_dir(work: &Path) -> Result<PathBuf> {
+    let results = work.join("results");
+    if let Ok(entries) = fs::read_dir(&results) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
@@ -379,7 +391,7 @@ fn new_result_dir(work: &Path) -> Result<PathBuf> {
         .join("results")
         .join(format!("{}-{stamp}", std::process::id()));
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    Ok(dir)
+    Ok(dir.canonicalize()?)
 }
 
 /// Delete an object and kbuild's record of how it was built.
@@ -447,8 +459,24 @@ fn failed_source<'a>(output: &str, sources: &'a [PathBuf]) -> Option<&'a PathBuf
     })
 }
 
-fn tail(output: &str, n: usize) -> String {
-    let lines: Vec<&str> = output.lines().collect();
+/// The last `n` lines of make's output worth reading: directory
+/// bookkeeping dropped, and the trees' folders cut from paths so compiler
+/// messages name files as the patch does.
+fn tail(output: &str, n: usize, trees: &[&Path]) -> String {
+    let prefixes: Vec<String> = trees.iter().map(|t| format!("{}/", t.display())).collect();
+    let lines: Vec<String> = output
+        .lines()
+        .filter(|l| {
+            !l.contains("Entering directory")
+                && !l.contains("Leaving directory")
+                && !l.contains("not remade because of errors")
+        })
+        .map(|l| {
+            prefixes
+                .iter()
+                .fold(l.to_string(), |line, p| line.replace(p.as_str(), ""))
+        })
+        .collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
@@ -827,7 +855,7 @@ impl Trees {
                     "configuring the kernel in {} failed (make {}){hint}\n{}",
                     out.display(),
                     step.join(" "),
-                    tail(&run.output, LOG_TAIL)
+                    tail(&run.output, LOG_TAIL, &[source])
                 );
             }
         }

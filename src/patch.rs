@@ -903,6 +903,7 @@ fn apply_hunks(content: &[u8], hunks: &[Hunk]) -> std::result::Result<Vec<u8>, H
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn origin() -> &'static Path {
         Path::new("fix.patch")
@@ -1346,6 +1347,73 @@ diff --git \"a/sp ace\\303\\251.c\" \"b/sp ace\\303\\251.c\"
         }
         fn below(&mut self, n: usize) -> usize {
             (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Random edits diffed by the system's `diff -u` (with various context
+    /// sizes) must apply back to exactly the edited file.
+    #[test]
+    fn applies_what_diff_produces() {
+        let Ok(probe) = std::process::Command::new("diff").arg("--version").output() else {
+            eprintln!("diff not installed; skipping");
+            return;
+        };
+        assert!(probe.status.success());
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for round in 0..200 {
+            // Few distinct lines, so contexts repeat and offsets matter.
+            let words = ["a", "b", "c", "{", "}", "", "x = 1;"];
+            let n = rng.below(40);
+            let mut old: Vec<String> = (0..n)
+                .map(|_| words[rng.below(words.len())].to_string())
+                .collect();
+            let mut new = old.clone();
+            for _ in 0..1 + rng.below(5) {
+                let at = rng.below(new.len() + 1);
+                match rng.below(3) {
+                    0 => new.insert(at, format!("new {round}")),
+                    1 if at < new.len() => {
+                        new.remove(at);
+                    }
+                    _ if at < new.len() => new[at] = format!("changed {round}"),
+                    _ => new.push("tail".into()),
+                }
+            }
+            let join = |lines: &mut Vec<String>, newline_at_end: bool| {
+                let mut text = lines.join("\n");
+                if newline_at_end && !lines.is_empty() {
+                    text.push('\n');
+                }
+                text
+            };
+            let old_text = join(&mut old, rng.below(4) != 0);
+            let new_text = join(&mut new, rng.below(4) != 0);
+            fs::create_dir_all(dir.path().join("a")).unwrap();
+            fs::create_dir_all(dir.path().join("b")).unwrap();
+            fs::write(dir.path().join("a/f.c"), &old_text).unwrap();
+            fs::write(dir.path().join("b/f.c"), &new_text).unwrap();
+            let context = ["-U0", "-U1", "-U3"][round % 3];
+            let out = std::process::Command::new("diff")
+                .arg(context)
+                .arg("a/f.c")
+                .arg("b/f.c")
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            if out.stdout.is_empty() {
+                continue; // no difference
+            }
+            let patch = parse_bytes(&out.stdout, origin())
+                .unwrap_or_else(|e| panic!("{e}\n{}", String::from_utf8_lossy(&out.stdout)));
+            let applied = apply_all(&[patch], tree(&[("f.c", &old_text)]))
+                .unwrap_or_else(|e| panic!("{e}\n{}", String::from_utf8_lossy(&out.stdout)));
+            assert_eq!(
+                text(&applied, "f.c").unwrap(),
+                new_text,
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
         }
     }
 

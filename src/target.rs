@@ -52,9 +52,7 @@ impl DebianBuild {
 
     /// `6.1.0-57-amd64` → `6.1.0-57`, the ABI part used in package names.
     fn abi(&self) -> &str {
-        self.release
-            .strip_suffix("-amd64")
-            .unwrap_or(&self.release)
+        self.release.strip_suffix("-amd64").unwrap_or(&self.release)
     }
 
     fn image_deb(&self) -> DebRef {
@@ -154,7 +152,10 @@ impl DebianBuild {
             let final_root = dir.to_string_lossy();
             fs::write(
                 &makefile,
-                text.replace("include /usr/src/", &format!("include {final_root}/usr/src/")),
+                text.replace(
+                    "include /usr/src/",
+                    &format!("include {final_root}/usr/src/"),
+                ),
             )?;
             Ok(())
         })?;
@@ -229,7 +230,10 @@ impl Target {
             .canonicalize()
             .with_context(|| format!("kernel source {} not found", src.display()))?;
         if !source.join("Makefile").is_file() || !source.join("Kbuild").is_file() {
-            bail!("{} is not a kernel source tree (no Makefile/Kbuild)", source.display());
+            bail!(
+                "{} is not a kernel source tree (no Makefile/Kbuild)",
+                source.display()
+            );
         }
         if source.join(".config").exists() {
             bail!(

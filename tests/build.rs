@@ -180,3 +180,142 @@ fn unchanged_source_compiles_to_identical_objects() {
         "the two trees must compile the same source to the same bytes"
     );
 }
+
+/// A patch appending `text` after the first line of each file.
+fn append_after_first_line(target: &Target, files: &[&str], text: &str) -> String {
+    let mut patch = String::new();
+    for file in files {
+        let content = std::fs::read_to_string(target.source.join(file)).unwrap();
+        let first = content.lines().next().unwrap();
+        patch.push_str(&format!(
+            "diff --git a/{file} b/{file}\n--- a/{file}\n+++ b/{file}\n@@ -1 +1,2 @@\n {first}\n+{text}\n"
+        ));
+    }
+    patch
+}
+
+#[test]
+fn module_and_builtin_objects_in_one_build() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    let patch = append_after_first_line(
+        &target,
+        &[
+            "fs/binfmt_misc.c",
+            "fs/proc/cmdline.c",
+            "Documentation/admin-guide/binfmt-misc.rst",
+        ],
+        "static const char dynamos_marker[] __used = \"marker\";",
+    );
+    let out = build_patch(&target, &patch).expect("build");
+    let by_source = |s: &str| {
+        out.pairs
+            .iter()
+            .find(|p| p.source == Path::new(s))
+            .unwrap_or_else(|| panic!("{s} not built: {:?}", out.pairs))
+    };
+    assert_eq!(out.pairs.len(), 2);
+    assert_eq!(by_source("fs/binfmt_misc.c").kernel_object, "binfmt_misc");
+    assert_eq!(by_source("fs/proc/cmdline.c").kernel_object, "vmlinux");
+    assert_eq!(
+        out.ignored,
+        vec![Path::new("Documentation/admin-guide/binfmt-misc.rst").to_path_buf()]
+    );
+    for pair in &out.pairs {
+        assert_ne!(
+            std::fs::read(&pair.original).unwrap(),
+            std::fs::read(&pair.patched).unwrap()
+        );
+    }
+}
+
+#[test]
+fn compile_errors_name_the_file() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    let patch = append_after_first_line(&target, &["fs/proc/cmdline.c"], "this is not C;");
+    let err = build_patch(&target, &patch).unwrap_err();
+    assert!(
+        err.downcast_ref::<Error>().is_none(),
+        "a plain failure: {err}"
+    );
+    let text = format!("{err:#}");
+    eprintln!("{text}");
+    let first = text.lines().next().unwrap();
+    assert!(
+        first.starts_with("fs/proc/cmdline.c failed to compile (patched version)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("fs/proc/cmdline.c:2:1: error:"),
+        "make's output is shown, with paths as in the patch: {text}"
+    );
+    assert!(!text.contains(&target.work.display().to_string()), "{text}");
+    // The work tree is clean again.
+    assert_eq!(
+        std::fs::read(target.work.join("src/fs/proc/cmdline.c")).unwrap(),
+        std::fs::read(target.source.join("fs/proc/cmdline.c")).unwrap()
+    );
+    assert!(!target.work.join("src.journal").exists());
+}
+
+#[test]
+fn interrupted_build_is_undone_by_the_next() {
+    use std::os::unix::fs::MetadataExt;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    // What a build killed mid-way leaves: a journal and a patched file
+    // renamed over its link in the work tree.
+    let file = "fs/proc/cmdline.c";
+    let in_tree = target.work.join("src").join(file);
+    let tmp = in_tree.with_extension("tmp-test");
+    std::fs::write(&tmp, "left over by a killed build\n").unwrap();
+    std::fs::rename(&tmp, &in_tree).unwrap();
+    std::fs::write(target.work.join("src.journal"), format!("{file}\n")).unwrap();
+
+    let _out = build_patch(&target, VERSION_PATCH).expect("build");
+    let pristine = target.source.join(file);
+    assert_eq!(
+        std::fs::read(&in_tree).unwrap(),
+        std::fs::read(&pristine).unwrap()
+    );
+    assert_eq!(
+        std::fs::metadata(&in_tree).unwrap().ino(),
+        std::fs::metadata(&pristine).unwrap().ino(),
+        "restored as a link to the pristine file"
+    );
+    assert!(!target.work.join("src.journal").exists());
+}
+
+#[test]
+fn refuses_files_only_included_by_others() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    let patch = append_after_first_line(&target, &["kernel/sched/rt.c"], "/* changed */");
+    let err = build_patch(&target, &patch).unwrap_err();
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::Refused(_))),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("kernel/sched/rt.c") && text.contains("kernel/sched/build_policy.c"),
+        "{text}"
+    );
+}
+
+#[test]
+fn documentation_only_is_no_change() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let target = target();
+    let patch = append_after_first_line(
+        &target,
+        &["Documentation/admin-guide/binfmt-misc.rst"],
+        "More words.",
+    );
+    let err = build_patch(&target, &patch).unwrap_err();
+    assert!(
+        matches!(err.downcast_ref::<Error>(), Some(Error::NoChange)),
+        "{err}"
+    );
+}
