@@ -235,8 +235,11 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     // kbuild compiles any C file asked for by name, whether or not the
     // config selects it: ask kbuild's own makefiles what this config builds.
     let mut refusals = Vec::new();
+    let mut in_module = Vec::new();
     for (source, object) in sources.iter().zip(&objects) {
-        if trees.built_by_config(object)?.is_none() {
+        let membership = trees.built_by_config(object)?;
+        in_module.push(membership == Some(true));
+        if membership.is_none() {
             let reason = match trees.including_file(source) {
                 Some(includer) => format!(
                     "not built on its own: it is #included by {}, which is not supported yet",
@@ -325,13 +328,14 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         dir: dir.clone(),
         keep: false,
     };
-    for (source, object) in sources.iter().zip(&objects) {
+    for ((source, object), in_module) in sources.iter().zip(&objects).zip(in_module) {
         let built_into = kernel_object(&trees.orig, object)?;
         let patched_into = kernel_object(&trees.patched, object)?;
-        if built_into != patched_into {
+        if built_into != patched_into || in_module != (built_into != "vmlinux") {
             bail!(
-                "{} is built into {built_into} originally but into {patched_into} with the patch",
-                source.display()
+                "{}: cannot tell whether it is module or built-in code (compiled for {built_into} originally, {patched_into} with the patch, listed as {} by kbuild)",
+                source.display(),
+                if in_module { "module code" } else { "built-in code" }
             );
         }
         let copy = |tree: &Path, side: &str| -> Result<PathBuf> {
