@@ -356,13 +356,21 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
             patched,
         });
     }
-    log_timing(started, sources.len());
+    verbose(format_args!(
+        "compiled {} file(s) twice in {:.1?}",
+        sources.len(),
+        started.elapsed()
+    ));
     Ok(output)
 }
 
-fn log_timing(started: Instant, n: usize) {
+/// Marks a configured O= folder; written last, so a folder without it is redone.
+const STAMP: &str = ".dynamos-configured";
+
+/// Timings for whoever tunes the build (`DYNAMOS_VERBOSE=1`).
+fn verbose(message: std::fmt::Arguments) {
     if std::env::var_os("DYNAMOS_VERBOSE").is_some() {
-        eprintln!("compiled {n} file(s) twice in {:.1?}", started.elapsed());
+        eprintln!("{message}");
     }
 }
 
@@ -775,6 +783,17 @@ impl Trees {
 
     /// Link farm and both configured O= folders, made once and reused.
     fn prepare(&self) -> Result<()> {
+        if self.src.is_dir()
+            && self.is_configured(&self.source, &self.orig)?
+            && self.is_configured(&self.src, &self.patched)?
+        {
+            return Ok(());
+        }
+        let progress = spinner(
+            "preparing the kernel trees (first build only: configuring the original and patched trees)"
+                .into(),
+        );
+        let started = Instant::now();
         let (orig, patched) = std::thread::scope(|scope| {
             let orig = scope.spawn(|| self.configure(&self.source, &self.orig));
             let patched = (|| {
@@ -787,21 +806,31 @@ impl Trees {
                 patched,
             )
         });
+        progress.finish_and_clear();
+        verbose(format_args!(
+            "prepared the kernel trees in {:.1?}",
+            started.elapsed()
+        ));
         orig.and(patched)
+    }
+
+    fn is_configured(&self, source: &Path, out: &Path) -> Result<bool> {
+        let want = self.stamp_text(source, out)?;
+        Ok(fs::read_to_string(out.join(STAMP)).ok().as_deref() == Some(want.as_str()))
     }
 
     fn farm(&self) -> Result<()> {
         if self.src.is_dir() {
             return Ok(());
         }
-        let progress = spinner(format!("linking a work tree at {}", self.src.display()));
         let started = Instant::now();
         let source = self.source.clone();
         cache::ensure_dir(&self.src, |tmp| link_tree(&source, tmp))?;
-        progress.finish_and_clear();
-        if std::env::var_os("DYNAMOS_VERBOSE").is_some() {
-            eprintln!("linked work tree in {:.1?}", started.elapsed());
-        }
+        verbose(format_args!(
+            "linked the work tree {} in {:.1?}",
+            self.src.display(),
+            started.elapsed()
+        ));
         Ok(())
     }
 
@@ -826,17 +855,11 @@ impl Trees {
     /// says it is done. A half-configured folder has no stamp and is redone
     /// from scratch.
     fn configure(&self, source: &Path, out: &Path) -> Result<()> {
-        let stamp = out.join(".dynamos-configured");
+        let stamp = out.join(STAMP);
         let want = self.stamp_text(source, out)?;
         if fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
             return Ok(());
         }
-        let name = out
-            .file_name()
-            .unwrap_or_default()
-            .to_string_lossy()
-            .into_owned();
-        let progress = spinner(format!("configuring the {name} kernel tree (once)"));
         if out.exists() {
             fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
         }
@@ -851,7 +874,6 @@ impl Trees {
         for step in [&["olddefconfig"][..], &[JOBS, "prepare"][..]] {
             let run = self.run_make(source, out, step)?;
             if !run.success {
-                progress.finish_and_clear();
                 let hint = missing_tool_hint(&run.output)
                     .map(|h| format!("\n{h}"))
                     .unwrap_or_default();
@@ -864,7 +886,6 @@ impl Trees {
             }
         }
         cache::write_atomic(&stamp, want.as_bytes())?;
-        progress.finish_and_clear();
         Ok(())
     }
 

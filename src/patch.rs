@@ -694,6 +694,19 @@ fn unquote(s: &[u8]) -> Option<(Vec<u8>, usize)> {
 /// listed.
 pub type Changes = BTreeMap<PathBuf, Option<Vec<u8>>>;
 
+/// A reader for [`apply_all`] over a tree on disk: the content of
+/// `root/path`, or `None` when there is no such file. It only reads.
+pub fn tree_reader(root: &Path) -> impl Fn(&Path) -> Result<Option<Vec<u8>>> + '_ {
+    move |path: &Path| {
+        let full = root.join(path);
+        match std::fs::read(&full) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", full.display()))),
+        }
+    }
+}
+
 /// Apply `patches` in order, each seeing the results of the earlier ones.
 /// `read` gives the pristine content of a path relative to the tree root,
 /// `None` when the file does not exist. Pure: nothing is written.

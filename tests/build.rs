@@ -3,7 +3,7 @@
 //! reuse the cache and take seconds.
 
 use dynamos::build::{build, BuildOutput};
-use dynamos::patch::{apply_all, parse};
+use dynamos::patch::{apply_all, parse, tree_reader};
 use dynamos::target::{Target, TargetSpec};
 use dynamos::Error;
 use std::path::Path;
@@ -20,10 +20,7 @@ fn target() -> Target {
 
 fn build_patch(target: &Target, patch: &str) -> anyhow::Result<BuildOutput> {
     let patch = parse(patch, Path::new("test.patch"))?;
-    let changes = apply_all(&[patch], |p| {
-        let path = target.source.join(p);
-        Ok(path.exists().then(|| std::fs::read(&path)).transpose()?)
-    })?;
+    let changes = apply_all(&[patch], tree_reader(&target.source))?;
     build(target, &changes)
 }
 
