@@ -1125,8 +1125,8 @@ fn link_tree(source: &Path, dest: &Path) -> Result<()> {
                 std::os::unix::fs::symlink(&target, &to)
                     .with_context(|| format!("cannot create {}", to.display()))?;
             } else if same_fs {
-                fs::hard_link(&from, &to)
-                    .with_context(|| format!("cannot link {}", to.display()))?;
+                // Falls back to a symlink where hard links are not allowed.
+                link_one(&from, &to)?;
             } else {
                 std::os::unix::fs::symlink(&from, &to)
                     .with_context(|| format!("cannot link {}", to.display()))?;

@@ -59,6 +59,10 @@ fn builds_original_and_patched_object() {
     let target = target();
     let pristine_path = target.source.join("fs/proc/version.c");
     let pristine = std::fs::read(&pristine_path).unwrap();
+    let pristine_mtime = std::fs::metadata(&pristine_path)
+        .unwrap()
+        .modified()
+        .unwrap();
 
     let started = Instant::now();
     let out = build_patch(&target, VERSION_PATCH).expect("build");
@@ -87,6 +91,13 @@ fn builds_original_and_patched_object() {
 
     // Pristine source untouched; the work tree file is back to pristine.
     assert_eq!(std::fs::read(&pristine_path).unwrap(), pristine);
+    assert_eq!(
+        std::fs::metadata(&pristine_path)
+            .unwrap()
+            .modified()
+            .unwrap(),
+        pristine_mtime
+    );
     let worktree_file = target.work.join("src/fs/proc/version.c");
     assert_eq!(std::fs::read(&worktree_file).unwrap(), pristine);
     assert!(!target.work.join("src.journal").exists());
