@@ -8,6 +8,21 @@
 //! temporary file over the link, so the pristine file behind it is never
 //! written; they are put back after the build, and a journal makes sure an
 //! interrupted build is undone by the next one.
+//!
+//! Staleness: make decides by mtime, and a restored link carries the
+//! pristine (old) mtime, which can be older than an object built from the
+//! patched version. So the touched objects (and their `.cmd` records) in
+//! `patched` are always deleted before a build. Only `.c` files are ever
+//! written into the farm — headers are refused, since every translation
+//! unit including one would need rebuilding — so nothing else can go
+//! stale; should anything else be written, it is restored as a fresh
+//! copy whose new mtime makes everything built from it out of date.
+//! The `orig` tree is built from sources that never change, so its
+//! objects stay valid once built.
+//!
+//! kbuild compiles any C file named on its command line, so whether the
+//! config builds a file, and into vmlinux or a module, is read from
+//! kbuild's own makefiles for every folder on the way to it.
 
 use crate::cache::{self, Lock};
 use crate::target::Target;
