@@ -93,8 +93,12 @@ const LOG_TAIL: usize = 30;
 /// One touched translation unit, compiled before and after the patch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ObjectPair {
-    /// Source file relative to the tree root, e.g. `fs/proc/version.c`.
+    /// Source file compiled, relative to the tree root, e.g. `fs/proc/version.c`.
     pub source: PathBuf,
+    /// The patched files that go into this object: `source` itself and/or
+    /// files it `#include`s (e.g. `kernel/sched/rt.c` for
+    /// `kernel/sched/build_policy.c`).
+    pub touched: Vec<PathBuf>,
     /// Object relative to the tree root, e.g. `fs/proc/version.o`.
     pub object: PathBuf,
     /// `vmlinux` for built-in code, else the module name as the kernel
@@ -246,31 +250,54 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     trees.prepare()?;
     trees.recover()?;
 
-    let objects: Vec<PathBuf> = sources.iter().map(|s| s.with_extension("o")).collect();
     // kbuild compiles any C file asked for by name, whether or not the
     // config selects it: ask kbuild's own makefiles what this config builds.
+    // A file not built on its own may be #included by one that is (as
+    // kernel/sched/build_policy.c includes rt.c): that one is compiled.
+    let mut units: Vec<Unit> = Vec::new();
     let mut refusals = Vec::new();
-    let mut in_module = Vec::new();
-    for (source, object) in sources.iter().zip(&objects) {
-        let membership = trees.built_by_config(object)?;
-        in_module.push(membership == Some(true));
+    for source in &sources {
+        let mut unit_source = source.clone();
+        let mut membership = trees.built_by_config(&source.with_extension("o"))?;
         if membership.is_none() {
-            let reason = match trees.including_file(source) {
-                Some(includer) => format!(
-                    "not built on its own: it is #included by {}, which is not supported yet",
-                    includer.display()
-                ),
-                None => "not built by this kernel config".to_string(),
+            if let Some(includer) = trees.including_file(source) {
+                membership = trees.built_by_config(&includer.with_extension("o"))?;
+                unit_source = includer;
+            }
+        }
+        let Some(in_module) = membership else {
+            let reason = if unit_source == *source {
+                "not built by this kernel config".to_string()
+            } else {
+                format!(
+                    "not built by this kernel config (nor is {}, which #includes it)",
+                    unit_source.display()
+                )
             };
             refusals.push(Refusal {
                 symbol: source.display().to_string(),
                 reason,
             });
+            continue;
+        };
+        match units.iter_mut().find(|u| u.source == unit_source) {
+            Some(unit) => {
+                if !unit.touched.contains(source) {
+                    unit.touched.push(source.clone());
+                }
+            }
+            None => units.push(Unit {
+                object: unit_source.with_extension("o"),
+                source: unit_source,
+                in_module,
+                touched: vec![source.clone()],
+            }),
         }
     }
     if !refusals.is_empty() {
         return Err(Error::Refused(refusals).into());
     }
+    let objects: Vec<PathBuf> = units.iter().map(|u| u.object.clone()).collect();
 
     // In the patched tree a restored file keeps its old pristine mtime,
     // which may be older than an object built from a patched version:
@@ -288,7 +315,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
 
     let progress = spinner(format!(
         "compiling {} file(s), original and patched",
-        sources.len()
+        objects.len()
     ));
     let started = Instant::now();
     let results = {
@@ -309,10 +336,10 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
 
     // Files kbuild has no rule for are not compiled by this config.
     let mut refusals = Vec::new();
-    for (source, object) in sources.iter().zip(&objects) {
-        if no_rule_for(&orig.output, object) || no_rule_for(&patched.output, object) {
+    for unit in &units {
+        if no_rule_for(&orig.output, &unit.object) || no_rule_for(&patched.output, &unit.object) {
             refusals.push(Refusal {
-                symbol: source.display().to_string(),
+                symbol: unit.source.display().to_string(),
                 reason: "not built by this kernel config (or only #included by another file, which is not supported yet)"
                     .into(),
             });
@@ -343,7 +370,8 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         dir: dir.clone(),
         keep: false,
     };
-    for ((source, object), in_module) in sources.iter().zip(&objects).zip(in_module) {
+    for unit in units {
+        let (source, object, in_module) = (&unit.source, &unit.object, unit.in_module);
         let built_into = kernel_object(&trees.orig, object)?;
         let patched_into = kernel_object(&trees.patched, object)?;
         if built_into != patched_into || in_module != (built_into != "vmlinux") {
@@ -366,6 +394,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         output.pairs.push(ObjectPair {
             source: source.clone(),
             object: object.clone(),
+            touched: unit.touched,
             kernel_object: built_into,
             original,
             patched,
@@ -373,10 +402,18 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     }
     verbose(format_args!(
         "compiled {} file(s) twice in {:.1?}",
-        sources.len(),
+        output.pairs.len(),
         started.elapsed()
     ));
     Ok(output)
+}
+
+/// One translation unit to compile and the touched files that go into it.
+struct Unit {
+    source: PathBuf,
+    object: PathBuf,
+    in_module: bool,
+    touched: Vec<PathBuf>,
 }
 
 /// Marks a configured O= folder; written last, so a folder without it is redone.
