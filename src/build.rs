@@ -248,6 +248,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     let _lock = Lock::acquire(&target.work.join(".build.lock"))?;
     let trees = Trees::new(target);
     trees.prepare()?;
+    trees.sync_farm()?;
     trees.recover()?;
 
     // kbuild compiles any C file asked for by name, whether or not the
@@ -877,9 +878,26 @@ impl Trees {
         }
         let started = Instant::now();
         let source = self.source.clone();
-        cache::ensure_dir(&self.src, |tmp| link_tree(&source, tmp))?;
+        cache::ensure_dir(&self.src, |tmp| link_tree(&source, tmp, false))?;
         verbose(format_args!(
             "linked the work tree {} in {:.1?}",
+            self.src.display(),
+            started.elapsed()
+        ));
+        Ok(())
+    }
+
+    /// A user's tree may have changed since the farm was made (a checkout
+    /// replaces files, so old links would keep old content): bring the
+    /// farm up to date. A released package never changes and skips this.
+    fn sync_farm(&self) -> Result<()> {
+        if self.immutable_source {
+            return Ok(());
+        }
+        let started = Instant::now();
+        link_tree(&self.source, &self.src, true)?;
+        verbose(format_args!(
+            "synced the work tree {} in {:.1?}",
             self.src.display(),
             started.elapsed()
         ));
@@ -1108,7 +1126,9 @@ impl Drop for Worktree<'_> {
 /// a fresh copy: its new mtime makes everything compiled against the
 /// patched version look out of date to make, so no stale object or
 /// generated file built from it is reused. Headers are refused today, so
-/// in practice only `.c` files take this path.
+/// in practice only `.c` files take this path. (Supporting headers must
+/// also revisit the farm sync for user trees, which would put a link with
+/// the old mtime back in place of such a copy.)
 fn restore_file(source: &Path, src: &Path, rel: &Path) -> Result<()> {
     let pristine = source.join(rel);
     let dest = src.join(rel);
@@ -1149,10 +1169,15 @@ fn link_one(from: &Path, to: &Path) -> Result<()> {
     }
 }
 
-/// Mirror the tree at `source` into the empty folder `dest`: folders are
-/// created, files hard linked (symlinked across file systems), symlinks
-/// copied as symlinks. `.git` is skipped.
-fn link_tree(source: &Path, dest: &Path) -> Result<()> {
+/// Mirror the tree at `source` into the folder `dest`: folders are
+/// created, files hard linked (symlinked across file systems or where hard
+/// links are refused), symlinks copied as symlinks. `.git` is skipped.
+///
+/// With `sync`, `dest` may already hold a mirror: entries that no longer
+/// match the source (replaced files, changed symlinks, new files) are
+/// relinked by renaming a new link over them, never by writing through
+/// one. Files removed from the source stay in `dest`.
+fn link_tree(source: &Path, dest: &Path, sync: bool) -> Result<()> {
     let same_fs = fs::metadata(source)?.dev() == fs::metadata(dest)?.dev();
     let mut stack = vec![PathBuf::new()];
     while let Some(rel) = stack.pop() {
@@ -1169,19 +1194,55 @@ fn link_tree(source: &Path, dest: &Path) -> Result<()> {
             let from = source.join(&child);
             let to = dest.join(&child);
             let kind = entry.file_type()?;
+            let existing = if sync {
+                fs::symlink_metadata(&to).ok()
+            } else {
+                None
+            };
             if kind.is_dir() {
-                fs::create_dir(&to).with_context(|| format!("cannot create {}", to.display()))?;
+                if !existing.as_ref().is_some_and(|m| m.is_dir()) {
+                    fs::create_dir(&to)
+                        .with_context(|| format!("cannot create {}", to.display()))?;
+                }
                 stack.push(child);
-            } else if kind.is_symlink() {
+                continue;
+            }
+            if let Some(existing) = &existing {
+                let current = if kind.is_symlink() || existing.file_type().is_symlink() {
+                    let want = if kind.is_symlink() {
+                        fs::read_link(&from)?
+                    } else {
+                        from.clone()
+                    };
+                    fs::read_link(&to).is_ok_and(|t| t == want)
+                } else {
+                    existing.ino() == entry.metadata()?.ino()
+                };
+                if current {
+                    continue;
+                }
+            }
+            // Build the new entry beside the old one, then swap it in.
+            let place = if existing.is_some() {
+                to.with_file_name(format!(".{}.dynamos-sync", name.to_string_lossy()))
+            } else {
+                to.clone()
+            };
+            let _ = fs::remove_file(&place);
+            if kind.is_symlink() {
                 let target = fs::read_link(&from)?;
-                std::os::unix::fs::symlink(&target, &to)
+                std::os::unix::fs::symlink(&target, &place)
                     .with_context(|| format!("cannot create {}", to.display()))?;
             } else if same_fs {
                 // Falls back to a symlink where hard links are not allowed.
-                link_one(&from, &to)?;
+                link_one(&from, &place)?;
             } else {
-                std::os::unix::fs::symlink(&from, &to)
+                std::os::unix::fs::symlink(&from, &place)
                     .with_context(|| format!("cannot link {}", to.display()))?;
+            }
+            if place != to {
+                fs::rename(&place, &to)
+                    .with_context(|| format!("cannot update {}", to.display()))?;
             }
         }
     }
@@ -1267,7 +1328,7 @@ mod tests {
         std::os::unix::fs::symlink("a/b/x.c", source.join("link.c")).unwrap();
         let src = dir.path().join("src");
         fs::create_dir(&src).unwrap();
-        link_tree(&source, &src).unwrap();
+        link_tree(&source, &src, false).unwrap();
         assert_eq!(
             fs::read_to_string(src.join("a/b/x.c")).unwrap(),
             "pristine\n"
@@ -1302,5 +1363,35 @@ mod tests {
         fs::write(src.join("new.c"), "new\n").unwrap();
         restore_file(&source, &src, Path::new("new.c")).unwrap();
         assert!(!src.join("new.c").exists());
+
+        // The source changes the way a checkout does it: files replaced,
+        // added, a symlink retargeted. Syncing follows without writing
+        // through any link.
+        let x = source.join("a/b/x.c");
+        fs::remove_file(&x).unwrap();
+        fs::write(&x, "checked out\n").unwrap();
+        fs::write(source.join("a/added.c"), "added\n").unwrap();
+        fs::remove_file(source.join("link.c")).unwrap();
+        std::os::unix::fs::symlink("top.h", source.join("link.c")).unwrap();
+        let untouched_ino = fs::metadata(src.join("a/b")).unwrap().ino();
+        link_tree(&source, &src, true).unwrap();
+        assert_eq!(
+            fs::read_to_string(src.join("a/b/x.c")).unwrap(),
+            "checked out\n"
+        );
+        assert_eq!(
+            fs::read_to_string(src.join("a/added.c")).unwrap(),
+            "added\n"
+        );
+        assert_eq!(
+            fs::read_link(src.join("link.c")).unwrap(),
+            Path::new("top.h")
+        );
+        assert_eq!(fs::metadata(src.join("a/b")).unwrap().ino(), untouched_ino);
+        // The copy made for the header was not the source's file: replaced by a link.
+        assert_eq!(
+            fs::metadata(src.join("top.h")).unwrap().ino(),
+            fs::metadata(source.join("top.h")).unwrap().ino()
+        );
     }
 }
