@@ -341,3 +341,30 @@ fn documentation_only_is_no_change() {
         "{err}"
     );
 }
+
+#[test]
+fn builds_from_a_user_tree() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // The Debian source used as if it were the user's own tree: its farm is
+    // synced before every build and its original objects left to make.
+    let debian = target();
+    let user = Target::resolve(&TargetSpec {
+        release: Some(debian.release.clone()),
+        src: Some(debian.source.clone()),
+        config: Some(debian.config.clone()),
+    })
+    .expect("user tree target");
+    assert_ne!(user.work, debian.work);
+    let started = Instant::now();
+    let out = build_patch(&user, VERSION_PATCH).expect("build");
+    eprintln!("user-tree build took {:.1?}", started.elapsed());
+    let pair = &out.pairs[0];
+    assert_eq!(pair.kernel_object, "vmlinux");
+    assert_ne!(
+        std::fs::read(&pair.original).unwrap(),
+        std::fs::read(&pair.patched).unwrap()
+    );
+    let started = Instant::now();
+    let _again = build_patch(&user, VERSION_PATCH).expect("second build");
+    eprintln!("warm user-tree build took {:.1?}", started.elapsed());
+}
