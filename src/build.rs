@@ -335,14 +335,14 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     progress.finish_and_clear();
     let (orig, patched) = (results.0?, results.1?);
 
-    // Files kbuild has no rule for are not compiled by this config.
+    // A file kbuild has no rule for (e.g. one the patch creates without a
+    // makefile change) is not compiled by this config either.
     let mut refusals = Vec::new();
     for unit in &units {
         if no_rule_for(&orig.output, &unit.object) || no_rule_for(&patched.output, &unit.object) {
             refusals.push(Refusal {
                 symbol: unit.source.display().to_string(),
-                reason: "not built by this kernel config (or only #included by another file, which is not supported yet)"
-                    .into(),
+                reason: "not built by this kernel config (kbuild has no rule for it)".into(),
             });
         }
     }
