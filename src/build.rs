@@ -1,7 +1,42 @@
-//! stub
-use anyhow::Result;
+//! Build the original and the patched version of only the translation units
+//! a patch touches, with the target's own kbuild and config.
+//!
+//! Two out-of-tree (`O=`) folders live in the target's work cache:
+//! `orig`, built from the pristine source, and `patched`, built from `src`,
+//! a farm of hard links (or symlinks across file systems) mirroring the
+//! pristine tree. Patched files are written into the farm by renaming a
+//! temporary file over the link, so the pristine file behind it is never
+//! written; they are put back after the build, and a journal makes sure an
+//! interrupted build is undone by the next one.
+//!
+//! Staleness: make decides by mtime, and a restored link carries the
+//! pristine (old) mtime, which can be older than an object built from the
+//! patched version. So the touched objects (and their `.cmd` records) in
+//! `patched` are always deleted before a build. Only `.c` files are ever
+//! written into the farm — headers are refused, since every translation
+//! unit including one would need rebuilding — so nothing else can go
+//! stale; should anything else be written, it is restored as a fresh
+//! copy whose new mtime makes everything built from it out of date.
+//! The `orig` tree is built from sources that never change, so its
+//! objects stay valid once built.
+//!
+//! kbuild compiles any C file named on its command line, so whether the
+//! config builds a file, and into vmlinux or a module, is read from
+//! kbuild's own makefiles for every folder on the way to it.
+
+use crate::cache::{self, Lock};
+use crate::target::Target;
+use crate::{Error, Refusal};
+use anyhow::{anyhow, bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::Path;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
 
 /// A spinner on stderr for a step that takes a while; hidden when stderr is not a terminal.
 pub fn spinner(message: String) -> ProgressBar {
@@ -31,4 +66,1332 @@ pub fn kernel_version(source: &Path) -> Result<String> {
         field("SUBLEVEL"),
         field("EXTRAVERSION")
     ))
+}
+
+/// Flags every object is compiled with, so that each function and data
+/// object gets its own section for the diff stage to compare.
+const KCFLAGS: &str = "-ffunction-sections -fdata-sections";
+
+/// Compiler flags for a tree: [`KCFLAGS`], plus path maps so the source
+/// and output folders do not end up in the objects (debug info). kbuild
+/// already maps `__FILE__`; with this, the same source compiles to the
+/// same bytes in both trees and only real changes show up.
+fn kcflags(source: &Path, out: &Path) -> String {
+    format!(
+        "{KCFLAGS} -ffile-prefix-map={}/= -ffile-prefix-map={}=.",
+        source.display(),
+        out.display()
+    )
+}
+
+/// Parallel jobs of each `make`.
+const JOBS: &str = "-j2";
+
+/// Lines of make's output shown when a build fails.
+const LOG_TAIL: usize = 30;
+
+/// One touched translation unit, compiled before and after the patch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectPair {
+    /// Source file compiled, relative to the tree root, e.g. `fs/proc/version.c`.
+    pub source: PathBuf,
+    /// The patched files that go into this object: `source` itself and/or
+    /// files it `#include`s (e.g. `kernel/sched/rt.c` for
+    /// `kernel/sched/build_policy.c`).
+    pub touched: Vec<PathBuf>,
+    /// Object relative to the tree root, e.g. `fs/proc/version.o`.
+    pub object: PathBuf,
+    /// `vmlinux` for built-in code, else the module name as the kernel
+    /// knows it (`KBUILD_MODNAME`, with underscores).
+    pub kernel_object: String,
+    /// Absolute path of the object built from the pristine source.
+    pub original: PathBuf,
+    /// Absolute path of the object built with the patch applied.
+    pub patched: PathBuf,
+}
+
+/// What [`build`] produced.
+///
+/// The object files are copies in `dir`, a fresh folder owned by this
+/// value: later builds never touch it, and it is deleted when the value is
+/// dropped (call [`BuildOutput::keep`] to keep it).
+#[derive(Debug)]
+pub struct BuildOutput {
+    pub pairs: Vec<ObjectPair>,
+    /// Touched files that do not go into the kernel (documentation, tools…).
+    pub ignored: Vec<PathBuf>,
+    /// Folder holding `orig/…` and `patched/…` copies of the objects.
+    pub dir: PathBuf,
+    keep: bool,
+}
+
+impl BuildOutput {
+    /// Leave `dir` in place when this value is dropped; the caller then owns it.
+    pub fn keep(mut self) -> PathBuf {
+        self.keep = true;
+        self.dir.clone()
+    }
+}
+
+impl Drop for BuildOutput {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// How a touched file is handled.
+#[derive(Debug, PartialEq, Eq)]
+enum Kind {
+    /// A C file compiled into the kernel or a module.
+    Compile,
+    /// Not part of what runs in the kernel.
+    Ignore,
+    Refuse(String),
+}
+
+fn classify(path: &Path, content: &Option<Vec<u8>>) -> Kind {
+    let s = path.to_string_lossy();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let top = path
+        .components()
+        .next()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let not_kernel_dirs = ["Documentation", "tools", "samples", "LICENSES", "usr"];
+    let doc_names = [
+        "MAINTAINERS",
+        "CREDITS",
+        "README",
+        "COPYING",
+        ".mailmap",
+        ".gitignore",
+        ".clang-format",
+        ".cocciconfig",
+        ".get_maintainer.ignore",
+    ];
+    let doc_exts = ["rst", "txt", "md", "yaml", "json", "cocci"];
+    if (not_kernel_dirs.contains(&top.as_str()) && path.components().count() > 1)
+        || doc_names.contains(&name.as_str())
+        || doc_exts.contains(&ext.as_str())
+    {
+        return Kind::Ignore;
+    }
+    if top == "scripts" {
+        return Kind::Refuse(
+            "changes to build scripts alter how the whole kernel is built; they cannot be applied live"
+                .into(),
+        );
+    }
+    if name == "Makefile" || name == "Kbuild" || name.starts_with("Kconfig") || ext == "mk" {
+        return Kind::Refuse(
+            "build system changes (Makefile/Kbuild/Kconfig) are not supported".into(),
+        );
+    }
+    match ext.as_str() {
+        "h" => Kind::Refuse(format!(
+            "header changes are not supported yet: the translation units including {s} would all need rebuilding"
+        )),
+        "c" if content.is_none() => {
+            Kind::Refuse("deleting a source file is not supported".into())
+        }
+        "c" => Kind::Compile,
+        "S" | "s" => Kind::Refuse("assembly changes are not supported".into()),
+        "lds" => Kind::Refuse("linker script changes are not supported".into()),
+        "rs" => Kind::Refuse("Rust changes are not supported".into()),
+        _ => Kind::Refuse("changes to this kind of file are not supported".into()),
+    }
+}
+
+/// Compile the original and patched versions of every touched C file.
+///
+/// `changes` maps paths relative to the tree root to their new content
+/// (`None` = deleted), as [`crate::patch::apply_all`] returns them.
+/// Refuses ([`Error::Refused`]) headers, build-system and assembly changes
+/// and files this kernel config does not compile; returns
+/// [`Error::NoChange`] when nothing touched is kernel code.
+pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> Result<BuildOutput> {
+    let mut sources = Vec::new();
+    let mut ignored = Vec::new();
+    let mut refusals = Vec::new();
+    for (path, content) in changes {
+        match classify(path, content) {
+            Kind::Compile => sources.push(path.clone()),
+            Kind::Ignore => ignored.push(path.clone()),
+            Kind::Refuse(reason) => refusals.push(Refusal {
+                symbol: path.display().to_string(),
+                reason,
+            }),
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    for path in &ignored {
+        eprintln!("note: ignoring {}: not kernel code", path.display());
+    }
+    if sources.is_empty() {
+        return Err(Error::NoChange.into());
+    }
+
+    fs::create_dir_all(&target.work)
+        .with_context(|| format!("cannot create {}", target.work.display()))?;
+    // One build at a time per target: the farm and the O= folders are shared.
+    let _lock = Lock::acquire(&target.work.join(".build.lock"))?;
+    let trees = Trees::new(target);
+    trees.prepare()?;
+    trees.sync_farm()?;
+    trees.recover()?;
+
+    // kbuild compiles any C file asked for by name, whether or not the
+    // config selects it: ask kbuild's own makefiles what this config builds.
+    // A file not built on its own may be #included by one that is (as
+    // kernel/sched/build_policy.c includes rt.c): that one is compiled.
+    let mut units: Vec<Unit> = Vec::new();
+    let mut refusals = Vec::new();
+    for source in &sources {
+        let mut unit_source = source.clone();
+        let mut membership = trees.built_by_config(&source.with_extension("o"))?;
+        if membership.is_none() {
+            if let Some(includer) = trees.including_file(source) {
+                membership = trees.built_by_config(&includer.with_extension("o"))?;
+                unit_source = includer;
+            }
+        }
+        let Some(in_module) = membership else {
+            let reason = if unit_source == *source {
+                "not built by this kernel config".to_string()
+            } else {
+                format!(
+                    "not built by this kernel config (nor is {}, which #includes it)",
+                    unit_source.display()
+                )
+            };
+            refusals.push(Refusal {
+                symbol: source.display().to_string(),
+                reason,
+            });
+            continue;
+        };
+        match units.iter_mut().find(|u| u.source == unit_source) {
+            Some(unit) => {
+                if !unit.touched.contains(source) {
+                    unit.touched.push(source.clone());
+                }
+            }
+            None => units.push(Unit {
+                object: unit_source.with_extension("o"),
+                source: unit_source,
+                in_module,
+                touched: vec![source.clone()],
+            }),
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    let objects: Vec<PathBuf> = units.iter().map(|u| u.object.clone()).collect();
+
+    // In the patched tree a restored file keeps its old pristine mtime,
+    // which may be older than an object built from a patched version:
+    // those objects must go. The original tree's sources never change and
+    // kbuild rebuilds when the command line does, so its objects are left
+    // to make's judgement (or reused outright for an immutable source).
+    for object in &objects {
+        remove_object(&trees.patched, object)?;
+    }
+    let orig_needed: Vec<PathBuf> = objects
+        .iter()
+        .filter(|o| !(trees.immutable_source && trees.orig_is_built(o)))
+        .cloned()
+        .collect();
+
+    let progress = spinner(format!(
+        "compiling {} file(s), original and patched",
+        objects.len()
+    ));
+    let started = Instant::now();
+    let results = {
+        let worktree = Worktree::apply(&trees, &sources, changes)?;
+        let results = std::thread::scope(|scope| {
+            let orig = scope.spawn(|| trees.make(&trees.source, &trees.orig, &orig_needed));
+            let patched = trees.make(&trees.src, &trees.patched, &objects);
+            let orig = orig
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("build thread panicked")));
+            (orig, patched)
+        });
+        worktree.restore()?;
+        results
+    };
+    progress.finish_and_clear();
+    let (orig, patched) = (results.0?, results.1?);
+
+    // A file kbuild has no rule for (e.g. one the patch creates without a
+    // makefile change) is not compiled by this config either.
+    let mut refusals = Vec::new();
+    for unit in &units {
+        if no_rule_for(&orig.output, &unit.object) || no_rule_for(&patched.output, &unit.object) {
+            refusals.push(Refusal {
+                symbol: unit.source.display().to_string(),
+                reason: "not built by this kernel config (kbuild has no rule for it)".into(),
+            });
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    for (run, which) in [(&orig, "original"), (&patched, "patched")] {
+        if !run.success {
+            let failed = failed_source(&run.output, &sources)
+                .map(|s| format!("{} failed to compile", s.display()))
+                .unwrap_or_else(|| format!("building {} failed", join(&sources)));
+            let hint = missing_tool_hint(&run.output)
+                .map(|h| format!("\n{h}"))
+                .unwrap_or_default();
+            bail!(
+                "{failed} ({which} version){hint}\n{}",
+                tail(&run.output, LOG_TAIL, &[&trees.src, &trees.source])
+            );
+        }
+    }
+
+    let dir = new_result_dir(&target.work)?;
+    let mut output = BuildOutput {
+        pairs: Vec::new(),
+        ignored,
+        dir: dir.clone(),
+        keep: false,
+    };
+    for unit in units {
+        let (source, object, in_module) = (&unit.source, &unit.object, unit.in_module);
+        let built_into = kernel_object(&trees.orig, object)?;
+        let patched_into = kernel_object(&trees.patched, object)?;
+        if built_into != patched_into || in_module != (built_into != "vmlinux") {
+            bail!(
+                "{}: cannot tell whether it is module or built-in code (compiled for {built_into} originally, {patched_into} with the patch, listed as {} by kbuild)",
+                source.display(),
+                if in_module { "module code" } else { "built-in code" }
+            );
+        }
+        let copy = |tree: &Path, side: &str| -> Result<PathBuf> {
+            let from = tree.join(object);
+            let to = dir.join(side).join(object);
+            fs::create_dir_all(to.parent().expect("object has a folder"))?;
+            fs::copy(&from, &to)
+                .with_context(|| format!("make produced no {} ({side} version)", from.display()))?;
+            Ok(to)
+        };
+        let original = copy(&trees.orig, "orig")?;
+        let patched = copy(&trees.patched, "patched")?;
+        output.pairs.push(ObjectPair {
+            source: source.clone(),
+            object: object.clone(),
+            touched: unit.touched,
+            kernel_object: built_into,
+            original,
+            patched,
+        });
+    }
+    verbose(format_args!(
+        "compiled {} file(s) twice in {:.1?}",
+        output.pairs.len(),
+        started.elapsed()
+    ));
+    Ok(output)
+}
+
+/// One translation unit to compile and the touched files that go into it.
+struct Unit {
+    source: PathBuf,
+    object: PathBuf,
+    in_module: bool,
+    touched: Vec<PathBuf>,
+}
+
+/// Marks a configured O= folder; written last, so a folder without it is redone.
+const STAMP: &str = ".dynamos-configured";
+
+/// Timings for whoever tunes the build (`DYNAMOS_VERBOSE=1`).
+fn verbose(message: std::fmt::Arguments) {
+    if std::env::var_os("DYNAMOS_VERBOSE").is_some() {
+        eprintln!("{message}");
+    }
+}
+
+fn join(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A fresh folder for one build's objects. Folders left by processes that
+/// died before dropping their [`BuildOutput`] are cleared on the way.
+fn new_result_dir(work: &Path) -> Result<PathBuf> {
+    let results = work.join("results");
+    if let Ok(entries) = fs::read_dir(&results) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
+            if pid.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let dir = work
+        .join("results")
+        .join(format!("{}-{stamp}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir.canonicalize()?)
+}
+
+/// Delete an object and kbuild's record of how it was built.
+fn remove_object(tree: &Path, object: &Path) -> Result<()> {
+    let o = tree.join(object);
+    for path in [o.clone(), cmd_file(&o)] {
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("cannot remove {}", path.display())),
+        }
+    }
+    Ok(())
+}
+
+/// `dir/file.o` → `dir/.file.o.cmd`.
+fn cmd_file(object: &Path) -> PathBuf {
+    let name = object
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    object.with_file_name(format!(".{name}.cmd"))
+}
+
+/// `vmlinux` or the module an object was compiled for, from the command
+/// line kbuild recorded: module code is compiled with `-DMODULE` and
+/// `-DKBUILD_MODNAME='"name"'`.
+fn kernel_object(tree: &Path, object: &Path) -> Result<String> {
+    let cmd = cmd_file(&tree.join(object));
+    let text =
+        fs::read_to_string(&cmd).with_context(|| format!("cannot read {}", cmd.display()))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cmd_"))
+        .with_context(|| format!("{} has no command line", cmd.display()))?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    if !words.contains(&"-DMODULE") {
+        return Ok("vmlinux".into());
+    }
+    words
+        .iter()
+        .find_map(|w| w.strip_prefix("-DKBUILD_MODNAME="))
+        .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
+        .filter(|v| !v.is_empty())
+        .with_context(|| format!("{}: module object without KBUILD_MODNAME", cmd.display()))
+}
+
+/// Did make say it has no rule for `object`?
+fn no_rule_for(output: &str, object: &Path) -> bool {
+    let needle = format!("No rule to make target '{}'", object.display());
+    output.contains(&needle)
+}
+
+/// The touched source a compiler error points at, if any.
+fn failed_source<'a>(output: &str, sources: &'a [PathBuf]) -> Option<&'a PathBuf> {
+    sources.iter().find(|s| {
+        let s = s.display().to_string();
+        output.lines().any(|l| {
+            (l.starts_with(&s) || l.contains(&format!("/{s}:")))
+                && (l.contains("error:") || l.contains("Error "))
+        }) || output.contains(&format!(
+            "[{}] Error",
+            Path::new(&s).with_extension("o").display()
+        ))
+    })
+}
+
+/// The last `n` lines of make's output worth reading: directory
+/// bookkeeping dropped, and the trees' folders cut from paths so compiler
+/// messages name files as the patch does.
+fn tail(output: &str, n: usize, trees: &[&Path]) -> String {
+    let prefixes: Vec<String> = trees.iter().map(|t| format!("{}/", t.display())).collect();
+    let lines: Vec<String> = output
+        .lines()
+        .filter(|l| {
+            !l.contains("Entering directory")
+                && !l.contains("Leaving directory")
+                && !l.contains("not remade because of errors")
+        })
+        .map(|l| {
+            prefixes
+                .iter()
+                .fold(l.to_string(), |line, p| line.replace(p.as_str(), ""))
+        })
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// When make failed for lack of a build tool, which Debian package has it.
+fn missing_tool_hint(output: &str) -> Option<String> {
+    let known: &[(&[&str], &str)] = &[
+        (
+            &[
+                "flex: not found",
+                "flex: No such file",
+                "flex: command not found",
+            ],
+            "flex",
+        ),
+        (
+            &[
+                "bison: not found",
+                "bison: No such file",
+                "bison: command not found",
+            ],
+            "bison",
+        ),
+        (
+            &["bc: not found", "bc: No such file", "bc: command not found"],
+            "bc",
+        ),
+        (&["gelf.h", "libelf.h", "libelf"], "libelf-dev"),
+        (&["openssl/", "libcrypto"], "libssl-dev"),
+        (
+            &["pahole: not found", "pahole: command not found"],
+            "dwarves",
+        ),
+        (&["perl: not found", "perl: command not found"], "perl"),
+        (
+            &["gcc-12: not found", "gcc-12: command not found"],
+            "gcc-12",
+        ),
+        (
+            &["gcc: not found", "gcc: command not found", "cc: not found"],
+            "gcc",
+        ),
+        (&["rsync: not found"], "rsync"),
+        (&["zstd: not found"], "zstd"),
+        (&["lz4: not found", "lz4c: not found"], "lz4"),
+        (&["cpio: not found"], "cpio"),
+        (&["python3: not found"], "python3"),
+    ];
+    let lower = output;
+    known.iter().find_map(|(needles, package)| {
+        needles.iter().any(|n| lower.contains(n)).then(|| {
+            format!("a build tool is missing: install it with `apt-get install {package}`")
+        })
+    })
+}
+
+/// Environment a parent make or the user may have set that would change the build.
+const MAKE_ENV_REMOVE: &[&str] = &[
+    "MAKEFLAGS",
+    "MFLAGS",
+    "MAKELEVEL",
+    "MAKEOVERRIDES",
+    "KBUILD_OUTPUT",
+    "O",
+    "ARCH",
+    "CROSS_COMPILE",
+    "KCFLAGS",
+    "KCPPFLAGS",
+    "KAFLAGS",
+    "CC",
+    "LLVM",
+    "W",
+    "C",
+    "V",
+];
+
+/// Makefile run in a configured O= folder that reads one folder's kbuild
+/// makefile the way `scripts/Makefile.build` does and prints what it
+/// builds for this config: subfolders descended into, built-in objects
+/// (including `lib-y`) and module objects, composite objects expanded.
+const LIST_MK: &str = r#"# Written by dynamos: lists what kbuild builds in $(obj).
+src := $(obj)
+obj-y :=
+obj-m :=
+lib-y :=
+lib-m :=
+always-y :=
+always-m :=
+targets :=
+subdir-y :=
+subdir-m :=
+-include include/config/auto.conf
+ifeq ($(SRCARCH),x86)
+BITS := $(if $(CONFIG_X86_32),32,64)
+endif
+include $(srctree)/scripts/Kbuild.include
+include $(srctree)/scripts/Makefile.compiler
+kbuild-dir := $(if $(filter /%,$(src)),$(src),$(srctree)/$(src))
+include $(or $(wildcard $(kbuild-dir)/Kbuild),$(kbuild-dir)/Makefile)
+include $(srctree)/scripts/Makefile.lib
+dynamos-list:
+	@echo 'dirs: $(subdir-ym)'
+	@echo 'y: $(real-obj-y) $(lib-y)'
+	@echo 'm: $(real-obj-m)'
+"#;
+
+/// One folder's objects for this config, paths relative to the tree root.
+#[derive(Debug, Default)]
+struct KbuildDir {
+    dirs: Vec<PathBuf>,
+    builtin: Vec<PathBuf>,
+    module: Vec<PathBuf>,
+}
+
+/// Result of one `make` run.
+struct MakeRun {
+    success: bool,
+    /// stdout and stderr, interleaved.
+    output: String,
+}
+
+/// The work cache's folders for one target.
+struct Trees {
+    /// Pristine source, never written.
+    source: PathBuf,
+    config: PathBuf,
+    release: String,
+    /// Link farm the patched files are written into.
+    src: PathBuf,
+    orig: PathBuf,
+    patched: PathBuf,
+    journal: PathBuf,
+    cc: Option<&'static str>,
+    /// The source is a released package that never changes, so an
+    /// original object, once built, stays valid.
+    immutable_source: bool,
+}
+
+impl Trees {
+    fn new(target: &Target) -> Trees {
+        Trees {
+            source: target.source.clone(),
+            config: target.config.clone(),
+            release: target.release.clone(),
+            src: target.work.join("src"),
+            orig: target.work.join("orig"),
+            patched: target.work.join("patched"),
+            journal: target.work.join("src.journal"),
+            // Debian builds its kernels with gcc-12; use it when it is here.
+            cc: which("gcc-12").then_some("gcc-12"),
+            immutable_source: target.debian.is_some(),
+        }
+    }
+
+    /// kbuild writes the `.cmd` file only after the object is complete.
+    fn orig_is_built(&self, object: &Path) -> bool {
+        let o = self.orig.join(object);
+        o.is_file() && cmd_file(&o).is_file()
+    }
+
+    /// Kernel source architecture of the config (`SRCARCH`).
+    fn srcarch(&self) -> Result<&'static str> {
+        let config = fs::read_to_string(&self.config)
+            .with_context(|| format!("cannot read {}", self.config.display()))?;
+        let has = |opt: &str| config.lines().any(|l| l == format!("{opt}=y"));
+        if has("CONFIG_X86") {
+            Ok("x86")
+        } else if has("CONFIG_ARM64") {
+            Ok("arm64")
+        } else {
+            bail!(
+                "{}: unsupported architecture (x86 and arm64 are known)",
+                self.config.display()
+            )
+        }
+    }
+
+    /// What kbuild builds in `dir` (relative, `.` for the root) under this
+    /// config, from the directory's own makefile evaluated by kbuild's rules.
+    fn kbuild_dir(&self, dir: &str, srcarch: &str) -> Result<KbuildDir> {
+        let mk = self.orig.join(".dynamos-list.mk");
+        if fs::read_to_string(&mk).ok().as_deref() != Some(LIST_MK) {
+            cache::write_atomic(&mk, LIST_MK.as_bytes())?;
+        }
+        let mut cmd = Command::new("make");
+        cmd.arg("-s")
+            .arg("-C")
+            .arg(&self.orig)
+            .arg("-f")
+            .arg(&mk)
+            .arg(format!("obj={dir}"))
+            .arg(format!("srctree={}", self.source.display()))
+            .arg("objtree=.")
+            .arg(format!("SRCARCH={srcarch}"))
+            .arg(format!("ARCH={srcarch}"))
+            .arg(format!("CC={}", self.cc.unwrap_or("gcc")))
+            .arg("dynamos-list");
+        for var in MAKE_ENV_REMOVE {
+            cmd.env_remove(var);
+        }
+        let out = cmd
+            .env("LC_ALL", "C")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run make")?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "cannot read what kbuild builds in {dir}:\n{}{}",
+                text,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let mut listing = KbuildDir::default();
+        for line in text.lines() {
+            let Some((key, rest)) = line.split_once(':') else {
+                continue;
+            };
+            let words = rest
+                .split_whitespace()
+                .map(|w| PathBuf::from(w.strip_prefix("./").unwrap_or(w)));
+            match key {
+                "dirs" => listing.dirs.extend(words),
+                "y" => listing.builtin.extend(words),
+                "m" => listing.module.extend(words),
+                _ => {}
+            }
+        }
+        Ok(listing)
+    }
+
+    /// Whether this config compiles `object`, into vmlinux (`Some(false)`)
+    /// or a module (`Some(true)`); `None` when it does not. Every folder on
+    /// the way must be descended into, as the top-level `Kbuild` and each
+    /// folder's makefile decide; folders of `arch/<arch>/` are reached from
+    /// the arch makefile and are taken as built.
+    fn built_by_config(&self, object: &Path) -> Result<Option<bool>> {
+        let srcarch = self.srcarch()?;
+        let dirs: Vec<String> = object
+            .parent()
+            .map(|p| p.iter().map(|c| c.to_string_lossy().into_owned()).collect())
+            .unwrap_or_default();
+        let start = if dirs.first().map(String::as_str) == Some("arch") {
+            if dirs.get(1).map(String::as_str) != Some(srcarch) {
+                return Ok(None);
+            }
+            dirs.len().min(3)
+        } else {
+            0
+        };
+        for i in start..dirs.len() {
+            let parent = if i == 0 {
+                ".".to_string()
+            } else {
+                dirs[..i].join("/")
+            };
+            let child = PathBuf::from(dirs[..=i].join("/"));
+            if !self.kbuild_dir(&parent, srcarch)?.dirs.contains(&child) {
+                return Ok(None);
+            }
+        }
+        let dir = if dirs.is_empty() {
+            ".".to_string()
+        } else {
+            dirs.join("/")
+        };
+        let listing = self.kbuild_dir(&dir, srcarch)?;
+        Ok(if listing.builtin.iter().any(|o| o == object) {
+            Some(false)
+        } else if listing.module.iter().any(|o| o == object) {
+            Some(true)
+        } else {
+            None
+        })
+    }
+
+    /// A C file in the same folder that `#include`s `source` (like
+    /// `kernel/sched/build_policy.c` does with `rt.c`).
+    fn including_file(&self, source: &Path) -> Option<PathBuf> {
+        let name = source.file_name()?.to_string_lossy().into_owned();
+        let dir = source.parent()?;
+        let needle = format!("#include \"{name}\"");
+        fs::read_dir(self.source.join(dir))
+            .ok()?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "c"))
+            .find(|p| {
+                fs::read_to_string(p).is_ok_and(|t| t.lines().any(|l| l.trim_start() == needle))
+            })
+            .and_then(|p| p.file_name().map(|n| dir.join(n)))
+    }
+
+    /// Link farm and both configured O= folders, made once and reused.
+    fn prepare(&self) -> Result<()> {
+        if self.src.is_dir()
+            && self.is_configured(&self.source, &self.orig)?
+            && self.is_configured(&self.src, &self.patched)?
+        {
+            return Ok(());
+        }
+        let progress = spinner(
+            "preparing the kernel trees (first build only: configuring the original and patched trees)"
+                .into(),
+        );
+        let started = Instant::now();
+        let (orig, patched) = std::thread::scope(|scope| {
+            let orig = scope.spawn(|| self.configure(&self.source, &self.orig));
+            let patched = (|| {
+                self.farm()?;
+                self.configure(&self.src, &self.patched)
+            })();
+            (
+                orig.join()
+                    .unwrap_or_else(|_| Err(anyhow!("configure thread panicked"))),
+                patched,
+            )
+        });
+        progress.finish_and_clear();
+        verbose(format_args!(
+            "prepared the kernel trees in {:.1?}",
+            started.elapsed()
+        ));
+        orig.and(patched)
+    }
+
+    fn is_configured(&self, source: &Path, out: &Path) -> Result<bool> {
+        let want = self.stamp_text(source, out)?;
+        Ok(fs::read_to_string(out.join(STAMP)).ok().as_deref() == Some(want.as_str()))
+    }
+
+    fn farm(&self) -> Result<()> {
+        if self.src.is_dir() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let source = self.source.clone();
+        cache::ensure_dir(&self.src, |tmp| link_tree(&source, tmp, false))?;
+        verbose(format_args!(
+            "linked the work tree {} in {:.1?}",
+            self.src.display(),
+            started.elapsed()
+        ));
+        Ok(())
+    }
+
+    /// A user's tree may have changed since the farm was made (a checkout
+    /// replaces files, so old links would keep old content): bring the
+    /// farm up to date. A released package never changes and skips this.
+    fn sync_farm(&self) -> Result<()> {
+        if self.immutable_source {
+            return Ok(());
+        }
+        let started = Instant::now();
+        link_tree(&self.source, &self.src, true)?;
+        verbose(format_args!(
+            "synced the work tree {} in {:.1?}",
+            self.src.display(),
+            started.elapsed()
+        ));
+        Ok(())
+    }
+
+    /// What a configured O= folder depends on: a change redoes it.
+    fn stamp_text(&self, source: &Path, out: &Path) -> Result<String> {
+        let mut hasher = Sha256::new();
+        hasher.update(
+            fs::read(&self.config)
+                .with_context(|| format!("cannot read kernel config {}", self.config.display()))?,
+        );
+        Ok(format!(
+            "source {}\nconfig {}\ncc {}\nrelease {}\nkcflags {}\n",
+            source.display(),
+            hex::encode(hasher.finalize()),
+            self.cc.unwrap_or("default"),
+            self.release,
+            kcflags(source, out)
+        ))
+    }
+
+    /// Configure `out` for `source` (olddefconfig + prepare) unless a stamp
+    /// says it is done. A half-configured folder has no stamp and is redone
+    /// from scratch.
+    fn configure(&self, source: &Path, out: &Path) -> Result<()> {
+        let stamp = out.join(STAMP);
+        let want = self.stamp_text(source, out)?;
+        if fs::read_to_string(&stamp).ok().as_deref() == Some(want.as_str()) {
+            return Ok(());
+        }
+        if out.exists() {
+            fs::remove_dir_all(out).with_context(|| format!("cannot clear {}", out.display()))?;
+        }
+        fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+        fs::copy(&self.config, out.join(".config")).with_context(|| {
+            format!(
+                "cannot copy {} into {}",
+                self.config.display(),
+                out.display()
+            )
+        })?;
+        for step in [&["olddefconfig"][..], &[JOBS, "prepare"][..]] {
+            let run = self.run_make(source, out, step)?;
+            if !run.success {
+                let hint = missing_tool_hint(&run.output)
+                    .map(|h| format!("\n{h}"))
+                    .unwrap_or_default();
+                bail!(
+                    "configuring the kernel in {} failed (make {}){hint}\n{}",
+                    out.display(),
+                    step.join(" "),
+                    tail(&run.output, LOG_TAIL, &[source])
+                );
+            }
+        }
+        cache::write_atomic(&stamp, want.as_bytes())?;
+        Ok(())
+    }
+
+    /// Compile `objects` in one make run (`-k`, so every unknown object is reported).
+    fn make(&self, source: &Path, out: &Path, objects: &[PathBuf]) -> Result<MakeRun> {
+        if objects.is_empty() {
+            return Ok(MakeRun {
+                success: true,
+                output: String::new(),
+            });
+        }
+        let mut args: Vec<String> = vec![JOBS.into(), "-k".into()];
+        args.extend(objects.iter().map(|o| o.display().to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run_make(source, out, &args)
+    }
+
+    fn run_make(&self, source: &Path, out: &Path, args: &[&str]) -> Result<MakeRun> {
+        let log = out.join(".dynamos-make.log");
+        let file =
+            fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
+        let mut cmd = Command::new("make");
+        cmd.arg("-C")
+            .arg(source)
+            .arg(format!("O={}", out.display()))
+            .arg(format!("KERNELRELEASE={}", self.release))
+            .arg(format!("KCFLAGS={}", kcflags(source, out)));
+        if let Some(cc) = self.cc {
+            cmd.arg(format!("CC={cc}"));
+        }
+        // A parent make's or the user's settings would change the build.
+        for var in [
+            "MAKEFLAGS",
+            "MFLAGS",
+            "MAKELEVEL",
+            "MAKEOVERRIDES",
+            "KBUILD_OUTPUT",
+            "O",
+            "ARCH",
+            "CROSS_COMPILE",
+            "KCFLAGS",
+            "KCPPFLAGS",
+            "KAFLAGS",
+            "CC",
+            "LLVM",
+            "W",
+            "C",
+            "V",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.env("LC_ALL", "C")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        let status = cmd.status().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow!("make is not installed: install it with `apt-get install make`")
+            } else {
+                anyhow!("cannot run make: {e}")
+            }
+        })?;
+        let output = String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
+        Ok(MakeRun {
+            success: status.success(),
+            output,
+        })
+    }
+
+    /// Undo the patched files of a build that did not finish.
+    fn recover(&self) -> Result<()> {
+        let Ok(text) = fs::read_to_string(&self.journal) else {
+            return Ok(());
+        };
+        let paths: Vec<PathBuf> = text
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(PathBuf::from)
+            .collect();
+        let worktree = Worktree {
+            trees: self,
+            written: paths,
+        };
+        worktree.restore()
+    }
+}
+
+/// Patched files currently written into the link farm; `restore` puts
+/// the pristine ones back (also when dropped, e.g. on an error).
+struct Worktree<'a> {
+    trees: &'a Trees,
+    written: Vec<PathBuf>,
+}
+
+impl<'a> Worktree<'a> {
+    fn apply(
+        trees: &'a Trees,
+        sources: &[PathBuf],
+        changes: &BTreeMap<PathBuf, Option<Vec<u8>>>,
+    ) -> Result<Worktree<'a>> {
+        // The journal is written before any file, so a crash at any point
+        // leaves enough to undo everything.
+        let mut journal = String::new();
+        for s in sources {
+            journal.push_str(&s.to_string_lossy());
+            journal.push('\n');
+        }
+        let mut file = fs::File::create(&trees.journal)
+            .with_context(|| format!("cannot write {}", trees.journal.display()))?;
+        file.write_all(journal.as_bytes())?;
+        file.sync_all()?;
+        let mut worktree = Worktree {
+            trees,
+            written: sources.to_vec(),
+        };
+        for s in sources {
+            let Some(Some(content)) = changes.get(s) else {
+                continue;
+            };
+            let dest = trees.src.join(s);
+            // Renaming over the link replaces the link, never the pristine
+            // file it shares its inode with.
+            if let Err(e) = cache::write_atomic(&dest, content) {
+                let _ = worktree.restore_all();
+                worktree.written.clear();
+                return Err(e);
+            }
+        }
+        Ok(worktree)
+    }
+
+    fn restore(mut self) -> Result<()> {
+        let result = self.restore_all();
+        self.written.clear();
+        result
+    }
+
+    fn restore_all(&self) -> Result<()> {
+        for rel in &self.written {
+            restore_file(&self.trees.source, &self.trees.src, rel)?;
+        }
+        match fs::remove_file(&self.trees.journal) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot remove {}", self.trees.journal.display()))
+            }
+        }
+    }
+}
+
+impl Drop for Worktree<'_> {
+    fn drop(&mut self) {
+        if !self.written.is_empty() {
+            if let Err(e) = self.restore_all() {
+                eprintln!("warning: cannot restore the work tree: {e:#}");
+            }
+        }
+    }
+}
+
+/// Put the pristine version of `rel` back into the link farm.
+///
+/// A `.c` file goes back as a link: its object is always deleted before
+/// it is compiled again, so its old mtime cannot make make reuse a stale
+/// object. Any other file (a header, were one ever written) goes back as
+/// a fresh copy: its new mtime makes everything compiled against the
+/// patched version look out of date to make, so no stale object or
+/// generated file built from it is reused. Headers are refused today, so
+/// in practice only `.c` files take this path. (Supporting headers must
+/// also revisit the farm sync for user trees, which would put a link with
+/// the old mtime back in place of such a copy.)
+fn restore_file(source: &Path, src: &Path, rel: &Path) -> Result<()> {
+    let pristine = source.join(rel);
+    let dest = src.join(rel);
+    let tmp = dest.with_file_name(format!(
+        ".{}.dynamos-restore",
+        dest.file_name().unwrap_or_default().to_string_lossy()
+    ));
+    let _ = fs::remove_file(&tmp);
+    if fs::symlink_metadata(&pristine).is_err() {
+        // The patch created this file: it has no pristine version.
+        return match fs::remove_file(&dest) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("cannot remove {}", dest.display())),
+        };
+    }
+    if rel.extension().is_some_and(|e| e == "c") {
+        link_one(&pristine, &tmp)?;
+    } else {
+        fs::copy(&pristine, &tmp).with_context(|| format!("cannot copy {}", pristine.display()))?;
+    }
+    fs::rename(&tmp, &dest).with_context(|| format!("cannot restore {}", dest.display()))
+}
+
+/// Hard link `to` to `from`, or symlink when they are on different file systems.
+fn link_one(from: &Path, to: &Path) -> Result<()> {
+    match fs::hard_link(from, to) {
+        Ok(()) => Ok(()),
+        Err(e)
+            if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) =>
+        {
+            std::os::unix::fs::symlink(from, to)
+                .with_context(|| format!("cannot link {} to {}", to.display(), from.display()))
+        }
+        Err(e) => {
+            Err(e).with_context(|| format!("cannot link {} to {}", to.display(), from.display()))
+        }
+    }
+}
+
+/// Mirror the tree at `source` into the folder `dest`: folders are
+/// created, files hard linked (symlinked across file systems or where hard
+/// links are refused), symlinks copied as symlinks. `.git` is skipped.
+///
+/// With `sync`, `dest` may already hold a mirror: entries that no longer
+/// match the source (replaced files, changed symlinks, new files) are
+/// relinked by renaming a new link over them, never by writing through
+/// one. Files removed from the source stay in `dest`.
+fn link_tree(source: &Path, dest: &Path, sync: bool) -> Result<()> {
+    let same_fs = fs::metadata(source)?.dev() == fs::metadata(dest)?.dev();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = source.join(&rel);
+        let entries =
+            fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            if rel.as_os_str().is_empty() && name == ".git" {
+                continue;
+            }
+            let child = rel.join(&name);
+            let from = source.join(&child);
+            let to = dest.join(&child);
+            let kind = entry.file_type()?;
+            let existing = if sync {
+                fs::symlink_metadata(&to).ok()
+            } else {
+                None
+            };
+            if kind.is_dir() {
+                if !existing.as_ref().is_some_and(|m| m.is_dir()) {
+                    fs::create_dir(&to)
+                        .with_context(|| format!("cannot create {}", to.display()))?;
+                }
+                stack.push(child);
+                continue;
+            }
+            if let Some(existing) = &existing {
+                let current = if kind.is_symlink() || existing.file_type().is_symlink() {
+                    let want = if kind.is_symlink() {
+                        fs::read_link(&from)?
+                    } else {
+                        from.clone()
+                    };
+                    fs::read_link(&to).is_ok_and(|t| t == want)
+                } else {
+                    existing.ino() == entry.metadata()?.ino()
+                };
+                if current {
+                    continue;
+                }
+            }
+            // Build the new entry beside the old one, then swap it in.
+            let place = if existing.is_some() {
+                to.with_file_name(format!(".{}.dynamos-sync", name.to_string_lossy()))
+            } else {
+                to.clone()
+            };
+            let _ = fs::remove_file(&place);
+            if kind.is_symlink() {
+                let target = fs::read_link(&from)?;
+                std::os::unix::fs::symlink(&target, &place)
+                    .with_context(|| format!("cannot create {}", to.display()))?;
+            } else if same_fs {
+                // Falls back to a symlink where hard links are not allowed.
+                link_one(&from, &place)?;
+            } else {
+                std::os::unix::fs::symlink(&from, &place)
+                    .with_context(|| format!("cannot link {}", to.display()))?;
+            }
+            if place != to {
+                fs::rename(&place, &to)
+                    .with_context(|| format!("cannot update {}", to.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(path: &str) -> Kind {
+        classify(Path::new(path), &Some(Vec::new()))
+    }
+
+    #[test]
+    fn classifies_touched_files() {
+        assert_eq!(kind("fs/proc/version.c"), Kind::Compile);
+        assert_eq!(kind("Documentation/admin-guide/foo.rst"), Kind::Ignore);
+        assert_eq!(kind("tools/perf/builtin-top.c"), Kind::Ignore);
+        assert_eq!(kind("MAINTAINERS"), Kind::Ignore);
+        assert!(
+            matches!(kind("include/linux/fs.h"), Kind::Refuse(r) if r.contains("header changes") && r.contains("include/linux/fs.h"))
+        );
+        assert!(matches!(kind("fs/proc/Makefile"), Kind::Refuse(_)));
+        assert!(matches!(kind("init/Kconfig"), Kind::Refuse(_)));
+        assert!(matches!(kind("arch/x86/entry/entry_64.S"), Kind::Refuse(_)));
+        assert!(matches!(kind("scripts/mod/modpost.c"), Kind::Refuse(_)));
+        assert!(matches!(
+            classify(Path::new("fs/proc/version.c"), &None),
+            Kind::Refuse(_)
+        ));
+    }
+
+    #[test]
+    fn reads_kernel_object_from_cmd_file() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("fs/ext4")).unwrap();
+        fs::write(
+            dir.path().join("fs/ext4/.inode.o.cmd"),
+            "cmd_fs/ext4/inode.o := gcc-12 -Wp,-MMD -nostdinc -DMODULE -DKBUILD_BASENAME='\"inode\"' -DKBUILD_MODNAME='\"ext4\"' -D__KBUILD_MODNAME=kmod_ext4 -c -o fs/ext4/inode.o fs/ext4/inode.c\n\nsource_fs/ext4/inode.o := fs/ext4/inode.c\n",
+        )
+        .unwrap();
+        assert_eq!(
+            kernel_object(dir.path(), Path::new("fs/ext4/inode.o")).unwrap(),
+            "ext4"
+        );
+        fs::create_dir_all(dir.path().join("fs/proc")).unwrap();
+        fs::write(
+            dir.path().join("fs/proc/.version.o.cmd"),
+            "cmd_fs/proc/version.o := gcc-12 -nostdinc -DKBUILD_MODNAME='\"version\"' -c -o fs/proc/version.o fs/proc/version.c\n",
+        )
+        .unwrap();
+        assert_eq!(
+            kernel_object(dir.path(), Path::new("fs/proc/version.o")).unwrap(),
+            "vmlinux"
+        );
+    }
+
+    #[test]
+    fn hints_missing_tools() {
+        let out = "/bin/sh: 1: flex: not found\nmake[2]: *** [scripts/Makefile.host:9: scripts/kconfig/lexer.lex.c] Error 127";
+        assert!(missing_tool_hint(out)
+            .unwrap()
+            .contains("apt-get install flex"));
+        let out =
+            "scripts/sign-file.c:25:10: fatal error: openssl/opensslv.h: No such file or directory";
+        assert!(missing_tool_hint(out).unwrap().contains("libssl-dev"));
+        assert!(missing_tool_hint("fs/proc/version.c:12:1: error: expected ';'").is_none());
+    }
+
+    #[test]
+    fn link_farm_and_restore_leave_pristine_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = dir.path().join("source");
+        fs::create_dir_all(source.join("a/b")).unwrap();
+        fs::write(source.join("a/b/x.c"), "pristine\n").unwrap();
+        fs::write(source.join("top.h"), "header\n").unwrap();
+        std::os::unix::fs::symlink("a/b/x.c", source.join("link.c")).unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir(&src).unwrap();
+        link_tree(&source, &src, false).unwrap();
+        assert_eq!(
+            fs::read_to_string(src.join("a/b/x.c")).unwrap(),
+            "pristine\n"
+        );
+        assert_eq!(
+            fs::read_link(src.join("link.c")).unwrap(),
+            Path::new("a/b/x.c")
+        );
+        cache::write_atomic(&src.join("a/b/x.c"), b"patched\n").unwrap();
+        assert_eq!(
+            fs::read_to_string(source.join("a/b/x.c")).unwrap(),
+            "pristine\n"
+        );
+        restore_file(&source, &src, Path::new("a/b/x.c")).unwrap();
+        assert_eq!(
+            fs::read_to_string(src.join("a/b/x.c")).unwrap(),
+            "pristine\n"
+        );
+        assert_eq!(
+            fs::metadata(src.join("a/b/x.c")).unwrap().ino(),
+            fs::metadata(source.join("a/b/x.c")).unwrap().ino()
+        );
+        // A header comes back as a copy with a fresh mtime.
+        cache::write_atomic(&src.join("top.h"), b"patched\n").unwrap();
+        restore_file(&source, &src, Path::new("top.h")).unwrap();
+        assert_eq!(fs::read_to_string(src.join("top.h")).unwrap(), "header\n");
+        assert_ne!(
+            fs::metadata(src.join("top.h")).unwrap().ino(),
+            fs::metadata(source.join("top.h")).unwrap().ino()
+        );
+        // A file the patch created is removed.
+        fs::write(src.join("new.c"), "new\n").unwrap();
+        restore_file(&source, &src, Path::new("new.c")).unwrap();
+        assert!(!src.join("new.c").exists());
+
+        // The source changes the way a checkout does it: files replaced,
+        // added, a symlink retargeted. Syncing follows without writing
+        // through any link.
+        let x = source.join("a/b/x.c");
+        fs::remove_file(&x).unwrap();
+        fs::write(&x, "checked out\n").unwrap();
+        fs::write(source.join("a/added.c"), "added\n").unwrap();
+        fs::remove_file(source.join("link.c")).unwrap();
+        std::os::unix::fs::symlink("top.h", source.join("link.c")).unwrap();
+        let untouched_ino = fs::metadata(src.join("a/b")).unwrap().ino();
+        link_tree(&source, &src, true).unwrap();
+        assert_eq!(
+            fs::read_to_string(src.join("a/b/x.c")).unwrap(),
+            "checked out\n"
+        );
+        assert_eq!(
+            fs::read_to_string(src.join("a/added.c")).unwrap(),
+            "added\n"
+        );
+        assert_eq!(
+            fs::read_link(src.join("link.c")).unwrap(),
+            Path::new("top.h")
+        );
+        assert_eq!(fs::metadata(src.join("a/b")).unwrap().ino(), untouched_ino);
+        // The copy made for the header was not the source's file: replaced by a link.
+        assert_eq!(
+            fs::metadata(src.join("top.h")).unwrap().ino(),
+            fs::metadata(source.join("top.h")).unwrap().ino()
+        );
+    }
 }

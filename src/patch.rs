@@ -1,1 +1,1485 @@
-//! stub
+//! Unified diffs: parsed from git-style or `diff -u` patches and applied in
+//! memory against the pristine tree, like `patch -p1` without fuzz.
+//!
+//! Nothing here touches the file system: [`parse`] turns patch text into
+//! [`Patch`]es and [`apply_all`] computes the new content of every touched
+//! file from a caller-supplied reader, so the pristine tree is never written.
+
+use crate::Error;
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+/// One patch file: the per-file changes it contains, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Patch {
+    /// Where the patch came from, for error messages.
+    pub origin: PathBuf,
+    pub files: Vec<FilePatch>,
+}
+
+/// What a file section does to its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    Modify,
+    Create,
+    Delete,
+    /// `old_path` moves to `new_path`, with the hunks applied on the way.
+    Rename,
+    /// `new_path` starts as a copy of `old_path`, with the hunks applied.
+    Copy,
+}
+
+/// The changes to one file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FilePatch {
+    /// Line of the patch where this file's section starts (1-based).
+    pub line: usize,
+    pub operation: Operation,
+    /// Path relative to the tree root before the change (`None` for a new file).
+    pub old_path: Option<PathBuf>,
+    /// Path relative to the tree root after the change (`None` for a deletion).
+    pub new_path: Option<PathBuf>,
+    pub hunks: Vec<Hunk>,
+    /// The section came from `git diff` (names are exact); plain `diff -u`
+    /// sections with differing names patch whichever of the two exists.
+    pub git: bool,
+}
+
+/// One `@@ -a,b +c,d @@` hunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hunk {
+    /// Line of the `@@` header in the patch (1-based).
+    pub line: usize,
+    pub old_start: usize,
+    pub old_len: usize,
+    pub new_start: usize,
+    pub new_len: usize,
+    pub lines: Vec<HunkLine>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKind {
+    Context,
+    Remove,
+    Add,
+}
+
+/// One line of a hunk; `text` includes its `\n` unless the patch said
+/// `\ No newline at end of file` after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HunkLine {
+    pub kind: LineKind,
+    pub text: Vec<u8>,
+}
+
+impl Hunk {
+    fn old_lines(&self) -> Vec<&[u8]> {
+        self.lines
+            .iter()
+            .filter(|l| l.kind != LineKind::Add)
+            .map(|l| l.text.as_slice())
+            .collect()
+    }
+
+    fn new_lines(&self) -> Vec<&[u8]> {
+        self.lines
+            .iter()
+            .filter(|l| l.kind != LineKind::Remove)
+            .map(|l| l.text.as_slice())
+            .collect()
+    }
+
+    /// Context lines before the first change and after the last one.
+    fn context_counts(&self) -> (usize, usize) {
+        let lead = self
+            .lines
+            .iter()
+            .take_while(|l| l.kind == LineKind::Context)
+            .count();
+        let trail = self
+            .lines
+            .iter()
+            .rev()
+            .take_while(|l| l.kind == LineKind::Context)
+            .count();
+        (lead, trail)
+    }
+}
+
+impl Patch {
+    /// Read and parse a patch file.
+    pub fn from_file(path: &Path) -> Result<Patch> {
+        let data = std::fs::read(path).map_err(|e| Error::Input {
+            path: path.to_path_buf(),
+            message: format!("cannot read patch: {e}"),
+        })?;
+        parse_bytes(&data, path)
+    }
+
+    /// Every path this patch reads or writes, in order of appearance.
+    pub fn paths(&self) -> Vec<&Path> {
+        let mut out: Vec<&Path> = Vec::new();
+        for f in &self.files {
+            for p in [&f.old_path, &f.new_path].into_iter().flatten() {
+                if !out.contains(&p.as_path()) {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+}
+
+fn input_error(origin: &Path, line: usize, message: impl std::fmt::Display) -> anyhow::Error {
+    Error::Input {
+        path: origin.to_path_buf(),
+        message: format!("line {line}: {message}"),
+    }
+    .into()
+}
+
+/// Parse a unified diff. Anything before the first file section (mail
+/// headers, a commit message, a diffstat) and between sections is ignored.
+pub fn parse(text: &str, origin: &Path) -> Result<Patch> {
+    parse_bytes(text.as_bytes(), origin)
+}
+
+/// [`parse`] for patch text that need not be UTF-8.
+pub fn parse_bytes(data: &[u8], origin: &Path) -> Result<Patch> {
+    let lines: Vec<&[u8]> = split_lines(data)
+        .map(|l| l.strip_suffix(b"\n").unwrap_or(l))
+        .collect();
+    let mut parser = Parser {
+        lines: &lines,
+        pos: 0,
+        origin,
+    };
+    let mut files = Vec::new();
+    while parser.pos < lines.len() {
+        if let Some(file) = parser.next_file()? {
+            files.push(file);
+        }
+    }
+    if files.is_empty() {
+        return Err(Error::Input {
+            path: origin.to_path_buf(),
+            message: "no unified diff found in the patch".into(),
+        }
+        .into());
+    }
+    Ok(Patch {
+        origin: origin.to_path_buf(),
+        files,
+    })
+}
+
+fn split_lines(data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    data.split_inclusive(|&b| b == b'\n')
+}
+
+struct Parser<'a> {
+    lines: &'a [&'a [u8]],
+    /// Index of the next line to look at (0-based).
+    pos: usize,
+    origin: &'a Path,
+}
+
+/// Names gathered from a file section's headers, before they are combined.
+#[derive(Default)]
+struct Headers {
+    git: Option<(Option<PathBuf>, Option<PathBuf>)>,
+    minus: Option<Option<PathBuf>>,
+    plus: Option<Option<PathBuf>>,
+    rename_from: Option<PathBuf>,
+    rename_to: Option<PathBuf>,
+    copy_from: Option<PathBuf>,
+    copy_to: Option<PathBuf>,
+    new_file: bool,
+    deleted_file: bool,
+    epoch_minus: bool,
+    epoch_plus: bool,
+}
+
+impl<'a> Parser<'a> {
+    fn line(&self, idx: usize) -> Option<&'a [u8]> {
+        self.lines.get(idx).copied()
+    }
+
+    fn err(&self, idx: usize, message: impl std::fmt::Display) -> anyhow::Error {
+        input_error(self.origin, idx + 1, message)
+    }
+
+    /// Skip to and parse the next file section; `None` when only commentary was left.
+    fn next_file(&mut self) -> Result<Option<FilePatch>> {
+        // Find the start of a section.
+        let start = loop {
+            let Some(line) = self.line(self.pos) else {
+                return Ok(None);
+            };
+            if line.starts_with(b"diff --git ") {
+                break self.pos;
+            }
+            if line.starts_with(b"diff --cc ") || line.starts_with(b"diff --combined ") {
+                return Err(self.err(self.pos, "combined (merge) diffs are not supported"));
+            }
+            if is_binary_marker(line) {
+                return Err(self.err(self.pos, "binary patches are not supported"));
+            }
+            if line.starts_with(b"--- ")
+                && self
+                    .line(self.pos + 1)
+                    .is_some_and(|l| l.starts_with(b"+++ "))
+                && self
+                    .line(self.pos + 2)
+                    .is_some_and(|l| l.starts_with(b"@@ "))
+            {
+                break self.pos;
+            }
+            self.pos += 1;
+        };
+        let mut h = Headers::default();
+        let git = self.lines[start].starts_with(b"diff --git ");
+        if git {
+            let rest = &self.lines[start][b"diff --git ".len()..];
+            h.git = Some(self.git_names(start, rest)?);
+            self.pos += 1;
+            // Extended headers, up to `---` or the first hunk or the next section.
+            while let Some(line) = self.line(self.pos) {
+                if line.starts_with(b"--- ")
+                    || line.starts_with(b"@@ ")
+                    || line.starts_with(b"diff ")
+                {
+                    break;
+                }
+                if is_binary_marker(line) {
+                    return Err(self.err(self.pos, "binary patches are not supported"));
+                }
+                let field = |prefix: &[u8]| line.strip_prefix(prefix);
+                if let Some(v) = field(b"rename from ") {
+                    h.rename_from = Some(self.plain_path(self.pos, v)?);
+                } else if let Some(v) = field(b"rename to ") {
+                    h.rename_to = Some(self.plain_path(self.pos, v)?);
+                } else if let Some(v) = field(b"copy from ") {
+                    h.copy_from = Some(self.plain_path(self.pos, v)?);
+                } else if let Some(v) = field(b"copy to ") {
+                    h.copy_to = Some(self.plain_path(self.pos, v)?);
+                } else if line.starts_with(b"new file mode ") {
+                    h.new_file = true;
+                } else if line.starts_with(b"deleted file mode ") {
+                    h.deleted_file = true;
+                } else if line.starts_with(b"old mode ")
+                    || line.starts_with(b"new mode ")
+                    || line.starts_with(b"index ")
+                    || line.starts_with(b"similarity index ")
+                    || line.starts_with(b"dissimilarity index ")
+                {
+                    // Modes and blob ids do not affect the content.
+                } else {
+                    // Anything else ends the header block (commentary).
+                    break;
+                }
+                self.pos += 1;
+            }
+        }
+        if self.line(self.pos).is_some_and(|l| l.starts_with(b"--- ")) {
+            let minus_idx = self.pos;
+            let plus_idx = self.pos + 1;
+            let Some(plus) = self.line(plus_idx).filter(|l| l.starts_with(b"+++ ")) else {
+                return Err(self.err(plus_idx, "expected a `+++` line after `---`"));
+            };
+            let (minus_path, epoch) = self.dash_name(minus_idx, &self.lines[minus_idx][4..])?;
+            h.minus = Some(minus_path);
+            h.epoch_minus = epoch;
+            let (plus_path, epoch) = self.dash_name(plus_idx, &plus[4..])?;
+            h.plus = Some(plus_path);
+            h.epoch_plus = epoch;
+            self.pos += 2;
+        }
+        let mut hunks = Vec::new();
+        while self.line(self.pos).is_some_and(|l| l.starts_with(b"@@ ")) {
+            hunks.push(self.hunk()?);
+        }
+        if !git && hunks.is_empty() {
+            return Err(self.err(start, "file header without any hunk"));
+        }
+        if git && hunks.is_empty() && h.minus.is_some() {
+            return Err(self.err(start, "file header without any hunk"));
+        }
+        self.combine(start, git, h, hunks).map(Some)
+    }
+
+    fn combine(&self, start: usize, git: bool, h: Headers, hunks: Vec<Hunk>) -> Result<FilePatch> {
+        let mut file = FilePatch {
+            line: start + 1,
+            operation: Operation::Modify,
+            old_path: None,
+            new_path: None,
+            hunks,
+            git,
+        };
+        if let (Some(from), Some(to)) = (h.rename_from.clone(), h.rename_to.clone()) {
+            file.operation = Operation::Rename;
+            file.old_path = Some(from);
+            file.new_path = Some(to);
+        } else if let (Some(from), Some(to)) = (h.copy_from.clone(), h.copy_to.clone()) {
+            file.operation = Operation::Copy;
+            file.old_path = Some(from);
+            file.new_path = Some(to);
+        } else if h.rename_from.is_some()
+            || h.rename_to.is_some()
+            || h.copy_from.is_some()
+            || h.copy_to.is_some()
+        {
+            return Err(self.err(start, "rename or copy without both `from` and `to` lines"));
+        } else {
+            let (old, new) = match (h.minus, h.plus) {
+                (Some(m), Some(p)) => {
+                    // `diff -N` marks created and deleted files with the epoch.
+                    let m = if !git && h.epoch_minus && is_whole_file(&file.hunks, true) {
+                        None
+                    } else {
+                        m
+                    };
+                    let p = if !git && h.epoch_plus && is_whole_file(&file.hunks, false) {
+                        None
+                    } else {
+                        p
+                    };
+                    (m, p)
+                }
+                _ => match h.git {
+                    Some((a, b)) => (a, b),
+                    None => return Err(self.err(start, "file section without names")),
+                },
+            };
+            let (old, new) = if h.new_file {
+                (None, new.or(old))
+            } else if h.deleted_file {
+                (old.or(new), None)
+            } else {
+                (old, new)
+            };
+            file.operation = match (&old, &new) {
+                (None, Some(_)) => Operation::Create,
+                (Some(_), None) => Operation::Delete,
+                (Some(_), Some(_)) => Operation::Modify,
+                (None, None) => return Err(self.err(start, "both sides of the diff are /dev/null")),
+            };
+            if git && file.operation == Operation::Modify && old != new {
+                return Err(self.err(
+                    start,
+                    "the old and new names differ without a `rename` header",
+                ));
+            }
+            file.old_path = old;
+            file.new_path = new;
+        }
+        if file.operation == Operation::Create && file.hunks.iter().any(|h| h.old_len != 0) {
+            return Err(self.err(start, "a new file's hunk removes lines"));
+        }
+        if file.operation == Operation::Delete && file.hunks.iter().any(|h| h.new_len != 0) {
+            return Err(self.err(start, "a deleted file's hunk adds lines"));
+        }
+        Ok(file)
+    }
+
+    /// `a/x b/x` from `diff --git`; names in `---`/`+++` take precedence later.
+    fn git_names(&self, idx: usize, rest: &[u8]) -> Result<(Option<PathBuf>, Option<PathBuf>)> {
+        let (a, b) = if rest.first() == Some(&b'"') {
+            let (a, used) = unquote(rest).ok_or_else(|| self.err(idx, "bad quoted name"))?;
+            let tail = rest[used..].strip_prefix(b" ").unwrap_or(&rest[used..]);
+            let b = if tail.first() == Some(&b'"') {
+                unquote(tail)
+                    .ok_or_else(|| self.err(idx, "bad quoted name"))?
+                    .0
+            } else {
+                tail.to_vec()
+            };
+            (a, b)
+        } else if let Some(q) = rest.windows(2).position(|w| w == b" \"") {
+            let b = unquote(&rest[q + 1..])
+                .ok_or_else(|| self.err(idx, "bad quoted name"))?
+                .0;
+            (rest[..q].to_vec(), b)
+        } else {
+            // Unquoted names may contain spaces: prefer the split where both
+            // halves name the same file, as they do unless renamed.
+            let n = rest.len();
+            let same = (n % 2 == 1)
+                .then(|| (&rest[..n / 2], &rest[n / 2 + 1..]))
+                .filter(|(a, b)| rest[n / 2] == b' ' && a.get(2..) == b.get(2..) && a.len() > 2);
+            match same {
+                Some((a, b)) => (a.to_vec(), b.to_vec()),
+                None => match rest.windows(3).position(|w| w == b" b/") {
+                    Some(p) => (rest[..p].to_vec(), rest[p + 1..].to_vec()),
+                    None => return Err(self.err(idx, "cannot read the names on `diff --git`")),
+                },
+            }
+        };
+        Ok((
+            Some(self.strip_path(idx, &a)?),
+            Some(self.strip_path(idx, &b)?),
+        ))
+    }
+
+    /// Name on a `---`/`+++` line: `None` for /dev/null; also whether a
+    /// `diff -N` epoch timestamp follows it.
+    fn dash_name(&self, idx: usize, rest: &[u8]) -> Result<(Option<PathBuf>, bool)> {
+        let (name, stamp): (Vec<u8>, &[u8]) = if rest.first() == Some(&b'"') {
+            let (name, used) = unquote(rest).ok_or_else(|| self.err(idx, "bad quoted name"))?;
+            (name, &rest[used..])
+        } else {
+            match rest.iter().position(|&b| b == b'\t') {
+                Some(t) => (rest[..t].to_vec(), &rest[t..]),
+                None => (trim_end(rest).to_vec(), &[][..]),
+            }
+        };
+        let stamp = String::from_utf8_lossy(stamp);
+        let epoch = stamp.contains("1970-01-01 00:00:00") || stamp.contains("1969-12-31 ");
+        if name == b"/dev/null" {
+            return Ok((None, epoch));
+        }
+        Ok((Some(self.strip_path(idx, &name)?), epoch))
+    }
+
+    /// A name on `rename from` and friends: already without the `a/` prefix.
+    fn plain_path(&self, idx: usize, raw: &[u8]) -> Result<PathBuf> {
+        let raw = if raw.first() == Some(&b'"') {
+            unquote(raw)
+                .ok_or_else(|| self.err(idx, "bad quoted name"))?
+                .0
+        } else {
+            trim_end(raw).to_vec()
+        };
+        self.check_path(idx, &raw)
+    }
+
+    /// Drop the first path component, like `patch -p1`, and check what is left.
+    fn strip_path(&self, idx: usize, raw: &[u8]) -> Result<PathBuf> {
+        if raw.first() == Some(&b'/') {
+            return Err(self.err(
+                idx,
+                format!(
+                    "absolute path {} is not allowed",
+                    String::from_utf8_lossy(raw)
+                ),
+            ));
+        }
+        let mut parts = raw.splitn(2, |&b| b == b'/');
+        let _prefix = parts.next();
+        match parts.next() {
+            Some(rest) if !rest.is_empty() => self.check_path(idx, rest),
+            _ => Err(self.err(
+                idx,
+                format!(
+                    "path {} has no leading folder to strip (patches are applied like `patch -p1`)",
+                    String::from_utf8_lossy(raw)
+                ),
+            )),
+        }
+    }
+
+    /// Only plain relative paths inside the tree are accepted.
+    fn check_path(&self, idx: usize, raw: &[u8]) -> Result<PathBuf> {
+        let shown = String::from_utf8_lossy(raw);
+        if raw.is_empty() || raw.contains(&0) {
+            return Err(self.err(idx, format!("invalid path {shown:?}")));
+        }
+        let path = Path::new(OsStr::from_bytes(raw));
+        let mut clean = PathBuf::new();
+        for c in path.components() {
+            match c {
+                Component::Normal(p) => clean.push(p),
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    return Err(self.err(idx, format!("path {shown} leaves the tree through `..`")))
+                }
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(self.err(idx, format!("absolute path {shown} is not allowed")))
+                }
+            }
+        }
+        if clean.as_os_str().is_empty() {
+            return Err(self.err(idx, format!("invalid path {shown:?}")));
+        }
+        Ok(clean)
+    }
+
+    fn hunk(&mut self) -> Result<Hunk> {
+        let idx = self.pos;
+        let header = self.lines[idx];
+        let (old_start, old_len, new_start, new_len) =
+            parse_hunk_header(header).ok_or_else(|| self.err(idx, "malformed hunk header"))?;
+        if (old_start == 0 && old_len != 0) || (new_start == 0 && new_len != 0) {
+            return Err(self.err(idx, "hunk starts at line 0"));
+        }
+        self.pos += 1;
+        let mut lines: Vec<HunkLine> = Vec::new();
+        let (mut old_seen, mut new_seen) = (0usize, 0usize);
+        while old_seen < old_len || new_seen < new_len {
+            let Some(line) = self.line(self.pos) else {
+                return Err(self.err(
+                    self.pos.min(self.lines.len().saturating_sub(1)),
+                    format!("hunk at line {} is truncated", idx + 1),
+                ));
+            };
+            let (kind, text) = match line.first() {
+                Some(b' ') => (LineKind::Context, &line[1..]),
+                Some(b'-') => (LineKind::Remove, &line[1..]),
+                Some(b'+') => (LineKind::Add, &line[1..]),
+                // Mailers strip the space from empty context lines.
+                None => (LineKind::Context, line),
+                Some(b'\\') if !lines.is_empty() => {
+                    self.no_newline(&mut lines);
+                    self.pos += 1;
+                    continue;
+                }
+                _ => {
+                    return Err(self.err(
+                        self.pos,
+                        format!(
+                            "unexpected line in the hunk starting at line {} (hunk is shorter than its header says)",
+                            idx + 1
+                        ),
+                    ))
+                }
+            };
+            match kind {
+                LineKind::Context => {
+                    old_seen += 1;
+                    new_seen += 1;
+                }
+                LineKind::Remove => old_seen += 1,
+                LineKind::Add => new_seen += 1,
+            }
+            if old_seen > old_len || new_seen > new_len {
+                return Err(self.err(
+                    self.pos,
+                    format!(
+                        "hunk starting at line {} is longer than its header says",
+                        idx + 1
+                    ),
+                ));
+            }
+            let mut text = text.to_vec();
+            text.push(b'\n');
+            lines.push(HunkLine { kind, text });
+            self.pos += 1;
+        }
+        // `\ No newline at end of file` may follow the last line.
+        if self
+            .line(self.pos)
+            .is_some_and(|l| l.first() == Some(&b'\\'))
+            && !lines.is_empty()
+        {
+            self.no_newline(&mut lines);
+            self.pos += 1;
+        }
+        Ok(Hunk {
+            line: idx + 1,
+            old_start,
+            old_len,
+            new_start,
+            new_len,
+            lines,
+        })
+    }
+
+    fn no_newline(&self, lines: &mut [HunkLine]) {
+        if let Some(last) = lines.last_mut() {
+            if last.text.last() == Some(&b'\n') {
+                last.text.pop();
+                // CRLF files: the \r stays, as it is part of the content.
+            }
+        }
+    }
+}
+
+fn is_binary_marker(line: &[u8]) -> bool {
+    line == b"GIT binary patch"
+        || (line.starts_with(b"Binary files ") && line.ends_with(b" differ"))
+}
+
+/// All hunks together cover a whole file on the given side being empty.
+fn is_whole_file(hunks: &[Hunk], old_side: bool) -> bool {
+    hunks.len() == 1
+        && if old_side {
+            hunks[0].old_start == 0 && hunks[0].old_len == 0
+        } else {
+            hunks[0].new_start == 0 && hunks[0].new_len == 0
+        }
+}
+
+fn trim_end(s: &[u8]) -> &[u8] {
+    let mut end = s.len();
+    while end > 0 && matches!(s[end - 1], b' ' | b'\r' | b'\t') {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// `@@ -a[,b] +c[,d] @@ ...` → (a, b, c, d); a missing count means 1.
+fn parse_hunk_header(line: &[u8]) -> Option<(usize, usize, usize, usize)> {
+    let rest = line.strip_prefix(b"@@ -")?;
+    let end = rest.windows(3).position(|w| w == b" @@")?;
+    let ranges = std::str::from_utf8(&rest[..end]).ok()?;
+    let (old, new) = ranges.split_once(" +")?;
+    let range = |r: &str| -> Option<(usize, usize)> {
+        match r.split_once(',') {
+            Some((s, l)) => Some((number(s)?, number(l)?)),
+            None => Some((number(r)?, 1)),
+        }
+    };
+    let (a, b) = range(old)?;
+    let (c, d) = range(new)?;
+    Some((a, b, c, d))
+}
+
+fn number(s: &str) -> Option<usize> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// Undo git's C-style quoting of a name starting with `"`; returns the
+/// name and how many bytes of `s` it used.
+fn unquote(s: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let mut out = Vec::new();
+    let mut i = 1;
+    while i < s.len() {
+        match s[i] {
+            b'"' => return Some((out, i + 1)),
+            b'\\' => {
+                let c = *s.get(i + 1)?;
+                i += 2;
+                match c {
+                    b'n' => out.push(b'\n'),
+                    b't' => out.push(b'\t'),
+                    b'r' => out.push(b'\r'),
+                    b'a' => out.push(7),
+                    b'b' => out.push(8),
+                    b'f' => out.push(12),
+                    b'v' => out.push(11),
+                    b'0'..=b'7' => {
+                        let mut v: u32 = (c - b'0') as u32;
+                        for _ in 0..2 {
+                            match s.get(i) {
+                                Some(&d @ b'0'..=b'7') => {
+                                    v = v * 8 + (d - b'0') as u32;
+                                    i += 1;
+                                }
+                                _ => break,
+                            }
+                        }
+                        out.push(u8::try_from(v).ok()?);
+                    }
+                    other => out.push(other),
+                }
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    None
+}
+
+/// New content of every file the patches touch: `Some(bytes)`, or `None`
+/// when the file is deleted. Files whose only change is their mode are not
+/// listed.
+pub type Changes = BTreeMap<PathBuf, Option<Vec<u8>>>;
+
+/// A reader for [`apply_all`] over a tree on disk: the content of
+/// `root/path`, or `None` when there is no such file. It only reads.
+pub fn tree_reader(root: &Path) -> impl Fn(&Path) -> Result<Option<Vec<u8>>> + '_ {
+    move |path: &Path| {
+        let full = root.join(path);
+        match std::fs::read(&full) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(anyhow::Error::new(e).context(format!("cannot read {}", full.display()))),
+        }
+    }
+}
+
+/// Apply `patches` in order, each seeing the results of the earlier ones.
+/// `read` gives the pristine content of a path relative to the tree root,
+/// `None` when the file does not exist. Pure: nothing is written.
+pub fn apply_all(
+    patches: &[Patch],
+    read: impl Fn(&Path) -> Result<Option<Vec<u8>>>,
+) -> Result<Changes> {
+    let mut state: Changes = BTreeMap::new();
+    let current = |state: &Changes, path: &Path| -> Result<Option<Vec<u8>>> {
+        match state.get(path) {
+            Some(content) => Ok(content.clone()),
+            None => read(path),
+        }
+    };
+    for patch in patches {
+        for file in &patch.files {
+            let fail = |path: &Path, message: String| -> anyhow::Error {
+                Error::Input {
+                    path: patch.origin.clone(),
+                    message: format!("line {}: {}: {message}", file.line, path.display()),
+                }
+                .into()
+            };
+            match file.operation {
+                Operation::Create => {
+                    let path = file.new_path.as_deref().expect("created file has a name");
+                    if current(&state, path)?.is_some() {
+                        return Err(fail(
+                            path,
+                            "the patch creates it but it already exists".into(),
+                        ));
+                    }
+                    let content =
+                        apply_hunks(&[], &file.hunks).map_err(|e| e.error(patch, path))?;
+                    state.insert(path.to_path_buf(), Some(content));
+                }
+                Operation::Delete => {
+                    let path = file.old_path.as_deref().expect("deleted file has a name");
+                    let Some(old) = current(&state, path)? else {
+                        return Err(fail(
+                            path,
+                            "the patch deletes it but it does not exist".into(),
+                        ));
+                    };
+                    let content =
+                        apply_hunks(&old, &file.hunks).map_err(|e| e.error(patch, path))?;
+                    if !content.is_empty() {
+                        return Err(fail(
+                            path,
+                            "the patch deletes it but it has content the patch does not remove"
+                                .into(),
+                        ));
+                    }
+                    state.insert(path.to_path_buf(), None);
+                }
+                Operation::Modify => {
+                    let old_path = file.old_path.as_deref().expect("modified file has a name");
+                    let new_path = file.new_path.as_deref().expect("modified file has a name");
+                    // Plain diffs may name e.g. `x.c.orig` and `x.c`: patch
+                    // the one that exists, preferring the new name as patch(1) does.
+                    let mut found = None;
+                    for p in [new_path, old_path] {
+                        if let Some(c) = current(&state, p)? {
+                            found = Some((p, c));
+                            break;
+                        }
+                    }
+                    let Some((path, old)) = found else {
+                        return Err(fail(new_path, "the file to patch does not exist".into()));
+                    };
+                    if file.hunks.is_empty() {
+                        continue; // mode change only
+                    }
+                    let content =
+                        apply_hunks(&old, &file.hunks).map_err(|e| e.error(patch, path))?;
+                    state.insert(path.to_path_buf(), Some(content));
+                }
+                Operation::Rename | Operation::Copy => {
+                    let from = file.old_path.as_deref().expect("rename has a source");
+                    let to = file.new_path.as_deref().expect("rename has a target");
+                    let Some(old) = current(&state, from)? else {
+                        return Err(fail(
+                            from,
+                            "the file to rename or copy does not exist".into(),
+                        ));
+                    };
+                    if from != to && current(&state, to)?.is_some() {
+                        return Err(fail(to, "the rename or copy target already exists".into()));
+                    }
+                    let content = apply_hunks(&old, &file.hunks).map_err(|e| e.error(patch, to))?;
+                    if file.operation == Operation::Rename && from != to {
+                        state.insert(from.to_path_buf(), None);
+                    }
+                    state.insert(to.to_path_buf(), Some(content));
+                }
+            }
+        }
+    }
+    Ok(state)
+}
+
+/// A hunk that did not match, by number (1-based) and patch line.
+struct HunkFailure {
+    number: usize,
+    line: usize,
+    why: &'static str,
+}
+
+impl HunkFailure {
+    fn error(&self, patch: &Patch, path: &Path) -> anyhow::Error {
+        Error::Input {
+            path: patch.origin.clone(),
+            message: format!(
+                "line {}: hunk #{} for {} does not apply: {}",
+                self.line,
+                self.number,
+                path.display(),
+                self.why
+            ),
+        }
+        .into()
+    }
+}
+
+/// Apply the hunks of one file section to `content`. Each hunk's old lines
+/// must match exactly; they are looked for at the stated line (shifted by
+/// the offset the previous hunk was found at), then outward from there,
+/// never before the end of the previous hunk.
+fn apply_hunks(content: &[u8], hunks: &[Hunk]) -> std::result::Result<Vec<u8>, HunkFailure> {
+    let lines: Vec<&[u8]> = split_lines(content).collect();
+    let mut out: Vec<u8> = Vec::with_capacity(content.len());
+    let mut cursor = 0usize; // first line not yet copied to `out`
+    let mut offset: isize = 0; // where the previous hunk was found vs. stated
+    for (i, hunk) in hunks.iter().enumerate() {
+        let failure = |why| HunkFailure {
+            number: i + 1,
+            line: hunk.line,
+            why,
+        };
+        let old = hunk.old_lines();
+        let new = hunk.new_lines();
+        // With no old lines the hunk inserts after line `old_start`.
+        let stated = if hunk.old_len == 0 {
+            hunk.old_start
+        } else {
+            hunk.old_start.saturating_sub(1)
+        };
+        let stated = stated.min(isize::MAX as usize) as isize;
+        let (lead, trail) = hunk.context_counts();
+        let has_change = hunk.lines.iter().any(|l| l.kind != LineKind::Context);
+        // Stated at line 1 with less leading than trailing context: the diff
+        // ran out of lines, so the hunk must be at the very start of the file.
+        let at_start = has_change && lead < trail && hunk.old_start <= 1;
+        let last_start = lines.len().checked_sub(old.len());
+        let Some(last_start) = last_start.filter(|&l| l >= cursor) else {
+            return Err(failure("the file is shorter than the hunk's context"));
+        };
+        let expected = stated
+            .saturating_add(offset)
+            .clamp(cursor as isize, last_start as isize) as usize;
+        let matches =
+            |pos: usize| lines[pos..pos + old.len()] == old[..] && (!at_start || pos == 0);
+        let mut found = None;
+        let max_distance = expected.abs_diff(cursor).max(expected.abs_diff(last_start));
+        for d in 0..=max_distance {
+            let candidates = [expected.checked_add(d), expected.checked_sub(d)];
+            for pos in candidates.into_iter().flatten() {
+                if pos >= cursor && pos <= last_start && matches(pos) {
+                    found = Some(pos);
+                    break;
+                }
+                if d == 0 {
+                    break;
+                }
+            }
+            if found.is_some() {
+                break;
+            }
+        }
+        let Some(pos) = found else {
+            return Err(failure("its context or removed lines are not in the file"));
+        };
+        // A line without newline may only end the file.
+        for (idx, l) in new.iter().enumerate() {
+            let is_last_of_file = idx + 1 == new.len() && pos + old.len() == lines.len();
+            if !l.ends_with(b"\n") && !is_last_of_file {
+                return Err(failure(
+                    "it leaves a line without newline in the middle of the file",
+                ));
+            }
+        }
+        for l in &lines[cursor..pos] {
+            out.extend_from_slice(l);
+        }
+        for l in &new {
+            out.extend_from_slice(l);
+        }
+        cursor = pos + old.len();
+        offset = pos as isize - stated;
+    }
+    for l in &lines[cursor..] {
+        out.extend_from_slice(l);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn origin() -> &'static Path {
+        Path::new("fix.patch")
+    }
+
+    fn tree(files: &[(&str, &str)]) -> impl Fn(&Path) -> Result<Option<Vec<u8>>> {
+        let map: BTreeMap<PathBuf, Vec<u8>> = files
+            .iter()
+            .map(|(p, c)| (PathBuf::from(p), c.as_bytes().to_vec()))
+            .collect();
+        move |p: &Path| Ok(map.get(p).cloned())
+    }
+
+    fn apply_one(patch: &str, files: &[(&str, &str)]) -> Result<Changes> {
+        let p = parse(patch, origin())?;
+        apply_all(&[p], tree(files))
+    }
+
+    fn text(changes: &Changes, path: &str) -> Option<String> {
+        changes
+            .get(Path::new(path))
+            .expect("path touched")
+            .as_ref()
+            .map(|c| String::from_utf8(c.clone()).unwrap())
+    }
+
+    fn numbered(n: usize) -> String {
+        (1..=n).map(|i| format!("line {i}\n")).collect()
+    }
+
+    const GIT_PATCH: &str = "\
+From 1234 Mon Sep 17 00:00:00 2001
+From: Some One <one@example.org>
+Subject: [PATCH] proc: say hello
+
+This changes the greeting.
+---
+ fs/proc/version.c | 2 +-
+ 1 file changed, 1 insertion(+), 1 deletion(-)
+
+diff --git a/fs/proc/version.c b/fs/proc/version.c
+index 02e3c3c..7c0f1a1 100644
+--- a/fs/proc/version.c
++++ b/fs/proc/version.c
+@@ -2,3 +2,3 @@
+ line 2
+-line 3
++line three
+ line 4
+-- 
+2.39.2
+";
+
+    #[test]
+    fn git_patch_with_mail_headers() {
+        let p = parse(GIT_PATCH, origin()).unwrap();
+        assert_eq!(p.files.len(), 1);
+        let f = &p.files[0];
+        assert_eq!(f.operation, Operation::Modify);
+        assert_eq!(f.new_path.as_deref(), Some(Path::new("fs/proc/version.c")));
+        assert_eq!(f.line, 10);
+        assert_eq!(f.hunks[0].line, 14);
+        let out = apply_all(&[p], tree(&[("fs/proc/version.c", &numbered(5))])).unwrap();
+        assert_eq!(
+            text(&out, "fs/proc/version.c").unwrap(),
+            "line 1\nline 2\nline three\nline 4\nline 5\n"
+        );
+    }
+
+    #[test]
+    fn plain_diff_u_with_timestamps_and_prefix() {
+        let patch = "\
+diff -u linux.orig/kernel/a.c linux/kernel/a.c
+--- linux.orig/kernel/a.c\t2024-01-01 10:00:00.000000000 +0000
++++ linux/kernel/a.c\t2024-01-02 10:00:00.000000000 +0000
+@@ -1,2 +1,3 @@
+ line 1
++inserted
+ line 2
+";
+        let out = apply_one(patch, &[("kernel/a.c", &numbered(3))]).unwrap();
+        assert_eq!(
+            text(&out, "kernel/a.c").unwrap(),
+            "line 1\ninserted\nline 2\nline 3\n"
+        );
+    }
+
+    #[test]
+    fn plain_diff_against_orig_file_patches_the_existing_one() {
+        let patch = "\
+--- linux/kernel/a.c.orig\t2024-01-01 10:00:00
++++ linux/kernel/a.c\t2024-01-02 10:00:00
+@@ -1 +1 @@
+-line 1
++first
+";
+        let out = apply_one(patch, &[("kernel/a.c", &numbered(2))]).unwrap();
+        assert_eq!(out.len(), 1);
+        assert_eq!(text(&out, "kernel/a.c").unwrap(), "first\nline 2\n");
+    }
+
+    #[test]
+    fn multiple_files_and_hunks() {
+        let patch = "\
+diff --git a/a.c b/a.c
+--- a/a.c
++++ b/a.c
+@@ -1,3 +1,3 @@
+ line 1
+-line 2
++two
+ line 3
+@@ -8,3 +8,4 @@
+ line 8
+ line 9
++nine and a half
+ line 10
+diff --git a/dir/b.h b/dir/b.h
+--- a/dir/b.h
++++ b/dir/b.h
+@@ -1 +1 @@
+-line 1
++one
+";
+        let out = apply_one(patch, &[("a.c", &numbered(10)), ("dir/b.h", &numbered(1))]).unwrap();
+        assert_eq!(out.len(), 2);
+        let a = text(&out, "a.c").unwrap();
+        assert!(a.starts_with("line 1\ntwo\nline 3\n"));
+        assert!(a.ends_with("line 9\nnine and a half\nline 10\n"));
+        assert_eq!(text(&out, "dir/b.h").unwrap(), "one\n");
+    }
+
+    #[test]
+    fn hunk_found_at_offset_both_directions() {
+        let patch = "\
+--- a/f.c
++++ b/f.c
+@@ -10,3 +10,3 @@
+ line 20
+-line 21
++twenty-one
+ line 22
+@@ -30,3 +30,3 @@
+ line 25
+-line 26
++twenty-six
+ line 27
+";
+        // Stated at line 10 but the text is at 20: found by searching outward;
+        // the second hunk is then looked for with the same offset.
+        let out = apply_one(patch, &[("f.c", &numbered(40))]).unwrap();
+        let f = text(&out, "f.c").unwrap();
+        assert!(f.contains("line 20\ntwenty-one\nline 22\n"));
+        assert!(f.contains("line 25\ntwenty-six\nline 27\n"));
+    }
+
+    #[test]
+    fn nearest_match_wins() {
+        let content = "x\nx\nx\nx\nx\nx\nx\nx\n";
+        let patch = "\
+--- a/f
++++ b/f
+@@ -5,1 +5,1 @@
+-x
++y
+";
+        let out = apply_one(patch, &[("f", content)]).unwrap();
+        assert_eq!(text(&out, "f").unwrap(), "x\nx\nx\nx\ny\nx\nx\nx\n");
+    }
+
+    #[test]
+    fn mismatching_hunk_names_file_hunk_and_patch() {
+        let patch = "\
+--- a/f.c
++++ b/f.c
+@@ -1,2 +1,2 @@
+ line 1
+-line 2
++two
+@@ -5,2 +5,2 @@
+ line 5
+-no such line
++six
+";
+        let err = apply_one(patch, &[("f.c", &numbered(8))])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("fix.patch"), "{err}");
+        assert!(err.contains("hunk #2"), "{err}");
+        assert!(err.contains("f.c"), "{err}");
+        assert!(
+            err.starts_with("fix.patch: line 7: hunk #2 for f.c does not apply"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn no_fuzz_whitespace_must_match() {
+        let patch = "--- a/f\n+++ b/f\n@@ -1 +1 @@\n-line 1 \n+x\n";
+        assert!(apply_one(patch, &[("f", "line 1\n")]).is_err());
+    }
+
+    #[test]
+    fn new_file_git_and_dev_null() {
+        let patch = "\
+diff --git a/new.c b/new.c
+new file mode 100644
+index 0000000..e69de29
+--- /dev/null
++++ b/new.c
+@@ -0,0 +1,2 @@
++int x;
++int y;
+";
+        let p = parse(patch, origin()).unwrap();
+        assert_eq!(p.files[0].operation, Operation::Create);
+        let out = apply_all(&[p], tree(&[])).unwrap();
+        assert_eq!(text(&out, "new.c").unwrap(), "int x;\nint y;\n");
+        // Creating a file that exists fails.
+        assert!(apply_one(patch, &[("new.c", "")]).is_err());
+    }
+
+    #[test]
+    fn empty_new_file_without_hunks() {
+        let patch = "\
+diff --git a/empty.txt b/empty.txt
+new file mode 100644
+index 0000000..e69de29
+";
+        let out = apply_one(patch, &[]).unwrap();
+        assert_eq!(text(&out, "empty.txt").unwrap(), "");
+    }
+
+    #[test]
+    fn new_file_diff_n_epoch() {
+        let patch = "\
+--- linux.orig/new.c\t1970-01-01 00:00:00.000000000 +0000
++++ linux/new.c\t2024-01-01 00:00:00.000000000 +0000
+@@ -0,0 +1 @@
++hello
+";
+        let out = apply_one(patch, &[]).unwrap();
+        assert_eq!(text(&out, "new.c").unwrap(), "hello\n");
+    }
+
+    #[test]
+    fn deleted_file() {
+        let patch = "\
+diff --git a/gone.c b/gone.c
+deleted file mode 100644
+index e69de29..0000000
+--- a/gone.c
++++ /dev/null
+@@ -1,2 +0,0 @@
+-line 1
+-line 2
+";
+        let out = apply_one(patch, &[("gone.c", &numbered(2))]).unwrap();
+        assert_eq!(out.get(Path::new("gone.c")), Some(&None));
+        // Content the patch does not know about makes the deletion fail.
+        assert!(apply_one(patch, &[("gone.c", &numbered(3))]).is_err());
+        // So does a missing file.
+        assert!(apply_one(patch, &[]).is_err());
+    }
+
+    #[test]
+    fn no_newline_at_end_of_file() {
+        let patch = "\
+--- a/f
++++ b/f
+@@ -1,2 +1,2 @@
+ line 1
+-line 2
+\\ No newline at end of file
++line two
+\\ No newline at end of file
+";
+        let out = apply_one(patch, &[("f", "line 1\nline 2")]).unwrap();
+        assert_eq!(text(&out, "f").unwrap(), "line 1\nline two");
+        // The old side has no newline: a file with one does not match.
+        assert!(apply_one(patch, &[("f", "line 1\nline 2\n")]).is_err());
+
+        let add_newline = "\
+--- a/f
++++ b/f
+@@ -1 +1 @@
+-x
+\\ No newline at end of file
++x
+";
+        let out = apply_one(add_newline, &[("f", "x")]).unwrap();
+        assert_eq!(text(&out, "f").unwrap(), "x\n");
+    }
+
+    #[test]
+    fn git_rename_with_changes() {
+        let patch = "\
+diff --git a/old.c b/new.c
+similarity index 90%
+rename from old.c
+rename to new.c
+index 1111111..2222222 100644
+--- a/old.c
++++ b/new.c
+@@ -1,2 +1,2 @@
+-line 1
++one
+ line 2
+";
+        let out = apply_one(patch, &[("old.c", &numbered(2))]).unwrap();
+        assert_eq!(out.get(Path::new("old.c")), Some(&None));
+        assert_eq!(text(&out, "new.c").unwrap(), "one\nline 2\n");
+    }
+
+    #[test]
+    fn pure_rename_and_mode_change() {
+        let patch = "\
+diff --git a/old.c b/new.c
+similarity index 100%
+rename from old.c
+rename to new.c
+diff --git a/script.sh b/script.sh
+old mode 100644
+new mode 100755
+";
+        let out = apply_one(patch, &[("old.c", "x\n"), ("script.sh", "echo\n")]).unwrap();
+        assert_eq!(text(&out, "new.c").unwrap(), "x\n");
+        assert_eq!(out.get(Path::new("old.c")), Some(&None));
+        assert!(!out.contains_key(Path::new("script.sh")));
+    }
+
+    #[test]
+    fn later_patch_sees_earlier_results() {
+        let first = parse(
+            "--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n-line 1\n+one\n line 2\n",
+            Path::new("1.patch"),
+        )
+        .unwrap();
+        let second = parse(
+            "--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n-one\n+uno\n line 2\n",
+            Path::new("2.patch"),
+        )
+        .unwrap();
+        let out = apply_all(
+            &[first.clone(), second.clone()],
+            tree(&[("f", &numbered(2))]),
+        )
+        .unwrap();
+        assert_eq!(text(&out, "f").unwrap(), "uno\nline 2\n");
+        // Alone, the second one does not apply, and the error names it.
+        let err = apply_all(&[second], tree(&[("f", &numbered(2))]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("2.patch: line 3: hunk #1 for f"), "{err}");
+    }
+
+    #[test]
+    fn rejects_binary_patches() {
+        let git_binary = "\
+diff --git a/blob.bin b/blob.bin
+index 1111111..2222222 100644
+GIT binary patch
+literal 4
+LcmZQzU|<9Q00aO5
+";
+        let err = parse(git_binary, origin()).unwrap_err().to_string();
+        assert_eq!(err, "fix.patch: line 3: binary patches are not supported");
+        let plain = "diff --git a/x b/x\nindex 1..2 100644\nBinary files a/x and b/x differ\n";
+        let err = parse(plain, origin()).unwrap_err().to_string();
+        assert!(err.contains("line 3") && err.contains("binary"), "{err}");
+    }
+
+    #[test]
+    fn rejects_path_traversal_and_absolute_paths() {
+        let dotdot = "--- a/../etc/passwd\n+++ b/../etc/passwd\n@@ -1 +1 @@\n-x\n+y\n";
+        let err = parse(dotdot, origin()).unwrap_err().to_string();
+        assert!(err.starts_with("fix.patch: line 1: "), "{err}");
+        assert!(err.contains(".."), "{err}");
+        let inner = "--- a/fs/../../x\n+++ b/fs/../../x\n@@ -1 +1 @@\n-x\n+y\n";
+        assert!(parse(inner, origin()).is_err());
+        let absolute = "--- /etc/passwd\n+++ /etc/passwd\n@@ -1 +1 @@\n-x\n+y\n";
+        let err = parse(absolute, origin()).unwrap_err().to_string();
+        assert!(err.contains("absolute"), "{err}");
+        let rename = "diff --git a/x b/y\nrename from x\nrename to ../../y\n";
+        let err = parse(rename, origin()).unwrap_err().to_string();
+        assert!(err.starts_with("fix.patch: line 3: "), "{err}");
+        let git_header = "diff --git a/../x b/../x\nnew file mode 100644\n";
+        assert!(parse(git_header, origin()).is_err());
+    }
+
+    #[test]
+    fn rejects_truncated_and_malformed_hunks() {
+        let truncated = "--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n line 1\n-line 2\n";
+        let err = parse(truncated, origin()).unwrap_err().to_string();
+        assert!(err.contains("truncated"), "{err}");
+        let bad_header = "diff --git a/f b/f\n--- a/f\n+++ b/f\n@@ -x +1 @@\n";
+        let err = parse(bad_header, origin()).unwrap_err().to_string();
+        assert!(err.contains("line 4") && err.contains("malformed"), "{err}");
+        assert!(parse("just some text\n", origin()).is_err());
+        assert!(parse("", origin()).is_err());
+    }
+
+    #[test]
+    fn quoted_git_names() {
+        let patch = "\
+diff --git \"a/sp ace\\303\\251.c\" \"b/sp ace\\303\\251.c\"
+--- \"a/sp ace\\303\\251.c\"
++++ \"b/sp ace\\303\\251.c\"
+@@ -1 +1 @@
+-x
++y
+";
+        let out = apply_one(patch, &[("sp aceé.c", "x\n")]).unwrap();
+        assert_eq!(text(&out, "sp aceé.c").unwrap(), "y\n");
+    }
+
+    #[test]
+    fn empty_context_line_without_space() {
+        let patch = "--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n a\n\n-b\n+c\n";
+        let out = apply_one(patch, &[("f", "a\n\nb\n")]).unwrap();
+        assert_eq!(text(&out, "f").unwrap(), "a\n\nc\n");
+    }
+
+    #[test]
+    fn hunk_anchored_at_start_of_file() {
+        // No leading context at line 1: only the start of the file matches.
+        let patch = "--- a/f\n+++ b/f\n@@ -1,2 +1,3 @@\n+start\n x\n y\n";
+        let out = apply_one(patch, &[("f", "x\ny\n")]).unwrap();
+        assert_eq!(text(&out, "f").unwrap(), "start\nx\ny\n");
+        assert!(apply_one(patch, &[("f", "a\nx\ny\n")]).is_err());
+    }
+
+    /// Tiny xorshift generator: the property tests need no dependency.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    /// Random edits diffed by the system's `diff -u` (with various context
+    /// sizes) must apply back to exactly the edited file.
+    #[test]
+    fn applies_what_diff_produces() {
+        let Ok(probe) = std::process::Command::new("diff").arg("--version").output() else {
+            eprintln!("diff not installed; skipping");
+            return;
+        };
+        assert!(probe.status.success());
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for round in 0..200 {
+            // Few distinct lines, so contexts repeat and offsets matter.
+            let words = ["a", "b", "c", "{", "}", "", "x = 1;"];
+            let n = rng.below(40);
+            let mut old: Vec<String> = (0..n)
+                .map(|_| words[rng.below(words.len())].to_string())
+                .collect();
+            let mut new = old.clone();
+            for _ in 0..1 + rng.below(5) {
+                let at = rng.below(new.len() + 1);
+                match rng.below(3) {
+                    0 => new.insert(at, format!("new {round}")),
+                    1 if at < new.len() => {
+                        new.remove(at);
+                    }
+                    _ if at < new.len() => new[at] = format!("changed {round}"),
+                    _ => new.push("tail".into()),
+                }
+            }
+            let join = |lines: &mut Vec<String>, newline_at_end: bool| {
+                let mut text = lines.join("\n");
+                if newline_at_end && !lines.is_empty() {
+                    text.push('\n');
+                }
+                text
+            };
+            let old_text = join(&mut old, rng.below(4) != 0);
+            let new_text = join(&mut new, rng.below(4) != 0);
+            fs::create_dir_all(dir.path().join("a")).unwrap();
+            fs::create_dir_all(dir.path().join("b")).unwrap();
+            fs::write(dir.path().join("a/f.c"), &old_text).unwrap();
+            fs::write(dir.path().join("b/f.c"), &new_text).unwrap();
+            let context = ["-U0", "-U1", "-U3"][round % 3];
+            let out = std::process::Command::new("diff")
+                .arg(context)
+                .arg("a/f.c")
+                .arg("b/f.c")
+                .current_dir(dir.path())
+                .output()
+                .unwrap();
+            if out.stdout.is_empty() {
+                continue; // no difference
+            }
+            let patch = parse_bytes(&out.stdout, origin())
+                .unwrap_or_else(|e| panic!("{e}\n{}", String::from_utf8_lossy(&out.stdout)));
+            let applied = apply_all(&[patch], tree(&[("f.c", &old_text)]))
+                .unwrap_or_else(|e| panic!("{e}\n{}", String::from_utf8_lossy(&out.stdout)));
+            assert_eq!(
+                text(&applied, "f.c").unwrap(),
+                new_text,
+                "{}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_never_panics() {
+        let seeds = [
+            GIT_PATCH,
+            "--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n\\ No newline at end of file\n+c\n",
+        ];
+        let alphabet: &[u8] = b"-+ @\\\n,0123456789abdgitf/\"\t.";
+        let files: Vec<(&str, String)> =
+            vec![("fs/proc/version.c", numbered(6)), ("f", "a\nb".into())];
+        let read = move |p: &Path| -> Result<Option<Vec<u8>>> {
+            Ok(files
+                .iter()
+                .find(|(n, _)| Path::new(n) == p)
+                .map(|(_, c)| c.as_bytes().to_vec()))
+        };
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for seed in seeds {
+            // Every truncation of a valid patch.
+            for cut in 0..=seed.len() {
+                if let Ok(p) = parse_bytes(&seed.as_bytes()[..cut], origin()) {
+                    let _ = apply_all(&[p], &read);
+                }
+            }
+            // Random mutations.
+            for _ in 0..3000 {
+                let mut bytes = seed.as_bytes().to_vec();
+                for _ in 0..1 + rng.below(4) {
+                    let at = rng.below(bytes.len());
+                    match rng.below(3) {
+                        0 => bytes[at] = alphabet[rng.below(alphabet.len())],
+                        1 => {
+                            bytes.remove(at);
+                        }
+                        _ => bytes.insert(at, alphabet[rng.below(alphabet.len())]),
+                    }
+                }
+                if let Ok(p) = parse_bytes(&bytes, origin()) {
+                    let _ = apply_all(&[p], &read);
+                }
+            }
+        }
+        // Pure noise.
+        for _ in 0..2000 {
+            let len = rng.below(200);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| alphabet[rng.below(alphabet.len())])
+                .collect();
+            if let Ok(p) = parse_bytes(&bytes, origin()) {
+                let _ = apply_all(&[p], &read);
+            }
+        }
+    }
+}
