@@ -172,6 +172,7 @@ pub fn kind_matches(kind: SymbolKind, letter: char) -> bool {
             letter,
             'd' | 'D' | 'b' | 'B' | 'r' | 'R' | 'v' | 'V' | 'w' | 'W' | 'a' | 'A'
         ),
+        SymbolKind::Any => true,
     }
 }
 
@@ -218,6 +219,7 @@ pub fn choose(
     let what = match kind {
         SymbolKind::Function => "function",
         SymbolKind::Data => "data symbol",
+        SymbolKind::Any => "symbol",
     };
     let pick = match candidates.len() {
         0 if same_name.is_empty() => {
@@ -1381,12 +1383,14 @@ mod tests {
                         name: "show".into(),
                         kind: SymbolKind::Function,
                         file: Some("a.c".into()),
+                        global: false,
                     },
                     ExternalSymbol {
                         module_symbol: "__dynamos_ext_1".into(),
                         name: "runqueues".into(),
                         kind: SymbolKind::Data,
                         file: None,
+                        global: true,
                     },
                 ],
                 files: vec![

@@ -14,6 +14,7 @@ pub mod error;
 pub mod generate;
 pub mod package;
 pub mod patch;
+pub mod pipeline;
 pub mod target;
 pub mod vm;
 

@@ -483,6 +483,7 @@ mod tests {
                         name: "saved_command_line".into(),
                         kind: SymbolKind::Data,
                         file: None,
+                        global: true,
                     }],
                     files: vec![],
                 }],

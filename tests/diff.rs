@@ -139,15 +139,9 @@ fn a_new_function_is_new_and_its_caller_changed() {
 fn renumbered_static_locals_are_not_changes() {
     // A new static local earlier in the file shifts GCC's numbering of
     // `calls` in shown(); shown itself is unchanged.
-    let patched = format!(
-        "int first(void) {{ static int calls; return ++calls; }}\n{BASE}"
-    );
+    let patched = format!("int first(void) {{ static int calls; return ++calls; }}\n{BASE}");
     let run = diff(BASE, &patched);
-    assert!(
-        names(&run.json, "changed").is_empty(),
-        "{}",
-        run.json
-    );
+    assert!(names(&run.json, "changed").is_empty(), "{}", run.json);
     assert_eq!(names(&run.json, "new"), ["first"]);
 }
 

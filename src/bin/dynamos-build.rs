@@ -1,1 +1,78 @@
-fn main() {}
+//! `dynamos-build fix.diff [-o FILE]`: compile only what a kernel fix
+//! touches and emit one signed live-update package.
+
+use clap::Parser;
+use dynamos::error::exit_code_of;
+use dynamos::pipeline::{build_package, BuildRequest};
+use dynamos::target::TargetSpec;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "dynamos-build",
+    version,
+    about = "Build a signed live-update package from kernel patches"
+)]
+struct Args {
+    /// Unified diffs against the kernel tree (applied with -p1, in order).
+    #[arg(required = true)]
+    patches: Vec<PathBuf>,
+    /// Package file to write (default: NAME.dynpkg from the first patch).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Debian kernel build to target, e.g. 6.1.0-57-amd64 (the default).
+    #[arg(long)]
+    target: Option<String>,
+    /// Your own kernel source tree (used read-only), with --config.
+    #[arg(long, requires = "config")]
+    src: Option<PathBuf>,
+    /// Kernel config for --src.
+    #[arg(long, requires = "src")]
+    config: Option<PathBuf>,
+    /// Secret key to sign with (default: the one `dynamos keygen` wrote).
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Print how long each stage took.
+    #[arg(long)]
+    timings: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let request = BuildRequest {
+        patches: args.patches,
+        output: args.output,
+        target: TargetSpec {
+            release: args.target,
+            src: args.src,
+            config: args.config,
+        },
+        signing_key: args.key,
+    };
+    match build_package(&request) {
+        Ok(report) => {
+            for object in &report.manifest.objects {
+                for f in &object.replaced {
+                    println!("replace  {} ({}, {})", f.name, object.object, f.file);
+                }
+                for f in &object.added {
+                    println!("add      {} ({})", f, object.object);
+                }
+            }
+            println!(
+                "wrote {} for {}",
+                report.package_path.display(),
+                report.manifest.target.release
+            );
+            if args.timings {
+                for (stage, time) in &report.timings {
+                    eprintln!("{stage:>16}: {:.3} s", time.as_secs_f64());
+                }
+            }
+        }
+        Err(err) => {
+            eprintln!("dynamos-build: {err:#}");
+            std::process::exit(exit_code_of(&err));
+        }
+    }
+}

@@ -1,10 +1,13 @@
-//! `dynamos`: inspect, verify, apply and revert update packages, try them in
-//! a throwaway VM, and run the diff stage alone.
+//! `dynamos`: make keys; inspect, verify, apply and revert update packages;
+//! try them in a throwaway VM; run the diff stage alone.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use dynamos::apply::{self, ApplyOptions};
 use dynamos::error::{exit, exit_code_of};
-use std::path::PathBuf;
+use dynamos::package::{self, keys};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -19,6 +22,74 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Create the ed25519 key pair packages are signed with.
+    Keygen {
+        /// Folder for signing.key and signing.pub (default ~/.config/dynamos).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Replace an existing key pair.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print a package's manifest: target, functions, signing key.
+    Inspect {
+        package: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a package's signature against the trusted keys.
+    Verify {
+        package: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
+    },
+    /// Load a package into the running kernel (root).
+    Apply {
+        package: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
+        /// Seconds to wait for every task to switch to the new functions.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Undo an applied package (root).
+    Revert {
+        /// Package (or module) name, as `dynamos list` shows it.
+        #[arg(required_unless_present = "all")]
+        name: Option<String>,
+        /// Revert every applied package, newest first.
+        #[arg(long, conflicts_with = "name")]
+        all: bool,
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Show the live updates of the running kernel.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Boot the target kernel in a throwaway QEMU machine and run commands
+    /// there as root, with this binary on PATH and packages under /packages.
+    Vm {
+        /// Debian kernel build to boot (default 6.1.0-57-amd64).
+        #[arg(long)]
+        kernel: Option<String>,
+        /// A package to copy to /packages in the guest (repeatable).
+        #[arg(long = "package")]
+        packages: Vec<PathBuf>,
+        /// A public key to trust in the guest besides your own signing key.
+        #[arg(long = "trust")]
+        trust: Vec<PathBuf>,
+        /// Seconds before the machine is stopped.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Guest memory in MiB.
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// Shell commands to run in the guest.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Compare two builds of one object file function by function.
     Diff {
         original: PathBuf,
@@ -27,6 +98,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct TrustArgs {
+    /// A further trusted public key file (besides /etc/dynamos/trusted.d).
+    #[arg(long = "trust")]
+    trust: Vec<PathBuf>,
 }
 
 fn main() {
@@ -43,6 +121,108 @@ fn main() {
 
 fn run(cli: Cli) -> Result<i32> {
     match cli.command {
+        Command::Keygen { dir, force } => {
+            let (secret, public) = keys::keygen(dir.as_deref(), force)?;
+            println!("wrote {} and {}", secret.display(), public.display());
+            Ok(exit::OK)
+        }
+        Command::Inspect { package, json } => inspect(&package, json),
+        Command::Verify { package, trust } => {
+            let bytes = package::read_file(&package)?;
+            let pkg = package::read_verified(&bytes, &trusted_keys(&trust)?)?;
+            println!(
+                "{}: good signature, package {}",
+                package.display(),
+                pkg.manifest.name
+            );
+            Ok(exit::OK)
+        }
+        Command::Apply {
+            package,
+            trust,
+            timeout,
+        } => {
+            let opts = ApplyOptions {
+                extra_trust: trust.trust,
+                transition_timeout: Duration::from_secs(timeout),
+                ..ApplyOptions::default()
+            };
+            let applied = apply::apply(&package, &opts)?;
+            for object in &applied.manifest.objects {
+                for f in &object.replaced {
+                    println!("live     {} ({})", f.name, object.object);
+                }
+            }
+            println!(
+                "applied {} in {:.1} s",
+                applied.manifest.name,
+                applied.transition.as_secs_f64()
+            );
+            Ok(exit::OK)
+        }
+        Command::Revert { name, all, timeout } => {
+            let name = if all { None } else { name.as_deref() };
+            for reverted in apply::revert(name, Duration::from_secs(timeout))? {
+                println!("reverted {reverted}");
+            }
+            Ok(exit::OK)
+        }
+        Command::List { json } => {
+            let updates = apply::list()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&updates)?);
+            } else if updates.is_empty() {
+                println!("no live updates");
+            } else {
+                for u in &updates {
+                    let state = match (u.in_kernel, u.enabled, u.transition) {
+                        (false, _, _) => "gone",
+                        (true, _, true) => "transition",
+                        (true, true, false) => "enabled",
+                        (true, false, false) => "disabled",
+                    };
+                    println!(
+                        "{}  {}  {}",
+                        u.package.as_deref().unwrap_or("-"),
+                        u.name,
+                        state
+                    );
+                    for o in &u.objects {
+                        for f in &o.functions {
+                            println!("    {}: {}", o.object, f.name);
+                        }
+                    }
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Vm {
+            kernel,
+            packages,
+            trust,
+            timeout,
+            memory,
+            command,
+        } => {
+            // The local signing key is trusted in the guest: that is what
+            // makes `dynamos vm` the place to try freshly built packages.
+            let mut trusted_keys = trust;
+            let own = keys::default_dir().join(keys::PUBLIC_FILE);
+            if own.is_file() {
+                trusted_keys.push(own);
+            }
+            let outcome = dynamos::vm::run(&dynamos::vm::VmOptions {
+                kernel,
+                packages,
+                trusted_keys,
+                command: command.join(" "),
+                timeout: Duration::from_secs(timeout),
+                memory_mb: memory,
+                ..Default::default()
+            })?;
+            print!("{}", outcome.output);
+            Ok(outcome.exit_code)
+        }
         Command::Diff {
             original,
             patched,
@@ -51,7 +231,39 @@ fn run(cli: Cli) -> Result<i32> {
     }
 }
 
-fn diff(original: &std::path::Path, patched: &std::path::Path, json: bool) -> Result<i32> {
+fn trusted_keys(trust: &TrustArgs) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+    let mut keys_found = keys::load_trusted_dir(Path::new(apply::DEFAULT_TRUSTED_DIR))?;
+    for path in &trust.trust {
+        keys_found.push(keys::load_public_key(path)?);
+    }
+    Ok(keys_found)
+}
+
+fn inspect(path: &Path, json: bool) -> Result<i32> {
+    let bytes = package::read_file(path)?;
+    let (pkg, key_id) = package::read_unverified(&bytes)?;
+    let value = package::inspect_json(&pkg, &key_id);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(exit::OK);
+    }
+    let m = &pkg.manifest;
+    println!("package  {}", m.name);
+    println!("target   {}", m.target.release);
+    println!("module   {} ({} bytes)", m.module_name, pkg.module.len());
+    println!("signed   key {key_id}");
+    for object in &m.objects {
+        for f in &object.replaced {
+            println!("replace  {} ({}, {})", f.name, object.object, f.file);
+        }
+        for f in &object.added {
+            println!("add      {} ({})", f, object.object);
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
     let orig = dynamos::diff::ObjectFile::read(original)?;
     let new = dynamos::diff::ObjectFile::read(patched)?;
     let result = dynamos::diff::diff_objects(&orig, &new)?;

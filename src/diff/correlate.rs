@@ -125,7 +125,11 @@ fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeMap<&str, u64>>
             };
             if let Some(target) = target {
                 let at = r.offset - unit.start;
-                let first = users.entry(target).or_default().entry(function).or_insert(at);
+                let first = users
+                    .entry(target)
+                    .or_default()
+                    .entry(function)
+                    .or_insert(at);
                 *first = (*first).min(at);
             }
         }

@@ -1,0 +1,198 @@
+//! The whole `dynamos-build` pipeline: patch → build → diff → generate →
+//! package. Each stage lives in its own module; this one only wires them
+//! together and times them.
+
+use crate::diff::{diff_objects, ObjectFile};
+use crate::error::{Error, Refusal};
+use crate::generate::{self, TranslationUnit};
+use crate::package::{self, Manifest, Package, PatchDigest, TargetIdentity};
+use crate::target::{Target, TargetSpec};
+use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub struct BuildRequest {
+    pub patches: Vec<PathBuf>,
+    pub output: Option<PathBuf>,
+    pub target: TargetSpec,
+    /// Secret key to sign with; default: the one `dynamos keygen` made.
+    pub signing_key: Option<PathBuf>,
+}
+
+pub struct BuildReport {
+    pub package_path: PathBuf,
+    pub manifest: Manifest,
+    /// Wall time of each stage, in pipeline order.
+    pub timings: Vec<(&'static str, Duration)>,
+}
+
+/// Package name from the first patch file: `fixes/CVE-1.diff` → `CVE-1`.
+pub fn package_name(patch: &Path) -> String {
+    let stem = patch
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("update");
+    let stem = [".diff", ".patch"]
+        .iter()
+        .find_map(|ext| stem.strip_suffix(ext))
+        .unwrap_or(stem);
+    let clean: String = stem
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    if clean.is_empty() {
+        "update".into()
+    } else {
+        clean
+    }
+}
+
+/// Kernel module name for a package: `dynamos_` + the name, within the
+/// kernel's 55-character limit.
+pub fn module_name(package: &str) -> String {
+    let mut name: String = format!("dynamos_{package}")
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    name.truncate(55);
+    name
+}
+
+pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
+    let mut timings = Vec::new();
+    let mut clock = Instant::now();
+    let mut lap = |stage: &'static str, timings: &mut Vec<(&'static str, Duration)>| {
+        timings.push((stage, clock.elapsed()));
+        clock = Instant::now();
+    };
+
+    let first = request.patches.first().context("no patch given")?;
+    let name = package_name(first);
+    let module = module_name(&name);
+    let key_path = request
+        .signing_key
+        .clone()
+        .unwrap_or_else(|| package::keys::default_dir().join(package::keys::SECRET_FILE));
+    if !key_path.exists() {
+        anyhow::bail!(
+            "no signing key at {}: create one with `dynamos keygen` (or pass --key)",
+            key_path.display()
+        );
+    }
+    let signing_key = package::keys::load_signing_key(&key_path)?;
+
+    let mut patches = Vec::new();
+    let mut digests = Vec::new();
+    for path in &request.patches {
+        let text = std::fs::read(path).map_err(|e| Error::Input {
+            path: path.clone(),
+            message: format!("cannot read patch: {e}"),
+        })?;
+        digests.push(PatchDigest {
+            file: path
+                .file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: hex::encode(Sha256::digest(&text)),
+        });
+        let text = String::from_utf8_lossy(&text);
+        patches.push(crate::patch::parse(&text, path)?);
+    }
+    lap("parse patches", &mut timings);
+
+    let target = Target::resolve(&request.target)?;
+    lap("prepare target", &mut timings);
+
+    let changes = crate::patch::apply_all(&patches, crate::patch::tree_reader(&target.source))?;
+    lap("apply patches", &mut timings);
+
+    let built = crate::build::build(&target, &changes)?;
+    lap("compile", &mut timings);
+
+    let mut objects = Vec::new();
+    for pair in &built.pairs {
+        let original = ObjectFile::read(&pair.original)?;
+        let patched = ObjectFile::read(&pair.patched)?;
+        let diff = diff_objects(&original, &patched)?;
+        objects.push((pair, original, patched, diff));
+    }
+    let refusals: Vec<Refusal> = objects
+        .iter()
+        .flat_map(|(pair, _, _, d)| {
+            d.refused.iter().map(move |r| Refusal {
+                symbol: r.symbol.clone(),
+                reason: format!("{} ({})", r.reason, pair.source.display()),
+            })
+        })
+        .collect();
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    if objects.iter().all(|(_, _, _, d)| d.functions.is_empty()) {
+        return Err(Error::NoChange.into());
+    }
+    lap("diff", &mut timings);
+
+    let work = target
+        .work
+        .join("modules")
+        .join(format!("{module}.{}", std::process::id()));
+    if work.exists() {
+        std::fs::remove_dir_all(&work)?;
+    }
+    std::fs::create_dir_all(&work)?;
+    let units: Vec<TranslationUnit> = objects
+        .iter()
+        .map(|(pair, original, patched, diff)| TranslationUnit {
+            source_file: pair.source.to_string_lossy().into_owned(),
+            kernel_object: pair.kernel_object.clone(),
+            original,
+            patched,
+            diff,
+        })
+        .collect();
+    let kbuild_dir = target
+        .headers
+        .clone()
+        .context("building the module for a user tree needs the target's headers")?;
+    let generated = generate::generate(&name, &module, &units, &kbuild_dir, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    let generated = generated?;
+    lap("generate module", &mut timings);
+
+    let manifest = Manifest {
+        name: name.clone(),
+        module_name: module,
+        tool_version: crate::TOOL_VERSION.to_string(),
+        target: TargetIdentity {
+            release: target.release.clone(),
+            debian_version: target.debian.as_ref().map(|d| d.version.clone()),
+        },
+        patches: digests,
+        objects: generated.objects,
+    };
+    let package = Package {
+        manifest: manifest.clone(),
+        module: generated.ko,
+    };
+    let bytes = package::write_signed(&package, &signing_key);
+    let output = request
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}.dynpkg")));
+    crate::cache::write_atomic(&output, &bytes)?;
+    lap("sign and write", &mut timings);
+
+    Ok(BuildReport {
+        package_path: output,
+        manifest,
+        timings,
+    })
+}

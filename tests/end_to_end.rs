@@ -1,0 +1,208 @@
+//! The whole path on the default target, through the command-line tools:
+//! build packages from the example patches against the real Debian kernel
+//! source, boot that kernel in QEMU, apply each package, observe the new
+//! behaviour, revert, observe the old one.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A signing key of the test's own, so tests never touch the user's keys.
+struct Keys {
+    dir: tempfile::TempDir,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dynamos(&dir, &["keygen"]);
+        assert!(out.status.success(), "keygen: {}", stderr(&out));
+        Keys { dir }
+    }
+}
+
+fn dynamos(keys: &tempfile::TempDir, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dynamos"))
+        .args(args)
+        .env("DYNAMOS_CONFIG", keys.path())
+        .output()
+        .unwrap()
+}
+
+fn build(keys: &Keys, patch: &str, out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
+        .arg(root().join("patches").join(patch))
+        .arg("-o")
+        .arg(out)
+        .env("DYNAMOS_CONFIG", keys.dir.path())
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Section of the VM output between two marker lines.
+fn section<'a>(text: &'a str, from: &str, to: &str) -> &'a str {
+    let start = text
+        .find(from)
+        .unwrap_or_else(|| panic!("no {from} in:\n{text}"));
+    let rest = &text[start + from.len()..];
+    let end = rest.find(to).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+#[test]
+fn example_patches_go_live_and_revert_in_the_vm() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "proc-version-banner",
+            "/proc/version",
+            "dynamos: live update proc-version-banner applied",
+        ),
+        (
+            "proc-loadavg-new-helper",
+            "/proc/loadavg",
+            "dynamos: loadavg marker",
+        ),
+        (
+            "proc-cmdline-suffix",
+            "/proc/cmdline",
+            "dynamos.cmdline=patched",
+        ),
+    ];
+    let mut packages: Vec<PathBuf> = Vec::new();
+    for (name, _, _) in &cases {
+        let pkg = work.path().join(format!("{name}.dynpkg"));
+        let out = build(&keys, &format!("{name}.diff"), &pkg);
+        assert!(
+            out.status.success(),
+            "dynamos-build {name}: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+        assert!(stdout(&out).contains("replace"), "{}", stdout(&out));
+        packages.push(pkg);
+    }
+
+    // inspect --json shows the manifest.
+    let out = dynamos(
+        &keys.dir,
+        &["inspect", "--json", packages[1].to_str().unwrap()],
+    );
+    assert!(out.status.success(), "inspect: {}", stderr(&out));
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let text = manifest.to_string();
+    assert!(text.contains("loadavg_proc_show"), "{text}");
+    assert!(text.contains("loadavg_show_marker"), "{text}");
+    assert!(text.contains("6.1.0-57-amd64"), "{text}");
+    assert!(text.contains("key_id"), "{text}");
+
+    let mut script = String::from("set -e\n");
+    for (name, file, _) in &cases {
+        script.push_str(&format!(
+            "echo '@@ {name} before'; cat {file}\n\
+             dynamos apply /packages/{name}.dynpkg\n\
+             echo '@@ {name} live'; cat {file}\n\
+             dynamos list\n\
+             dynamos revert {name}\n\
+             echo '@@ {name} reverted'; cat {file}\n\
+             echo '@@ {name} end'\n"
+        ));
+    }
+    script.push_str("echo \"@@ tainted $(cat /proc/sys/kernel/tainted)\"\ndmesg | grep -iE 'oops|bug:|warning:' && exit 9 || true\n");
+
+    let mut args: Vec<String> = vec!["vm".into()];
+    for pkg in &packages {
+        args.push("--package".into());
+        args.push(pkg.to_string_lossy().into_owned());
+    }
+    args.push("--".into());
+    args.push(script);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = dynamos(&keys.dir, &args);
+    let text = stdout(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "vm run:\n{text}\n{}",
+        stderr(&out)
+    );
+    for (name, _, marker) in &cases {
+        let before = section(
+            &text,
+            &format!("@@ {name} before"),
+            &format!("@@ {name} live"),
+        );
+        let live = section(
+            &text,
+            &format!("@@ {name} live"),
+            &format!("@@ {name} reverted"),
+        );
+        let after = section(
+            &text,
+            &format!("@@ {name} reverted"),
+            &format!("@@ {name} end"),
+        );
+        assert!(!before.contains(marker), "{name} before:\n{before}");
+        assert!(live.contains(marker), "{name} live:\n{live}");
+        assert!(!after.contains(marker), "{name} reverted:\n{after}");
+    }
+    // Only the module taints (out-of-tree, unsigned, livepatch) are expected.
+    let taint: u64 = section(&text, "@@ tainted ", "\n").trim().parse().unwrap();
+    let expected = (1 << 12) | (1 << 13) | (1 << 15);
+    assert_eq!(taint & !expected, 0, "unexpected taint {taint:#x}:\n{text}");
+}
+
+#[test]
+fn a_patch_to_init_code_only_is_refused_naming_the_function() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let out = build(
+        &keys,
+        "refused-init-only.diff",
+        &work.path().join("x.dynpkg"),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(
+        stderr(&out).contains("proc_cmdline_init"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!work.path().join("x.dynpkg").exists());
+}
+
+#[test]
+fn a_patch_without_binary_change_exits_3() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let out = build(
+        &keys,
+        "no-change-comment.diff",
+        &work.path().join("x.dynpkg"),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(!work.path().join("x.dynpkg").exists());
+}
