@@ -108,7 +108,18 @@ fn example_patches_go_live_and_revert_in_the_vm() {
     assert!(text.contains("6.1.0-57-amd64"), "{text}");
     assert!(text.contains("key_id"), "{text}");
 
-    let mut script = String::from("set -e\n");
+    // A copy with one flipped byte must be refused without touching the kernel.
+    let tampered = work.path().join("tampered.dynpkg");
+    let mut bytes = std::fs::read(&packages[0]).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&tampered, bytes).unwrap();
+
+    let mut script = String::from(
+        "set -e\n\
+         if dynamos apply /packages/tampered.dynpkg; then echo '@@ tampered applied'; fi\n\
+         echo \"@@ livepatches after tampered: $(ls /sys/kernel/livepatch | wc -l) @@\"\n",
+    );
     for (name, file, _) in &cases {
         script.push_str(&format!(
             "echo '@@ {name} before'; cat {file}\n\
@@ -123,7 +134,7 @@ fn example_patches_go_live_and_revert_in_the_vm() {
     script.push_str("echo \"@@ tainted $(cat /proc/sys/kernel/tainted)\"\ndmesg | grep -iE 'oops|bug:|warning:' && exit 9 || true\n");
 
     let mut args: Vec<String> = vec!["vm".into()];
-    for pkg in &packages {
+    for pkg in packages.iter().chain(std::iter::once(&tampered)) {
         args.push("--package".into());
         args.push(pkg.to_string_lossy().into_owned());
     }
@@ -137,6 +148,12 @@ fn example_patches_go_live_and_revert_in_the_vm() {
         Some(0),
         "vm run:\n{text}\n{}",
         stderr(&out)
+    );
+    assert!(!text.contains("@@ tampered applied"), "{text}");
+    assert!(text.contains("bad signature"), "{text}");
+    assert!(
+        text.contains("@@ livepatches after tampered: 0 @@"),
+        "{text}"
     );
     for (name, _, marker) in &cases {
         let before = section(
@@ -204,5 +221,29 @@ fn a_patch_without_binary_change_exits_3() {
         stdout(&out),
         stderr(&out)
     );
+    assert!(!work.path().join("x.dynpkg").exists());
+}
+
+#[test]
+fn a_patch_that_does_not_apply_is_an_error_in_one_line() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let patch = work.path().join("stale.diff");
+    std::fs::write(
+        &patch,
+        "--- a/fs/proc/version.c\n+++ b/fs/proc/version.c\n@@ -1,2 +1,2 @@\n-this line is not in the file\n+replacement\n context that is not there either\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
+        .arg(&patch)
+        .arg("-o")
+        .arg(work.path().join("x.dynpkg"))
+        .env("DYNAMOS_CONFIG", keys.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+    assert!(message.contains("stale.diff"), "{message}");
     assert!(!work.path().join("x.dynpkg").exists());
 }
