@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 cargo build --release --quiet
-bin=target/release
+bin=${CARGO_TARGET_DIR:-target}/release
 
 [ -f "${DYNAMOS_CONFIG:-$HOME/.config/dynamos}/signing.key" ] || "$bin/dynamos" keygen
 
