@@ -284,6 +284,8 @@ struct View<'a> {
     obj: &'a ObjectFile,
     correlation: Option<&'a Correlation>,
     instruction_ends: HashMap<usize, Vec<u64>>,
+    /// Names the object defines, to tell its new symbols from external ones.
+    defined: std::collections::HashSet<&'a str>,
 }
 
 impl<'a> View<'a> {
@@ -292,6 +294,12 @@ impl<'a> View<'a> {
             obj,
             correlation,
             instruction_ends: HashMap::new(),
+            defined: obj
+                .symbols
+                .iter()
+                .filter(|s| s.is_named_definition())
+                .map(|s| s.name.as_str())
+                .collect(),
         }
     }
 
@@ -300,11 +308,7 @@ impl<'a> View<'a> {
             None => name.to_string(),
             Some(c) => match c.orig_name(name) {
                 Some(orig) => orig.to_string(),
-                None if self
-                    .obj
-                    .symbols
-                    .iter()
-                    .any(|s| s.name == name && s.is_named_definition()) =>
+                None if self.defined.contains(name) =>
                 {
                     format!("{name} (new)")
                 }
