@@ -987,24 +987,7 @@ impl Trees {
             cmd.arg(format!("CC={cc}"));
         }
         // A parent make's or the user's settings would change the build.
-        for var in [
-            "MAKEFLAGS",
-            "MFLAGS",
-            "MAKELEVEL",
-            "MAKEOVERRIDES",
-            "KBUILD_OUTPUT",
-            "O",
-            "ARCH",
-            "CROSS_COMPILE",
-            "KCFLAGS",
-            "KCPPFLAGS",
-            "KAFLAGS",
-            "CC",
-            "LLVM",
-            "W",
-            "C",
-            "V",
-        ] {
+        for var in MAKE_ENV_REMOVE {
             cmd.env_remove(var);
         }
         cmd.env("LC_ALL", "C")

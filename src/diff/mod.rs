@@ -283,7 +283,7 @@ struct Signature {
 struct View<'a> {
     obj: &'a ObjectFile,
     correlation: Option<&'a Correlation>,
-    instruction_ends: HashMap<usize, Vec<u64>>,
+    instructions: InstructionIndex,
     /// Names the object defines, to tell its new symbols from external ones.
     defined: std::collections::HashSet<&'a str>,
 }
@@ -293,7 +293,7 @@ impl<'a> View<'a> {
         View {
             obj,
             correlation,
-            instruction_ends: HashMap::new(),
+            instructions: InstructionIndex::default(),
             defined: obj
                 .symbols
                 .iter()
@@ -308,8 +308,7 @@ impl<'a> View<'a> {
             None => name.to_string(),
             Some(c) => match c.orig_name(name) {
                 Some(orig) => orig.to_string(),
-                None if self.defined.contains(name) =>
-                {
+                None if self.defined.contains(name) => {
                     format!("{name} (new)")
                 }
                 None => name.to_string(),
@@ -360,7 +359,7 @@ impl<'a> View<'a> {
         let Some(target_section) = sym.section() else {
             return RelocTarget::Section(sym.name.clone(), r.addend);
         };
-        let position = r.addend + self.pc_bias(section, r);
+        let position = r.addend + self.instructions.pc_bias(self.obj, section, r);
         let target = &self.obj.sections[target_section];
         if target.is_strings() {
             return RelocTarget::Str(c_string_at(self.obj.data(target_section), position));
@@ -371,24 +370,6 @@ impl<'a> View<'a> {
                 RelocTarget::Symbol(self.name(&s.name), r.addend - s.value as i64)
             }
             None => RelocTarget::Section(anonymous_section_key(&target.name), r.addend),
-        }
-    }
-
-    /// For a PC-relative reference from code, the distance from the
-    /// relocated field to the end of its instruction (what the addend
-    /// subtracts); 0 for data.
-    fn pc_bias(&mut self, section: usize, r: &object::Reloc) -> i64 {
-        if !reloc_is_pc_relative(r.r_type) || !self.obj.sections[section].is_exec() {
-            return 0;
-        }
-        let obj = self.obj;
-        let ends = self
-            .instruction_ends
-            .entry(section)
-            .or_insert_with(|| instruction_ends(obj.data(section)));
-        match ends.binary_search(&(r.offset + 1)) {
-            Ok(i) | Err(i) if i < ends.len() => ends[i] as i64 - r.offset as i64,
-            _ => 4,
         }
     }
 }
@@ -422,6 +403,31 @@ fn c_string_at(data: &[u8], position: i64) -> Vec<u8> {
     };
     let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
     rest[..end].to_vec()
+}
+
+/// Instruction boundaries of an object's code sections, decoded on demand.
+#[derive(Debug, Default)]
+pub struct InstructionIndex {
+    ends: HashMap<usize, Vec<u64>>,
+}
+
+impl InstructionIndex {
+    /// For a PC-relative reference from code, the distance from the
+    /// relocated field to the end of its instruction (what the addend
+    /// subtracts besides the target offset); 0 for data.
+    pub fn pc_bias(&mut self, obj: &ObjectFile, section: usize, r: &object::Reloc) -> i64 {
+        if !reloc_is_pc_relative(r.r_type) || !obj.sections[section].is_exec() {
+            return 0;
+        }
+        let ends = self
+            .ends
+            .entry(section)
+            .or_insert_with(|| instruction_ends(obj.data(section)));
+        match ends.binary_search(&(r.offset + 1)) {
+            Ok(i) | Err(i) if i < ends.len() => ends[i] as i64 - r.offset as i64,
+            _ => 4,
+        }
+    }
 }
 
 /// End offsets of the instructions of an x86-64 code section, in order.

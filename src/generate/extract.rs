@@ -4,9 +4,9 @@
 //! describe their instructions. Every reference to anything else becomes an
 //! undefined symbol that `dynamos apply` resolves against the running kernel.
 
-use crate::diff::object::{reloc_is_pc_relative, Reloc};
+use crate::diff::object::Reloc;
 use crate::diff::special::{self, SectionRole};
-use crate::diff::{covering_symbol, instruction_ends, ChangeKind, ObjectDiff, ObjectFile};
+use crate::diff::{covering_symbol, ChangeKind, InstructionIndex, ObjectDiff, ObjectFile};
 use crate::error::Refusal;
 use crate::package::{ExternalSymbol, SymbolKind};
 use object::write::{self, Object, Relocation, SectionId, SymbolId};
@@ -62,7 +62,7 @@ struct Extractor<'a> {
     externals: BTreeMap<(String, bool), (SymbolId, ExternalSymbol)>,
     names: &'a mut PackageNames,
     refused: Vec<Refusal>,
-    instruction_ends: HashMap<usize, Vec<u64>>,
+    instructions: InstructionIndex,
 }
 
 pub fn extract(
@@ -82,7 +82,7 @@ pub fn extract(
         externals: BTreeMap::new(),
         names,
         refused: Vec::new(),
-        instruction_ends: HashMap::new(),
+        instructions: InstructionIndex::default(),
     };
     let (replaced, added) = x.carry_functions();
     x.translate_pending();
@@ -278,7 +278,7 @@ impl Extractor<'_> {
             special::classify(&t.name, t.is_alloc(), t.is_exec())
         };
         if sym.is_section() {
-            let position = r.addend + self.pc_bias(from_section, r);
+            let position = r.addend + self.instructions.pc_bias(self.patched, from_section, r);
             if let Some(c) = self.find_carried(target_section, position) {
                 let out_sym = self.out.section_symbol(c.out);
                 return Some((out_sym, r.addend - c.start as i64 + c.out_offset as i64));
@@ -417,21 +417,6 @@ impl Extractor<'_> {
         };
         self.externals.insert(key, (id, external));
         id
-    }
-
-    fn pc_bias(&mut self, section: usize, r: &Reloc) -> i64 {
-        if !reloc_is_pc_relative(r.r_type) || !self.patched.sections[section].is_exec() {
-            return 0;
-        }
-        let obj = self.patched;
-        let ends = self
-            .instruction_ends
-            .entry(section)
-            .or_insert_with(|| instruction_ends(obj.data(section)));
-        match ends.binary_search(&(r.offset + 1)) {
-            Ok(i) | Err(i) if i < ends.len() => ends[i] as i64 - r.offset as i64,
-            _ => 4,
-        }
     }
 
     /// Keep the entries of per-instruction tables that describe carried
