@@ -209,3 +209,37 @@ fn malformed_objects_are_an_error_not_a_panic() {
         assert_eq!(stderr.trim().lines().count(), 1, "{name}: {stderr}");
     }
 }
+
+const TABLE: &str = r#"
+static const int weights[4] = { 1, 2, 3, 4 };
+int weigh(int i) { return weights[i & 3] * 7; }
+static const int limits[2] = { 10, 20 };
+int limit(int i) { return limits[i & 1]; }
+int limit_twice(int i) { return 2 * limits[i & 1]; }
+"#;
+
+#[test]
+fn changed_rodata_used_only_by_changed_functions_is_carried() {
+    let patched = TABLE.replace("{ 1, 2, 3, 4 }", "{ 1, 2, 3, 5 }");
+    let run = diff(TABLE, &patched);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["weigh"]);
+}
+
+#[test]
+fn changed_rodata_with_an_unchanged_user_is_refused() {
+    // limit() and limit_twice() both read limits[]; changing the table
+    // changes both, and both are carried.
+    let patched = TABLE.replace("{ 10, 20 }", "{ 10, 30 }");
+    let run = diff(TABLE, &patched);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["limit", "limit_twice"]);
+    // A table also referenced from data that stays is refused.
+    let with_pointer = format!("{TABLE}\nconst int *const exported_limits = limits;\n");
+    let run = diff(
+        &with_pointer,
+        &with_pointer.replace("{ 10, 20 }", "{ 10, 30 }"),
+    );
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["limits"]);
+}

@@ -56,6 +56,9 @@ pub struct ObjectDiff {
     pub functions: Vec<FunctionChange>,
     pub refused: Vec<Refusal>,
     pub correlation: Correlation,
+    /// Changed read-only objects only carried functions use: the package
+    /// carries its own copy instead of using the kernel's.
+    pub private_copies: BTreeSet<String>,
 }
 
 impl ObjectDiff {
@@ -103,6 +106,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
             functions: Vec::new(),
             refused,
             correlation,
+            private_copies: BTreeSet::new(),
         });
     }
 
@@ -127,6 +131,19 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         };
         if orig_view.signature(orig_unit) != patched_view.signature(unit) {
             differs.insert(name.clone(), ChangeKind::Changed);
+        }
+    }
+
+    // Code that reads a changed constant table behaves differently even
+    // when its instructions are the same.
+    for index in changed_readonly_objects(&mut orig_view, &mut patched_view) {
+        for user in referrers(patched, index) {
+            if patched_units
+                .iter()
+                .any(|u| patched.symbols[u.symbol].name == user)
+            {
+                differs.entry(user).or_insert(ChangeKind::Changed);
+            }
         }
     }
 
@@ -176,7 +193,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         &correlation,
         &mut refused,
     );
-    compare_data(&mut orig_view, &mut patched_view, &mut refused);
+    let private_copies = compare_data(&mut orig_view, &mut patched_view, &functions, &mut refused);
     compare_registrations(&mut orig_view, &mut patched_view, &mut refused);
     refuse_unsafe_references(&mut patched_view, &functions, &mut refused);
 
@@ -189,6 +206,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         functions,
         refused,
         correlation,
+        private_copies,
     })
 }
 
@@ -498,9 +516,16 @@ fn ftrace_sites(obj: &ObjectFile) -> BTreeSet<(usize, u64)> {
 }
 
 /// Data objects: new ones are carried; changed ones are refused, except
-/// anonymous read-only data (strings, constants) which new code gets its
-/// own copy of.
-fn compare_data(orig: &mut View, patched: &mut View, refused: &mut Vec<Refusal>) {
+/// read-only data that only carried functions use, of which new code gets
+/// its own copy (returned by name).
+fn compare_data(
+    orig: &mut View,
+    patched: &mut View,
+    functions: &[FunctionChange],
+    refused: &mut Vec<Refusal>,
+) -> BTreeSet<String> {
+    let mut private_copies = BTreeSet::new();
+    let carried: BTreeSet<&str> = functions.iter().map(|f| f.name.as_str()).collect();
     let orig_obj = orig.obj;
     let patched_obj = patched.obj;
     let correlation = patched.correlation.expect("patched view has a correlation");
@@ -525,21 +550,108 @@ fn compare_data(orig: &mut View, patched: &mut View, refused: &mut Vec<Refusal>)
         let before =
             orig.range_signature(orig_section, orig_sym.value, orig_sym.value + orig_sym.size);
         let after = patched.range_signature(section, sym.value, sym.value + sym.size);
-        if before != after {
-            let what = if patched_obj.sections[section].is_write() {
-                "changed initialised data"
+        if before == after {
+            continue;
+        }
+        if !patched_obj.sections[section].is_write() {
+            let users = referrers(patched_obj, index);
+            match users.iter().find(|u| !carried.contains(u.as_str())) {
+                None => {
+                    private_copies.insert(sym.name.clone());
+                }
+                Some(user) => refused.push(Refusal {
+                    symbol: sym.name.clone(),
+                    reason: format!(
+                        "changed read-only data also used by {user}, which the update does not replace"
+                    ),
+                }),
+            }
+            continue;
+        }
+        refused.push(Refusal {
+            symbol: sym.name.clone(),
+            reason: format!(
+                "changed initialised data in {}: existing kernel objects keep their old contents",
+                patched_obj.sections[section].name
+            ),
+        });
+    }
+    private_copies
+}
+
+/// Everything in `obj` that refers to `symbol`: function names, or
+/// `section NAME` for data. Per-instruction tables follow their functions
+/// and are not listed.
+fn referrers(obj: &ObjectFile, symbol: usize) -> BTreeSet<String> {
+    let target = &obj.symbols[symbol];
+    let Some(target_section) = target.section() else {
+        return BTreeSet::new();
+    };
+    let units = function_units(obj);
+    let mut found = BTreeSet::new();
+    for (index, section) in obj.sections.iter().enumerate() {
+        let role = special::classify(&section.name, section.is_alloc(), section.is_exec());
+        if !matches!(
+            role,
+            SectionRole::Text | SectionRole::Data | SectionRole::Init
+        ) {
+            continue;
+        }
+        for r in &section.relocs {
+            let sym = &obj.symbols[r.symbol];
+            let hits = if sym.is_section() {
+                sym.section() == Some(target_section)
+                    && covering_symbol(obj, target_section, r.addend.max(0)) == Some(symbol)
             } else {
-                "changed read-only data"
+                sym.name == target.name && sym.place == target.place
             };
-            refused.push(Refusal {
-                symbol: sym.name.clone(),
-                reason: format!(
-                    "{what} in {}: existing kernel objects keep their old contents",
-                    patched_obj.sections[section].name
-                ),
-            });
+            if !hits {
+                continue;
+            }
+            let user = units
+                .iter()
+                .find(|u| u.section == index && r.offset >= u.start && r.offset < u.end)
+                .map(|u| obj.symbols[u.symbol].name.clone())
+                .unwrap_or_else(|| format!("section {}", section.name));
+            found.insert(user);
         }
     }
+    found
+}
+
+/// Read-only data objects (patched symbol indices) whose contents differ
+/// from the original's.
+fn changed_readonly_objects(orig: &mut View, patched: &mut View) -> Vec<usize> {
+    let orig_obj = orig.obj;
+    let patched_obj = patched.obj;
+    let correlation = patched.correlation.expect("patched view has a correlation");
+    let orig_objects: HashMap<&str, usize> = data_symbols(orig_obj)
+        .into_iter()
+        .map(|i| (orig_obj.symbols[i].name.as_str(), i))
+        .collect();
+    let mut changed = Vec::new();
+    for index in data_symbols(patched_obj) {
+        let sym = &patched_obj.symbols[index];
+        let section = sym.section().expect("data symbols are defined");
+        if patched_obj.sections[section].is_write() {
+            continue;
+        }
+        let Some(&orig_index) = correlation
+            .orig_name(&sym.name)
+            .and_then(|n| orig_objects.get(n))
+        else {
+            continue;
+        };
+        let orig_sym = &orig_obj.symbols[orig_index];
+        let orig_section = orig_sym.section().expect("data symbols are defined");
+        let before =
+            orig.range_signature(orig_section, orig_sym.value, orig_sym.value + orig_sym.size);
+        let after = patched.range_signature(section, sym.value, sym.value + sym.size);
+        if before != after {
+            changed.push(index);
+        }
+    }
+    changed
 }
 
 /// Named data objects outside the special tables.

@@ -318,7 +318,8 @@ impl Extractor<'_> {
             ));
         }
         let is_new = self.diff.correlation.orig_name(&sym.name).is_none();
-        let copied = crate::diff::copied_readonly(self.patched, self.symbol_index(sym));
+        let copied = crate::diff::copied_readonly(self.patched, self.symbol_index(sym))
+            || self.diff.private_copies.contains(&sym.name);
         if is_new || copied {
             // New data (or a compiler-made constant): the package allocates it.
             let s = &self.patched.sections[section];
