@@ -3,62 +3,11 @@
 //! source, boot that kernel in QEMU, apply each package, observe the new
 //! behaviour, revert, observe the old one.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// A signing key of the test's own, so tests never touch the user's keys.
-struct Keys {
-    dir: tempfile::TempDir,
-}
-
-impl Keys {
-    fn new() -> Keys {
-        let dir = tempfile::tempdir().unwrap();
-        let out = dynamos(&dir, &["keygen"]);
-        assert!(out.status.success(), "keygen: {}", stderr(&out));
-        Keys { dir }
-    }
-}
-
-fn dynamos(keys: &tempfile::TempDir, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dynamos"))
-        .args(args)
-        .env("DYNAMOS_CONFIG", keys.path())
-        .output()
-        .unwrap()
-}
-
-fn build(keys: &Keys, patch: &str, out: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
-        .arg(root().join("patches").join(patch))
-        .arg("-o")
-        .arg(out)
-        .env("DYNAMOS_CONFIG", keys.dir.path())
-        .output()
-        .unwrap()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// Section of the VM output between two marker lines.
-fn section<'a>(text: &'a str, from: &str, to: &str) -> &'a str {
-    let start = text
-        .find(from)
-        .unwrap_or_else(|| panic!("no {from} in:\n{text}"));
-    let rest = &text[start + from.len()..];
-    let end = rest.find(to).unwrap_or(rest.len());
-    &rest[..end]
-}
+use common::*;
+use std::path::PathBuf;
+use std::process::Command;
 
 #[test]
 fn example_patches_go_live_and_revert_in_the_vm() {
@@ -177,8 +126,11 @@ fn example_patches_go_live_and_revert_in_the_vm() {
     }
     // Only the module taints (out-of-tree, unsigned, livepatch) are expected.
     let taint: u64 = section(&text, "@@ tainted ", "\n").trim().parse().unwrap();
-    let expected = (1 << 12) | (1 << 13) | (1 << 15);
-    assert_eq!(taint & !expected, 0, "unexpected taint {taint:#x}:\n{text}");
+    assert_eq!(
+        taint & !MODULE_TAINTS,
+        0,
+        "unexpected taint {taint:#x}:\n{text}"
+    );
 }
 
 #[test]

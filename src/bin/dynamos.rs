@@ -36,6 +36,9 @@ enum Command {
         package: PathBuf,
         #[arg(long)]
         json: bool,
+        /// Also write the package's kernel module (.ko) to this file.
+        #[arg(long, value_name = "FILE")]
+        save_module: Option<PathBuf>,
     },
     /// Check a package's signature against the trusted keys.
     Verify {
@@ -126,7 +129,11 @@ fn run(cli: Cli) -> Result<i32> {
             println!("wrote {} and {}", secret.display(), public.display());
             Ok(exit::OK)
         }
-        Command::Inspect { package, json } => inspect(&package, json),
+        Command::Inspect {
+            package,
+            json,
+            save_module,
+        } => inspect(&package, json, save_module.as_deref()),
         Command::Verify { package, trust } => {
             let bytes = package::read_file(&package)?;
             let pkg = package::read_verified(&bytes, &trusted_keys(&trust)?)?;
@@ -239,9 +246,12 @@ fn trusted_keys(trust: &TrustArgs) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
     Ok(keys_found)
 }
 
-fn inspect(path: &Path, json: bool) -> Result<i32> {
+fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
     let bytes = package::read_file(path)?;
     let (pkg, key_id) = package::read_unverified(&bytes)?;
+    if let Some(out) = save_module {
+        dynamos::cache::write_atomic(out, &pkg.module)?;
+    }
     let value = package::inspect_json(&pkg, &key_id);
     if json {
         println!("{}", serde_json::to_string_pretty(&value)?);

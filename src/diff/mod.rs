@@ -371,6 +371,16 @@ impl<'a> View<'a> {
     /// What relocation `r` of `section` points at.
     fn target(&mut self, section: usize, r: &object::Reloc) -> RelocTarget {
         let sym = &self.obj.symbols[r.symbol];
+        if let Some(ts) = sym
+            .section()
+            .filter(|&ts| self.obj.sections[ts].is_strings())
+        {
+            // A string literal, whether named by its section or by a label
+            // such as `.LC2` (inline asm keeps those): compare the text.
+            let position =
+                sym.value as i64 + r.addend + self.instructions.pc_bias(self.obj, section, r);
+            return RelocTarget::Str(c_string_at(self.obj.data(ts), position));
+        }
         if !sym.is_section() {
             return RelocTarget::Symbol(self.name(&sym.name), r.addend);
         }

@@ -220,9 +220,16 @@ impl Extractor<'_> {
         } else {
             SectionKind::ReadOnlyData
         };
-        let id = self
-            .out
-            .add_section(Vec::new(), name.as_bytes().to_vec(), kind);
+        // Copied data gets a name of its own: the linker would otherwise
+        // merge it with the registration code's same-named mergeable string
+        // sections and move the strings our relocations point at.
+        let role = special::classify(&s.name, s.is_alloc(), s.is_exec());
+        let name = if role == SectionRole::Data {
+            format!("{name}.dynamos")
+        } else {
+            name.to_string()
+        };
+        let id = self.out.add_section(Vec::new(), name.into_bytes(), kind);
         let section = self.out.section_mut(id);
         // Copies are plain data: merging strings across files buys nothing here.
         let merge = u64::from(elf::SHF_MERGE | elf::SHF_STRINGS);
@@ -309,6 +316,17 @@ impl Extractor<'_> {
         section: usize,
         addend: i64,
     ) -> Option<(SymbolId, i64)> {
+        // String literals (also when named by a local label such as `.LC2`)
+        // are copied whole, like anonymous ones.
+        let s = &self.patched.sections[section];
+        if s.is_strings() || (sym.name.starts_with(".L") && !s.is_write() && !s.is_exec()) {
+            let c = self.carry_range(section, 0, s.size, true);
+            let out_sym = self.out.section_symbol(c.out);
+            return Some((
+                out_sym,
+                sym.value as i64 - c.start as i64 + c.out_offset as i64 + addend,
+            ));
+        }
         // Part of what the package carries: point at our copy.
         if let Some(c) = self.find_carried(section, sym.value as i64) {
             let out_sym = self.out.section_symbol(c.out);

@@ -1,0 +1,80 @@
+//! Helpers shared by the tests that drive the command-line tools against
+//! the real default target.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A signing key of the test's own, so tests never touch the user's keys.
+pub struct Keys {
+    pub dir: tempfile::TempDir,
+}
+
+impl Keys {
+    pub fn new() -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dynamos(&dir, &["keygen"]);
+        assert!(out.status.success(), "keygen: {}", stderr(&out));
+        Keys { dir }
+    }
+}
+
+pub fn dynamos(keys: &tempfile::TempDir, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dynamos"))
+        .args(args)
+        .env("DYNAMOS_CONFIG", keys.path())
+        .output()
+        .unwrap()
+}
+
+pub fn build(keys: &Keys, patch: &str, out: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
+        .arg(root().join("patches").join(patch))
+        .arg("-o")
+        .arg(out)
+        .env("DYNAMOS_CONFIG", keys.dir.path())
+        .output()
+        .unwrap()
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Section of the VM output between two marker lines.
+pub fn section<'a>(text: &'a str, from: &str, to: &str) -> &'a str {
+    let start = text
+        .find(from)
+        .unwrap_or_else(|| panic!("no {from} in:\n{text}"));
+    let rest = &text[start + from.len()..];
+    let end = rest.find(to).unwrap_or(rest.len());
+    &rest[..end]
+}
+
+/// Run `dynamos vm` with these packages and shell script; returns its
+/// output and exit code.
+pub fn vm(keys: &Keys, packages: &[PathBuf], script: &str) -> (String, Option<i32>) {
+    let mut args: Vec<String> = vec!["vm".into()];
+    for pkg in packages {
+        args.push("--package".into());
+        args.push(pkg.to_string_lossy().into_owned());
+    }
+    args.push("--".into());
+    args.push(script.to_string());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = dynamos(&keys.dir, &args);
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    (text, out.status.code())
+}
+
+/// Taint bits every live update sets: out-of-tree, unsigned and livepatch
+/// modules.
+pub const MODULE_TAINTS: u64 = (1 << 12) | (1 << 13) | (1 << 15);
