@@ -9,6 +9,7 @@
 //! refused with a reason.
 
 mod correlate;
+pub mod lines;
 pub mod object;
 pub mod special;
 

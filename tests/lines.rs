@@ -1,0 +1,642 @@
+//! Line-number-only changes: functions that differ only because `__LINE__`
+//! moved are the same; every other difference still counts.
+//!
+//! C is compiled at test time with kernel-like flags; the same file name
+//! is used for both builds so `__FILE__` matches, as it does in a kernel
+//! tree.
+
+use dynamos::diff::lines::{line_number_sites, same_but_line_numbers, Code};
+use dynamos::diff::object::reloc_width;
+use dynamos::diff::{InstructionIndex, ObjectFile};
+use std::path::Path;
+use std::process::Command;
+
+const KERNEL_LIKE_FLAGS: &[&str] = &[
+    "-O2",
+    "-c",
+    "-ffunction-sections",
+    "-fdata-sections",
+    "-mcmodel=kernel",
+    "-fno-pic",
+    "-pg",
+    "-mfentry",
+    "-mrecord-mcount",
+    "-fno-asynchronous-unwind-tables",
+    "-mno-red-zone",
+];
+
+const HEADER: &str = r#"
+extern void __might_sleep(const char *file, int line);
+extern void __might_fault(const char *file, int line);
+extern int _printk(const char *fmt, ...);
+extern void other(const char *file, int line);
+#define might_sleep() __might_sleep(__FILE__, __LINE__)
+#define might_fault() __might_fault(__FILE__, __LINE__)
+struct s { int a; int b; };
+"#;
+
+/// A translation unit with knobs: `shift` blank/comment lines inserted
+/// above the functions, the multiplier in `sleeper`, the callee of its
+/// second check, and the constant in `plain`.
+struct Source {
+    shift: usize,
+    factor: u32,
+    second_check: &'static str,
+    constant: u32,
+}
+
+impl Default for Source {
+    fn default() -> Self {
+        Source {
+            shift: 0,
+            factor: 3,
+            second_check: "might_sleep()",
+            constant: 10,
+        }
+    }
+}
+
+impl Source {
+    fn text(&self) -> String {
+        let mut text = HEADER.to_string();
+        for i in 0..self.shift {
+            text.push_str(if i % 2 == 0 { "\n" } else { "/* moved */\n" });
+        }
+        text.push_str(&format!(
+            r#"
+int sleeper(struct s *p, int x)
+{{
+	might_sleep();
+	p->a = x * {factor};
+	if (x > 5)
+		_printk("bad %s:%d\n", __FILE__, __LINE__);
+	{second};
+	return p->b + 10;
+}}
+
+int reporter(int x)
+{{
+	if (x)
+		_printk("at %s:%d\n", __FILE__, __LINE__);
+	return x;
+}}
+
+int bare_line(int x)
+{{
+	if (x)
+		_printk("line %d\n", __LINE__);
+	return x;
+}}
+
+int unknown_consumer(int x)
+{{
+	other(__FILE__, __LINE__);
+	return x;
+}}
+
+int plain(int x)
+{{
+	return x + {constant};
+}}
+"#,
+            factor = self.factor,
+            second = self.second_check,
+            constant = self.constant,
+        ));
+        text
+    }
+}
+
+fn compile(dir: &Path, source: &Source) -> ObjectFile {
+    std::fs::create_dir_all(dir).unwrap();
+    let c = dir.join("unit.c");
+    let o = dir.join("unit.o");
+    std::fs::write(&c, source.text()).unwrap();
+    // Compile from inside the directory so __FILE__ is the same relative
+    // path for every build.
+    let status = Command::new("cc")
+        .current_dir(dir)
+        .args(KERNEL_LIKE_FLAGS)
+        .arg("unit.c")
+        .arg("-o")
+        .arg("unit.o")
+        .status()
+        .expect("cc runs");
+    assert!(status.success(), "compiling {} failed", c.display());
+    ObjectFile::read(&o).unwrap()
+}
+
+/// A function's bytes and relocations as `Code` wants them. Targets are
+/// bare symbol names when the relocation points at the symbol itself,
+/// `str:"..."` for string literals, `name+offset` otherwise.
+fn function(
+    obj: &ObjectFile,
+    section: usize,
+    start: u64,
+    end: u64,
+) -> (Vec<u8>, Vec<(u64, usize, String)>) {
+    let bytes = obj.data(section)[start as usize..end as usize].to_vec();
+    let mut index = InstructionIndex::default();
+    let mut relocs = Vec::new();
+    for r in obj.sections[section]
+        .relocs
+        .iter()
+        .filter(|r| r.offset >= start && r.offset < end)
+    {
+        let width = reloc_width(r.r_type).unwrap_or(4);
+        let sym = &obj.symbols[r.symbol];
+        let position = r.addend + index.pc_bias(obj, section, r);
+        let target = match sym.section() {
+            Some(s) if sym.is_section() && obj.sections[s].is_strings() => {
+                let data = obj.data(s);
+                let start = usize::try_from(position)
+                    .unwrap_or(usize::MAX)
+                    .min(data.len());
+                let rest = &data[start..];
+                let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+                format!("str:{:?}", String::from_utf8_lossy(&rest[..end]))
+            }
+            _ if position == 0 => sym.name.clone(),
+            _ => format!("{}{:+}", sym.name, position),
+        };
+        relocs.push((r.offset - start, width, target));
+    }
+    (bytes, relocs)
+}
+
+fn code_of(obj: &ObjectFile, name: &str) -> (Vec<u8>, Vec<(u64, usize, String)>) {
+    let section = obj
+        .section_by_name(&format!(".text.{name}"))
+        .unwrap_or_else(|| panic!("no .text.{name}"));
+    function(obj, section, 0, obj.sections[section].size)
+}
+
+fn same(a: &ObjectFile, b: &ObjectFile, name: &str) -> bool {
+    let (ab, ar) = code_of(a, name);
+    let (bb, br) = code_of(b, name);
+    let result = same_but_line_numbers(
+        &Code {
+            bytes: &ab,
+            relocs: &ar,
+        },
+        &Code {
+            bytes: &bb,
+            relocs: &br,
+        },
+    );
+    let reverse = same_but_line_numbers(
+        &Code {
+            bytes: &bb,
+            relocs: &br,
+        },
+        &Code {
+            bytes: &ab,
+            relocs: &ar,
+        },
+    );
+    assert_eq!(result, reverse, "{name}: the answer depends on the order");
+    result
+}
+
+fn bytes_differ(a: &ObjectFile, b: &ObjectFile, name: &str) -> bool {
+    code_of(a, name).0 != code_of(b, name).0
+}
+
+fn build(source: Source) -> (tempfile::TempDir, ObjectFile) {
+    let dir = tempfile::tempdir().unwrap();
+    let obj = compile(dir.path(), &source);
+    (dir, obj)
+}
+
+#[test]
+fn moved_lines_alone_are_the_same() {
+    let (_a, orig) = build(Source::default());
+    let (_b, moved) = build(Source {
+        shift: 3,
+        ..Source::default()
+    });
+    for name in ["sleeper", "reporter"] {
+        assert!(bytes_differ(&orig, &moved, name), "{name} should move");
+        assert!(same(&orig, &moved, name), "{name}: only lines moved");
+    }
+    // Untouched code without line numbers is byte-identical.
+    assert!(same(&orig, &moved, "plain"));
+}
+
+#[test]
+fn line_numbers_for_unknown_callees_still_count() {
+    let (_a, orig) = build(Source::default());
+    let (_b, moved) = build(Source {
+        shift: 3,
+        ..Source::default()
+    });
+    // `other` is not known to take a line number.
+    assert!(bytes_differ(&orig, &moved, "unknown_consumer"));
+    assert!(!same(&orig, &moved, "unknown_consumer"));
+    // A printk with a line but no __FILE__ before it is not trusted.
+    assert!(bytes_differ(&orig, &moved, "bare_line"));
+    assert!(!same(&orig, &moved, "bare_line"));
+}
+
+#[test]
+fn real_change_with_moved_lines_counts() {
+    let (_a, orig) = build(Source::default());
+    let (_b, arithmetic) = build(Source {
+        shift: 2,
+        factor: 5,
+        ..Source::default()
+    });
+    assert!(!same(&orig, &arithmetic, "sleeper"));
+    let (_c, other_call) = build(Source {
+        shift: 2,
+        second_check: "might_fault()",
+        ..Source::default()
+    });
+    assert!(!same(&orig, &other_call, "sleeper"));
+}
+
+#[test]
+fn other_immediates_count() {
+    let (_a, orig) = build(Source::default());
+    let (_b, changed) = build(Source {
+        constant: 11,
+        ..Source::default()
+    });
+    assert!(bytes_differ(&orig, &changed, "plain"));
+    assert!(!same(&orig, &changed, "plain"));
+}
+
+#[test]
+fn identical_code_is_the_same() {
+    let (_a, one) = build(Source::default());
+    let (_b, two) = build(Source::default());
+    for name in [
+        "sleeper",
+        "reporter",
+        "bare_line",
+        "unknown_consumer",
+        "plain",
+    ] {
+        assert!(same(&one, &two, name), "{name}");
+    }
+}
+
+#[test]
+fn sites_are_found_where_lines_are_passed() {
+    let (_a, obj) = build(Source::default());
+    let (bytes, relocs) = code_of(&obj, "sleeper");
+    let sites = line_number_sites(&Code {
+        bytes: &bytes,
+        relocs: &relocs,
+    })
+    .unwrap();
+    let callees: Vec<&str> = sites.iter().map(|s| s.2).collect();
+    assert_eq!(
+        callees.iter().filter(|c| **c == "__might_sleep").count(),
+        2,
+        "{sites:?}"
+    );
+    assert!(callees.contains(&"_printk"), "{sites:?}");
+}
+
+// Hand-assembled sequences for the register rules.
+
+const MOV_ESI_LINE: [u8; 5] = [0xbe, 0x08, 0x00, 0x00, 0x00]; // mov $8, %esi
+const MOV_RDI_STR: [u8; 7] = [0x48, 0xc7, 0xc7, 0, 0, 0, 0]; // mov $str, %rdi
+const CALL: [u8; 5] = [0xe8, 0, 0, 0, 0];
+const RET: [u8; 1] = [0xc3];
+
+/// Assemble pieces; `relocs` names (piece index, offset in piece, target).
+fn assemble(
+    pieces: &[&[u8]],
+    relocs: &[(usize, u64, &str)],
+) -> (Vec<u8>, Vec<(u64, usize, String)>) {
+    let mut bytes = Vec::new();
+    let mut starts = Vec::new();
+    for p in pieces {
+        starts.push(bytes.len() as u64);
+        bytes.extend_from_slice(p);
+    }
+    let relocs = relocs
+        .iter()
+        .map(|(piece, at, target)| (starts[*piece] + at, 4, target.to_string()))
+        .collect();
+    (bytes, relocs)
+}
+
+/// Compare `pieces` with the same pieces where the first mov's immediate
+/// is `line`.
+fn check(pieces: &[&[u8]], relocs: &[(usize, u64, &str)], line: u32) -> bool {
+    let (a, ar) = assemble(pieces, relocs);
+    let mut other: Vec<Vec<u8>> = pieces.iter().map(|p| p.to_vec()).collect();
+    let first = other
+        .iter()
+        .position(|p| p.len() == 5 && (0xb8..=0xbf).contains(&p[0]))
+        .expect("a mov $imm, %r32 piece");
+    other[first][1..5].copy_from_slice(&line.to_le_bytes());
+    let refs: Vec<&[u8]> = other.iter().map(|p| p.as_slice()).collect();
+    let (b, br) = assemble(&refs, relocs);
+    same_but_line_numbers(
+        &Code {
+            bytes: &a,
+            relocs: &ar,
+        },
+        &Code {
+            bytes: &b,
+            relocs: &br,
+        },
+    )
+}
+
+const FILE: &str = "str:\"kernel/sched/core.c\"";
+
+#[test]
+fn hand_assembled_rules() {
+    let sleep = [(1, 3, FILE), (2, 1, "__might_sleep")];
+    // The plain case.
+    assert!(check(
+        &[&MOV_ESI_LINE, &MOV_RDI_STR, &CALL, &RET],
+        &sleep,
+        9
+    ));
+    // Line numbers must look like line numbers in both builds.
+    assert!(!check(
+        &[&MOV_ESI_LINE, &MOV_RDI_STR, &CALL, &RET],
+        &sleep,
+        0
+    ));
+    assert!(!check(
+        &[&MOV_ESI_LINE, &MOV_RDI_STR, &CALL, &RET],
+        &sleep,
+        100_001
+    ));
+    // Unknown callee.
+    assert!(!check(
+        &[&MOV_ESI_LINE, &MOV_RDI_STR, &CALL, &RET],
+        &[(1, 3, FILE), (2, 1, "schedule")],
+        9
+    ));
+    // The wrong argument register: mov $8, %edx before __might_sleep.
+    let mov_edx = [0xba, 0x08, 0, 0, 0];
+    assert!(!check(&[&mov_edx, &MOV_RDI_STR, &CALL, &RET], &sleep, 9));
+    // The register is read before the call: lea 1(%rsi), %eax.
+    let read = [0x8d, 0x46, 0x01];
+    assert!(!check(
+        &[&MOV_ESI_LINE, &read, &MOV_RDI_STR, &CALL, &RET],
+        &[(2, 3, FILE), (3, 1, "__might_sleep")],
+        9
+    ));
+    // ...or overwritten: mov %eax, %esi.
+    let overwrite = [0x89, 0xc6];
+    assert!(!check(
+        &[&MOV_ESI_LINE, &overwrite, &MOV_RDI_STR, &CALL, &RET],
+        &[(2, 3, FILE), (3, 1, "__might_sleep")],
+        9
+    ));
+    // A branch between the mov and the call: jmp +0.
+    let jump = [0xeb, 0x00];
+    assert!(!check(
+        &[&MOV_ESI_LINE, &jump, &MOV_RDI_STR, &CALL, &RET],
+        &[(2, 3, FILE), (3, 1, "__might_sleep")],
+        9
+    ));
+    // A patchable nop (static key) between them.
+    let nop5 = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+    assert!(!check(
+        &[&MOV_ESI_LINE, &nop5, &MOV_RDI_STR, &CALL, &RET],
+        &[(2, 3, FILE), (3, 1, "__might_sleep")],
+        9
+    ));
+    // Read again after the call as if the callee had kept it: mov %esi, %eax.
+    let reuse = [0x89, 0xf0];
+    assert!(!check(
+        &[&MOV_ESI_LINE, &MOV_RDI_STR, &CALL, &reuse, &RET],
+        &sleep,
+        9
+    ));
+    // Overwritten after the call is fine: mov %eax, %esi.
+    assert!(check(
+        &[&MOV_ESI_LINE, &MOV_RDI_STR, &CALL, &overwrite, &RET],
+        &sleep,
+        9
+    ));
+    // A tail call.
+    let jmp32 = [0xe9, 0, 0, 0, 0];
+    assert!(check(
+        &[&MOV_ESI_LINE, &MOV_RDI_STR, &jmp32],
+        &[(1, 3, FILE), (2, 1, "__might_sleep")],
+        9
+    ));
+    // Too far from the call.
+    let filler = [0x90u8; 20]; // twenty single-byte nops
+    let fillers: Vec<&[u8]> = (0..20).map(|i| &filler[i..=i]).collect();
+    let mut far: Vec<&[u8]> = vec![&MOV_ESI_LINE];
+    far.extend(&fillers);
+    far.extend([&MOV_RDI_STR[..], &CALL[..], &RET[..]]);
+    assert!(!check(&far, &[(21, 3, FILE), (22, 1, "__might_sleep")], 9));
+}
+
+#[test]
+fn printk_needs_file_before_line() {
+    let mov_edx = [0xba, 0x0b, 0, 0, 0]; // mov $11, %edx
+    let mov_rsi = [0x48, 0xc7, 0xc6, 0, 0, 0, 0]; // mov $str, %rsi
+    let fmt = "str:\"bad %s:%d\\n\"";
+    let pieces: [&[u8]; 5] = [&mov_edx, &mov_rsi, &MOV_RDI_STR, &CALL, &RET];
+    assert!(check(
+        &pieces,
+        &[(1, 3, FILE), (2, 3, fmt), (3, 1, "_printk")],
+        12
+    ));
+    // Not a path before the line.
+    assert!(!check(
+        &pieces,
+        &[(1, 3, "str:\"name\""), (2, 3, fmt), (3, 1, "_printk")],
+        12
+    ));
+    // File loaded before the mov, on a straight path: fine.
+    let before: [&[u8]; 5] = [&mov_rsi, &mov_edx, &MOV_RDI_STR, &CALL, &RET];
+    assert!(check(
+        &before,
+        &[(0, 3, FILE), (2, 3, fmt), (3, 1, "_printk")],
+        12
+    ));
+    // ...unless something jumps in between: jmp over nothing lands on the mov.
+    let jump = [0xeb, 0x00];
+    let landing: [&[u8]; 6] = [&mov_rsi, &jump, &mov_edx, &MOV_RDI_STR, &CALL, &RET];
+    assert!(!check(
+        &landing,
+        &[(0, 3, FILE), (3, 3, fmt), (4, 1, "_printk")],
+        12
+    ));
+}
+
+/// Deterministic xorshift so failures reproduce.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+#[test]
+fn arbitrary_input_never_panics() {
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let names = ["__might_sleep", "_printk", FILE, "x", "str:\"a.c\""];
+    let pieces: [&[u8]; 6] = [
+        &MOV_ESI_LINE,
+        &MOV_RDI_STR,
+        &CALL,
+        &RET,
+        &[0xba, 1, 0, 0, 0],
+        &[0x90],
+    ];
+    for round in 0..20_000 {
+        let len = rng.below(64) as usize;
+        let mut a: Vec<u8> = if round % 2 == 0 {
+            (0..len).map(|_| rng.next() as u8).collect()
+        } else {
+            // Mostly plausible code, so the decoding path is exercised.
+            let mut v = Vec::new();
+            while v.len() < len {
+                v.extend_from_slice(pieces[rng.below(pieces.len() as u64) as usize]);
+            }
+            v
+        };
+        let mut relocs: Vec<(u64, usize, String)> = (0..rng.below(5))
+            .map(|_| {
+                (
+                    rng.below(a.len() as u64 + 4),
+                    rng.below(10) as usize,
+                    names[rng.below(names.len() as u64) as usize].to_string(),
+                )
+            })
+            .collect();
+        if rng.below(2) == 0 {
+            relocs.sort_by_key(|r| r.0);
+        }
+        let mut b = a.clone();
+        for _ in 0..rng.below(3) {
+            if !b.is_empty() {
+                let at = rng.below(b.len() as u64) as usize;
+                b[at] = rng.next() as u8;
+            }
+        }
+        if rng.below(10) == 0 {
+            a.push(0x90);
+        }
+        let ca = Code {
+            bytes: &a,
+            relocs: &relocs,
+        };
+        let cb = Code {
+            bytes: &b,
+            relocs: &relocs,
+        };
+        let _ = same_but_line_numbers(&ca, &cb);
+        let _ = line_number_sites(&ca);
+        if a.len() == b.len()
+            && a == b
+            && relocs.windows(2).all(|w| w[0].0 + w[0].1 as u64 <= w[1].0)
+            && relocs
+                .iter()
+                .all(|r| (1..=8).contains(&r.1) && r.0 + r.1 as u64 <= a.len() as u64)
+        {
+            assert!(same_but_line_numbers(&ca, &ca));
+        }
+    }
+}
+
+/// Every function of real kernel objects is the same as itself, and stays
+/// the same when each line-number site found is bumped by one.
+#[test]
+fn kernel_objects_compare_with_themselves() {
+    let Some(home) = std::env::var_os("HOME") else {
+        eprintln!("note: HOME unset, kernel objects skipped");
+        return;
+    };
+    let root = Path::new(&home).join(".cache/dynamos/targets/6.1.0-57-amd64/work/orig");
+    let mut objects = Vec::new();
+    for dir in ["kernel", "mm", "fs"] {
+        collect_objects(&root.join(dir), &mut objects);
+    }
+    if objects.is_empty() {
+        eprintln!("note: no kernel objects under {}, skipped", root.display());
+        return;
+    }
+    let (mut functions, mut sites, mut undecoded) = (0, 0, 0);
+    for path in &objects {
+        let obj = ObjectFile::read(path).unwrap();
+        for sym in obj.symbols.iter().filter(|s| s.is_function() && s.size > 0) {
+            let Some(section) = sym.section() else {
+                continue;
+            };
+            let s = &obj.sections[section];
+            if !s.is_exec() || s.is_nobits() || sym.value + sym.size > s.size {
+                continue;
+            }
+            let (bytes, relocs) = function(&obj, section, sym.value, sym.value + sym.size);
+            let code = Code {
+                bytes: &bytes,
+                relocs: &relocs,
+            };
+            assert!(
+                same_but_line_numbers(&code, &code),
+                "{} {}",
+                path.display(),
+                sym.name
+            );
+            functions += 1;
+            let Some(found) = line_number_sites(&code) else {
+                undecoded += 1;
+                continue;
+            };
+            if found.is_empty() {
+                continue;
+            }
+            let mut bumped = bytes.clone();
+            for (at, width, _) in &found {
+                assert_eq!(*width, 4);
+                let at = *at as usize;
+                let value = u32::from_le_bytes(bumped[at..at + 4].try_into().unwrap());
+                bumped[at..at + 4].copy_from_slice(&(value + 1).to_le_bytes());
+                sites += 1;
+            }
+            let moved = Code {
+                bytes: &bumped,
+                relocs: &relocs,
+            };
+            assert!(
+                same_but_line_numbers(&code, &moved),
+                "{} {}: bumped line numbers",
+                path.display(),
+                sym.name
+            );
+        }
+    }
+    eprintln!(
+        "{} objects, {functions} functions, {undecoded} not decodable, {sites} line-number sites",
+        objects.len()
+    );
+    assert!(functions > 0);
+}
+
+fn collect_objects(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            collect_objects(&path, out);
+        } else if path.extension().is_some_and(|e| e == "o") {
+            out.push(path);
+        }
+    }
+}
