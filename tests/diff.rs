@@ -23,13 +23,17 @@ const KERNEL_LIKE_FLAGS: &[&str] = &[
 
 const INIT: &str = "#define __init __attribute__((__section__(\".init.text\"), __cold__))\n";
 
+/// Compiles `source` as `unit.c` in a folder of its own, so that both
+/// builds of a unit see the same `__FILE__`, as kernel builds do.
 fn compile(dir: &Path, name: &str, source: &str) -> PathBuf {
-    let c = dir.join(format!("{name}.c"));
+    let src_dir = dir.join(name);
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::write(src_dir.join("unit.c"), source).unwrap();
     let o = dir.join(format!("{name}.o"));
-    std::fs::write(&c, source).unwrap();
     let status = Command::new("cc")
         .args(KERNEL_LIKE_FLAGS)
-        .arg(&c)
+        .arg("unit.c")
+        .current_dir(&src_dir)
         .arg("-o")
         .arg(&o)
         .status()
@@ -242,4 +246,34 @@ fn changed_rodata_with_an_unchanged_user_is_refused() {
     );
     assert_eq!(run.code, 2, "{}", run.json);
     assert_eq!(refused_symbols(&run.json), ["limits"]);
+}
+
+const SLEEPY: &str = r#"
+extern void __might_sleep(const char *file, int line);
+#define might_sleep() __might_sleep(__FILE__, __LINE__)
+int edited(int x) { return x + 1; }
+int sleepy(int x) { might_sleep(); return x * 5; }
+"#;
+
+#[test]
+fn line_numbers_shifted_by_an_edit_above_are_not_changes() {
+    let patched = SLEEPY.replace(
+        "int edited(int x) { return x + 1; }",
+        "int edited(int x)\n{\n\treturn x + 2;\n}\n",
+    );
+    let run = diff(SLEEPY, &patched);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["edited"]);
+}
+
+#[test]
+fn a_real_change_next_to_a_line_shift_still_counts() {
+    let patched = SLEEPY
+        .replace(
+            "int edited(int x) { return x + 1; }",
+            "int edited(int x)\n{\n\treturn x + 2;\n}\n",
+        )
+        .replace("x * 5", "x * 6");
+    let run = diff(SLEEPY, &patched);
+    assert_eq!(names(&run.json, "changed"), ["edited", "sleepy"]);
 }

@@ -130,7 +130,23 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
             differs.insert(name.clone(), ChangeKind::New);
             continue;
         };
-        if orig_view.signature(orig_unit) != patched_view.signature(unit) {
+        let before = orig_view.signature(orig_unit);
+        let after = patched_view.signature(unit);
+        // Functions below an edit differ only in the __LINE__ values they
+        // pass to might_sleep() and friends: not a change.
+        let only_lines = || {
+            lines::same_but_line_numbers(
+                &lines::Code {
+                    bytes: unit_bytes(orig, orig_unit),
+                    relocs: &before.line_relocs(),
+                },
+                &lines::Code {
+                    bytes: unit_bytes(patched, unit),
+                    relocs: &after.line_relocs(),
+                },
+            )
+        };
+        if before != after && !only_lines() {
             differs.insert(name.clone(), ChangeKind::Changed);
         }
     }
@@ -295,6 +311,32 @@ fn is_number(s: &str) -> bool {
 struct Signature {
     bytes: Vec<u8>,
     relocs: Vec<(u64, u32, RelocTarget)>,
+}
+
+impl Signature {
+    /// Relocations as `lines::Code` wants them: a call's callee bare, other
+    /// symbols with their addend, strings as `str:"..."`.
+    fn line_relocs(&self) -> Vec<(u64, usize, String)> {
+        self.relocs
+            .iter()
+            .map(|(offset, r_type, target)| {
+                let text = match target {
+                    RelocTarget::Symbol(name, -4) => name.clone(),
+                    RelocTarget::Symbol(name, addend) => format!("{name}{addend:+}"),
+                    RelocTarget::Str(text) => format!("str:{:?}", String::from_utf8_lossy(text)),
+                    RelocTarget::Section(name, addend) => format!("section {name}{addend:+}"),
+                };
+                (*offset, reloc_width(*r_type).unwrap_or(4), text)
+            })
+            .collect()
+    }
+}
+
+/// The code bytes of a function, unmasked.
+fn unit_bytes<'a>(obj: &'a ObjectFile, unit: &FunctionUnit) -> &'a [u8] {
+    obj.data(unit.section)
+        .get(unit.start as usize..unit.end as usize)
+        .unwrap_or(&[])
 }
 
 /// One object seen through a namespace: the patched object's names are
