@@ -11,6 +11,7 @@
 mod correlate;
 pub mod object;
 pub mod special;
+pub mod types;
 
 pub use correlate::Correlation;
 pub use object::ObjectFile;
