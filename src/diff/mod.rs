@@ -12,6 +12,7 @@ mod correlate;
 pub mod lines;
 pub mod object;
 pub mod special;
+pub mod types;
 
 pub use correlate::Correlation;
 pub use object::ObjectFile;
