@@ -7,6 +7,7 @@ use std::process::Command;
 
 const KERNEL_LIKE_FLAGS: &[&str] = &[
     "-O2",
+    "-g",
     "-c",
     "-ffunction-sections",
     "-fdata-sections",
@@ -276,4 +277,67 @@ fn a_real_change_next_to_a_line_shift_still_counts() {
         .replace("x * 5", "x * 6");
     let run = diff(SLEEPY, &patched);
     assert_eq!(names(&run.json, "changed"), ["edited", "sleepy"]);
+}
+
+const CONN: &str = r#"
+struct conn { int fd; long seq; };
+int conn_fd(struct conn *c) { return c->fd; }
+"#;
+
+#[test]
+fn a_struct_layout_change_behind_pointers_is_refused_naming_type_and_member() {
+    let patched = CONN.replace("long seq; };", "long seq; int flags; };");
+    let run = diff(CONN, &patched);
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["struct conn.flags"]);
+}
+
+#[test]
+fn a_changed_inline_helper_changes_every_caller() {
+    let orig = "static inline int scale(int x) { return x * 3; }\nint a(int x) { return scale(x) + 1; }\nint b(int x) { return scale(x) - 1; }\nint c(int x) { return x; }\n";
+    let run = diff(orig, &orig.replace("x * 3", "x * 4"));
+    assert_eq!(names(&run.json, "changed"), ["a", "b"]);
+}
+
+#[test]
+fn a_change_in_a_cold_part_replaces_its_function() {
+    // The unlikely branch calling a cold function is split into busy.cold.
+    let orig = r#"
+extern void report(int);
+extern void warn_now(const char *) __attribute__((cold));
+int busy(int x)
+{
+    if (__builtin_expect(x < 0, 0)) {
+        warn_now("neg");
+        report(x * 7);
+        report(x * x);
+        return -x;
+    }
+    report(x);
+    return x + 1;
+}
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let object = compile(dir.path(), "probe", orig);
+    let symbols = Command::new("readelf")
+        .arg("-sW")
+        .arg(&object)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&symbols.stdout).contains("busy.cold"),
+        "the compiler did not split busy.cold; the test needs another shape"
+    );
+    let run = diff(orig, &orig.replace("x * 7", "x * 9"));
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["busy"]);
+}
+
+#[test]
+fn new_global_data_is_carried_not_refused() {
+    let orig = "int count(int x) { return x; }\n";
+    let patched = "int dynamos_counter;\nint count(int x) { dynamos_counter++; return x; }\n";
+    let run = diff(orig, patched);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["count"]);
 }

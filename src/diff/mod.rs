@@ -212,6 +212,18 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         &mut refused,
     );
     let private_copies = compare_data(&mut orig_view, &mut patched_view, &functions, &mut refused);
+    for change in types::layout_changes(orig, patched)? {
+        refused.push(Refusal {
+            symbol: match &change.member {
+                Some(member) => format!("{}.{member}", change.type_name),
+                None => change.type_name.clone(),
+            },
+            reason: format!(
+                "data type layout changed ({}): objects of this type already in the kernel keep the old layout",
+                change.detail
+            ),
+        });
+    }
     compare_registrations(&mut orig_view, &mut patched_view, &mut refused);
     refuse_unsafe_references(&mut patched_view, &functions, &mut refused);
 
