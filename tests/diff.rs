@@ -27,12 +27,16 @@ const INIT: &str = "#define __init __attribute__((__section__(\".init.text\"), _
 /// Compiles `source` as `unit.c` in a folder of its own, so that both
 /// builds of a unit see the same `__FILE__`, as kernel builds do.
 fn compile(dir: &Path, name: &str, source: &str) -> PathBuf {
+    compile_with(dir, name, source, &[])
+}
+
+fn compile_with(dir: &Path, name: &str, source: &str, drop_flags: &[&str]) -> PathBuf {
     let src_dir = dir.join(name);
     std::fs::create_dir_all(&src_dir).unwrap();
     std::fs::write(src_dir.join("unit.c"), source).unwrap();
     let o = dir.join(format!("{name}.o"));
     let status = Command::new("cc")
-        .args(KERNEL_LIKE_FLAGS)
+        .args(KERNEL_LIKE_FLAGS.iter().filter(|f| !drop_flags.contains(f)))
         .arg("unit.c")
         .current_dir(&src_dir)
         .arg("-o")
@@ -340,4 +344,29 @@ fn new_global_data_is_carried_not_refused() {
     let run = diff(orig, patched);
     assert_eq!(run.code, 0, "{}", run.json);
     assert_eq!(names(&run.json, "changed"), ["count"]);
+}
+
+#[test]
+fn calls_resolved_inside_a_shared_section_are_compared_by_target() {
+    // Without -ffunction-sections the assembler resolves calls between
+    // static functions of one .text itself: no relocation, and the
+    // displacement changes when a function in between grows.
+    let orig = r#"
+static __attribute__((noinline)) int helper(int x) { return x * 3; }
+int grows(int x) { return x + 1; }
+static __attribute__((noinline)) int other(int x) { return x * 5; }
+int caller(int x) { return helper(x) + other(x); }
+"#;
+    let patched = orig.replace("return x + 1;", "return (x + 1) * (x - 1) / 3;");
+    let dir = tempfile::tempdir().unwrap();
+    let a = compile_with(dir.path(), "orig", orig, &["-ffunction-sections"]);
+    let b = compile_with(dir.path(), "patched", &patched, &["-ffunction-sections"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
+        .args(["diff", "--json"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names(&json, "changed"), ["grows"], "{json}");
 }

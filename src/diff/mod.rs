@@ -415,6 +415,26 @@ impl<'a> View<'a> {
             let target = self.target(section, r);
             relocs.push((r.offset - start, r.r_type, target));
         }
+        if self.obj.sections[section].is_exec() {
+            for b in implicit_branches(self.obj, section, start, end) {
+                let at = (b.field - start) as usize;
+                if at + b.width <= bytes.len() {
+                    bytes[at..at + b.width].fill(0);
+                }
+                let target = match covering_symbol(self.obj, section, b.target as i64) {
+                    Some(s) => {
+                        let s = &self.obj.symbols[s];
+                        RelocTarget::Symbol(self.name(&s.name), b.target as i64 - s.value as i64)
+                    }
+                    None => RelocTarget::Section(
+                        self.obj.sections[section].name.clone(),
+                        b.target as i64,
+                    ),
+                };
+                relocs.push((b.field - start, u32::MAX, target));
+            }
+            relocs.sort_by_key(|r| r.0);
+        }
         if !self.obj.sections[section].is_nobits() && bytes.is_empty() && end > start {
             bytes = vec![0; (end - start) as usize];
         }
@@ -512,6 +532,64 @@ impl InstructionIndex {
             _ => 4,
         }
     }
+}
+
+/// A relative branch the assembler resolved itself (no relocation) whose
+/// target lies outside `[start, end)` of the same section: calls between
+/// static functions that share a section (`.sched.text`, or objects built
+/// without -ffunction-sections).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImplicitBranch {
+    /// Section offset of the displacement field.
+    pub field: u64,
+    /// 4 for rel32, 1 for rel8.
+    pub width: usize,
+    /// Section offset of the branch target.
+    pub target: u64,
+    /// Distance from the field to the end of its instruction.
+    pub bias: u64,
+}
+
+pub fn implicit_branches(
+    obj: &ObjectFile,
+    section: usize,
+    start: u64,
+    end: u64,
+) -> Vec<ImplicitBranch> {
+    use iced_x86::{Decoder, DecoderOptions, OpKind};
+    let data = obj.data(section);
+    let Some(code) = data.get(start as usize..(end as usize).min(data.len())) else {
+        return Vec::new();
+    };
+    let relocs = &obj.sections[section].relocs;
+    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    let mut found = Vec::new();
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        if instr.is_invalid() || instr.op_count() != 1 || instr.op0_kind() != OpKind::NearBranch64 {
+            continue;
+        }
+        let target = instr.near_branch64();
+        if target >= start && target < end {
+            continue;
+        }
+        let width = if format!("{:?}", instr.code()).ends_with("rel8_64") {
+            1
+        } else {
+            4
+        };
+        let field = instr.next_ip() - width as u64;
+        if relocs.iter().any(|r| r.offset == field) {
+            continue;
+        }
+        found.push(ImplicitBranch {
+            field,
+            width,
+            target,
+            bias: width as u64,
+        });
+    }
+    found
 }
 
 /// End offsets of the instructions of an x86-64 code section, in order.

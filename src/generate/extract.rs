@@ -6,7 +6,9 @@
 
 use crate::diff::object::Reloc;
 use crate::diff::special::{self, SectionRole};
-use crate::diff::{covering_symbol, ChangeKind, InstructionIndex, ObjectDiff, ObjectFile};
+use crate::diff::{
+    covering_symbol, implicit_branches, ChangeKind, InstructionIndex, ObjectDiff, ObjectFile,
+};
 use crate::error::Refusal;
 use crate::package::{ExternalSymbol, SymbolKind};
 use object::write::{self, Object, Relocation, SectionId, SymbolId};
@@ -249,12 +251,15 @@ impl Extractor<'_> {
 
     fn translate_pending(&mut self) {
         while let Some((section, carried)) = self.pending.pop() {
-            let relocs: Vec<Reloc> = self.patched.sections[section]
+            let mut relocs: Vec<Reloc> = self.patched.sections[section]
                 .relocs
                 .iter()
                 .filter(|r| r.offset >= carried.start && r.offset < carried.end)
                 .copied()
                 .collect();
+            if self.patched.sections[section].is_exec() {
+                relocs.extend(self.implicit_relocations(section, &carried));
+            }
             for r in relocs {
                 if let Some((symbol, addend)) = self.translate_target(section, &r) {
                     let relocation = Relocation {
@@ -272,6 +277,40 @@ impl Extractor<'_> {
                 }
             }
         }
+    }
+
+    /// Branches the assembler resolved within a shared section stop being
+    /// right once the code moves: give each a relocation of its own.
+    fn implicit_relocations(&mut self, section: usize, carried: &Carried) -> Vec<Reloc> {
+        let branches = implicit_branches(self.patched, section, carried.start, carried.end);
+        if branches.is_empty() {
+            return Vec::new();
+        }
+        let name = &self.patched.sections[section].name;
+        let section_symbol = self
+            .patched
+            .symbols
+            .iter()
+            .position(|s| s.is_section() && s.section() == Some(section));
+        let mut relocs = Vec::new();
+        for b in branches {
+            match (b.width, section_symbol) {
+                (4, Some(symbol)) => relocs.push(Reloc {
+                    offset: b.field,
+                    r_type: elf::R_X86_64_PC32,
+                    symbol,
+                    addend: b.target as i64 - b.bias as i64,
+                }),
+                _ => self.refused.push(Refusal {
+                    symbol: name.clone(),
+                    reason: format!(
+                        "a short branch at {:#x} leaves the function for {:#x} without a relocation; it cannot be moved",
+                        b.field, b.target
+                    ),
+                }),
+            }
+        }
+        relocs
     }
 
     /// The output symbol and addend a relocation must use.
