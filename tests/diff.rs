@@ -370,3 +370,23 @@ int caller(int x) { return helper(x) + other(x); }
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(names(&json, "changed"), ["grows"], "{json}");
 }
+
+#[test]
+fn without_an_mcount_table_the_fentry_call_decides() {
+    // Objects whose mcount table is added later (by objtool) still carry
+    // the call; notrace functions have none.
+    let orig = "int traced(int x) { return x + 1; }\n__attribute__((no_instrument_function)) int quiet(int x) { return x + 1; }\n";
+    let patched = orig.replace("x + 1", "x + 2");
+    let dir = tempfile::tempdir().unwrap();
+    let a = compile_with(dir.path(), "orig", orig, &["-mrecord-mcount"]);
+    let b = compile_with(dir.path(), "patched", &patched, &["-mrecord-mcount"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
+        .args(["diff", "--json"])
+        .arg(&a)
+        .arg(&b)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names(&json, "changed"), ["quiet", "traced"], "{json}");
+    assert_eq!(refused_symbols(&json), ["quiet"], "{json}");
+}

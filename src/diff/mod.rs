@@ -628,7 +628,13 @@ fn refuse_unsafe_functions(
         if f.kind == ChangeKind::Changed {
             let orig_name = correlation.orig_name(&f.name).unwrap_or(&f.name);
             if let Some(unit) = orig_by_name.get(orig_name) {
-                if !traced.contains(&(unit.section, unit.start)) {
+                // Objects whose mcount table objtool adds later (clang
+                // builds) have none yet: then the call itself is the proof.
+                let has_entry = match &traced {
+                    Some(sites) => sites.contains(&(unit.section, unit.start)),
+                    None => starts_with_fentry_call(orig, unit),
+                };
+                if !has_entry {
                     refused.push(Refusal {
                         symbol: f.name.clone(),
                         reason: "cannot be redirected: it has no ftrace entry (notrace, or code the kernel does not trace)".into(),
@@ -639,24 +645,40 @@ fn refuse_unsafe_functions(
     }
 }
 
-/// (section, offset) of every `__fentry__` call site recorded in __mcount_loc.
-fn ftrace_sites(obj: &ObjectFile) -> BTreeSet<(usize, u64)> {
+/// Whether the function begins (after an optional endbr64) with a call to
+/// `__fentry__`.
+fn starts_with_fentry_call(obj: &ObjectFile, unit: &FunctionUnit) -> bool {
+    let code = unit_bytes(obj, unit);
+    let call_at = if code.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+        4
+    } else {
+        0
+    };
+    code.get(call_at) == Some(&0xe8)
+        && obj.sections[unit.section].relocs.iter().any(|r| {
+            r.offset == unit.start + call_at as u64 + 1
+                && obj.symbols[r.symbol].name == "__fentry__"
+        })
+}
+
+/// (section, offset) of every `__fentry__` call site recorded in
+/// __mcount_loc; None when the object has no such table.
+fn ftrace_sites(obj: &ObjectFile) -> Option<BTreeSet<(usize, u64)>> {
     let mut sites = BTreeSet::new();
-    if let Some(mcount) = obj.section_by_name("__mcount_loc") {
-        for r in &obj.sections[mcount].relocs {
-            let sym = &obj.symbols[r.symbol];
-            if let Some(section) = sym.section() {
-                let offset = sym.value as i64 + r.addend;
-                // The call follows at most a 4-byte endbr at the function start.
-                for start in [offset, offset - 4] {
-                    if start >= 0 {
-                        sites.insert((section, start as u64));
-                    }
+    let mcount = obj.section_by_name("__mcount_loc")?;
+    for r in &obj.sections[mcount].relocs {
+        let sym = &obj.symbols[r.symbol];
+        if let Some(section) = sym.section() {
+            let offset = sym.value as i64 + r.addend;
+            // The call follows at most a 4-byte endbr at the function start.
+            for start in [offset, offset - 4] {
+                if start >= 0 {
+                    sites.insert((section, start as u64));
                 }
             }
         }
     }
-    sites
+    Some(sites)
 }
 
 /// Data objects: new ones are carried; changed ones are refused, except
