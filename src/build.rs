@@ -421,6 +421,39 @@ struct Unit {
 const STAMP: &str = ".dynamos-configured";
 
 /// Timings for whoever tunes the build (`DYNAMOS_VERBOSE=1`).
+/// A kbuild folder to build external modules against, for a target that
+/// has no headers package (a user's own tree): the configured original
+/// tree after `make modules_prepare`, done once.
+pub fn module_build_dir(target: &Target) -> Result<PathBuf> {
+    fs::create_dir_all(&target.work)
+        .with_context(|| format!("cannot create {}", target.work.display()))?;
+    let _lock = Lock::acquire(&target.work.join(".build.lock"))?;
+    let trees = Trees::new(target);
+    trees.prepare()?;
+    // modpost takes the exported symbols' versions from the tree's
+    // Module.symvers; refreshed each time so a new --symvers counts.
+    if let Some(symvers) = &target.symvers {
+        fs::copy(symvers, trees.orig.join("Module.symvers"))
+            .with_context(|| format!("cannot copy {}", symvers.display()))?;
+    }
+    let stamp = trees.orig.join(".dynamos-modules-prepared");
+    if !stamp.exists() {
+        let progress = spinner("preparing the original tree for module builds".into());
+        let run = trees.run_make(&trees.source, &trees.orig, &[JOBS, "modules_prepare"]);
+        progress.finish_and_clear();
+        let run = run?;
+        if !run.success {
+            bail!(
+                "`make modules_prepare` failed in {}:\n{}",
+                trees.orig.display(),
+                tail(&run.output, 30, &[&trees.source, &trees.orig])
+            );
+        }
+        fs::write(&stamp, b"")?;
+    }
+    Ok(trees.orig)
+}
+
 fn verbose(message: std::fmt::Arguments) {
     if std::env::var_os("DYNAMOS_VERBOSE").is_some() {
         eprintln!("{message}");

@@ -158,10 +158,10 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             diff,
         })
         .collect();
-    let kbuild_dir = target
-        .headers
-        .clone()
-        .context("building the module for a user tree needs the target's headers")?;
+    let kbuild_dir = match &target.headers {
+        Some(headers) => headers.clone(),
+        None => crate::build::module_build_dir(&target)?,
+    };
     let generated = generate::generate(&name, &module, &units, &kbuild_dir, &work);
     let _ = std::fs::remove_dir_all(&work);
     let generated = generated?;

@@ -176,6 +176,9 @@ pub struct TargetSpec {
     pub src: Option<PathBuf>,
     /// The config for `src`.
     pub config: Option<PathBuf>,
+    /// Module.symvers of the kernel built from `src`: the exported symbols'
+    /// versions, needed when the config has CONFIG_MODVERSIONS.
+    pub symvers: Option<PathBuf>,
 }
 
 /// Everything later stages need to know about the kernel being patched.
@@ -194,13 +197,20 @@ pub struct Target {
     pub headers: Option<PathBuf>,
     /// Cache folder for builds of this target.
     pub work: PathBuf,
+    /// Module.symvers for building modules when there are no headers.
+    pub symvers: Option<PathBuf>,
 }
 
 impl Target {
     /// Resolve the spec into a ready-to-use target, fetching what is missing.
     pub fn resolve(spec: &TargetSpec) -> Result<Target> {
         match (&spec.src, &spec.config) {
-            (Some(src), Some(config)) => Self::user_tree(src, config, spec.release.as_deref()),
+            (Some(src), Some(config)) => Self::user_tree(
+                src,
+                config,
+                spec.release.as_deref(),
+                spec.symvers.as_deref(),
+            ),
             (Some(_), None) | (None, Some(_)) => {
                 bail!("--src and --config go together: give both, or neither for a Debian build")
             }
@@ -222,10 +232,16 @@ impl Target {
             config,
             headers,
             debian: Some(build),
+            symvers: None,
         })
     }
 
-    fn user_tree(src: &Path, config: &Path, release: Option<&str>) -> Result<Target> {
+    fn user_tree(
+        src: &Path,
+        config: &Path,
+        release: Option<&str>,
+        symvers: Option<&Path>,
+    ) -> Result<Target> {
         let source = src
             .canonicalize()
             .with_context(|| format!("kernel source {} not found", src.display()))?;
@@ -244,6 +260,18 @@ impl Target {
         let config = config
             .canonicalize()
             .with_context(|| format!("kernel config {} not found", config.display()))?;
+        let config_text = fs::read_to_string(&config)
+            .with_context(|| format!("cannot read {}", config.display()))?;
+        let symvers = match symvers {
+            Some(path) => Some(path.canonicalize().with_context(|| {
+                format!("Module.symvers {} not found", path.display())
+            })?),
+            None if config_text.lines().any(|l| l == "CONFIG_MODVERSIONS=y") => bail!(
+                "{} enables CONFIG_MODVERSIONS: pass --symvers with the Module.symvers of the kernel built from this tree (its build folder or headers package has it)",
+                config.display()
+            ),
+            None => None,
+        };
         let mut hasher = Sha256::new();
         hasher.update(source.to_string_lossy().as_bytes());
         hasher.update(fs::read(&config)?);
@@ -259,6 +287,7 @@ impl Target {
             source,
             config,
             headers: None,
+            symvers,
         })
     }
 }

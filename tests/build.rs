@@ -352,6 +352,7 @@ fn builds_from_a_user_tree() {
         release: Some(debian.release.clone()),
         src: Some(debian.source.clone()),
         config: Some(debian.config.clone()),
+        symvers: debian.headers.as_ref().map(|h| h.join("Module.symvers")),
     })
     .expect("user tree target");
     assert_ne!(user.work, debian.work);

@@ -199,3 +199,39 @@ fn a_patch_that_does_not_apply_is_an_error_in_one_line() {
     assert!(message.contains("stale.diff"), "{message}");
     assert!(!work.path().join("x.dynpkg").exists());
 }
+
+#[test]
+fn a_users_own_tree_builds_a_package_that_goes_live() {
+    // The Debian source stands in for a user's tree: --src/--config, with
+    // the kernel's Module.symvers because the config uses MODVERSIONS.
+    let debian = dynamos::target::Target::resolve(&Default::default()).unwrap();
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("proc-version-banner.dynpkg");
+    let headers = debian.headers.clone().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
+        .arg("--src")
+        .arg(&debian.source)
+        .arg("--config")
+        .arg(&debian.config)
+        .arg("--symvers")
+        .arg(headers.join("Module.symvers"))
+        .args(["--target", &debian.release])
+        .arg(root().join("patches/proc-version-banner.diff"))
+        .arg("-o")
+        .arg(&pkg)
+        .env("DYNAMOS_CONFIG", keys.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let (text, code) = vm(
+        &keys,
+        &[pkg],
+        "dynamos apply /packages/proc-version-banner.dynpkg && cat /proc/version",
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("dynamos: live update proc-version-banner applied"),
+        "{text}"
+    );
+}

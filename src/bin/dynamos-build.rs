@@ -29,6 +29,9 @@ struct Args {
     /// Kernel config for --src.
     #[arg(long, requires = "src")]
     config: Option<PathBuf>,
+    /// Module.symvers of the kernel built from --src (needed with CONFIG_MODVERSIONS).
+    #[arg(long, requires = "src")]
+    symvers: Option<PathBuf>,
     /// Secret key to sign with (default: the one `dynamos keygen` wrote).
     #[arg(long)]
     key: Option<PathBuf>,
@@ -46,6 +49,7 @@ fn main() {
             release: args.target,
             src: args.src,
             config: args.config,
+            symvers: args.symvers,
         },
         signing_key: args.key,
     };
