@@ -390,3 +390,70 @@ fn without_an_mcount_table_the_fentry_call_decides() {
     assert_eq!(names(&json, "changed"), ["quiet", "traced"], "{json}");
     assert_eq!(refused_symbols(&json), ["quiet"], "{json}");
 }
+
+#[test]
+fn string_table_offsets_moved_by_another_function_are_not_changes() {
+    let orig = r#"
+extern int printk(const char *fmt, ...);
+int first(int x) { printk("first %d\n", x); return x; }
+int second(int x) { printk("second %d\n", x); return x; }
+"#;
+    // A longer string in first() moves second()'s string in the merged
+    // string section; second() itself is the same.
+    let patched = orig.replace("first %d\\n", "first call with a much longer message %d\\n");
+    let run = diff(orig, &patched);
+    assert_eq!(names(&run.json, "changed"), ["first"], "{}", run.json);
+}
+
+#[test]
+fn unique_ids_renumbered_are_the_same_object() {
+    let orig = r#"
+#define __PASTE(a, b) a##b
+#define PASTE(a, b) __PASTE(a, b)
+#define UNIQUE(prefix) PASTE(PASTE(__UNIQUE_ID_, prefix), __COUNTER__)
+int early(int x) { return x; }
+static int UNIQUE(state) = 3;
+int reader(void) { return ++PASTE(__UNIQUE_ID_state, 0); }
+"#;
+    // The patched file uses __COUNTER__ once more before: the ID changes.
+    let patched = orig
+        .replace("int early(int x) { return x; }", "int early(int x) { return x + __COUNTER__ * 0; }")
+        .replace("__UNIQUE_ID_state, 0", "__UNIQUE_ID_state, 1");
+    let dir = tempfile::tempdir().unwrap();
+    let object = compile(dir.path(), "probe", &patched);
+    let symbols = Command::new("readelf").arg("-sW").arg(&object).output().unwrap();
+    assert!(String::from_utf8_lossy(&symbols.stdout).contains("__UNIQUE_ID_state1"));
+    let run = diff(orig, &patched);
+    assert!(names(&run.json, "changed").iter().all(|n| n != "reader"), "{}", run.json);
+    assert!(refused_symbols(&run.json).is_empty(), "{}", run.json);
+}
+
+#[test]
+fn compiler_clones_are_matched_by_name() {
+    // GCC specialises a static function for a constant argument
+    // (`scale.constprop.0`); a change to an unrelated caller leaves it be.
+    let orig = r#"
+static __attribute__((noinline)) int scale(int x, int factor) { return x * factor + (x >> 3); }
+int by_seven(int x) { return scale(x, 7); }
+int by_seven_too(int y) { return scale(y, 7) + 1; }
+int unrelated(int z) { return z - 1; }
+"#;
+    let dir = tempfile::tempdir().unwrap();
+    let object = compile(dir.path(), "probe", orig);
+    let symbols = Command::new("readelf").arg("-sW").arg(&object).output().unwrap();
+    let table = String::from_utf8_lossy(&symbols.stdout);
+    assert!(
+        table.contains("scale.constprop") || table.contains("scale.isra"),
+        "the compiler made no clone; the test needs another shape:\n{table}"
+    );
+    let run = diff(orig, &orig.replace("z - 1", "z - 2"));
+    assert_eq!(names(&run.json, "changed"), ["unrelated"], "{}", run.json);
+}
+
+#[test]
+fn changed_read_mostly_data_is_refused() {
+    let orig = "__attribute__((section(\".data..read_mostly\"))) int tunable = 5;\nint get_tunable(void) { return tunable; }\n";
+    let run = diff(orig, &orig.replace("= 5", "= 6"));
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["tunable"]);
+}
