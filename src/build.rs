@@ -855,15 +855,21 @@ impl Trees {
     fn including_file(&self, source: &Path) -> Option<PathBuf> {
         let name = source.file_name()?.to_string_lossy().into_owned();
         let dir = source.parent()?;
-        let needle = format!("#include \"{name}\"");
+        let quoted = format!("\"{name}\"");
+        // `#include "x.c"`, also written `# include "x.c"` inside #ifdefs.
+        let includes = |line: &str| {
+            line.trim_start()
+                .strip_prefix('#')
+                .map(str::trim_start)
+                .and_then(|l| l.strip_prefix("include"))
+                .is_some_and(|l| l.trim() == quoted)
+        };
         fs::read_dir(self.source.join(dir))
             .ok()?
             .filter_map(|e| e.ok())
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|e| e == "c"))
-            .find(|p| {
-                fs::read_to_string(p).is_ok_and(|t| t.lines().any(|l| l.trim_start() == needle))
-            })
+            .find(|p| fs::read_to_string(p).is_ok_and(|t| t.lines().any(includes)))
             .and_then(|p| p.file_name().map(|n| dir.join(n)))
     }
 

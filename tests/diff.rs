@@ -417,14 +417,25 @@ int reader(void) { return ++PASTE(__UNIQUE_ID_state, 0); }
 "#;
     // The patched file uses __COUNTER__ once more before: the ID changes.
     let patched = orig
-        .replace("int early(int x) { return x; }", "int early(int x) { return x + __COUNTER__ * 0; }")
+        .replace(
+            "int early(int x) { return x; }",
+            "int early(int x) { return x + __COUNTER__ * 0; }",
+        )
         .replace("__UNIQUE_ID_state, 0", "__UNIQUE_ID_state, 1");
     let dir = tempfile::tempdir().unwrap();
     let object = compile(dir.path(), "probe", &patched);
-    let symbols = Command::new("readelf").arg("-sW").arg(&object).output().unwrap();
+    let symbols = Command::new("readelf")
+        .arg("-sW")
+        .arg(&object)
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&symbols.stdout).contains("__UNIQUE_ID_state1"));
     let run = diff(orig, &patched);
-    assert!(names(&run.json, "changed").iter().all(|n| n != "reader"), "{}", run.json);
+    assert!(
+        names(&run.json, "changed").iter().all(|n| n != "reader"),
+        "{}",
+        run.json
+    );
     assert!(refused_symbols(&run.json).is_empty(), "{}", run.json);
 }
 
@@ -440,7 +451,11 @@ int unrelated(int z) { return z - 1; }
 "#;
     let dir = tempfile::tempdir().unwrap();
     let object = compile(dir.path(), "probe", orig);
-    let symbols = Command::new("readelf").arg("-sW").arg(&object).output().unwrap();
+    let symbols = Command::new("readelf")
+        .arg("-sW")
+        .arg(&object)
+        .output()
+        .unwrap();
     let table = String::from_utf8_lossy(&symbols.stdout);
     assert!(
         table.contains("scale.constprop") || table.contains("scale.isra"),

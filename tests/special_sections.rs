@@ -8,6 +8,9 @@
 //!   (exception table carried). The patch also shifts every line below it.
 //! - `proc-version-warn`: a WARN_ONCE in new code reports file and line and
 //!   continues (bug table carried) instead of dying on `ud2`.
+//! - `schedstat-static-key`: a static branch in new code on a key the
+//!   kernel does not export (`sched_schedstats`) follows the key when it is
+//!   toggled at run time (jump table carried, key resolved before load).
 //! - `drop-caches-static-local`: new code uses the kernel's own instance of
 //!   a function's static local, so state written by the new version is seen
 //!   by the old one after revert; its changed string literal shows in dmesg.
@@ -37,6 +40,7 @@ fn carried_tables_and_static_locals_work_in_the_running_kernel() {
         "readdir-hide-entry",
         "proc-version-warn",
         "drop-caches-static-local",
+        "schedstat-static-key",
     ] {
         let pkg = work.path().join(format!("{name}.dynpkg"));
         let out = build(&keys, &format!("{name}.diff"), &pkg);
@@ -64,6 +68,14 @@ cat /proc/version >/dev/null
 cat /proc/version >/dev/null && echo "@@ version readable after warn"
 dynamos revert proc-version-warn
 
+dynamos apply /packages/schedstat-static-key.dynpkg
+echo 0 > /proc/sys/kernel/sched_schedstats
+echo "@@ key off: $(grep dynamos /proc/schedstat)"
+echo 1 > /proc/sys/kernel/sched_schedstats
+echo "@@ key on: $(grep dynamos /proc/schedstat)"
+echo 0 > /proc/sys/kernel/sched_schedstats
+dynamos revert schedstat-static-key
+
 echo 1 > /proc/sys/vm/drop_caches
 dynamos apply /packages/drop-caches-static-local.dynpkg
 echo 1 > /proc/sys/vm/drop_caches
@@ -88,6 +100,13 @@ echo "@@ tainted $(cat /proc/sys/kernel/tainted)"
         text.contains("@@ ls reverted: dynamos-hidden visible"),
         "{text}"
     );
+
+    // The static branch follows the kernel's key both ways.
+    assert!(
+        text.contains("@@ key off: dynamos schedstats off"),
+        "{text}"
+    );
+    assert!(text.contains("@@ key on: dynamos schedstats on"), "{text}");
 
     let dmesg = section(&text, "@@ dmesg", "@@ tainted");
     for bad in ["Oops", "BUG:", "invalid opcode", "general protection"] {

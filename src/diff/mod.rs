@@ -18,6 +18,7 @@ pub use correlate::Correlation;
 pub use object::ObjectFile;
 
 use crate::error::Refusal;
+use ::object::elf;
 use object::{reloc_is_pc_relative, reloc_width};
 use special::SectionRole;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -90,6 +91,8 @@ pub enum RelocTarget {
     Symbol(String, i64),
     /// A string literal, by content.
     Str(Vec<u8>),
+    /// An entry of a merged constant pool (`.rodata.cst16`), by content.
+    Constant(Vec<u8>),
     /// Anonymous contents of a section, by section name and addend.
     Section(String, i64),
 }
@@ -337,6 +340,7 @@ impl Signature {
                     RelocTarget::Symbol(name, -4) => name.clone(),
                     RelocTarget::Symbol(name, addend) => format!("{name}{addend:+}"),
                     RelocTarget::Str(text) => format!("str:{:?}", String::from_utf8_lossy(text)),
+                    RelocTarget::Constant(bytes) => format!("const:{}", hex::encode(bytes)),
                     RelocTarget::Section(name, addend) => format!("section {name}{addend:+}"),
                 };
                 (*offset, reloc_width(*r_type).unwrap_or(4), text)
@@ -457,6 +461,12 @@ impl<'a> View<'a> {
                 sym.value as i64 + r.addend + self.instructions.pc_bias(self.obj, section, r);
             return RelocTarget::Str(c_string_at(self.obj.data(ts), position));
         }
+        if let Some(ts) = sym.section().filter(|_| sym.name.starts_with(".L")) {
+            // Other compiler labels (`.LC5` in a constant pool): by contents.
+            let position =
+                sym.value as i64 + r.addend + self.instructions.pc_bias(self.obj, section, r);
+            return self.anonymous_target(ts, position, r.addend + sym.value as i64);
+        }
         if !sym.is_section() {
             return RelocTarget::Symbol(self.name(&sym.name), r.addend);
         }
@@ -473,8 +483,27 @@ impl<'a> View<'a> {
                 let s = &self.obj.symbols[s];
                 RelocTarget::Symbol(self.name(&s.name), r.addend - s.value as i64)
             }
-            None => RelocTarget::Section(anonymous_section_key(&target.name), r.addend),
+            None => self.anonymous_target(target_section, position, r.addend),
         }
+    }
+
+    /// Anonymous data: merged constants by their bytes, anything else by
+    /// section and addend.
+    fn anonymous_target(&self, section: usize, position: i64, addend: i64) -> RelocTarget {
+        let s = &self.obj.sections[section];
+        let merged = s.flags & u64::from(elf::SHF_MERGE) != 0;
+        if s.is_strings() {
+            return RelocTarget::Str(c_string_at(self.obj.data(section), position));
+        }
+        if merged && s.entsize > 0 {
+            let data = self.obj.data(section);
+            let bytes = usize::try_from(position)
+                .ok()
+                .and_then(|p| data.get(p..p + s.entsize as usize))
+                .unwrap_or(&[]);
+            return RelocTarget::Constant(bytes.to_vec());
+        }
+        RelocTarget::Section(anonymous_section_key(&s.name), addend)
     }
 }
 
