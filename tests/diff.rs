@@ -472,3 +472,41 @@ fn changed_read_mostly_data_is_refused() {
     assert_eq!(run.code, 2, "{}", run.json);
     assert_eq!(refused_symbols(&run.json), ["tunable"]);
 }
+
+#[test]
+fn user_space_objects_compare_but_cannot_be_carried() {
+    // Position-independent code uses GOT relocations the kernel's module
+    // loader cannot apply: the diff still names the changed function.
+    let orig = "extern int shared;\nint touch(int x) { return shared + x; }\nint keep(int x) { return x; }\n";
+    let patched = orig.replace("shared + x", "shared - x");
+    let dir = tempfile::tempdir().unwrap();
+    let objects: Vec<PathBuf> = [("orig", orig), ("patched", patched.as_str())]
+        .iter()
+        .map(|(name, src)| {
+            let src_dir = dir.path().join(name);
+            std::fs::create_dir_all(&src_dir).unwrap();
+            std::fs::write(src_dir.join("unit.c"), src).unwrap();
+            let out = dir.path().join(format!("{name}.o"));
+            let status = Command::new("cc")
+                .args(["-O2", "-fPIC", "-c", "unit.c", "-o"])
+                .arg(&out)
+                .current_dir(&src_dir)
+                .status()
+                .unwrap();
+            assert!(status.success());
+            out
+        })
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
+        .args(["diff", "--json"])
+        .args(&objects)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(names(&json, "changed"), ["touch"], "{json}");
+    assert_eq!(out.status.code(), Some(2), "{json}");
+    assert!(
+        refused_symbols(&json).contains(&"touch".to_string()),
+        "{json}"
+    );
+}

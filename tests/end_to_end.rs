@@ -80,24 +80,12 @@ fn example_patches_go_live_and_revert_in_the_vm() {
              echo '@@ {name} end'\n"
         ));
     }
-    script.push_str("echo \"@@ tainted $(cat /proc/sys/kernel/tainted)\"\ndmesg | grep -iE 'oops|bug:|warning:' && exit 9 || true\n");
+    script.push_str("echo \"@@ tainted $(cat /proc/sys/kernel/tainted)\"\ndmesg | grep -E 'Oops:|BUG:|WARNING:' && exit 9 || true\n");
 
-    let mut args: Vec<String> = vec!["vm".into()];
-    for pkg in packages.iter().chain(std::iter::once(&tampered)) {
-        args.push("--package".into());
-        args.push(pkg.to_string_lossy().into_owned());
-    }
-    args.push("--".into());
-    args.push(script);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = dynamos(&keys.dir, &args);
-    let text = stdout(&out);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "vm run:\n{text}\n{}",
-        stderr(&out)
-    );
+    let mut all = packages.clone();
+    all.push(tampered);
+    let (text, code) = vm(&keys, &all, &script);
+    assert_eq!(code, Some(0), "vm run:\n{text}");
     assert!(!text.contains("@@ tampered applied"), "{text}");
     assert!(text.contains("bad signature"), "{text}");
     assert!(

@@ -930,6 +930,16 @@ fn refuse_unsafe_references(
                 .iter()
                 .filter(|r| r.offset >= unit.start && r.offset < unit.end)
             {
+                if !object::reloc_is_module_loadable(r.r_type) {
+                    refused.push(Refusal {
+                        symbol: f.name.clone(),
+                        reason: format!(
+                            "uses relocation type {} at {:#x}, which the kernel's module loader cannot apply",
+                            r.r_type,
+                            r.offset - unit.start
+                        ),
+                    });
+                }
                 let sym = &obj.symbols[r.symbol];
                 let Some(section) = sym.section() else {
                     continue;

@@ -301,19 +301,65 @@ impl ObjectFile {
 }
 
 /// Bytes a relocation of type `r_type` patches, or None for a type this
-/// tool does not handle.
+/// tool does not know. Covers what compilers emit for kernel and user
+/// objects, so any object can be compared.
 pub fn reloc_width(r_type: u32) -> Option<usize> {
     match r_type {
-        elf::R_X86_64_64 | elf::R_X86_64_PC64 => Some(8),
-        elf::R_X86_64_PC32 | elf::R_X86_64_PLT32 | elf::R_X86_64_32 | elf::R_X86_64_32S => Some(4),
+        elf::R_X86_64_64
+        | elf::R_X86_64_PC64
+        | elf::R_X86_64_GOTOFF64
+        | elf::R_X86_64_GOTPC64
+        | elf::R_X86_64_SIZE64 => Some(8),
+        elf::R_X86_64_PC32
+        | elf::R_X86_64_PLT32
+        | elf::R_X86_64_32
+        | elf::R_X86_64_32S
+        | elf::R_X86_64_GOT32
+        | elf::R_X86_64_GOTPCREL
+        | elf::R_X86_64_GOTPCRELX
+        | elf::R_X86_64_REX_GOTPCRELX
+        | elf::R_X86_64_GOTPC32
+        | elf::R_X86_64_TLSGD
+        | elf::R_X86_64_TLSLD
+        | elf::R_X86_64_GOTTPOFF
+        | elf::R_X86_64_DTPOFF32
+        | elf::R_X86_64_TPOFF32
+        | elf::R_X86_64_SIZE32 => Some(4),
+        elf::R_X86_64_16 | elf::R_X86_64_PC16 => Some(2),
+        elf::R_X86_64_8 | elf::R_X86_64_PC8 => Some(1),
         _ => None,
     }
+}
+
+/// Whether the kernel's module loader can apply this relocation type
+/// (x86-64 `apply_relocate_add` in Linux 6.1).
+pub fn reloc_is_module_loadable(r_type: u32) -> bool {
+    matches!(
+        r_type,
+        elf::R_X86_64_64
+            | elf::R_X86_64_32
+            | elf::R_X86_64_32S
+            | elf::R_X86_64_PC32
+            | elf::R_X86_64_PLT32
+            | elf::R_X86_64_PC64
+    )
 }
 
 /// Whether the relocation is relative to the place it patches.
 pub fn reloc_is_pc_relative(r_type: u32) -> bool {
     matches!(
         r_type,
-        elf::R_X86_64_PC32 | elf::R_X86_64_PLT32 | elf::R_X86_64_PC64
+        elf::R_X86_64_PC32
+            | elf::R_X86_64_PLT32
+            | elf::R_X86_64_PC64
+            | elf::R_X86_64_PC16
+            | elf::R_X86_64_PC8
+            | elf::R_X86_64_GOTPCREL
+            | elf::R_X86_64_GOTPCRELX
+            | elf::R_X86_64_REX_GOTPCRELX
+            | elf::R_X86_64_GOTPC32
+            | elf::R_X86_64_TLSGD
+            | elf::R_X86_64_TLSLD
+            | elf::R_X86_64_GOTTPOFF
     )
 }

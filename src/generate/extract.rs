@@ -4,7 +4,7 @@
 //! describe their instructions. Every reference to anything else becomes an
 //! undefined symbol that `dynamos apply` resolves against the running kernel.
 
-use crate::diff::object::Reloc;
+use crate::diff::object::{reloc_is_module_loadable, Reloc};
 use crate::diff::special::{self, SectionRole};
 use crate::diff::{
     covering_symbol, implicit_branches, ChangeKind, InstructionIndex, ObjectDiff, ObjectFile,
@@ -261,6 +261,16 @@ impl Extractor<'_> {
                 relocs.extend(self.implicit_relocations(section, &carried));
             }
             for r in relocs {
+                if !reloc_is_module_loadable(r.r_type) {
+                    self.refused.push(Refusal {
+                        symbol: self.patched.sections[section].name.clone(),
+                        reason: format!(
+                            "relocation type {} at {:#x} cannot be applied by the kernel's module loader",
+                            r.r_type, r.offset
+                        ),
+                    });
+                    continue;
+                }
                 if let Some((symbol, addend)) = self.translate_target(section, &r) {
                     let relocation = Relocation {
                         offset: carried.out_offset + (r.offset - carried.start),
