@@ -510,3 +510,22 @@ fn user_space_objects_compare_but_cannot_be_carried() {
         "{json}"
     );
 }
+
+#[test]
+fn dynamic_debug_descriptors_moved_by_an_edit_are_not_refused() {
+    // pr_debug() sites record their line in a __dyndbg descriptor; an edit
+    // above moves them without changing behaviour.
+    let orig = r#"
+struct site { const char *format; unsigned int line; };
+#define SITE(f) ({ static struct site __attribute__((section("__dyndbg"), used, aligned(8))) s = { f, __LINE__ }; &s; })
+int edited(int x) { return x + 1; }
+const void *noted(void) { return SITE("hello"); }
+"#;
+    let patched = orig.replace(
+        "int edited(int x) { return x + 1; }",
+        "int edited(int x)\n{\n\treturn x + 2;\n}\n",
+    );
+    let run = diff(orig, &patched);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["edited"]);
+}

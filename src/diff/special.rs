@@ -75,6 +75,10 @@ pub enum SectionRole {
     /// Registration tables (initcalls, exports, parameters, ...) whose
     /// change would need the kernel to re-run registration.
     Registration,
+    /// Descriptors the kernel only lists (dynamic debug sites): their line
+    /// numbers move with every edit and do not change behaviour. Not
+    /// compared; new ones are carried with the code that uses them.
+    Descriptors,
 }
 
 pub fn classify(name: &str, alloc: bool, exec: bool) -> SectionRole {
@@ -98,6 +102,9 @@ pub fn classify(name: &str, alloc: bool, exec: bool) -> SectionRole {
     }
     if exec {
         return SectionRole::Text;
+    }
+    if name.starts_with("__dyndbg") {
+        return SectionRole::Descriptors;
     }
     if is_registration(name) {
         return SectionRole::Registration;
@@ -152,7 +159,6 @@ fn is_registration(name: &str) -> bool {
         "__bpf_raw_tp_map",
         "__kprobe_blacklist",
         "_error_injection_whitelist",
-        "__dyndbg",
         ".printk_index",
         ".con_initcall",
         ".security_initcall",
