@@ -137,7 +137,9 @@ impl DebianBuild {
                         &format!("linux-headers-{}-common", self.abi()),
                         Some(&self.version),
                     ),
-                    DebRef::new("linux-kbuild-6.1", Some(&self.version)),
+                    // Debian keeps only the newest kbuild tools; the headers
+                    // package asks for that version or later.
+                    DebRef::new("linux-kbuild-6.1", None),
                 ],
                 &deb_dir,
             )?;
