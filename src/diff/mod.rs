@@ -157,7 +157,13 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
 
     // Code that reads a changed constant table behaves differently even
     // when its instructions are the same.
-    for index in changed_readonly_objects(&mut orig_view, &mut patched_view) {
+    let changed_data = changed_data_objects(&mut orig_view, &mut patched_view);
+    for &index in changed_data.iter().filter(|&&i| {
+        let section = patched.symbols[i]
+            .section()
+            .expect("data symbols are defined");
+        !patched.sections[section].is_write()
+    }) {
         for user in referrers(patched, index) {
             if patched_units
                 .iter()
@@ -214,7 +220,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         &correlation,
         &mut refused,
     );
-    let private_copies = compare_data(&mut orig_view, &mut patched_view, &functions, &mut refused);
+    let private_copies = compare_data(patched, &changed_data, &functions, &mut refused);
     for change in types::layout_changes(orig, patched)? {
         refused.push(Refusal {
             symbol: match &change.member {
@@ -714,42 +720,21 @@ fn ftrace_sites(obj: &ObjectFile) -> Option<BTreeSet<(usize, u64)>> {
 /// read-only data that only carried functions use, of which new code gets
 /// its own copy (returned by name).
 fn compare_data(
-    orig: &mut View,
-    patched: &mut View,
+    patched: &ObjectFile,
+    changed_data: &[usize],
     functions: &[FunctionChange],
     refused: &mut Vec<Refusal>,
 ) -> BTreeSet<String> {
     let mut private_copies = BTreeSet::new();
     let carried: BTreeSet<&str> = functions.iter().map(|f| f.name.as_str()).collect();
-    let orig_obj = orig.obj;
-    let patched_obj = patched.obj;
-    let correlation = patched.correlation.expect("patched view has a correlation");
-    let orig_objects: HashMap<&str, usize> = data_symbols(orig_obj)
-        .into_iter()
-        .map(|i| (orig_obj.symbols[i].name.as_str(), i))
-        .collect();
-    for index in data_symbols(patched_obj) {
-        let sym = &patched_obj.symbols[index];
-        let Some(orig_name) = correlation.orig_name(&sym.name) else {
-            continue; // new data: allocated by the package
-        };
-        let Some(&orig_index) = orig_objects.get(orig_name) else {
-            continue;
-        };
-        let section = sym.section().expect("data symbols are defined");
-        let orig_sym = &orig_obj.symbols[orig_index];
-        let orig_section = orig_sym.section().expect("data symbols are defined");
-        if copied_readonly(patched_obj, index) {
+    for &index in changed_data {
+        let sym = &patched.symbols[index];
+        let section = &patched.sections[sym.section().expect("data symbols are defined")];
+        if copied_readonly(patched, index) {
             continue;
         }
-        let before =
-            orig.range_signature(orig_section, orig_sym.value, orig_sym.value + orig_sym.size);
-        let after = patched.range_signature(section, sym.value, sym.value + sym.size);
-        if before == after {
-            continue;
-        }
-        if !patched_obj.sections[section].is_write() {
-            let users = referrers(patched_obj, index);
+        if !section.is_write() {
+            let users = referrers(patched, index);
             match users.iter().find(|u| !carried.contains(u.as_str())) {
                 None => {
                     private_copies.insert(sym.name.clone());
@@ -767,7 +752,7 @@ fn compare_data(
             symbol: sym.name.clone(),
             reason: format!(
                 "changed initialised data in {}: existing kernel objects keep their old contents",
-                patched_obj.sections[section].name
+                section.name
             ),
         });
     }
@@ -814,9 +799,9 @@ fn referrers(obj: &ObjectFile, symbol: usize) -> BTreeSet<String> {
     found
 }
 
-/// Read-only data objects (patched symbol indices) whose contents differ
-/// from the original's.
-fn changed_readonly_objects(orig: &mut View, patched: &mut View) -> Vec<usize> {
+/// Data objects existing in both builds (patched symbol indices) whose
+/// contents differ.
+fn changed_data_objects(orig: &mut View, patched: &mut View) -> Vec<usize> {
     let orig_obj = orig.obj;
     let patched_obj = patched.obj;
     let correlation = patched.correlation.expect("patched view has a correlation");
@@ -828,9 +813,6 @@ fn changed_readonly_objects(orig: &mut View, patched: &mut View) -> Vec<usize> {
     for index in data_symbols(patched_obj) {
         let sym = &patched_obj.symbols[index];
         let section = sym.section().expect("data symbols are defined");
-        if patched_obj.sections[section].is_write() {
-            continue;
-        }
         let Some(&orig_index) = correlation
             .orig_name(&sym.name)
             .and_then(|n| orig_objects.get(n))
