@@ -11,6 +11,8 @@
 //! - `schedstat-static-key`: a static branch in new code on a key the
 //!   kernel does not export (`sched_schedstats`) follows the key when it is
 //!   toggled at run time (jump table carried, key resolved before load).
+//! - `proc-version-cpu-has`: `static_cpu_has()` in new code (an
+//!   alternative plus its `.altinstr_aux` fallback) answers as the CPU does.
 //! - `drop-caches-static-local`: new code uses the kernel's own instance of
 //!   a function's static local, so state written by the new version is seen
 //!   by the old one after revert; its changed string literal shows in dmesg.
@@ -41,6 +43,7 @@ fn carried_tables_and_static_locals_work_in_the_running_kernel() {
         "proc-version-warn",
         "drop-caches-static-local",
         "schedstat-static-key",
+        "proc-version-cpu-has",
     ] {
         let pkg = work.path().join(format!("{name}.dynpkg"));
         let out = build(&keys, &format!("{name}.diff"), &pkg);
@@ -67,6 +70,10 @@ dynamos apply /packages/proc-version-warn.dynpkg
 cat /proc/version >/dev/null
 cat /proc/version >/dev/null && echo "@@ version readable after warn"
 dynamos revert proc-version-warn
+
+dynamos apply /packages/proc-version-cpu-has.dynpkg
+echo "@@ $(grep 'dynamos: avx' /proc/version) cpuinfo $(grep -c ' avx ' /proc/cpuinfo) @@"
+dynamos revert proc-version-cpu-has
 
 dynamos apply /packages/schedstat-static-key.dynpkg
 echo 0 > /proc/sys/kernel/sched_schedstats
@@ -100,6 +107,11 @@ echo "@@ tainted $(cat /proc/sys/kernel/tainted)"
         text.contains("@@ ls reverted: dynamos-hidden visible"),
         "{text}"
     );
+
+    // static_cpu_has() in new code agrees with the CPU's flags.
+    let cpu_has = section(&text, "@@ dynamos: avx ", " @@");
+    let (answer, cpus) = cpu_has.split_once(" cpuinfo ").unwrap();
+    assert_eq!(answer == "yes", cpus.trim() != "0", "{text}");
 
     // The static branch follows the kernel's key both ways.
     assert!(

@@ -93,6 +93,9 @@ pub enum RelocTarget {
     Str(Vec<u8>),
     /// An entry of a merged constant pool (`.rodata.cst16`), by content.
     Constant(Vec<u8>),
+    /// A snippet of code with no symbol (`.altinstr_aux`), by its bytes
+    /// and relocations.
+    Code(Vec<u8>, Vec<(u64, u32, RelocTarget)>),
     /// Anonymous contents of a section, by section name and addend.
     Section(String, i64),
 }
@@ -347,6 +350,7 @@ impl Signature {
                     RelocTarget::Symbol(name, addend) => format!("{name}{addend:+}"),
                     RelocTarget::Str(text) => format!("str:{:?}", String::from_utf8_lossy(text)),
                     RelocTarget::Constant(bytes) => format!("const:{}", hex::encode(bytes)),
+                    RelocTarget::Code(bytes, _) => format!("code:{}", hex::encode(bytes)),
                     RelocTarget::Section(name, addend) => format!("section {name}{addend:+}"),
                 };
                 (*offset, reloc_width(*r_type).unwrap_or(4), text)
@@ -495,8 +499,16 @@ impl<'a> View<'a> {
 
     /// Anonymous data: merged constants by their bytes, anything else by
     /// section and addend.
-    fn anonymous_target(&self, section: usize, position: i64, addend: i64) -> RelocTarget {
+    fn anonymous_target(&mut self, section: usize, position: i64, addend: i64) -> RelocTarget {
         let s = &self.obj.sections[section];
+        if s.is_exec() {
+            // Out-of-line code without a symbol: by its own signature.
+            if let Ok(start) = u64::try_from(position) {
+                let (start, end) = snippet_range(self.obj, section, start);
+                let snippet = self.range_signature(section, start, end);
+                return RelocTarget::Code(snippet.bytes, snippet.relocs);
+            }
+        }
         let merged = s.flags & u64::from(elf::SHF_MERGE) != 0;
         if s.is_strings() {
             return RelocTarget::Str(c_string_at(self.obj.data(section), position));
@@ -625,6 +637,31 @@ pub fn implicit_branches(
         });
     }
     found
+}
+
+/// The extent of a code snippet that has no symbol (the `.altinstr_aux`
+/// fallbacks of `static_cpu_has()`): from `start` through its first
+/// unconditional jump or return.
+pub fn snippet_range(obj: &ObjectFile, section: usize, start: u64) -> (u64, u64) {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl};
+    let data = obj.data(section);
+    let Some(code) = data.get(start as usize..) else {
+        return (start, start);
+    };
+    let mut decoder = Decoder::with_ip(64, code, start, DecoderOptions::NONE);
+    while decoder.can_decode() {
+        let instr = decoder.decode();
+        if instr.is_invalid() {
+            break;
+        }
+        if matches!(
+            instr.flow_control(),
+            FlowControl::UnconditionalBranch | FlowControl::Return | FlowControl::IndirectBranch
+        ) {
+            return (start, instr.next_ip());
+        }
+    }
+    (start, data.len() as u64)
 }
 
 /// End offsets of the instructions of an x86-64 code section, in order.

@@ -7,7 +7,8 @@
 use crate::diff::object::{reloc_is_module_loadable, Reloc};
 use crate::diff::special::{self, SectionRole};
 use crate::diff::{
-    covering_symbol, implicit_branches, ChangeKind, InstructionIndex, ObjectDiff, ObjectFile,
+    covering_symbol, implicit_branches, snippet_range, ChangeKind, InstructionIndex, ObjectDiff,
+    ObjectFile,
 };
 use crate::error::Refusal;
 use crate::package::{ExternalSymbol, SymbolKind};
@@ -340,6 +341,16 @@ impl Extractor<'_> {
                 return Some((out_sym, r.addend - c.start as i64 + c.out_offset as i64));
             }
             if let Some(c) = self.carry_anonymous(target_section, position, role) {
+                let out_sym = self.out.section_symbol(c.out);
+                return Some((out_sym, r.addend - c.start as i64 + c.out_offset as i64));
+            }
+            let anonymous_code = self.patched.sections[target_section].is_exec()
+                && covering_symbol(self.patched, target_section, position).is_none();
+            if let (true, Ok(start)) = (anonymous_code, u64::try_from(position)) {
+                // A static_cpu_has() fallback in .altinstr_aux: carry the
+                // snippet; its jumps back land in the carried function.
+                let (start, end) = snippet_range(self.patched, target_section, start);
+                let c = self.carry_range(target_section, start, end, false);
                 let out_sym = self.out.section_symbol(c.out);
                 return Some((out_sym, r.addend - c.start as i64 + c.out_offset as i64));
             }
