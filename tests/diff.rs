@@ -529,3 +529,22 @@ const void *noted(void) { return SITE("hello"); }
     assert_eq!(run.code, 0, "{}", run.json);
     assert_eq!(names(&run.json, "changed"), ["edited"]);
 }
+
+#[test]
+fn an_added_ratelimit_state_beside_an_existing_one_is_carried_fresh() {
+    // Two `_rs` statics in one function where there was one: which is new
+    // cannot be told, and for ratelimit states it does not matter.
+    let orig = r#"
+extern int ratelimit(void *state);
+extern int printk(const char *fmt, ...);
+#define limited(fmt) ({ static int _rs[4]; if (ratelimit(_rs)) printk(fmt); })
+int checks(int x) { if (x < 0) limited("negative\n"); return x; }
+"#;
+    let patched = orig.replace(
+        "if (x < 0) limited(\"negative\\n\");",
+        "if (x < 0) limited(\"negative\\n\"); if (x > 100) limited(\"large\\n\");",
+    );
+    let run = diff(orig, &patched);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["checks"]);
+}

@@ -38,6 +38,9 @@ impl Correlation {
                         patched_to_orig.insert(p.1.clone(), o.1.clone());
                     }
                 }
+                // Ratelimit states and once-flags may start afresh: the
+                // worst outcome is a message printed once more.
+                Some(_) if is_bookkeeping(key) => {}
                 Some(_) => ambiguous.extend(patched_side.iter().map(|p| p.1.clone())),
                 None => {}
             }
@@ -64,6 +67,21 @@ impl Correlation {
 /// A numbered name's place in its group: first user, and where in that
 /// user's code the first reference is.
 type FirstUse = (String, u64);
+
+/// Statics the kernel's macros create only to limit messages
+/// (`printk_ratelimited`, `WARN_ONCE`, `pr_*_once`) or to name lock
+/// classes: a new copy changes how often something is printed, nothing
+/// else. `key` is a grouping key from `numbered_by_key`.
+fn is_bookkeeping(key: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "_rs.",
+        "__already_done.",
+        "__warned.",
+        "__print_once.",
+        "__key.",
+    ];
+    NAMES.iter().any(|n| key.starts_with(n))
+}
 
 /// Numbered names grouped by (base name, functions referring to them),
 /// each group in order of first use.
