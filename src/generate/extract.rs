@@ -328,7 +328,7 @@ impl Extractor<'_> {
     fn translate_target(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
         let sym = self.patched.symbols[r.symbol].clone();
         let Some(target_section) = sym.section() else {
-            return Some((self.external(&sym.name, &sym.name, None, true), r.addend));
+            return Some((self.external(&sym.name, None, true), r.addend));
         };
         let role = {
             let t = &self.patched.sections[target_section];
@@ -363,19 +363,19 @@ impl Extractor<'_> {
                 });
                 return None;
             };
-            let named = self.patched.symbols[named].clone();
-            let addend = r.addend - named.value as i64;
-            return self.named_target(&named, target_section, addend);
+            let addend = r.addend - self.patched.symbols[named].value as i64;
+            return self.named_target(named, target_section, addend);
         }
-        self.named_target(&sym, target_section, r.addend)
+        self.named_target(r.symbol, target_section, r.addend)
     }
 
     fn named_target(
         &mut self,
-        sym: &crate::diff::object::Symbol,
+        symbol: usize,
         section: usize,
         addend: i64,
     ) -> Option<(SymbolId, i64)> {
+        let sym = &self.patched.symbols[symbol];
         // String literals (also when named by a local label such as `.LC2`)
         // are copied whole, like anonymous ones.
         let s = &self.patched.sections[section];
@@ -396,7 +396,7 @@ impl Extractor<'_> {
             ));
         }
         let is_new = self.diff.correlation.orig_name(&sym.name).is_none();
-        let copied = crate::diff::copied_readonly(self.patched, self.symbol_index(sym))
+        let copied = crate::diff::copied_readonly(self.patched, symbol)
             || self.diff.private_copies.contains(&sym.name);
         if is_new || copied {
             // New data (or a compiler-made constant): the package allocates it.
@@ -420,18 +420,11 @@ impl Extractor<'_> {
             .unwrap_or(&sym.name)
             .to_string();
         let is_code = self.patched.sections[section].is_exec();
+        let is_local = sym.is_local();
         Some((
-            self.external(&kernel_name, &sym.name, Some(is_code), !sym.is_local()),
+            self.external(&kernel_name, Some(is_code), !is_local),
             addend,
         ))
-    }
-
-    fn symbol_index(&self, sym: &crate::diff::object::Symbol) -> usize {
-        self.patched
-            .symbols
-            .iter()
-            .position(|s| s.name == sym.name && s.value == sym.value && s.place == sym.place)
-            .unwrap_or(0)
     }
 
     /// String literals and anonymous constants are copied whole: new code
@@ -458,13 +451,7 @@ impl Extractor<'_> {
 
     /// An undefined symbol for something the running kernel provides.
     /// `is_code`: None when unknown (an undefined reference).
-    fn external(
-        &mut self,
-        kernel_name: &str,
-        _local_name: &str,
-        is_code: Option<bool>,
-        global: bool,
-    ) -> SymbolId {
+    fn external(&mut self, kernel_name: &str, is_code: Option<bool>, global: bool) -> SymbolId {
         let defined_here = is_code.is_some();
         let key = (kernel_name.to_string(), defined_here);
         if let Some((id, _)) = self.externals.get(&key) {
