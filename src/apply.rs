@@ -880,6 +880,22 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         )
         .into());
     }
+    // The same release string can name different builds: the build-id
+    // tells them apart.
+    if let (Some(wanted), Some(running_id)) = (
+        manifest.target.build_id.as_deref(),
+        crate::identity::running_build_id()?,
+    ) {
+        if wanted != running_id {
+            return Err(Error::refused(
+                &manifest.name,
+                format!(
+                    "built for kernel {running} with build-id {wanted} but the running kernel's build-id is {running_id}"
+                ),
+            )
+            .into());
+        }
+    }
     let paths = &opts.paths;
     if !paths.livepatch.is_dir() {
         bail!(
@@ -1360,6 +1376,7 @@ mod tests {
             target: TargetIdentity {
                 release: "x".into(),
                 debian_version: None,
+                build_id: None,
             },
             patches: vec![],
             objects: vec![ObjectUpdate {

@@ -12,6 +12,7 @@ pub mod debian;
 pub mod diff;
 pub mod error;
 pub mod generate;
+pub mod identity;
 pub mod package;
 pub mod patch;
 pub mod pipeline;

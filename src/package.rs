@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.
@@ -28,6 +28,8 @@ pub struct TargetIdentity {
     pub release: String,
     /// Debian package version of that kernel, when it is a Debian build.
     pub debian_version: Option<String>,
+    /// GNU build-id of its vmlinux (hex), as /sys/kernel/notes shows it.
+    pub build_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -465,6 +467,7 @@ mod tests {
                 target: TargetIdentity {
                     release: "6.1.0-18-amd64".into(),
                     debian_version: Some("6.1.76-1".into()),
+                    build_id: Some("ab".repeat(20)),
                 },
                 patches: vec![PatchDigest {
                     file: "fix.diff".into(),

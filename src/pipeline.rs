@@ -174,6 +174,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         target: TargetIdentity {
             release: target.release.clone(),
             debian_version: target.debian.as_ref().map(|d| d.version.clone()),
+            build_id: target.build_id.clone(),
         },
         patches: digests,
         objects: generated.objects,

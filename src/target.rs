@@ -119,6 +119,17 @@ impl DebianBuild {
         Ok(tree)
     }
 
+    /// GNU build-id of the image's vmlinux, computed once and cached.
+    pub fn build_id(&self) -> Result<String> {
+        let cached = target_dir(&self.release).join("build-id");
+        if let Ok(id) = fs::read_to_string(&cached) {
+            return Ok(id.trim().to_string());
+        }
+        let id = crate::identity::vmlinuz_build_id(&self.vmlinuz()?)?;
+        cache::write_atomic(&cached, format!("{id}\n").as_bytes())?;
+        Ok(id)
+    }
+
     /// Headers for building external modules, with the absolute paths of
     /// Debian's layout rewritten to point into the cache.
     fn headers(&self) -> Result<PathBuf> {
@@ -201,6 +212,8 @@ pub struct Target {
     pub work: PathBuf,
     /// Module.symvers for building modules when there are no headers.
     pub symvers: Option<PathBuf>,
+    /// GNU build-id of the target's vmlinux, when known.
+    pub build_id: Option<String>,
 }
 
 impl Target {
@@ -233,6 +246,7 @@ impl Target {
             source,
             config,
             headers,
+            build_id: Some(build.build_id()?),
             debian: Some(build),
             symvers: None,
         })
@@ -290,6 +304,7 @@ impl Target {
             config,
             headers: None,
             symvers,
+            build_id: None,
         })
     }
 }

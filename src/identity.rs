@@ -1,0 +1,128 @@
+//! Which kernel build is which: the GNU build-id of vmlinux, read from a
+//! Debian kernel image at build time and from /sys/kernel/notes on the
+//! running kernel. A package records the one it was built for.
+
+use anyhow::{bail, Context, Result};
+use object::{Object, ObjectSection};
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+/// ELF note type of a GNU build-id.
+const NT_GNU_BUILD_ID: u32 = 3;
+
+/// The GNU build-id in a sequence of ELF notes (a `.notes` section, or
+/// /sys/kernel/notes), as lowercase hex.
+pub fn gnu_build_id(notes: &[u8]) -> Option<String> {
+    let mut at = 0usize;
+    let word = |i: usize| -> Option<u32> {
+        notes
+            .get(i..i + 4)
+            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
+    };
+    while at + 12 <= notes.len() {
+        let name_size = word(at)? as usize;
+        let desc_size = word(at + 4)? as usize;
+        let kind = word(at + 8)?;
+        let name_start = at + 12;
+        let desc_start = name_start.checked_add(name_size.div_ceil(4) * 4)?;
+        let desc_end = desc_start.checked_add(desc_size)?;
+        let name = notes.get(name_start..name_start + name_size)?;
+        let desc = notes.get(desc_start..desc_end)?;
+        if kind == NT_GNU_BUILD_ID && name == b"GNU\0" {
+            return Some(hex::encode(desc));
+        }
+        at = desc_start.checked_add(desc_size.div_ceil(4) * 4)?;
+    }
+    None
+}
+
+/// Build-id of the running kernel, if it exposes its notes.
+pub fn running_build_id() -> Result<Option<String>> {
+    match std::fs::read("/sys/kernel/notes") {
+        Ok(notes) => Ok(gnu_build_id(&notes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).context("cannot read /sys/kernel/notes"),
+    }
+}
+
+/// Build-id of the vmlinux inside an x86 bzImage whose payload is
+/// xz-compressed (Debian's kernels): the payload is the stripped vmlinux
+/// ELF, whose `.notes` section is what /sys/kernel/notes shows.
+pub fn vmlinuz_build_id(vmlinuz: &Path) -> Result<String> {
+    let image =
+        std::fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
+    const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
+    let start = image
+        .windows(XZ_MAGIC.len())
+        .position(|w| w == XZ_MAGIC)
+        .with_context(|| format!("{}: no xz-compressed kernel inside", vmlinuz.display()))?;
+    let vmlinux = xz_decompress(&image[start..])
+        .with_context(|| format!("cannot decompress the kernel in {}", vmlinuz.display()))?;
+    let elf = object::File::parse(&*vmlinux)
+        .with_context(|| format!("{}: the decompressed kernel is not ELF", vmlinuz.display()))?;
+    let notes = elf
+        .section_by_name(".notes")
+        .with_context(|| format!("{}: the kernel has no .notes section", vmlinuz.display()))?;
+    let data = notes.data().context("cannot read the kernel's .notes")?;
+    match gnu_build_id(data) {
+        Some(id) => Ok(id),
+        None => bail!("{}: the kernel has no GNU build-id", vmlinuz.display()),
+    }
+}
+
+/// The first xz stream of `data` (what follows it is bzImage padding).
+fn xz_decompress(data: &[u8]) -> Result<Vec<u8>> {
+    let mut child = Command::new("xz")
+        .args(["--decompress", "--stdout", "--single-stream"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot run xz (install xz-utils)")?;
+    let mut stdin = child.stdin.take().context("xz has no stdin")?;
+    let input = data.to_vec();
+    let writer = std::thread::spawn(move || {
+        // xz stops reading after the first stream: a broken pipe is expected.
+        let _ = stdin.write_all(&input);
+    });
+    let output = child.wait_with_output().context("xz failed")?;
+    let _ = writer.join();
+    if output.stdout.is_empty() {
+        bail!("xz produced nothing");
+    }
+    Ok(output.stdout)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::gnu_build_id;
+
+    fn note(name: &[u8], kind: u32, desc: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(name.len() as u32).to_le_bytes());
+        out.extend_from_slice(&(desc.len() as u32).to_le_bytes());
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(name);
+        out.resize(out.len().div_ceil(4) * 4, 0);
+        out.extend_from_slice(desc);
+        out.resize(out.len().div_ceil(4) * 4, 0);
+        out
+    }
+
+    #[test]
+    fn finds_the_build_id_among_other_notes() {
+        let mut notes = note(b"Xen\0", 1, b"linux\0");
+        notes.extend(note(b"GNU\0", 3, &[0xab; 20]));
+        assert_eq!(gnu_build_id(&notes).unwrap(), "ab".repeat(20));
+    }
+
+    #[test]
+    fn hostile_notes_give_none() {
+        assert_eq!(gnu_build_id(&[]), None);
+        assert_eq!(gnu_build_id(&[0xff; 40]), None);
+        let mut truncated = note(b"GNU\0", 3, &[1; 20]);
+        truncated.truncate(30);
+        assert_eq!(gnu_build_id(&truncated), None);
+    }
+}

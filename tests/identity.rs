@@ -1,0 +1,51 @@
+//! A package records the exact kernel build it was made for: its release
+//! and the GNU build-id of its vmlinux, taken from the Debian image at
+//! build time. The running kernel shows the same build-id in
+//! /sys/kernel/notes; another build refuses the package.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn a_package_knows_its_kernel_build_and_another_build_refuses_it() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("proc-version-banner.dynpkg");
+    let out = build(&keys, "proc-version-banner.diff", &pkg);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = dynamos(&keys.dir, &["inspect", "--json", pkg.to_str().unwrap()]);
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let build_id = manifest["target"]["build_id"].as_str().unwrap().to_string();
+    assert_eq!(build_id.len(), 40, "{manifest}");
+
+    // The running default kernel exposes that very build-id.
+    let (text, code) = vm(
+        &keys,
+        std::slice::from_ref(&pkg),
+        "echo \"@@ notes $(hexdump -v -e '1/1 \"%02x\"' /sys/kernel/notes) @@\"",
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        section(&text, "@@ notes ", " @@").contains(&build_id),
+        "{text}"
+    );
+
+    // Another Debian build refuses it, names both, and loads nothing.
+    let mut args = vec!["vm", "--kernel", "6.1.0-54-amd64", "--package"];
+    let pkg_arg = pkg.to_string_lossy().into_owned();
+    args.push(&pkg_arg);
+    args.push("--");
+    args.push(
+        "dynamos apply /packages/proc-version-banner.dynpkg; echo \"@@ exit $? livepatches $(ls /sys/kernel/livepatch | wc -l) @@\"",
+    );
+    let out = dynamos(&keys.dir, &args);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("@@ exit 2 livepatches 0 @@"), "{text}");
+    assert!(
+        text.contains("6.1.0-57-amd64") && text.contains("6.1.0-54-amd64"),
+        "{text}"
+    );
+}
