@@ -223,3 +223,45 @@ fn a_users_own_tree_builds_a_package_that_goes_live() {
         "{text}"
     );
 }
+
+#[test]
+fn verify_accepts_the_signed_package_and_refuses_any_flipped_byte() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("proc-cmdline-suffix.dynpkg");
+    let out = build(&keys, "proc-cmdline-suffix.diff", &pkg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let public = keys.dir.path().join("signing.pub");
+    let trust = ["--trust", public.to_str().unwrap()];
+
+    let ok = dynamos(
+        &keys.dir,
+        &[&["verify", pkg.to_str().unwrap()][..], &trust].concat(),
+    );
+    assert!(ok.status.success(), "{}", stderr(&ok));
+
+    // Without trusting the key: refused, naming the key.
+    let untrusted = dynamos(&keys.dir, &["verify", pkg.to_str().unwrap()]);
+    assert_eq!(untrusted.status.code(), Some(2), "{}", stderr(&untrusted));
+
+    let bytes = std::fs::read(&pkg).unwrap();
+    let tampered = work.path().join("tampered.dynpkg");
+    for at in [
+        0,
+        9,
+        bytes.len() / 3,
+        bytes.len() / 2,
+        bytes.len() - 70,
+        bytes.len() - 1,
+    ] {
+        let mut copy = bytes.clone();
+        copy[at] ^= 0x20;
+        std::fs::write(&tampered, &copy).unwrap();
+        let out = dynamos(
+            &keys.dir,
+            &[&["verify", tampered.to_str().unwrap()][..], &trust].concat(),
+        );
+        assert!(!out.status.success(), "byte {at} flipped was accepted");
+        assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    }
+}
