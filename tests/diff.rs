@@ -2,25 +2,11 @@
 //! (function/data sections, fentry with recorded mcount locations, kernel
 //! code model), through the `dynamos diff` command.
 
+mod common;
+
+use common::KERNEL_LIKE_FLAGS;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-const KERNEL_LIKE_FLAGS: &[&str] = &[
-    "-O2",
-    "-g",
-    "-c",
-    "-ffunction-sections",
-    "-fdata-sections",
-    "-mcmodel=kernel",
-    "-fno-pic",
-    "-pg",
-    "-mfentry",
-    "-mrecord-mcount",
-    "-fno-asynchronous-unwind-tables",
-    "-fno-jump-tables",
-    "-mno-red-zone",
-    "-fno-common",
-];
 
 const INIT: &str = "#define __init __attribute__((__section__(\".init.text\"), __cold__))\n";
 
@@ -53,14 +39,23 @@ struct DiffRun {
 }
 
 fn diff(orig_src: &str, patched_src: &str) -> DiffRun {
+    diff_with(orig_src, patched_src, &[])
+}
+
+/// `diff` with some of the kernel-like flags left out of both compiles.
+fn diff_with(orig_src: &str, patched_src: &str, drop_flags: &[&str]) -> DiffRun {
     let dir = tempfile::tempdir().unwrap();
-    let a = compile(dir.path(), "orig", orig_src);
-    let b = compile(dir.path(), "patched", patched_src);
+    let a = compile_with(dir.path(), "orig", orig_src, drop_flags);
+    let b = compile_with(dir.path(), "patched", patched_src, drop_flags);
+    run_diff(&a, &b)
+}
+
+/// `dynamos diff --json` on two objects.
+fn run_diff(a: &Path, b: &Path) -> DiffRun {
     let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
-        .arg("diff")
-        .arg(&a)
-        .arg(&b)
-        .arg("--json")
+        .args(["diff", "--json"])
+        .arg(a)
+        .arg(b)
         .output()
         .unwrap();
     let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| {
@@ -358,17 +353,8 @@ static __attribute__((noinline)) int other(int x) { return x * 5; }
 int caller(int x) { return helper(x) + other(x); }
 "#;
     let patched = orig.replace("return x + 1;", "return (x + 1) * (x - 1) / 3;");
-    let dir = tempfile::tempdir().unwrap();
-    let a = compile_with(dir.path(), "orig", orig, &["-ffunction-sections"]);
-    let b = compile_with(dir.path(), "patched", &patched, &["-ffunction-sections"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
-        .args(["diff", "--json"])
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(names(&json, "changed"), ["grows"], "{json}");
+    let run = diff_with(orig, &patched, &["-ffunction-sections"]);
+    assert_eq!(names(&run.json, "changed"), ["grows"], "{}", run.json);
 }
 
 #[test]
@@ -377,18 +363,14 @@ fn without_an_mcount_table_the_fentry_call_decides() {
     // the call; notrace functions have none.
     let orig = "int traced(int x) { return x + 1; }\n__attribute__((no_instrument_function)) int quiet(int x) { return x + 1; }\n";
     let patched = orig.replace("x + 1", "x + 2");
-    let dir = tempfile::tempdir().unwrap();
-    let a = compile_with(dir.path(), "orig", orig, &["-mrecord-mcount"]);
-    let b = compile_with(dir.path(), "patched", &patched, &["-mrecord-mcount"]);
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
-        .args(["diff", "--json"])
-        .arg(&a)
-        .arg(&b)
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(names(&json, "changed"), ["quiet", "traced"], "{json}");
-    assert_eq!(refused_symbols(&json), ["quiet"], "{json}");
+    let run = diff_with(orig, &patched, &["-mrecord-mcount"]);
+    assert_eq!(
+        names(&run.json, "changed"),
+        ["quiet", "traced"],
+        "{}",
+        run.json
+    );
+    assert_eq!(refused_symbols(&run.json), ["quiet"], "{}", run.json);
 }
 
 #[test]
@@ -497,17 +479,13 @@ fn user_space_objects_compare_but_cannot_be_carried() {
             out
         })
         .collect();
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
-        .args(["diff", "--json"])
-        .args(&objects)
-        .output()
-        .unwrap();
-    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(names(&json, "changed"), ["touch"], "{json}");
-    assert_eq!(out.status.code(), Some(2), "{json}");
+    let run = run_diff(&objects[0], &objects[1]);
+    assert_eq!(names(&run.json, "changed"), ["touch"], "{}", run.json);
+    assert_eq!(run.code, 2, "{}", run.json);
     assert!(
-        refused_symbols(&json).contains(&"touch".to_string()),
-        "{json}"
+        refused_symbols(&run.json).contains(&"touch".to_string()),
+        "{}",
+        run.json
     );
 }
 

@@ -5,25 +5,14 @@
 //! is used for both builds so `__FILE__` matches, as it does in a kernel
 //! tree.
 
+mod common;
+
+use common::KERNEL_LIKE_FLAGS;
 use dynamos::diff::lines::{line_number_sites, same_but_line_numbers, Code};
 use dynamos::diff::object::reloc_width;
 use dynamos::diff::{InstructionIndex, ObjectFile};
 use std::path::Path;
 use std::process::Command;
-
-const KERNEL_LIKE_FLAGS: &[&str] = &[
-    "-O2",
-    "-c",
-    "-ffunction-sections",
-    "-fdata-sections",
-    "-mcmodel=kernel",
-    "-fno-pic",
-    "-pg",
-    "-mfentry",
-    "-mrecord-mcount",
-    "-fno-asynchronous-unwind-tables",
-    "-mno-red-zone",
-];
 
 const HEADER: &str = r#"
 extern void __might_sleep(const char *file, int line);

@@ -75,6 +75,25 @@ pub fn vm(keys: &Keys, packages: &[PathBuf], script: &str) -> (String, Option<i3
     (text, out.status.code())
 }
 
+/// Flags that make gcc emit what kernel objects contain: function and data
+/// sections, fentry calls with recorded mcount locations, kernel code model.
+pub const KERNEL_LIKE_FLAGS: &[&str] = &[
+    "-O2",
+    "-g",
+    "-c",
+    "-ffunction-sections",
+    "-fdata-sections",
+    "-mcmodel=kernel",
+    "-fno-pic",
+    "-pg",
+    "-mfentry",
+    "-mrecord-mcount",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-jump-tables",
+    "-mno-red-zone",
+    "-fno-common",
+];
+
 /// Taint bits every live update sets: out-of-tree, unsigned and livepatch
 /// modules.
 pub const MODULE_TAINTS: u64 = (1 << 12) | (1 << 13) | (1 << 15);
