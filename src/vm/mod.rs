@@ -138,8 +138,18 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
         .env("LD_LIBRARY_PATH", &qemu.library_path)
         .env("QEMU_MODULE_DIR", &qemu.module_dir)
         .args(["-nodefaults", "-no-user-config", "-display", "none"])
+        // One host thread runs both vCPUs in turn: with a thread per vCPU, code
+        // patched by one vCPU (text_poke of static keys) was once seen to leave
+        // the other spinning in a soft lockup under a loaded host.
         .args([
-            "-machine", "pc", "-accel", "tcg", "-cpu", "max", "-smp", "2",
+            "-machine",
+            "pc",
+            "-accel",
+            "tcg,thread=single",
+            "-cpu",
+            "max",
+            "-smp",
+            "2",
         ])
         .arg("-m")
         .arg(opts.memory_mb.to_string())
