@@ -16,6 +16,7 @@ pub mod identity;
 pub mod package;
 pub mod patch;
 pub mod pipeline;
+pub mod runpre;
 pub mod target;
 pub mod vm;
 

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.
@@ -54,6 +54,56 @@ pub struct ObjectUpdate {
     /// The symbols each original object file defines, used to tell apart
     /// same-named static symbols of different files.
     pub files: Vec<SourceObject>,
+    /// The original code of every replaced function and of every function
+    /// of the changed files the new code calls: `dynamos apply` checks the
+    /// running kernel has exactly this code before it redirects anything.
+    pub expected_code: Vec<ExpectedCode>,
+}
+
+/// A function's code as the package expects to find it in the running
+/// kernel (run-pre verification).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectedCode {
+    /// Name in /proc/kallsyms.
+    pub name: String,
+    /// Source file defining it.
+    pub file: String,
+    /// The function's bytes in the original object file.
+    pub bytes: Vec<u8>,
+    /// Ranges the kernel legitimately changes (relocations, ftrace and
+    /// boot-time patch sites), sorted by offset; never compared byte by byte.
+    pub masked: Vec<MaskedRange>,
+    /// Relocations to named symbols outside patch sites: the running value
+    /// must point where the symbol is in the running kernel.
+    pub relocations: Vec<ExpectedReloc>,
+}
+
+/// A relocated field of the original code and what it must refer to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExpectedReloc {
+    /// Offset in the function.
+    pub offset: u32,
+    pub kind: RelocKind,
+    pub symbol: String,
+    pub addend: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelocKind {
+    /// 64-bit absolute: S + A.
+    Absolute64,
+    /// 32-bit absolute, sign-extended: S + A.
+    Absolute32Signed,
+    /// 32-bit absolute, zero-extended: S + A.
+    Absolute32,
+    /// 32-bit PC-relative (PC32, PLT32): S + A - P.
+    PcRelative32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MaskedRange {
+    pub offset: u32,
+    pub len: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -489,6 +539,18 @@ mod tests {
                         global: true,
                     }],
                     files: vec![],
+                    expected_code: vec![ExpectedCode {
+                        name: "cmdline_proc_show".into(),
+                        file: "fs/proc/cmdline.c".into(),
+                        bytes: vec![0xe8, 0, 0, 0, 0, 0xc3],
+                        masked: vec![MaskedRange { offset: 1, len: 4 }],
+                        relocations: vec![ExpectedReloc {
+                            offset: 1,
+                            kind: RelocKind::PcRelative32,
+                            symbol: "seq_printf".into(),
+                            addend: -4,
+                        }],
+                    }],
                 }],
             },
             module: b"\x7fELF not really a module".to_vec(),

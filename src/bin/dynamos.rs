@@ -161,9 +161,10 @@ fn run(cli: Cli) -> Result<i32> {
                 }
             }
             println!(
-                "applied {} in {:.1} s",
+                "applied {} in {:.1} s (running code verified: {} functions)",
                 applied.manifest.name,
-                applied.transition.as_secs_f64()
+                applied.transition.as_secs_f64(),
+                applied.verified_functions
             );
             Ok(exit::OK)
         }

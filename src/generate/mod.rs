@@ -11,7 +11,7 @@ pub mod extract;
 
 use crate::diff::{ObjectDiff, ObjectFile};
 use crate::error::Error;
-use crate::package::{ObjectUpdate, ReplacedFunction, SourceObject};
+use crate::package::{ExpectedCode, ObjectUpdate, ReplacedFunction, SourceObject, SymbolKind};
 use anyhow::{bail, Context, Result};
 use extract::{Extracted, PackageNames};
 use std::collections::BTreeMap;
@@ -87,6 +87,7 @@ pub fn generate(
                 added: Vec::new(),
                 externals: Vec::new(),
                 files: Vec::new(),
+                expected_code: Vec::new(),
             });
         for version in &extracted.replaced {
             let replaced = ReplacedFunction {
@@ -102,6 +103,29 @@ pub fn generate(
         }
         update.added.extend(extracted.added.iter().cloned());
         update.externals.extend(extracted.externals.iter().cloned());
+        // Run-pre covers what is replaced and the old functions of this file
+        // the new code calls: both must be the code it was compiled against.
+        let called = extracted
+            .externals
+            .iter()
+            .filter(|e| e.kind == SymbolKind::Function)
+            .map(|e| e.name.as_str());
+        for name in extracted
+            .replaced
+            .iter()
+            .map(|v| v.name.as_str())
+            .chain(called)
+        {
+            let known = update
+                .expected_code
+                .iter()
+                .any(|c| c.name == name && c.file == unit.source_file);
+            if !known {
+                if let Some(code) = expected_code_of(unit.original, name, &unit.source_file) {
+                    update.expected_code.push(code);
+                }
+            }
+        }
         update.files.push(SourceObject {
             file: unit.source_file.clone(),
             symbols: defined_symbols(unit.original),
@@ -127,6 +151,15 @@ pub fn generate(
     )?;
     let ko = build_module(kbuild_dir, work, module_name, &objects)?;
     Ok(GeneratedModule { ko, objects })
+}
+
+/// The run-pre expectation for the function `name` defined in `original`.
+fn expected_code_of(original: &ObjectFile, name: &str, file: &str) -> Option<ExpectedCode> {
+    let symbol = original
+        .symbols
+        .iter()
+        .position(|s| s.name == name && s.is_function() && s.section().is_some())?;
+    crate::runpre::expected_code(original, symbol, file)
 }
 
 /// Names the original object defines, so the resolver can tell same-named

@@ -1,0 +1,868 @@
+//! Applying, reverting and listing live updates on the running kernel.
+//!
+//! A package's module is a livepatch module: loading it registers a
+//! `klp_patch` named like the module. Its new code refers to kernel symbols
+//! that are not exported through undefined symbols (`__dynamos_ext_N`);
+//! before loading, each is resolved from /proc/kallsyms and turned into an
+//! absolute symbol in the module image, so the kernel's own module loader
+//! applies every relocation. The position (`sympos`) of each replaced
+//! function among same-named kernel symbols is passed as a module parameter.
+
+mod image;
+pub mod kcore;
+mod resolve;
+
+pub use image::{make_symbols_absolute, modinfo_name};
+pub use resolve::{
+    choose, kind_matches, object_symbols, parse_kallsyms, resolve, sympos_param, Choice, Ksym,
+    Resolution, ResolvedSymbol, NEIGHBOURHOOD,
+};
+
+use crate::error::Error;
+use crate::package::{self, keys, KeyId, Manifest};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::ffi::{CStr, CString};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Where the kernel and dynamos keep what `apply`, `revert` and `list` read.
+/// Only tests point these elsewhere.
+#[derive(Debug, Clone)]
+pub struct SystemPaths {
+    pub livepatch: PathBuf,
+    pub sys_module: PathBuf,
+    pub kallsyms: PathBuf,
+    /// The running kernel's memory, read to verify its code (run-pre).
+    pub kcore: PathBuf,
+    pub proc: PathBuf,
+    /// One `<module_name>.json` record per applied package.
+    pub state_dir: PathBuf,
+}
+
+impl Default for SystemPaths {
+    fn default() -> Self {
+        SystemPaths {
+            livepatch: "/sys/kernel/livepatch".into(),
+            sys_module: "/sys/module".into(),
+            kallsyms: "/proc/kallsyms".into(),
+            kcore: "/proc/kcore".into(),
+            proc: "/proc".into(),
+            state_dir: "/var/lib/dynamos/applied".into(),
+        }
+    }
+}
+
+pub const DEFAULT_TRUSTED_DIR: &str = "/etc/dynamos/trusted.d";
+pub const DEFAULT_TRANSITION_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct ApplyOptions {
+    /// Folders of trusted `*.pub` keys.
+    pub trusted_dirs: Vec<PathBuf>,
+    /// Further trusted public key files (`--trust FILE`).
+    pub extra_trust: Vec<PathBuf>,
+    /// How long the livepatch transition may take before the update is
+    /// reversed and unloaded.
+    pub transition_timeout: Duration,
+    pub paths: SystemPaths,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            trusted_dirs: vec![DEFAULT_TRUSTED_DIR.into()],
+            extra_trust: Vec::new(),
+            transition_timeout: DEFAULT_TRANSITION_TIMEOUT,
+            paths: SystemPaths::default(),
+        }
+    }
+}
+
+/// What `dynamos apply` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct AppliedPackage {
+    pub manifest: Manifest,
+    pub key_id: KeyId,
+    /// The `sympos` parameter given to the module, in manifest order.
+    pub sympos: Vec<u32>,
+    pub resolved: Vec<ResolvedSymbol>,
+    /// Functions whose running code was verified before loading.
+    pub verified_functions: usize,
+    /// How long the livepatch transition took.
+    pub transition: Duration,
+}
+
+/// The record kept in the state folder for each applied package.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppliedRecord {
+    pub manifest: Manifest,
+    pub key_id: String,
+    pub module_sha256: String,
+    pub sympos: Vec<u32>,
+    /// Nanoseconds since the Unix epoch; orders `revert` of everything.
+    pub applied_at_ns: u64,
+}
+
+// ---------------------------------------------------------------------------
+// Kernel interfaces
+// ---------------------------------------------------------------------------
+
+fn kernel_release() -> Result<String> {
+    // SAFETY: utsname is plain data; uname fills it and NUL-terminates fields.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        bail!("uname failed: {}", std::io::Error::last_os_error());
+    }
+    let release = unsafe { CStr::from_ptr(u.release.as_ptr()) };
+    Ok(release.to_string_lossy().into_owned())
+}
+
+fn init_module(image: &[u8], params: &str) -> std::io::Result<()> {
+    let params = CString::new(params).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: image and params outlive the call; the kernel copies both.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_init_module,
+            image.as_ptr(),
+            image.len() as libc::c_ulong,
+            params.as_ptr(),
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn delete_module(name: &str) -> std::io::Result<()> {
+    let name = CString::new(name).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: name is a valid C string for the duration of the call.
+    let rc = unsafe { libc::syscall(libc::SYS_delete_module, name.as_ptr(), libc::O_NONBLOCK) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Module and livepatch names are used in paths: keep them plain.
+fn check_name(name: &str) -> Result<()> {
+    if name.is_empty()
+        || name.len() > 55
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        bail!("{name:?} is not a valid kernel module name");
+    }
+    Ok(())
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim().to_string())
+}
+
+/// Wait until the livepatch `name` is not in transition (its folder gone
+/// counts as settled). Halfway through, idle tasks are sent the livepatch's
+/// fake signal, which lets sleeping tasks switch without a real signal.
+fn wait_transition(paths: &SystemPaths, name: &str, timeout: Duration) -> bool {
+    let dir = paths.livepatch.join(name);
+    let start = Instant::now();
+    let mut signalled = false;
+    loop {
+        match read_trimmed(&dir.join("transition")) {
+            None => return true,
+            Some(v) if v == "0" => return true,
+            _ => {}
+        }
+        let elapsed = start.elapsed();
+        if elapsed >= timeout {
+            return false;
+        }
+        if !signalled && elapsed >= timeout / 2 {
+            let _ = fs::write(dir.join("signal"), "1");
+            signalled = true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Tasks whose livepatch state differs from the transition's target, as
+/// `pid/tid (comm)`, with the top of their kernel stack when readable.
+fn blocking_tasks(paths: &SystemPaths, name: &str) -> Vec<String> {
+    let target = match read_trimmed(&paths.livepatch.join(name).join("enabled")).as_deref() {
+        Some("1") => "1",
+        Some("0") => "0",
+        _ => return Vec::new(),
+    };
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir(&paths.proc) else {
+        return out;
+    };
+    for p in procs.flatten() {
+        let pid = p.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(tasks) = fs::read_dir(p.path().join("task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let state = read_trimmed(&t.path().join("patch_state"));
+            match state.as_deref() {
+                Some(s) if s != target && s != "-1" => {}
+                _ => continue,
+            }
+            let comm = read_trimmed(&t.path().join("comm")).unwrap_or_default();
+            let top = fs::read_to_string(t.path().join("stack"))
+                .ok()
+                .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
+                .map(|l| format!(" in {l}"))
+                .unwrap_or_default();
+            out.push(format!(
+                "{pid}/{} ({comm}){top}",
+                t.file_name().to_string_lossy()
+            ));
+            if out.len() >= 10 {
+                return out;
+            }
+        }
+    }
+    out
+}
+
+/// Disable the livepatch `name` if it is enabled, wait for it to settle,
+/// then unload its module. If disabling does not settle in time, `restore`
+/// turns the patch back on (as it was before: fully applied); without it
+/// the kernel is left to finish switching back on its own.
+fn disable_and_unload(
+    paths: &SystemPaths,
+    name: &str,
+    timeout: Duration,
+    restore: bool,
+) -> Result<()> {
+    let dir = paths.livepatch.join(name);
+    if read_trimmed(&dir.join("enabled")).as_deref() == Some("1") {
+        fs::write(dir.join("enabled"), "0")
+            .with_context(|| format!("cannot disable livepatch {name}"))?;
+    }
+    if !wait_transition(paths, name, timeout) {
+        let blockers = blocking_tasks(paths, name);
+        let outcome = if restore
+            && fs::write(dir.join("enabled"), "1").is_ok()
+            && wait_transition(paths, name, timeout)
+        {
+            "it was switched back on and is still applied".to_string()
+        } else {
+            format!("it is still switching back; run `dynamos revert {name}` once it settles")
+        };
+        bail!(
+            "livepatch {name} did not finish disabling within {}s{}; {outcome}",
+            timeout.as_secs(),
+            describe_blockers(&blockers),
+        );
+    }
+    unload_module(paths, name, timeout)
+}
+
+/// Unload module `name`, retrying while the livepatch core still holds it
+/// (it lets go shortly after the patch is disabled).
+fn unload_module(paths: &SystemPaths, name: &str, timeout: Duration) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        match delete_module(name) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::EAGAIN) | Some(libc::EBUSY))
+                    && start.elapsed() < timeout =>
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => {
+                let still = if paths.livepatch.join(name).exists() {
+                    " (its livepatch is still registered)"
+                } else {
+                    ""
+                };
+                bail!("cannot unload module {name}: {e}{still}");
+            }
+        }
+    }
+}
+
+fn describe_blockers(blockers: &[String]) -> String {
+    if blockers.is_empty() {
+        String::new()
+    } else {
+        format!("; tasks not yet switched: {}", blockers.join(", "))
+    }
+}
+
+fn lock(paths: &SystemPaths) -> Result<crate::cache::Lock> {
+    crate::cache::Lock::acquire(&paths.state_dir.join(".lock"))
+}
+
+fn record_path(paths: &SystemPaths, module: &str) -> PathBuf {
+    paths.state_dir.join(format!("{module}.json"))
+}
+
+// ---------------------------------------------------------------------------
+// apply
+// ---------------------------------------------------------------------------
+
+/// Collect the trusted keys: every `*.pub` of the trusted folders and the
+/// extra files.
+pub fn trusted_keys(opts: &ApplyOptions) -> Result<Vec<ed25519_dalek::VerifyingKey>> {
+    let mut keys_out = Vec::new();
+    for dir in &opts.trusted_dirs {
+        keys_out.extend(keys::load_trusted_dir(dir)?);
+    }
+    for file in &opts.extra_trust {
+        keys_out.push(keys::load_public_key(file)?);
+    }
+    Ok(keys_out)
+}
+
+/// Apply the package at `pkg_path` to the running kernel.
+pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
+    // Nothing is looked at before the package proves who made it.
+    let bytes = package::read_file(pkg_path)?;
+    let trusted = trusted_keys(opts)?;
+    let pkg = package::read_verified(&bytes, &trusted)
+        .with_context(|| format!("{}", pkg_path.display()))?;
+    let signer = package::read_unverified(&bytes)?.1;
+    let manifest = &pkg.manifest;
+    let name = &manifest.module_name;
+    check_name(name)?;
+
+    let running = kernel_release()?;
+    if running != manifest.target.release {
+        return Err(Error::refused(
+            &manifest.name,
+            format!(
+                "built for kernel {} but the running kernel is {running}",
+                manifest.target.release
+            ),
+        )
+        .into());
+    }
+    // The same release string can name different builds: the build-id
+    // tells them apart.
+    if let (Some(wanted), Some(running_id)) = (
+        manifest.target.build_id.as_deref(),
+        crate::identity::running_build_id()?,
+    ) {
+        if wanted != running_id {
+            return Err(Error::refused(
+                &manifest.name,
+                format!(
+                    "built for kernel {running} with build-id {wanted} but the running kernel's build-id is {running_id}"
+                ),
+            )
+            .into());
+        }
+    }
+    let paths = &opts.paths;
+    if !paths.livepatch.is_dir() {
+        bail!(
+            "{} does not exist: this kernel has no livepatch support",
+            paths.livepatch.display()
+        );
+    }
+    if let Some(inner) = modinfo_name(&pkg.module)? {
+        if &inner != name {
+            bail!("package module is named {inner} but the manifest says {name}");
+        }
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("dynamos apply must run as root");
+    }
+    let _lock = lock(paths)?;
+    if paths.livepatch.join(name).exists() || paths.sys_module.join(name).exists() {
+        return Err(Error::refused(
+            name,
+            "a module or livepatch of this name is already loaded (see dynamos list)",
+        )
+        .into());
+    }
+
+    let text = fs::read_to_string(&paths.kallsyms)
+        .with_context(|| format!("cannot read {}", paths.kallsyms.display()))?;
+    let kallsyms = parse_kallsyms(&text)?;
+    let memory = kcore::Kcore::open(&paths.kcore)?;
+    let resolution = resolve(manifest, &kallsyms, &memory)?;
+    let mut image = pkg.module.clone();
+    let values: Vec<(String, u64)> = resolution
+        .externals
+        .iter()
+        .map(|r| (r.module_symbol.clone(), r.address))
+        .collect();
+    make_symbols_absolute(&mut image, &values)?;
+
+    let params = sympos_param(&resolution.sympos);
+    if let Err(e) = init_module(&image, &params) {
+        let hint = match e.raw_os_error() {
+            Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) | Some(libc::EPERM) => {
+                " (module signature enforcement or kernel lockdown forbids loading it)"
+            }
+            Some(libc::EEXIST) => " (a module of this name is already loaded)",
+            _ => " (see dmesg)",
+        };
+        bail!("the kernel refused to load module {name}: {e}{hint}");
+    }
+
+    // From here on, any failure must leave no module behind.
+    let timeout = opts.transition_timeout;
+    let started = Instant::now();
+    let result = (|| -> Result<Duration> {
+        if !paths.livepatch.join(name).is_dir() {
+            bail!("module {name} loaded but registered no livepatch {name}");
+        }
+        if !wait_transition(paths, name, timeout) {
+            let blockers = blocking_tasks(paths, name);
+            bail!(
+                "the livepatch transition did not finish within {}s{}",
+                timeout.as_secs(),
+                describe_blockers(&blockers)
+            );
+        }
+        if read_trimmed(&paths.livepatch.join(name).join("enabled")).as_deref() != Some("1") {
+            bail!("livepatch {name} is not enabled after loading");
+        }
+        let took = started.elapsed();
+        let record = AppliedRecord {
+            manifest: manifest.clone(),
+            key_id: signer.to_string(),
+            module_sha256: hex::encode(Sha256::digest(&pkg.module)),
+            sympos: resolution.sympos.clone(),
+            applied_at_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+        };
+        let json = serde_json::to_vec_pretty(&record)?;
+        crate::cache::write_atomic(&record_path(paths, name), &json)?;
+        Ok(took)
+    })();
+    match result {
+        Ok(transition) => Ok(AppliedPackage {
+            manifest: manifest.clone(),
+            key_id: signer,
+            sympos: resolution.sympos,
+            resolved: resolution.externals,
+            verified_functions: resolution.verified_functions,
+            transition,
+        }),
+        Err(err) => {
+            let cleanup = disable_and_unload(paths, name, timeout, false);
+            match cleanup {
+                Ok(()) => Err(anyhow!(
+                    "{err:#}; update {} was reverted and unloaded",
+                    manifest.name
+                )),
+                Err(c) => Err(anyhow!("{err:#}; reverting it failed too: {c:#}")),
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// revert and list
+// ---------------------------------------------------------------------------
+
+fn read_records(paths: &SystemPaths) -> Result<Vec<AppliedRecord>> {
+    let entries = match fs::read_dir(&paths.state_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read {}", paths.state_dir.display()))
+        }
+    };
+    let mut out = Vec::new();
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with('.') || !file.ends_with(".json") {
+            continue;
+        }
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let record: AppliedRecord = serde_json::from_str(&text)
+            .with_context(|| format!("{}: damaged state record", path.display()))?;
+        out.push(record);
+    }
+    out.sort_by_key(|r| r.applied_at_ns);
+    Ok(out)
+}
+
+/// Map a package or module name to the module name of an applied update.
+fn module_for(paths: &SystemPaths, records: &[AppliedRecord], name: &str) -> Result<String> {
+    if let Some(r) = records.iter().find(|r| r.manifest.module_name == name) {
+        return Ok(r.manifest.module_name.clone());
+    }
+    let by_package: Vec<&AppliedRecord> =
+        records.iter().filter(|r| r.manifest.name == name).collect();
+    match by_package.len() {
+        1 => return Ok(by_package[0].manifest.module_name.clone()),
+        0 => {}
+        _ => bail!(
+            "several applied updates are named {name}; give the module name ({})",
+            by_package
+                .iter()
+                .map(|r| r.manifest.module_name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+    check_name(name)?;
+    if paths.livepatch.join(name).is_dir() {
+        return Ok(name.to_string());
+    }
+    bail!("no applied live update named {name}")
+}
+
+/// Revert one update (by package or module name), or every update applied
+/// by dynamos, newest first. Returns the module names reverted.
+pub fn revert(name: Option<&str>, timeout: Duration) -> Result<Vec<String>> {
+    revert_at(&SystemPaths::default(), name, timeout)
+}
+
+pub fn revert_at(
+    paths: &SystemPaths,
+    name: Option<&str>,
+    timeout: Duration,
+) -> Result<Vec<String>> {
+    let _lock = lock(paths)?;
+    let records = read_records(paths)?;
+    let modules: Vec<String> = match name {
+        Some(n) => vec![module_for(paths, &records, n)?],
+        None => records
+            .iter()
+            .rev()
+            .map(|r| r.manifest.module_name.clone())
+            .collect(),
+    };
+    let mut done = Vec::new();
+    for module in modules {
+        check_name(&module)?;
+        disable_and_unload(paths, &module, timeout, true).with_context(|| {
+            if done.is_empty() {
+                format!("reverting {module}")
+            } else {
+                format!("reverting {module} (already reverted: {})", done.join(", "))
+            }
+        })?;
+        let record = record_path(paths, &module);
+        if record.exists() {
+            fs::remove_file(&record)
+                .with_context(|| format!("cannot remove {}", record.display()))?;
+        }
+        done.push(module);
+    }
+    Ok(done)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LiveFunction {
+    pub name: String,
+    pub sympos: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LiveObject {
+    /// `vmlinux` or a module name.
+    pub object: String,
+    /// Whether the object's functions are redirected now (a module object
+    /// is patched only while that module is loaded); unknown on old kernels.
+    pub patched: Option<bool>,
+    pub functions: Vec<LiveFunction>,
+}
+
+/// One live update known to the kernel or to dynamos.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LiveUpdate {
+    /// Livepatch (and module) name.
+    pub name: String,
+    /// Package name, for updates applied by dynamos.
+    pub package: Option<String>,
+    /// Registered in /sys/kernel/livepatch; false for a dynamos record whose
+    /// livepatch is gone (for instance replaced by a cumulative one).
+    pub in_kernel: bool,
+    pub enabled: bool,
+    pub transition: bool,
+    pub objects: Vec<LiveObject>,
+}
+
+/// Every livepatch of the running kernel, and every dynamos update recorded.
+pub fn list() -> Result<Vec<LiveUpdate>> {
+    list_at(&SystemPaths::default())
+}
+
+pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
+    let records = read_records(paths)?;
+    let mut out = Vec::new();
+    let mut names: Vec<String> = match fs::read_dir(&paths.livepatch) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read {}", paths.livepatch.display()))
+        }
+    };
+    names.sort();
+    for name in &names {
+        let dir = paths.livepatch.join(name);
+        let record = records.iter().find(|r| &r.manifest.module_name == name);
+        let mut objects = sysfs_objects(&dir);
+        if objects.is_empty() {
+            if let Some(r) = record {
+                objects = record_objects(r);
+            }
+        }
+        out.push(LiveUpdate {
+            name: name.clone(),
+            package: record.map(|r| r.manifest.name.clone()),
+            in_kernel: true,
+            enabled: read_trimmed(&dir.join("enabled")).as_deref() == Some("1"),
+            transition: read_trimmed(&dir.join("transition")).as_deref() == Some("1"),
+            objects,
+        });
+    }
+    for r in &records {
+        if !names.contains(&r.manifest.module_name) {
+            out.push(LiveUpdate {
+                name: r.manifest.module_name.clone(),
+                package: Some(r.manifest.name.clone()),
+                in_kernel: false,
+                enabled: false,
+                transition: false,
+                objects: record_objects(r),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn sysfs_objects(patch_dir: &Path) -> Vec<LiveObject> {
+    let mut objects = Vec::new();
+    let Ok(entries) = fs::read_dir(patch_dir) else {
+        return objects;
+    };
+    for obj in entries.flatten().filter(|e| e.path().is_dir()) {
+        let mut functions: Vec<LiveFunction> = fs::read_dir(obj.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| {
+                let dir = e.file_name().to_string_lossy().into_owned();
+                match dir.rsplit_once(',') {
+                    Some((n, pos)) => LiveFunction {
+                        name: n.to_string(),
+                        sympos: pos.parse().ok(),
+                    },
+                    None => LiveFunction {
+                        name: dir,
+                        sympos: None,
+                    },
+                }
+            })
+            .collect();
+        functions.sort_by(|a, b| a.name.cmp(&b.name));
+        objects.push(LiveObject {
+            object: obj.file_name().to_string_lossy().into_owned(),
+            patched: read_trimmed(&obj.path().join("patched")).map(|v| v == "1"),
+            functions,
+        });
+    }
+    objects.sort_by(|a, b| a.object.cmp(&b.object));
+    objects
+}
+
+fn record_objects(r: &AppliedRecord) -> Vec<LiveObject> {
+    let mut pos = r.sympos.iter();
+    r.manifest
+        .objects
+        .iter()
+        .map(|o| LiveObject {
+            object: o.object.clone(),
+            patched: None,
+            functions: o
+                .replaced
+                .iter()
+                .map(|f| LiveFunction {
+                    name: f.name.clone(),
+                    sympos: pos.next().copied(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve::tests::manifest;
+    use super::*;
+
+    #[test]
+    fn apply_checks_trust_and_kernel_first() {
+        use crate::package::{write_signed, Package};
+        let dir = tempfile::tempdir().unwrap();
+        let paths = fake_system(dir.path());
+        let key = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let trust = dir.path().join("trusted.d");
+        fs::create_dir(&trust).unwrap();
+        let write = |release: &str| {
+            let mut m = manifest();
+            m.target.release = release.into();
+            let bytes = write_signed(
+                &Package {
+                    manifest: m,
+                    module: vec![],
+                },
+                &key,
+            );
+            let path = dir.path().join("fix.dynamos");
+            fs::write(&path, bytes).unwrap();
+            path
+        };
+        let opts = ApplyOptions {
+            trusted_dirs: vec![trust.clone()],
+            extra_trust: vec![],
+            transition_timeout: Duration::from_secs(1),
+            paths: paths.clone(),
+        };
+        // Untrusted: refused naming the key, whatever else is wrong.
+        let pkg = write("no-such-kernel");
+        let err = apply(&pkg, &opts).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        let id = KeyId::of(&key.verifying_key()).to_string();
+        assert!(format!("{err:#}").contains(&id), "{err:#}");
+
+        // Trusted, built for another kernel: refused naming both.
+        fs::write(trust.join("k.pub"), keys::public_line(&key.verifying_key())).unwrap();
+        let err = apply(&pkg, &opts).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        let running = kernel_release().unwrap();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("no-such-kernel") && text.contains(&running),
+            "{text}"
+        );
+
+        // Right kernel, no livepatch support (the fake sysfs is empty).
+        let pkg = write(&running);
+        let err = apply(&pkg, &opts).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no livepatch support"),
+            "{err:#}"
+        );
+
+        // A corrupted file never gets that far.
+        let mut bytes = fs::read(&pkg).unwrap();
+        bytes[20] ^= 4;
+        fs::write(&pkg, bytes).unwrap();
+        let err = apply(&pkg, &opts).unwrap_err();
+        assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
+    }
+
+    fn fake_system(root: &Path) -> SystemPaths {
+        SystemPaths {
+            livepatch: root.join("livepatch"),
+            sys_module: root.join("module"),
+            kallsyms: root.join("kallsyms"),
+            kcore: root.join("kcore"),
+            proc: root.join("proc"),
+            state_dir: root.join("state"),
+        }
+    }
+
+    #[test]
+    fn lists_livepatches_and_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = fake_system(dir.path());
+        let lp = paths.livepatch.join("dynamos_fix");
+        fs::create_dir_all(lp.join("vmlinux/show,2")).unwrap();
+        fs::create_dir_all(lp.join("vmlinux/a_helper,0")).unwrap();
+        fs::write(lp.join("vmlinux/patched"), "1\n").unwrap();
+        fs::write(lp.join("enabled"), "1\n").unwrap();
+        fs::write(lp.join("transition"), "0\n").unwrap();
+        let other = paths.livepatch.join("kpatch_x");
+        fs::create_dir_all(other.join("vmlinux")).unwrap();
+        fs::write(other.join("enabled"), "0\n").unwrap();
+        fs::write(other.join("transition"), "1\n").unwrap();
+        let record = |module: &str, at: u64| {
+            let mut m = manifest();
+            m.module_name = module.into();
+            let r = AppliedRecord {
+                manifest: m,
+                key_id: "00".into(),
+                module_sha256: "00".into(),
+                sympos: vec![0, 2],
+                applied_at_ns: at,
+            };
+            crate::cache::write_atomic(
+                &record_path(&paths, module),
+                &serde_json::to_vec(&r).unwrap(),
+            )
+            .unwrap();
+        };
+        record("dynamos_fix", 1);
+        record("dynamos_gone", 2);
+
+        let l = list_at(&paths).unwrap();
+        assert_eq!(l.len(), 3);
+        assert_eq!(l[0].name, "dynamos_fix");
+        assert_eq!(l[0].package.as_deref(), Some("fix"));
+        assert!(l[0].enabled && !l[0].transition && l[0].in_kernel);
+        assert_eq!(l[0].objects[0].patched, Some(true));
+        assert_eq!(
+            l[0].objects[0].functions,
+            vec![
+                LiveFunction {
+                    name: "a_helper".into(),
+                    sympos: Some(0)
+                },
+                LiveFunction {
+                    name: "show".into(),
+                    sympos: Some(2)
+                }
+            ]
+        );
+        assert_eq!(l[1].name, "kpatch_x");
+        assert!(l[1].package.is_none() && !l[1].enabled && l[1].transition);
+        assert_eq!(l[2].name, "dynamos_gone");
+        assert!(!l[2].in_kernel);
+        assert_eq!(l[2].objects[0].functions[1].sympos, Some(2));
+
+        let records = read_records(&paths).unwrap();
+        assert_eq!(
+            module_for(&paths, &records, "dynamos_gone").unwrap(),
+            "dynamos_gone"
+        );
+        assert!(module_for(&paths, &records, "fix")
+            .unwrap_err()
+            .to_string()
+            .contains("several"));
+        assert_eq!(
+            module_for(&paths, &records, "kpatch_x").unwrap(),
+            "kpatch_x"
+        );
+        assert!(module_for(&paths, &records, "../etc").is_err());
+        assert!(module_for(&paths, &records, "absent").is_err());
+    }
+}
