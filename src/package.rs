@@ -20,6 +20,11 @@ pub struct Manifest {
     pub patches: Vec<PatchDigest>,
     /// One entry per kernel object touched: `vmlinux` first, then modules.
     pub objects: Vec<ObjectUpdate>,
+    /// Earlier packages (by name) this one supersedes: a cumulative update
+    /// that holds all of their changes it still wants. Applying it replaces
+    /// every applied update in one atomic transition (livepatch `replace`);
+    /// changes of the replaced packages it does not carry are undone.
+    pub replaces: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -552,6 +557,7 @@ mod tests {
                         }],
                     }],
                 }],
+                replaces: vec![],
             },
             module: b"\x7fELF not really a module".to_vec(),
         }

@@ -18,6 +18,10 @@ pub struct BuildRequest {
     pub target: TargetSpec,
     /// Secret key to sign with; default: the one `dynamos keygen` made.
     pub signing_key: Option<PathBuf>,
+    /// Package name; default: from the first patch file.
+    pub name: Option<String>,
+    /// Packages this one supersedes (a cumulative update).
+    pub replaces: Vec<String>,
 }
 
 pub struct BuildReport {
@@ -54,6 +58,22 @@ pub fn package_name(patch: &Path) -> String {
     }
 }
 
+/// A package name given by the user: the characters `package_name` keeps.
+fn checked_package_name(name: &str) -> Result<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 47
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return Err(Error::Other(format!(
+            "{name:?} is not a package name (letters, digits, - and _, at most 47)"
+        ))
+        .into());
+    }
+    Ok(name.to_string())
+}
+
 /// Kernel module name for a package: `dynamos_` + the name, within the
 /// kernel's 55-character limit.
 pub fn module_name(package: &str) -> String {
@@ -74,7 +94,16 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     };
 
     let first = request.patches.first().context("no patch given")?;
-    let name = package_name(first);
+    let name = match &request.name {
+        Some(n) => checked_package_name(n)?,
+        None => package_name(first),
+    };
+    for replaced in &request.replaces {
+        checked_package_name(replaced)?;
+        if replaced == &name {
+            return Err(Error::Other(format!("package {name} cannot replace itself")).into());
+        }
+    }
     let module = module_name(&name);
     let key_path = request
         .signing_key
@@ -178,6 +207,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         },
         patches: digests,
         objects: generated.objects,
+        replaces: request.replaces.clone(),
     };
     let package = Package {
         manifest: manifest.clone(),

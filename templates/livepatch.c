@@ -9,7 +9,9 @@
  * running the old one (the per-task consistency model).
  *
  * `dynamos apply` passes `sympos`, one entry per replaced function in
- * table order, after checking which same-named symbol is meant.
+ * table order, after checking which same-named symbol is meant, and
+ * `replace=1` for a cumulative update: the livepatch core then retires
+ * every earlier live patch in the same transition.
  */
 #include <linux/kernel.h>
 #include <linux/module.h>
@@ -22,6 +24,10 @@ static unsigned long sympos[{{function_count}}];
 static int sympos_count;
 module_param_array(sympos, ulong, &sympos_count, 0400);
 MODULE_PARM_DESC(sympos, "kallsyms position of each replaced function (0: unique name)");
+
+static bool replace;
+module_param(replace, bool, 0400);
+MODULE_PARM_DESC(replace, "replace every earlier live patch atomically (cumulative update)");
 
 {{function_tables}}
 
@@ -50,6 +56,7 @@ static void set_positions(void)
 static int __init dynamos_update_init(void)
 {
 	set_positions();
+	patch.replace = replace;
 	return klp_enable_patch(&patch);
 }
 

@@ -93,6 +93,11 @@ pub struct AppliedPackage {
     pub verified_functions: usize,
     /// How long the livepatch transition took.
     pub transition: Duration,
+    /// Modules of the updates a cumulative package superseded, unloaded.
+    pub retired: Vec<String>,
+    /// Superseded updates that could not be unloaded (they are no longer
+    /// live; only their modules remain).
+    pub retire_problems: Vec<String>,
 }
 
 /// The record kept in the state folder for each applied package.
@@ -391,6 +396,13 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         )
         .into());
     }
+    // A cumulative update retires every live patch: each must be one it
+    // says it supersedes, or applying it would silently undo another fix.
+    let retiring = if manifest.replaces.is_empty() {
+        Vec::new()
+    } else {
+        retired_by(paths, manifest)?
+    };
 
     let text = fs::read_to_string(&paths.kallsyms)
         .with_context(|| format!("cannot read {}", paths.kallsyms.display()))?;
@@ -405,7 +417,10 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         .collect();
     make_symbols_absolute(&mut image, &values)?;
 
-    let params = sympos_param(&resolution.sympos);
+    let mut params = sympos_param(&resolution.sympos);
+    if !manifest.replaces.is_empty() {
+        params = format!("{params} replace=1").trim_start().to_string();
+    }
     if let Err(e) = init_module(&image, &params) {
         let hint = match e.raw_os_error() {
             Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) | Some(libc::EPERM) => {
@@ -450,14 +465,19 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         Ok(took)
     })();
     match result {
-        Ok(transition) => Ok(AppliedPackage {
-            manifest: manifest.clone(),
-            key_id: signer,
-            sympos: resolution.sympos,
-            resolved: resolution.externals,
-            verified_functions: resolution.verified_functions,
-            transition,
-        }),
+        Ok(transition) => {
+            let (retired, retire_problems) = unload_retired(paths, &retiring, timeout);
+            Ok(AppliedPackage {
+                manifest: manifest.clone(),
+                key_id: signer,
+                sympos: resolution.sympos,
+                resolved: resolution.externals,
+                verified_functions: resolution.verified_functions,
+                transition,
+                retired,
+                retire_problems,
+            })
+        }
         Err(err) => {
             let cleanup = disable_and_unload(paths, name, timeout, false);
             match cleanup {
@@ -469,6 +489,82 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
             }
         }
     }
+}
+
+/// The module names of the live patches a cumulative `manifest` would
+/// retire; refused when one of them is not among those it supersedes.
+fn retired_by(paths: &SystemPaths, manifest: &Manifest) -> Result<Vec<String>> {
+    let records = read_records(paths)?;
+    let mut retiring = Vec::new();
+    let mut refusals = Vec::new();
+    for live in live_patch_names(paths)? {
+        let package = records
+            .iter()
+            .find(|r| r.manifest.module_name == live)
+            .map(|r| r.manifest.name.clone());
+        let covered = manifest
+            .replaces
+            .iter()
+            .any(|r| *r == live || Some(r) == package.as_ref());
+        if covered {
+            retiring.push(live);
+        } else {
+            refusals.push(crate::Refusal {
+                symbol: manifest.name.clone(),
+                reason: format!(
+                    "cumulative update would also retire live update {} that it does not supersede; revert that first or rebuild with --replaces {}",
+                    package.as_deref().unwrap_or(&live),
+                    package.as_deref().unwrap_or(&live),
+                ),
+            });
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    Ok(retiring)
+}
+
+fn live_patch_names(paths: &SystemPaths) -> Result<Vec<String>> {
+    let mut names: Vec<String> = match fs::read_dir(&paths.livepatch) {
+        Ok(entries) => entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read {}", paths.livepatch.display()))
+        }
+    };
+    names.sort();
+    Ok(names)
+}
+
+/// After a cumulative update's transition the livepatch core has disabled
+/// and released the patches it replaced; unload their modules and forget
+/// their records.
+fn unload_retired(
+    paths: &SystemPaths,
+    retiring: &[String],
+    timeout: Duration,
+) -> (Vec<String>, Vec<String>) {
+    let mut done = Vec::new();
+    let mut problems = Vec::new();
+    for module in retiring {
+        let started = Instant::now();
+        while paths.livepatch.join(module).exists() && started.elapsed() < timeout {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        match unload_module(paths, module, timeout) {
+            Ok(()) => {
+                let _ = fs::remove_file(record_path(paths, module));
+                done.push(module.clone());
+            }
+            Err(e) => problems.push(format!("{module}: {e:#}")),
+        }
+    }
+    (done, problems)
 }
 
 // ---------------------------------------------------------------------------
@@ -606,18 +702,7 @@ pub fn list() -> Result<Vec<LiveUpdate>> {
 pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
     let records = read_records(paths)?;
     let mut out = Vec::new();
-    let mut names: Vec<String> = match fs::read_dir(&paths.livepatch) {
-        Ok(entries) => entries
-            .flatten()
-            .filter(|e| e.path().is_dir())
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => {
-            return Err(e).with_context(|| format!("cannot read {}", paths.livepatch.display()))
-        }
-    };
-    names.sort();
+    let names = live_patch_names(paths)?;
     for name in &names {
         let dir = paths.livepatch.join(name);
         let record = records.iter().find(|r| &r.manifest.module_name == name);

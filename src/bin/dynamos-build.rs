@@ -35,6 +35,13 @@ struct Args {
     /// Secret key to sign with (default: the one `dynamos keygen` wrote).
     #[arg(long)]
     key: Option<PathBuf>,
+    /// Package name (default: the first patch's file name without .diff).
+    #[arg(long)]
+    name: Option<String>,
+    /// Make a cumulative update superseding this earlier package; repeat for
+    /// several. Applying it replaces every applied update atomically.
+    #[arg(long, value_name = "PACKAGE")]
+    replaces: Vec<String>,
     /// Print how long each stage took.
     #[arg(long)]
     timings: bool,
@@ -52,6 +59,8 @@ fn main() {
             symvers: args.symvers,
         },
         signing_key: args.key,
+        name: args.name,
+        replaces: args.replaces,
     };
     match build_package(&request) {
         Ok(report) => {

@@ -160,12 +160,18 @@ fn run(cli: Cli) -> Result<i32> {
                     println!("live     {} ({})", f.name, object.object);
                 }
             }
+            for module in &applied.retired {
+                println!("retired  {module}");
+            }
             println!(
                 "applied {} in {:.1} s (running code verified: {} functions)",
                 applied.manifest.name,
                 applied.transition.as_secs_f64(),
                 applied.verified_functions
             );
+            for problem in &applied.retire_problems {
+                eprintln!("dynamos: warning: superseded update left loaded: {problem}");
+            }
             Ok(exit::OK)
         }
         Command::Revert { name, all, timeout } => {
@@ -185,7 +191,8 @@ fn run(cli: Cli) -> Result<i32> {
                 for u in &updates {
                     let state = match (u.in_kernel, u.enabled, u.transition) {
                         (false, _, _) => "gone",
-                        (true, _, true) => "transition",
+                        (true, true, true) => "enabling",
+                        (true, false, true) => "disabling",
                         (true, true, false) => "enabled",
                         (true, false, false) => "disabled",
                     };
@@ -263,6 +270,9 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
     println!("target   {}", m.target.release);
     println!("module   {} ({} bytes)", m.module_name, pkg.module.len());
     println!("signed   key {key_id}");
+    for replaced in &m.replaces {
+        println!("replaces {replaced} (cumulative)");
+    }
     for object in &m.objects {
         for f in &object.replaced {
             println!("replace  {} ({}, {})", f.name, object.object, f.file);
