@@ -725,6 +725,7 @@ pub(crate) mod tests {
                 ],
                 expected_code: vec![],
             }],
+            replaces: vec![],
         }
     }
 
