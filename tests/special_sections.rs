@@ -20,18 +20,7 @@
 mod common;
 
 use common::*;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn compile_static_probe(source: &Path, out: &Path) {
-    let status = Command::new("cc")
-        .args(["-static", "-O2", "-o"])
-        .arg(out)
-        .arg(source)
-        .status()
-        .expect("cc runs");
-    assert!(status.success(), "cannot compile {}", source.display());
-}
+use std::path::PathBuf;
 
 #[test]
 fn carried_tables_and_static_locals_work_in_the_running_kernel() {
@@ -51,7 +40,7 @@ fn carried_tables_and_static_locals_work_in_the_running_kernel() {
         packages.push(pkg);
     }
     let probe = work.path().join("getdents-fault");
-    compile_static_probe(&root().join("tests/guest/getdents_fault.c"), &probe);
+    compile_static_probe("getdents_fault.c", &probe);
     packages.push(probe);
 
     let script = r#"

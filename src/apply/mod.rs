@@ -197,13 +197,15 @@ fn wait_transition(paths: &SystemPaths, name: &str, timeout: Duration) -> bool {
 }
 
 /// Tasks whose livepatch state differs from the transition's target, as
-/// `pid/tid (comm)`, with the top of their kernel stack when readable.
+/// `pid/tid (comm) in FRAME`: the patched function on their kernel stack
+/// when one is (what holds the transition), else the top frame.
 fn blocking_tasks(paths: &SystemPaths, name: &str) -> Vec<String> {
     let target = match read_trimmed(&paths.livepatch.join(name).join("enabled")).as_deref() {
         Some("1") => "1",
         Some("0") => "0",
         _ => return Vec::new(),
     };
+    let patched = patched_functions(&paths.livepatch.join(name));
     let mut out = Vec::new();
     let Ok(procs) = fs::read_dir(&paths.proc) else {
         return out;
@@ -225,8 +227,8 @@ fn blocking_tasks(paths: &SystemPaths, name: &str) -> Vec<String> {
             let comm = read_trimmed(&t.path().join("comm")).unwrap_or_default();
             let top = fs::read_to_string(t.path().join("stack"))
                 .ok()
-                .and_then(|s| s.lines().next().map(|l| l.trim().to_string()))
-                .map(|l| format!(" in {l}"))
+                .and_then(|s| blocking_frame(&s, &patched))
+                .map(|f| format!(" in {f}"))
                 .unwrap_or_default();
             out.push(format!(
                 "{pid}/{} ({comm}){top}",
@@ -238,6 +240,31 @@ fn blocking_tasks(paths: &SystemPaths, name: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// Function names a livepatch redirects, from its sysfs folders
+/// (`<object>/<function>,<sympos>`).
+fn patched_functions(patch_dir: &Path) -> Vec<String> {
+    sysfs_objects(patch_dir)
+        .into_iter()
+        .flat_map(|o| o.functions.into_iter().map(|f| f.name))
+        .collect()
+}
+
+/// The frame of a /proc/PID/stack listing that runs one of `patched`, or
+/// the top frame; as `function+0xoff/0xsize`.
+fn blocking_frame(stack: &str, patched: &[String]) -> Option<String> {
+    let frames: Vec<&str> = stack
+        .lines()
+        .map(|l| l.split_once("] ").map_or(l, |(_, f)| f).trim())
+        .filter(|f| !f.is_empty())
+        .collect();
+    let function = |f: &str| f.split('+').next().unwrap_or(f).to_string();
+    frames
+        .iter()
+        .find(|f| patched.contains(&function(f)))
+        .or(frames.first())
+        .map(|f| f.to_string())
 }
 
 /// Disable the livepatch `name` if it is enabled, wait for it to settle,
@@ -863,6 +890,22 @@ mod tests {
         fs::write(&pkg, bytes).unwrap();
         let err = apply(&pkg, &opts).unwrap_err();
         assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
+    }
+
+    #[test]
+    fn the_blocking_frame_is_the_patched_function_on_the_stack() {
+        let stack = "[<0>] __schedule+0x2f0/0x8a0\n[<0>] schedule+0x5a/0xd0\n\
+                     [<0>] kernel_clone+0x1d4/0x3d0\n[<0>] __do_sys_vfork+0x65/0x90\n";
+        let patched = vec!["kernel_clone".to_string()];
+        assert_eq!(
+            blocking_frame(stack, &patched).as_deref(),
+            Some("kernel_clone+0x1d4/0x3d0")
+        );
+        assert_eq!(
+            blocking_frame(stack, &[]).as_deref(),
+            Some("__schedule+0x2f0/0x8a0")
+        );
+        assert_eq!(blocking_frame("", &patched), None);
     }
 
     fn fake_system(root: &Path) -> SystemPaths {

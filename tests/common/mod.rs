@@ -75,6 +75,18 @@ pub fn vm(keys: &Keys, packages: &[PathBuf], script: &str) -> (String, Option<i3
     (text, out.status.code())
 }
 
+/// Compile `tests/guest/<source>` into a static program for the guest.
+pub fn compile_static_probe(source: &str, out: &Path) {
+    let source = root().join("tests/guest").join(source);
+    let status = Command::new("cc")
+        .args(["-static", "-O2", "-Wall", "-Wextra", "-o"])
+        .arg(out)
+        .arg(&source)
+        .status()
+        .expect("cc runs");
+    assert!(status.success(), "cannot compile {}", source.display());
+}
+
 /// Flags that make gcc emit what kernel objects contain: function and data
 /// sections, fentry calls with recorded mcount locations, kernel code model.
 pub const KERNEL_LIKE_FLAGS: &[&str] = &[
