@@ -89,6 +89,10 @@ enum Command {
         /// Guest memory in MiB.
         #[arg(long, default_value_t = 1024)]
         memory: u32,
+        /// A module of the booted kernel to make loadable with `modprobe`
+        /// in the guest, with its dependencies (repeatable).
+        #[arg(long = "module", value_name = "NAME")]
+        modules: Vec<String>,
         /// Shell commands to run in the guest.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -217,6 +221,7 @@ fn run(cli: Cli) -> Result<i32> {
             trust,
             timeout,
             memory,
+            modules,
             command,
         } => {
             // The local signing key is trusted in the guest: that is what
@@ -233,6 +238,7 @@ fn run(cli: Cli) -> Result<i32> {
                 command: command.join(" "),
                 timeout: Duration::from_secs(timeout),
                 memory_mb: memory,
+                modules,
                 ..Default::default()
             })?;
             print!("{}", outcome.output);

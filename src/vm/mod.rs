@@ -11,6 +11,7 @@
 
 pub mod cpio;
 mod host;
+pub mod modules;
 
 use crate::target::{DebianBuild, DEFAULT_RELEASE};
 use anyhow::{bail, Context, Result};
@@ -52,6 +53,9 @@ pub struct VmOptions {
     pub timeout: Duration,
     /// Guest memory.
     pub memory_mb: u32,
+    /// Kernel modules of the booted kernel to make `modprobe`-able in the
+    /// guest (with their dependencies).
+    pub modules: Vec<String>,
 }
 
 impl Default for VmOptions {
@@ -64,6 +68,7 @@ impl Default for VmOptions {
             command: String::new(),
             timeout: Duration::from_secs(300),
             memory_mb: 1024,
+            modules: Vec::new(),
         }
     }
 }
@@ -110,6 +115,14 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
             kernel.display()
         );
     }
+    let guest_modules = if opts.modules.is_empty() {
+        modules::GuestModules::default()
+    } else {
+        modules::collect(
+            &DebianBuild::by_release(release)?.modules_dir()?,
+            &opts.modules,
+        )?
+    };
     let qemu = host::Qemu::get()?;
     let busybox = host::busybox()?;
 
@@ -125,6 +138,8 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
             keys: &keys,
             command: &opts.command,
             marker: &marker,
+            release,
+            modules: &guest_modules,
         },
     )?;
 
@@ -262,6 +277,8 @@ struct Guest<'a> {
     keys: &'a [(String, PathBuf)],
     command: &'a str,
     marker: &'a str,
+    release: &'a str,
+    modules: &'a modules::GuestModules,
 }
 
 fn write_initramfs(path: &Path, guest: &Guest) -> Result<()> {
@@ -296,6 +313,18 @@ fn write_initramfs(path: &Path, guest: &Guest) -> Result<()> {
     archive.dir(GUEST_TRUSTED_KEYS, 0o755)?;
     for (name, source) in guest.keys {
         archive.file_from(&format!("{GUEST_TRUSTED_KEYS}/{name}"), 0o644, source)?;
+    }
+
+    if !guest.modules.files.is_empty() {
+        let base = format!("lib/modules/{}", guest.release);
+        for (rel, source) in &guest.modules.files {
+            archive.file_from(&format!("{base}/{rel}"), 0o644, source)?;
+        }
+        archive.file(
+            &format!("{base}/modules.dep"),
+            0o644,
+            guest.modules.modules_dep.as_bytes(),
+        )?;
     }
 
     archive.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
