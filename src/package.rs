@@ -59,6 +59,10 @@ pub struct ObjectUpdate {
     /// The symbols each original object file defines, used to tell apart
     /// same-named static symbols of different files.
     pub files: Vec<SourceObject>,
+    /// Symbols of loadable modules the new code uses, resolved by the
+    /// livepatch core each time their module loads (never by `apply`), so
+    /// a module that is unloaded and loaded again stays correctly patched.
+    pub load_time: Vec<LoadTimeSymbol>,
     /// The original code of every replaced function and of every function
     /// of the changed files the new code calls: `dynamos apply` checks the
     /// running kernel has exactly this code before it redirects anything.
@@ -111,10 +115,24 @@ pub struct MaskedRange {
     pub len: u32,
 }
 
+/// A livepatch symbol (`.klp.sym.<object>.<name>,<sympos>` in the module).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadTimeSymbol {
+    /// The module defining it.
+    pub object: String,
+    pub name: String,
+    /// Position among same-named symbols of that module (0: unique).
+    pub sympos: u32,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplacedFunction {
     /// Name of the function in the running kernel (as in /proc/kallsyms).
     pub name: String,
+    /// Position among same-named symbols of its object, found at build time
+    /// from the distribution's module file; used when the module is not
+    /// loaded at apply time (a loaded one is checked by `apply` itself).
+    pub sympos: Option<u32>,
     /// Source file that defines it, relative to the tree root.
     pub file: String,
     /// Name of the new version inside the package's module.
@@ -530,8 +548,10 @@ mod tests {
                 }],
                 objects: vec![ObjectUpdate {
                     object: "vmlinux".into(),
+                    load_time: vec![],
                     replaced: vec![ReplacedFunction {
                         name: "cmdline_proc_show".into(),
+                        sympos: None,
                         file: "fs/proc/cmdline.c".into(),
                         new_symbol: "livepatch_cmdline_proc_show".into(),
                     }],

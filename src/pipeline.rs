@@ -191,7 +191,16 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         Some(headers) => headers.clone(),
         None => crate::build::module_build_dir(&target)?,
     };
-    let generated = generate::generate(&name, &module, &units, &kbuild_dir, &work);
+    let modules = generate::module_symbols::ModuleContext {
+        modules_dir: match &target.debian {
+            Some(d) => Some(d.modules_dir()?),
+            None => None,
+        },
+        exporters: std::fs::read_to_string(kbuild_dir.join("Module.symvers"))
+            .map(|s| generate::module_symbols::exporters(&s))
+            .unwrap_or_default(),
+    };
+    let generated = generate::generate(&name, &module, &units, &kbuild_dir, &work, &modules);
     let _ = std::fs::remove_dir_all(&work);
     let generated = generated?;
     lap("generate module", &mut timings);

@@ -16,6 +16,17 @@
 #include <linux/kernel.h>
 #include <linux/module.h>
 #include <linux/livepatch.h>
+#include <linux/mutex.h>
+#include <linux/elf.h>
+
+/*
+ * 1 when new code refers to symbols of loadable modules through livepatch
+ * relocations (.klp.rela.<module>.*). The livepatch core writes those each
+ * time the module loads, but this kernel never clears them when it goes
+ * away, and the loader refuses to write a non-zero field: without the
+ * notifier below, a patched module could not be loaded a second time.
+ */
+#define CLEAR_MODULE_RELOCS {{clear_module_relocs}}
 
 /* New versions, defined in the extracted objects. */
 {{declarations}}
@@ -53,15 +64,77 @@ static void set_positions(void)
 			func->old_sympos = i < sympos_count ? sympos[i] : 0;
 }
 
+#if CLEAR_MODULE_RELOCS
+/* Not exported; `dynamos apply` resolves them from kallsyms. */
+extern void *__dynamos_text_poke(void *addr, const void *opcode, size_t len);
+extern struct mutex __dynamos_text_mutex;
+
+/* Zero every field our livepatch relocations for module `name` wrote. */
+static void clear_relocs_of(const char *name)
+{
+	const struct klp_modinfo *info = THIS_MODULE->klp_info;
+	static const char zeros[8];
+	size_t len = strlen(name);
+	unsigned int i;
+
+	for (i = 1; i < info->hdr.e_shnum; i++) {
+		const Elf_Shdr *sec = &info->sechdrs[i];
+		const char *sec_name = info->secstrings + sec->sh_name;
+		const Elf64_Rela *rela = (void *)sec->sh_addr;
+		void *base = (void *)info->sechdrs[sec->sh_info].sh_addr;
+		unsigned int n;
+
+		if (!(sec->sh_flags & SHF_RELA_LIVEPATCH) ||
+		    strncmp(sec_name, ".klp.rela.", 10) ||
+		    strncmp(sec_name + 10, name, len) || sec_name[10 + len] != '.')
+			continue;
+		for (n = 0; n < sec->sh_size / sizeof(*rela); n++) {
+			size_t size = ELF64_R_TYPE(rela[n].r_info) == R_X86_64_64 ? 8 : 4;
+
+			__dynamos_text_poke(base + rela[n].r_offset, zeros, size);
+		}
+	}
+}
+
+static int module_going(struct notifier_block *nb, unsigned long action, void *data)
+{
+	struct module *mod = data;
+
+	if (action == MODULE_STATE_GOING) {
+		mutex_lock(&__dynamos_text_mutex);
+		clear_relocs_of(mod->name);
+		mutex_unlock(&__dynamos_text_mutex);
+	}
+	return NOTIFY_OK;
+}
+
+static struct notifier_block going_notifier = { .notifier_call = module_going };
+#endif
+
 static int __init dynamos_update_init(void)
 {
+	int ret;
+
 	set_positions();
 	patch.replace = replace;
-	return klp_enable_patch(&patch);
+#if CLEAR_MODULE_RELOCS
+	ret = register_module_notifier(&going_notifier);
+	if (ret)
+		return ret;
+#endif
+	ret = klp_enable_patch(&patch);
+#if CLEAR_MODULE_RELOCS
+	if (ret)
+		unregister_module_notifier(&going_notifier);
+#endif
+	return ret;
 }
 
 static void __exit dynamos_update_exit(void)
 {
+#if CLEAR_MODULE_RELOCS
+	unregister_module_notifier(&going_notifier);
+#endif
 }
 
 module_init(dynamos_update_init);

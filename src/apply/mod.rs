@@ -91,6 +91,8 @@ pub struct AppliedPackage {
     pub resolved: Vec<ResolvedSymbol>,
     /// Functions whose running code was verified before loading.
     pub verified_functions: usize,
+    /// Module objects that were not loaded: patched as they load.
+    pub not_loaded: Vec<String>,
     /// How long the livepatch transition took.
     pub transition: Duration,
     /// Modules of the updates a cumulative package superseded, unloaded.
@@ -500,6 +502,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
                 sympos: resolution.sympos,
                 resolved: resolution.externals,
                 verified_functions: resolution.verified_functions,
+                not_loaded: resolution.not_loaded.clone(),
                 transition,
                 retired,
                 retire_problems,

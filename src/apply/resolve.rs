@@ -254,6 +254,8 @@ pub struct Resolution {
     pub sympos: Vec<u32>,
     /// How many functions' running code was checked against the package.
     pub verified_functions: usize,
+    /// Module objects not loaded now: patched when they load.
+    pub not_loaded: Vec<String>,
 }
 
 /// Resolve every external symbol and the `sympos` of every replaced
@@ -271,17 +273,33 @@ pub fn resolve(
     let mut externals = Vec::new();
     let mut sympos = Vec::new();
     let mut verified_functions = 0;
+    let mut not_loaded = Vec::new();
+    let vmlinux = object_symbols(kallsyms, "vmlinux");
+    if vmlinux.is_empty() {
+        bail!("no vmlinux symbols in /proc/kallsyms");
+    }
     for obj in &manifest.objects {
         let syms = object_symbols(kallsyms, &obj.object);
+        // What a module's new code uses outside it is in vmlinux; what it
+        // uses inside a module is resolved by the livepatch core at load.
+        let external_syms = if obj.object == "vmlinux" {
+            &syms
+        } else {
+            &vmlinux
+        };
         if syms.is_empty() {
-            refusals.push(crate::Refusal {
-                symbol: obj.object.clone(),
-                reason: if obj.object == "vmlinux" {
-                    "no vmlinux symbols in /proc/kallsyms".into()
-                } else {
-                    "module is not loaded; load it before applying this update".into()
-                },
-            });
+            // A module loaded later is patched by the livepatch core as it
+            // loads, before its code runs; its code cannot be checked now.
+            sympos.extend(obj.replaced.iter().map(|f| f.sympos.unwrap_or(0)));
+            resolve_externals(
+                obj,
+                external_syms,
+                memory,
+                &mut externals,
+                &mut Vec::new(),
+                &mut refusals,
+            );
+            not_loaded.push(obj.object.clone());
             continue;
         }
         // Address chosen for each function with expected code.
@@ -306,49 +324,14 @@ pub fn resolve(
                 }),
             }
         }
-        for e in &obj.externals {
-            let fsyms = match &e.file {
-                Some(file) => Some(file_symbols(obj, file).unwrap_or(&[])),
-                None => None,
-            };
-            let expected = (e.kind == SymbolKind::Function)
-                .then(|| expected_code(obj, &e.name, e.file.as_deref()))
-                .flatten();
-            let matches = expected.map(|x| move |address| runs(memory, x, address));
-            match choose(
-                &syms,
-                &e.name,
-                e.kind,
-                fsyms,
-                matches.as_ref().map(|m| m as &dyn Fn(u64) -> bool),
-            ) {
-                Ok(c) => {
-                    externals.push(ResolvedSymbol {
-                        module_symbol: e.module_symbol.clone(),
-                        name: e.name.clone(),
-                        object: obj.object.clone(),
-                        address: c.address,
-                    });
-                    if !chosen.iter().any(|(x, _)| expected == Some(*x)) {
-                        chosen.extend(expected.map(|x| (x, c.address)));
-                    }
-                }
-                Err(mut reason) => refusals.push(crate::Refusal {
-                    symbol: qualified(&obj.object, &e.name),
-                    reason: {
-                        if e.kind == SymbolKind::Data
-                            && obj.object == "vmlinux"
-                            && !lists_data_symbols(&syms)
-                        {
-                            reason.push_str(
-                                " (this kernel lists no data symbols in /proc/kallsyms: CONFIG_KALLSYMS_ALL is off)",
-                            );
-                        }
-                        reason
-                    },
-                }),
-            }
-        }
+        resolve_externals(
+            obj,
+            external_syms,
+            memory,
+            &mut externals,
+            &mut chosen,
+            &mut refusals,
+        );
         for (expected, address) in chosen {
             let running = memory.read(address, expected.bytes.len());
             let lookup = |name: &str| unique_address(kallsyms, &syms, &obj.object, name);
@@ -385,7 +368,63 @@ pub fn resolve(
         externals,
         sympos,
         verified_functions,
+        not_loaded,
     })
+}
+
+/// Resolve the externals of `obj` among `syms`; functions with expected
+/// code join `chosen` for the run-pre check.
+fn resolve_externals<'m>(
+    obj: &'m ObjectUpdate,
+    syms: &[&Ksym],
+    memory: &dyn KernelMemory,
+    externals: &mut Vec<ResolvedSymbol>,
+    chosen: &mut Vec<(&'m ExpectedCode, u64)>,
+    refusals: &mut Vec<crate::Refusal>,
+) {
+    for e in &obj.externals {
+        let fsyms = match &e.file {
+            Some(file) => Some(file_symbols(obj, file).unwrap_or(&[])),
+            None => None,
+        };
+        let expected = (e.kind == SymbolKind::Function)
+            .then(|| expected_code(obj, &e.name, e.file.as_deref()))
+            .flatten();
+        let matches = expected.map(|x| move |address| runs(memory, x, address));
+        match choose(
+            syms,
+            &e.name,
+            e.kind,
+            fsyms,
+            matches.as_ref().map(|m| m as &dyn Fn(u64) -> bool),
+        ) {
+            Ok(c) => {
+                externals.push(ResolvedSymbol {
+                    module_symbol: e.module_symbol.clone(),
+                    name: e.name.clone(),
+                    object: obj.object.clone(),
+                    address: c.address,
+                });
+                if !chosen.iter().any(|(x, _)| expected == Some(*x)) {
+                    chosen.extend(expected.map(|x| (x, c.address)));
+                }
+            }
+            Err(mut reason) => refusals.push(crate::Refusal {
+                symbol: qualified(&obj.object, &e.name),
+                reason: {
+                    if e.kind == SymbolKind::Data
+                        && obj.object == "vmlinux"
+                        && !lists_data_symbols(syms)
+                    {
+                        reason.push_str(
+                            " (this kernel lists no data symbols in /proc/kallsyms: CONFIG_KALLSYMS_ALL is off)",
+                        );
+                    }
+                    reason
+                },
+            }),
+        }
+    }
 }
 
 /// The expected code the package has for function `name` of `obj`; `file`
@@ -684,14 +723,17 @@ pub(crate) mod tests {
             patches: vec![],
             objects: vec![ObjectUpdate {
                 object: "vmlinux".into(),
+                load_time: vec![],
                 replaced: vec![
                     ReplacedFunction {
                         name: "a_helper".into(),
+                        sympos: None,
                         file: "a.c".into(),
                         new_symbol: "n1".into(),
                     },
                     ReplacedFunction {
                         name: "show".into(),
+                        sympos: None,
                         file: "b.c".into(),
                         new_symbol: "n2".into(),
                     },
@@ -763,10 +805,15 @@ pub(crate) mod tests {
             .to_string();
         assert!(err.contains("CONFIG_KALLSYMS_ALL"), "{err}");
 
+        // A module that is not loaded: its functions wait for it to load,
+        // at the position found at build time; its externals are vmlinux's.
         let mut m = manifest();
         m.objects[0].object = "other_mod".into();
-        let err = resolve(&m, &ks(), &NoMemory).unwrap_err().to_string();
-        assert!(err.contains("other_mod: module is not loaded"), "{err}");
+        m.objects[0].replaced[1].sympos = Some(2);
+        let r = resolve(&m, &ks(), &NoMemory).unwrap();
+        assert_eq!(r.not_loaded, vec!["other_mod".to_string()]);
+        assert_eq!(r.sympos, vec![0, 2]);
+        assert_eq!(r.externals[1].address, 0x12340);
 
         let hidden = "0000000000000000 T a\n0000000000000000 t b\n";
         let err = resolve(&manifest(), &parse_kallsyms(hidden).unwrap(), &NoMemory).unwrap_err();

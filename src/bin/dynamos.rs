@@ -160,8 +160,16 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let applied = apply::apply(&package, &opts)?;
             for object in &applied.manifest.objects {
+                let later = applied.not_loaded.contains(&object.object);
                 for f in &object.replaced {
-                    println!("live     {} ({})", f.name, object.object);
+                    if later {
+                        println!(
+                            "pending  {} ({}: patched when it loads)",
+                            f.name, object.object
+                        );
+                    } else {
+                        println!("live     {} ({})", f.name, object.object);
+                    }
                 }
             }
             for module in &applied.retired {

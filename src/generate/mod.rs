@@ -8,10 +8,14 @@
 //! kernel before loading (docs/architecture.md explains why).
 
 pub mod extract;
+pub mod klp;
+pub mod module_symbols;
 
 use crate::diff::{ObjectDiff, ObjectFile};
 use crate::error::Error;
-use crate::package::{ExpectedCode, ObjectUpdate, ReplacedFunction, SourceObject, SymbolKind};
+use crate::package::{
+    ExpectedCode, ExternalSymbol, ObjectUpdate, ReplacedFunction, SourceObject, SymbolKind,
+};
 use anyhow::{bail, Context, Result};
 use extract::{Extracted, PackageNames};
 use std::collections::BTreeMap;
@@ -47,12 +51,15 @@ pub fn generate(
     units: &[TranslationUnit],
     kbuild_dir: &Path,
     work: &Path,
+    modules: &module_symbols::ModuleContext,
 ) -> Result<GeneratedModule> {
     let mut names = PackageNames::default();
     let mut by_object: BTreeMap<String, ObjectUpdate> = BTreeMap::new();
     let mut tables: BTreeMap<String, Vec<(ReplacedFunction, String)>> = BTreeMap::new();
     let mut object_files = Vec::new();
     let mut refusals = Vec::new();
+    let mut load_time = Vec::new();
+    let mut shipped: BTreeMap<String, Option<module_symbols::ShippedModule>> = BTreeMap::new();
 
     for (index, unit) in units.iter().enumerate() {
         if unit.diff.functions.is_empty() {
@@ -87,11 +94,24 @@ pub fn generate(
                 added: Vec::new(),
                 externals: Vec::new(),
                 files: Vec::new(),
+                load_time: Vec::new(),
                 expected_code: Vec::new(),
             });
+        let module = if unit.kernel_object == "vmlinux" {
+            None
+        } else {
+            if !shipped.contains_key(&unit.kernel_object) {
+                let m = modules.shipped(&unit.kernel_object)?;
+                shipped.insert(unit.kernel_object.clone(), m);
+            }
+            Some(shipped[&unit.kernel_object].as_ref())
+        };
         for version in &extracted.replaced {
             let replaced = ReplacedFunction {
                 name: version.name.clone(),
+                sympos: module
+                    .flatten()
+                    .and_then(|m| m.sympos(&version.name, Some(&unit.source_file)).ok()),
                 file: unit.source_file.clone(),
                 new_symbol: version.alias.clone(),
             };
@@ -102,7 +122,24 @@ pub fn generate(
                 .push((replaced, version.alias.clone()));
         }
         update.added.extend(extracted.added.iter().cloned());
-        update.externals.extend(extracted.externals.iter().cloned());
+        match module {
+            None => update.externals.extend(extracted.externals.iter().cloned()),
+            Some(m) => match module_symbols::split_externals(
+                &unit.kernel_object,
+                extracted.externals.clone(),
+                m,
+                &modules.exporters,
+            ) {
+                Ok((kept, later)) => {
+                    update.externals.extend(kept);
+                    update
+                        .load_time
+                        .extend(later.iter().map(|(_, s)| s.clone()));
+                    load_time.extend(later);
+                }
+                Err(mut r) => refusals.append(&mut r),
+            },
+        }
         // Run-pre covers what is replaced and the old functions of this file
         // the new code calls: both must be the code it was compiled against.
         let called = extracted
@@ -141,7 +178,25 @@ pub fn generate(
     // vmlinux first: its table entries come first in `sympos`.
     let mut objects: Vec<ObjectUpdate> = by_object.into_values().collect();
     objects.sort_by_key(|o| (o.object != "vmlinux", o.object.clone()));
-    let source = render_livepatch(package, &objects);
+    let clear_module_relocs = !load_time.is_empty();
+    if clear_module_relocs {
+        // The template's relocation cleanup needs two kernel internals.
+        if let Some(first) = objects.iter_mut().find(|o| !o.load_time.is_empty()) {
+            for (module_symbol, name, kind) in [
+                (TEXT_POKE, "text_poke", SymbolKind::Function),
+                (TEXT_MUTEX, "text_mutex", SymbolKind::Data),
+            ] {
+                first.externals.push(ExternalSymbol {
+                    module_symbol: module_symbol.into(),
+                    name: name.into(),
+                    kind,
+                    file: None,
+                    global: true,
+                });
+            }
+        }
+    }
+    let source = render_livepatch(package, &objects, clear_module_relocs);
     std::fs::write(work.join("livepatch.c"), source)?;
     std::fs::write(
         work.join("Kbuild"),
@@ -149,7 +204,8 @@ pub fn generate(
             .replace("{{module}}", module_name)
             .replace("{{extracted_objects}}", &object_files.join(" ")),
     )?;
-    let ko = build_module(kbuild_dir, work, module_name, &objects)?;
+    let ko = build_module(kbuild_dir, work, module_name, &objects, &load_time)?;
+    let ko = klp::convert(&ko, &load_time)?;
     Ok(GeneratedModule { ko, objects })
 }
 
@@ -183,7 +239,11 @@ fn c_identifier(object: &str) -> String {
         .collect()
 }
 
-fn render_livepatch(package: &str, objects: &[ObjectUpdate]) -> String {
+/// Names the template uses for the kernel internals it needs.
+const TEXT_POKE: &str = "__dynamos_text_poke";
+const TEXT_MUTEX: &str = "__dynamos_text_mutex";
+
+fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs: bool) -> String {
     let mut declarations = String::new();
     let mut tables = String::new();
     let mut entries = String::new();
@@ -217,6 +277,10 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate]) -> String {
         .replace("{{function_count}}", &count.max(1).to_string())
         .replace("{{function_tables}}", tables.trim_end())
         .replace("{{object_entries}}", entries.trim_end())
+        .replace(
+            "{{clear_module_relocs}}",
+            if clear_module_relocs { "1" } else { "0" },
+        )
 }
 
 fn build_module(
@@ -224,6 +288,7 @@ fn build_module(
     work: &Path,
     module_name: &str,
     objects: &[ObjectUpdate],
+    load_time: &[(String, crate::package::LoadTimeSymbol)],
 ) -> Result<Vec<u8>> {
     let progress = crate::build::spinner(format!("building module {module_name}"));
     let mut make = Command::new("make");
@@ -248,6 +313,7 @@ fn build_module(
     let expected: std::collections::HashSet<&str> = objects
         .iter()
         .flat_map(|o| o.externals.iter().map(|e| e.module_symbol.as_str()))
+        .chain(load_time.iter().map(|(s, _)| s.as_str()))
         .collect();
     // Without the kernel's Module.symvers (a user's tree that was never
     // built) modpost knows no exports at all; the kernel's loader still

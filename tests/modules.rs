@@ -1,0 +1,72 @@
+//! Updates of loadable-module code: the module loaded before the package,
+//! unloaded and loaded again while it is applied, and loaded only after
+//! the package. The new `bm_status_read` of binfmt_misc reads the module's
+//! own static `enabled` through a livepatch symbol, so each reload must
+//! bind it to the new instance of the module (`echo 0 > status` shows it).
+
+mod common;
+
+use common::*;
+
+#[test]
+fn a_module_stays_patched_across_unload_and_reload_and_when_loaded_later() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("binfmt-misc-status.dynpkg");
+    let out = build(&keys, "binfmt-misc-status.diff", &pkg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("replace  bm_status_read (binfmt_misc, fs/binfmt_misc.c)"),
+        "{}",
+        stdout(&out)
+    );
+    let inspect = dynamos(&keys.dir, &["inspect", "--json", pkg.to_str().unwrap()]);
+    let manifest: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    let object = &manifest["manifest"]["objects"][0];
+    assert_eq!(object["object"], "binfmt_misc", "{manifest}");
+    assert_eq!(object["load_time"][0]["name"], "enabled", "{manifest}");
+
+    let script = r#"
+B=/proc/sys/fs/binfmt_misc
+up() { modprobe binfmt_misc && mount -t binfmt_misc none $B; }
+down() { umount $B && rmmod binfmt_misc; }
+up; echo "@@ before: $(cat $B/status) @@"
+dynamos apply /packages/binfmt-misc-status.dynpkg; echo "@@ applied: $(cat $B/status) @@"
+down; up; echo "@@ reloaded: $(cat $B/status) @@"
+echo 0 > $B/status; echo "@@ disabled: $(cat $B/status) @@"; echo 1 > $B/status
+down; up; echo "@@ reloaded again: $(cat $B/status) @@"; down
+dynamos revert --all; up; echo "@@ reverted: $(cat $B/status) @@"; down
+dynamos apply /packages/binfmt-misc-status.dynpkg
+up; echo "@@ loaded after: $(cat $B/status) @@"
+dynamos revert --all; echo "@@ reverted while loaded: $(cat $B/status) @@"
+echo "@@ tainted $(cat /proc/sys/kernel/tainted) @@"
+dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
+"#;
+    let out = dynamos(
+        &keys.dir,
+        &[
+            "vm",
+            "--module",
+            "binfmt_misc",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--",
+            script,
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let expect = |line: &str| assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    expect("@@ before: enabled @@");
+    expect("live     bm_status_read (binfmt_misc)");
+    expect("@@ applied: enabled (live-updated) @@");
+    expect("@@ reloaded: enabled (live-updated) @@");
+    expect("@@ disabled: disabled (live-updated) @@");
+    expect("@@ reloaded again: enabled (live-updated) @@");
+    expect("@@ reverted: enabled @@");
+    expect("pending  bm_status_read (binfmt_misc: patched when it loads)");
+    expect("@@ loaded after: enabled (live-updated) @@");
+    expect("@@ reverted while loaded: enabled @@");
+    let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
+    assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
+}
