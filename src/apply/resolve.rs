@@ -8,7 +8,7 @@ use crate::error::Error;
 use crate::package::{ExpectedCode, Manifest, ObjectUpdate, SymbolKind};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 /// A kernel symbol the module's code was linked against.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,13 +68,45 @@ pub fn parse_kallsyms(text: &str) -> Result<Vec<Ksym>> {
 }
 
 /// The entries of one object (`vmlinux` or a module name), in kallsyms order.
-pub fn object_symbols<'a>(all: &'a [Ksym], object: &str) -> Vec<&'a Ksym> {
-    all.iter()
-        .filter(|s| match &s.module {
-            None => object == "vmlinux",
-            Some(m) => m == object,
-        })
-        .collect()
+pub fn object_symbols<'a>(all: &'a [Ksym], object: &str) -> ObjectSymbols<'a> {
+    ObjectSymbols::new(
+        all.iter()
+            .filter(|s| match &s.module {
+                None => object == "vmlinux",
+                Some(m) => m == object,
+            })
+            .collect(),
+    )
+}
+
+/// One object's kallsyms entries in order, indexed by name: a kernel has
+/// some 200,000 of them, too many to scan once per symbol looked up.
+#[derive(Debug, Clone)]
+pub struct ObjectSymbols<'a> {
+    list: Vec<&'a Ksym>,
+    by_name: HashMap<&'a str, Vec<usize>>,
+}
+
+impl<'a> ObjectSymbols<'a> {
+    pub fn new(list: Vec<&'a Ksym>) -> ObjectSymbols<'a> {
+        let mut by_name: HashMap<&'a str, Vec<usize>> = HashMap::new();
+        for (i, s) in list.iter().enumerate() {
+            by_name.entry(s.name.as_str()).or_default().push(i);
+        }
+        ObjectSymbols { list, by_name }
+    }
+
+    /// Positions in the list of the entries called `name`, in order.
+    pub fn positions(&self, name: &str) -> &[usize] {
+        self.by_name.get(name).map_or(&[], Vec::as_slice)
+    }
+}
+
+impl<'a> std::ops::Deref for ObjectSymbols<'a> {
+    type Target = [&'a Ksym];
+    fn deref(&self) -> &[&'a Ksym] {
+        &self.list
+    }
 }
 
 /// Whether a kallsyms type letter fits a symbol kind. Per-cpu variables are
@@ -121,13 +153,13 @@ pub const NEIGHBOURHOOD: usize = 16;
 /// `file_symbols` the symbol is global, and the only global candidate wins.
 /// The error is a one-line reason about `name`.
 pub fn choose(
-    syms: &[&Ksym],
+    syms: &ObjectSymbols,
     name: &str,
     kind: SymbolKind,
     file_symbols: Option<&[String]>,
     runs_expected_code: Option<&dyn Fn(u64) -> bool>,
 ) -> std::result::Result<Choice, String> {
-    let same_name: Vec<usize> = (0..syms.len()).filter(|&i| syms[i].name == name).collect();
+    let same_name: Vec<usize> = syms.positions(name).to_vec();
     let candidates: Vec<usize> = same_name
         .iter()
         .copied()
@@ -275,6 +307,7 @@ pub fn resolve(
     let mut verified_functions = 0;
     let mut not_loaded = Vec::new();
     let vmlinux = object_symbols(kallsyms, "vmlinux");
+    let all = ObjectSymbols::new(kallsyms.iter().collect());
     if vmlinux.is_empty() {
         bail!("no vmlinux symbols in /proc/kallsyms");
     }
@@ -334,7 +367,7 @@ pub fn resolve(
         );
         for (expected, address) in chosen {
             let running = memory.read(address, expected.bytes.len());
-            let lookup = |name: &str| unique_address(kallsyms, &syms, &obj.object, name);
+            let lookup = |name: &str| unique_address(&all, &syms, &obj.object, name);
             let verdict = match &running {
                 Ok(bytes) => crate::runpre::compare(expected, bytes)
                     .map_err(|m| m.to_string())
@@ -376,7 +409,7 @@ pub fn resolve(
 /// code join `chosen` for the run-pre check.
 fn resolve_externals<'m>(
     obj: &'m ObjectUpdate,
-    syms: &[&Ksym],
+    syms: &ObjectSymbols,
     memory: &dyn KernelMemory,
     externals: &mut Vec<ResolvedSymbol>,
     chosen: &mut Vec<(&'m ExpectedCode, u64)>,
@@ -446,17 +479,26 @@ fn expected_code<'a>(
 /// Where the symbol `name` referenced by code of `object` is, when that is
 /// unambiguous: the object's own symbol, else (for a module) the one global
 /// symbol of that name.
-fn unique_address(all: &[Ksym], own: &[&Ksym], object: &str, name: &str) -> Option<u64> {
-    let mut mine = own.iter().filter(|s| s.name == name);
-    if let Some(first) = mine.next() {
-        return mine.next().is_none().then_some(first.address);
+fn unique_address(
+    all: &ObjectSymbols,
+    own: &ObjectSymbols,
+    object: &str,
+    name: &str,
+) -> Option<u64> {
+    match own.positions(name) {
+        [one] => return Some(own[*one].address),
+        [] => {}
+        _ => return None,
     }
     if object == "vmlinux" {
         return None;
     }
-    let mut global = all.iter().filter(|s| s.name == name && is_global(s.kind));
+    let mut global = all
+        .positions(name)
+        .iter()
+        .filter(|&&i| is_global(all[i].kind));
     let first = global.next()?;
-    global.next().is_none().then_some(first.address)
+    global.next().is_none().then_some(all[*first].address)
 }
 
 /// `name` or `name+0xoff` for a kernel address, from kallsyms.
@@ -578,7 +620,7 @@ pub(crate) mod tests {
         }
         let v = object_symbols(&all, "vmlinux");
         let mut counts = std::collections::HashMap::new();
-        for s in &v {
+        for s in v.iter() {
             *counts.entry(s.name.as_str()).or_insert(0u32) += 1;
         }
         let mut names: Vec<(&str, u32)> = counts.into_iter().collect();
