@@ -174,12 +174,17 @@ fn read_trimmed(path: &Path) -> Option<String> {
 }
 
 /// Wait until the livepatch `name` is not in transition (its folder gone
-/// counts as settled). Halfway through, idle tasks are sent the livepatch's
-/// fake signal, which lets sleeping tasks switch without a real signal.
+/// counts as settled). Tasks still on the old side after a second, and
+/// every few seconds after that, get the livepatch core's fake signal: it
+/// wakes interruptible sleepers (a reader waiting in pipe_read) so they
+/// switch on their way out, without a real signal. Killable and
+/// uninterruptible sleepers are not woken; they hold the transition.
 fn wait_transition(paths: &SystemPaths, name: &str, timeout: Duration) -> bool {
+    const FIRST_SIGNAL: Duration = Duration::from_secs(1);
+    const SIGNAL_EVERY: Duration = Duration::from_secs(5);
     let dir = paths.livepatch.join(name);
     let start = Instant::now();
-    let mut signalled = false;
+    let mut next_signal = FIRST_SIGNAL;
     loop {
         match read_trimmed(&dir.join("transition")) {
             None => return true,
@@ -190,9 +195,9 @@ fn wait_transition(paths: &SystemPaths, name: &str, timeout: Duration) -> bool {
         if elapsed >= timeout {
             return false;
         }
-        if !signalled && elapsed >= timeout / 2 {
+        if elapsed >= next_signal {
             let _ = fs::write(dir.join("signal"), "1");
-            signalled = true;
+            next_signal += SIGNAL_EVERY;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
