@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.

@@ -115,6 +115,12 @@ struct TrustArgs {
 }
 
 fn main() {
+    // `dynamos list | head -1`: end quietly when the reader goes away, as
+    // Unix tools do, instead of panicking on a failed print.
+    // SAFETY: called before any other thread exists; SIG_DFL is always valid.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let code = match run(cli) {
         Ok(code) => code,
