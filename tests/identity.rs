@@ -49,3 +49,53 @@ fn a_package_knows_its_kernel_build_and_another_build_refuses_it() {
         "{text}"
     );
 }
+
+/// Any Debian 6.1 build is a target: `--target` fetches that build's
+/// source, config and headers, and the package goes live on that kernel,
+/// its code verified by run-pre against that build.
+#[test]
+fn a_package_for_another_debian_build_goes_live_on_that_build() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("proc-version-banner.dynpkg");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
+        .args(["--target", "6.1.0-53-amd64"])
+        .arg(root().join("patches/proc-version-banner.diff"))
+        .arg("-o")
+        .arg(&pkg)
+        .env("DYNAMOS_CONFIG", keys.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("for 6.1.0-53-amd64"),
+        "{}",
+        stdout(&out)
+    );
+
+    let pkg_arg = pkg.to_string_lossy().into_owned();
+    let out = dynamos(
+        &keys.dir,
+        &[
+            "vm",
+            "--kernel",
+            "6.1.0-53-amd64",
+            "--package",
+            &pkg_arg,
+            "--",
+            "echo \"@@ running $(uname -r) @@\"; dynamos apply /packages/proc-version-banner.dynpkg && cat /proc/version && dynamos revert --all",
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("@@ running 6.1.0-53-amd64 @@"), "{text}");
+    assert!(text.contains("Debian 6.1.187-1"), "{text}");
+    assert!(
+        text.contains("dynamos: live update proc-version-banner applied"),
+        "{text}"
+    );
+    assert!(
+        text.contains("running code verified: 1 functions"),
+        "{text}"
+    );
+}

@@ -3,10 +3,12 @@
 //! the package. The new `bm_status_read` of binfmt_misc reads the module's
 //! own static `enabled` through a livepatch symbol, so each reload must
 //! bind it to the new instance of the module (`echo 0 > status` shows it).
+//! Then one package holding a vmlinux fix and a module fix together.
 
 mod common;
 
 use common::*;
+use std::process::Command;
 
 #[test]
 fn a_module_stays_patched_across_unload_and_reload_and_when_loaded_later() {
@@ -26,6 +28,26 @@ fn a_module_stays_patched_across_unload_and_reload_and_when_loaded_later() {
     assert_eq!(object["object"], "binfmt_misc", "{manifest}");
     assert_eq!(object["load_time"][0]["name"], "enabled", "{manifest}");
 
+    let mixed = work.path().join("mixed.dynpkg");
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
+        .arg(root().join("patches/proc-version-banner.diff"))
+        .arg(root().join("patches/binfmt-misc-status.diff"))
+        .args(["--name", "mixed", "-o"])
+        .arg(&mixed)
+        .env("DYNAMOS_CONFIG", keys.dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let built = stdout(&out);
+    assert!(
+        built.contains("replace  version_proc_show (vmlinux"),
+        "{built}"
+    );
+    assert!(
+        built.contains("replace  bm_status_read (binfmt_misc"),
+        "{built}"
+    );
+
     let script = r#"
 B=/proc/sys/fs/binfmt_misc
 up() { modprobe binfmt_misc && mount -t binfmt_misc none $B; }
@@ -38,7 +60,11 @@ down; up; echo "@@ reloaded again: $(cat $B/status) @@"; down
 dynamos revert --all; up; echo "@@ reverted: $(cat $B/status) @@"; down
 dynamos apply /packages/binfmt-misc-status.dynpkg
 up; echo "@@ loaded after: $(cat $B/status) @@"
-dynamos revert --all; echo "@@ reverted while loaded: $(cat $B/status) @@"
+dynamos revert --all; echo "@@ reverted while loaded: $(cat $B/status) @@"; down
+dynamos apply /packages/mixed.dynpkg
+echo "@@ mixed vmlinux: $(grep -c 'proc-version-banner applied' /proc/version) @@"
+up; echo "@@ mixed module: $(cat $B/status) @@"
+dynamos revert mixed; echo "@@ mixed reverted: $(grep -c 'proc-version-banner applied' /proc/version) $(cat $B/status) @@"
 echo "@@ tainted $(cat /proc/sys/kernel/tainted) @@"
 dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
 "#;
@@ -50,6 +76,8 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
             "binfmt_misc",
             "--package",
             pkg.to_str().unwrap(),
+            "--package",
+            mixed.to_str().unwrap(),
             "--",
             script,
         ],
@@ -67,6 +95,10 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
     expect("pending  bm_status_read (binfmt_misc: patched when it loads)");
     expect("@@ loaded after: enabled (live-updated) @@");
     expect("@@ reverted while loaded: enabled @@");
+    expect("pending  bm_status_read (binfmt_misc: patched when it loads)");
+    expect("@@ mixed vmlinux: 1 @@");
+    expect("@@ mixed module: enabled (live-updated) @@");
+    expect("@@ mixed reverted: 0 enabled @@");
     let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
     assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
 }
