@@ -160,6 +160,22 @@ fn static_locals_renumbered_by_a_later_function_keep_their_identity() {
     assert_eq!(run.code, 0);
 }
 
+/// Once-flags share one section (`.data.once`), and `cmpb $0, flag(%rip)`
+/// has an immediate after its displacement: a flag added before another
+/// must not make the other's user look changed.
+#[test]
+fn a_new_once_flag_in_a_shared_section_leaves_other_users_alone() {
+    const ONCE: &str = "#define ONCE_FLAG static _Bool __attribute__((section(\".data.once\"))) __already_done\n\
+        extern void note(int);\n\
+        int old_user(int x) { ONCE_FLAG; if (!__already_done) { __already_done = 1; note(x); } return x; }\n";
+    let patched = format!(
+        "{ONCE}int new_user(int x) {{ ONCE_FLAG; if (!__already_done) {{ __already_done = 1; note(-x); }} return -x; }}\n"
+    );
+    let run = diff(ONCE, &patched);
+    assert!(names(&run.json, "changed").is_empty(), "{}", run.json);
+    assert_eq!(names(&run.json, "new"), ["new_user"]);
+}
+
 #[test]
 fn a_changed_init_function_is_refused_by_name() {
     let orig = format!("{INIT}static int level;\nint __init setup_level(void) {{ level = 1; return 0; }}\nint get_level(void) {{ return level; }}\n");

@@ -126,6 +126,7 @@ fn strip_number(name: &str) -> &str {
 /// the offset of the first reference in each.
 fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeMap<&str, u64>> {
     let mut users: HashMap<&str, BTreeMap<&str, u64>> = HashMap::new();
+    let mut instructions = super::InstructionIndex::default();
     for unit in super::function_units(obj) {
         let function = obj.symbols[unit.symbol].name.as_str();
         for r in obj.sections[unit.section]
@@ -135,8 +136,12 @@ fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeMap<&str, u64>>
         {
             let sym = &obj.symbols[r.symbol];
             let target = if sym.is_section() {
+                // `cmpb $0, flag(%rip)`: the addend also skips the
+                // immediate after the field; without it, the flag at +1
+                // of a shared section (.data.once) reads as the one at +0.
+                let position = r.addend + instructions.pc_bias(obj, unit.section, r);
                 sym.section()
-                    .and_then(|s| super::covering_symbol(obj, s, r.addend.max(0)))
+                    .and_then(|s| super::covering_symbol(obj, s, position.max(0)))
                     .map(|i| obj.symbols[i].name.as_str())
             } else {
                 Some(sym.name.as_str())
