@@ -14,6 +14,13 @@ use std::time::Instant;
 /// after the other keeps their timings meaningful.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// The lock every build takes on the work tree: tests in other processes
+/// (nextest runs each test in its own) build in the same tree, so a test
+/// looking at the tree between builds holds it.
+fn work_lock(target: &Target) -> dynamos::cache::Lock {
+    dynamos::cache::Lock::acquire(&target.work.join(".build.lock")).unwrap()
+}
+
 fn target() -> Target {
     Target::resolve(&TargetSpec::default()).expect("default target")
 }
@@ -99,9 +106,13 @@ fn builds_original_and_patched_object() {
             .unwrap(),
         pristine_mtime
     );
-    let worktree_file = target.work.join("src/fs/proc/version.c");
-    assert_eq!(std::fs::read(&worktree_file).unwrap(), pristine);
-    assert!(!target.work.join("src.journal").exists());
+    {
+        // Released before the next build: a process cannot take it twice.
+        let _lock = work_lock(&target);
+        let worktree_file = target.work.join("src/fs/proc/version.c");
+        assert_eq!(std::fs::read(&worktree_file).unwrap(), pristine);
+        assert!(!target.work.join("src.journal").exists());
+    }
 
     // The objects belong to the output and go away with it.
     let dir = out.dir.clone();
@@ -165,6 +176,7 @@ fn refuses_files_not_in_the_config() {
         "{msg}"
     );
     assert_eq!(std::fs::read(target.source.join(file)).unwrap(), pristine);
+    let _lock = work_lock(&target);
     assert_eq!(
         std::fs::read(target.work.join("src").join(file)).unwrap(),
         pristine
@@ -261,6 +273,7 @@ fn compile_errors_name_the_file() {
     );
     assert!(!text.contains(&target.work.display().to_string()), "{text}");
     // The work tree is clean again.
+    let _lock = work_lock(&target);
     assert_eq!(
         std::fs::read(target.work.join("src/fs/proc/cmdline.c")).unwrap(),
         std::fs::read(target.source.join("fs/proc/cmdline.c")).unwrap()
@@ -275,14 +288,19 @@ fn interrupted_build_is_undone_by_the_next() {
     let target = target();
     // What a build killed mid-way leaves: a journal and a patched file
     // renamed over its link in the work tree.
+    // Hold the work tree's lock while faking the leftover.
     let file = "fs/proc/cmdline.c";
     let in_tree = target.work.join("src").join(file);
-    let tmp = in_tree.with_extension("tmp-test");
-    std::fs::write(&tmp, "left over by a killed build\n").unwrap();
-    std::fs::rename(&tmp, &in_tree).unwrap();
-    std::fs::write(target.work.join("src.journal"), format!("{file}\n")).unwrap();
+    {
+        let _lock = work_lock(&target);
+        let tmp = in_tree.with_extension("tmp-test");
+        std::fs::write(&tmp, "left over by a killed build\n").unwrap();
+        std::fs::rename(&tmp, &in_tree).unwrap();
+        std::fs::write(target.work.join("src.journal"), format!("{file}\n")).unwrap();
+    }
 
     let _out = build_patch(&target, VERSION_PATCH).expect("build");
+    let _lock = work_lock(&target);
     let pristine = target.source.join(file);
     assert_eq!(
         std::fs::read(&in_tree).unwrap(),
