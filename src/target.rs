@@ -308,3 +308,24 @@ impl Target {
         })
     }
 }
+
+/// The modules of an unpacked `lib/modules/<release>` folder: module name
+/// (as `modprobe` takes it, `-` read as `_`) → path relative to the folder,
+/// from `modules.order`.
+pub fn module_files(modules_dir: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let order = modules_dir.join("modules.order");
+    let text = std::fs::read_to_string(&order)
+        .with_context(|| format!("cannot read {}", order.display()))?;
+    Ok(text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.ends_with(".ko"))
+        .map(|l| (module_name(l), l.to_string()))
+        .collect())
+}
+
+/// `kernel/fs/ext4/ext4.ko` → `ext4`; `nls-utf8` → `nls_utf8`.
+pub fn module_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.strip_suffix(".ko").unwrap_or(file).replace('-', "_")
+}

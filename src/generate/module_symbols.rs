@@ -114,13 +114,10 @@ impl ModuleContext {
         let Some(dir) = &self.modules_dir else {
             return Ok(None);
         };
-        let order = std::fs::read_to_string(dir.join("modules.order")).unwrap_or_default();
-        let wanted = format!("{}.ko", name.replace('-', "_"));
-        let path = order
-            .lines()
-            .map(str::trim)
-            .find(|l| l.rsplit('/').next().map(|f| f.replace('-', "_")) == Some(wanted.clone()));
-        match path {
+        let Ok(files) = crate::target::module_files(dir) else {
+            return Ok(None);
+        };
+        match files.get(&name.replace('-', "_")) {
             Some(rel) => ShippedModule::read(&dir.join(rel)).map(Some),
             None => Ok(None),
         }

@@ -27,15 +27,7 @@ pub fn collect(modules_dir: &Path, names: &[String]) -> Result<GuestModules> {
     if names.is_empty() {
         return Ok(GuestModules::default());
     }
-    let order = modules_dir.join("modules.order");
-    let text = std::fs::read_to_string(&order)
-        .with_context(|| format!("cannot read {}", order.display()))?;
-    let paths: HashMap<String, String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| l.ends_with(".ko"))
-        .map(|l| (module_name(l), l.to_string()))
-        .collect();
+    let paths = crate::target::module_files(modules_dir)?;
 
     // Depth-first, dependencies before the modules needing them.
     let mut deps: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -108,12 +100,6 @@ fn transitive(name: &str, deps: &BTreeMap<String, Vec<String>>, out: &mut Vec<St
     }
 }
 
-/// `kernel/fs/ext4/ext4.ko` → `ext4`; `-` and `_` are the same to modprobe.
-fn module_name(path: &str) -> String {
-    let file = path.rsplit('/').next().unwrap_or(path);
-    normalize(file.strip_suffix(".ko").unwrap_or(file))
-}
-
 fn normalize(name: &str) -> String {
     name.replace('-', "_")
 }
@@ -151,8 +137,14 @@ mod tests {
         let info = b"license=GPL\0depends=mbcache,jbd2,crc16\0intree=Y\0";
         assert_eq!(parse_depends(info), vec!["mbcache", "jbd2", "crc16"]);
         assert!(parse_depends(b"depends=\0").is_empty());
-        assert_eq!(module_name("kernel/drivers/net/dummy.ko"), "dummy");
-        assert_eq!(module_name("kernel/fs/nls/nls-utf8.ko"), "nls_utf8");
+        assert_eq!(
+            crate::target::module_name("kernel/drivers/net/dummy.ko"),
+            "dummy"
+        );
+        assert_eq!(
+            crate::target::module_name("kernel/fs/nls/nls-utf8.ko"),
+            "nls_utf8"
+        );
     }
 
     #[test]
