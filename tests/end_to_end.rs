@@ -196,21 +196,13 @@ fn a_users_own_tree_builds_a_package_that_goes_live() {
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let pkg = work.path().join("proc-version-banner.dynpkg");
-    let headers = debian.headers.clone().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
-        .arg("--src")
-        .arg(&debian.source)
-        .arg("--config")
-        .arg(&debian.config)
-        .arg("--symvers")
-        .arg(headers.join("Module.symvers"))
-        .args(["--target", &debian.release])
-        .arg(root().join("patches/proc-version-banner.diff"))
-        .arg("-o")
-        .arg(&pkg)
-        .env("DYNAMOS_CONFIG", keys.dir.path())
-        .output()
-        .unwrap();
+    let out = build_from_tree(
+        &keys,
+        &debian,
+        &debian.source,
+        "proc-version-banner.diff",
+        &pkg,
+    );
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     let (text, code) = vm(
         &keys,

@@ -58,14 +58,12 @@ fn a_package_for_another_debian_build_goes_live_on_that_build() {
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let pkg = work.path().join("proc-version-banner.dynpkg");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
-        .args(["--target", "6.1.0-53-amd64"])
-        .arg(root().join("patches/proc-version-banner.diff"))
-        .arg("-o")
-        .arg(&pkg)
-        .env("DYNAMOS_CONFIG", keys.dir.path())
-        .output()
-        .unwrap();
+    let out = build_with(
+        &keys,
+        &["proc-version-banner.diff"],
+        ["--target", "6.1.0-53-amd64"],
+        &pkg,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stdout(&out).contains("for 6.1.0-53-amd64"),

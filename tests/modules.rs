@@ -8,7 +8,6 @@
 mod common;
 
 use common::*;
-use std::process::Command;
 
 #[test]
 fn a_module_stays_patched_across_unload_and_reload_and_when_loaded_later() {
@@ -29,14 +28,12 @@ fn a_module_stays_patched_across_unload_and_reload_and_when_loaded_later() {
     assert_eq!(object["load_time"][0]["name"], "enabled", "{manifest}");
 
     let mixed = work.path().join("mixed.dynpkg");
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
-        .arg(root().join("patches/proc-version-banner.diff"))
-        .arg(root().join("patches/binfmt-misc-status.diff"))
-        .args(["--name", "mixed", "-o"])
-        .arg(&mixed)
-        .env("DYNAMOS_CONFIG", keys.dir.path())
-        .output()
-        .unwrap();
+    let out = build_with(
+        &keys,
+        &["proc-version-banner.diff", "binfmt-misc-status.diff"],
+        ["--name", "mixed"],
+        &mixed,
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let built = stdout(&out);
     assert!(

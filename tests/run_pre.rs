@@ -32,20 +32,7 @@ fn tree_with_edited_original(debian_source: &Path, at: &Path, from: &str, to: &s
 }
 
 fn build_from(tree: &Path, debian: &dynamos::target::Target, keys: &Keys, pkg: &Path) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
-        .arg("--src")
-        .arg(tree)
-        .arg("--config")
-        .arg(&debian.config)
-        .arg("--symvers")
-        .arg(debian.headers.as_ref().unwrap().join("Module.symvers"))
-        .args(["--target", &debian.release])
-        .arg(root().join("patches/proc-version-banner.diff"))
-        .arg("-o")
-        .arg(pkg)
-        .env("DYNAMOS_CONFIG", keys.dir.path())
-        .output()
-        .unwrap();
+    let out = build_from_tree(keys, debian, tree, "proc-version-banner.diff", pkg);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }
 

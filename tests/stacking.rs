@@ -9,20 +9,10 @@ mod common;
 
 use common::*;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-fn build_with(keys: &Keys, patches: &[&str], extra: &[&str], out: &Path) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamos-build"));
-    for p in patches {
-        cmd.arg(root().join("patches").join(p));
-    }
-    let out = cmd
-        .args(extra)
-        .arg("-o")
-        .arg(out)
-        .env("DYNAMOS_CONFIG", keys.dir.path())
-        .output()
-        .unwrap();
+/// Build from example patches, or fail the test.
+fn built(keys: &Keys, patches: &[&str], extra: &[&str], out: &Path) {
+    let out = build_with(keys, patches, extra, out);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
 }
 
@@ -31,15 +21,15 @@ fn stacked_and_cumulative_updates_behave_as_declared() {
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let pkg = |n: &str| work.path().join(format!("{n}.dynpkg"));
-    build_with(&keys, &["proc-version-banner.diff"], &[], &pkg("v1"));
-    build_with(&keys, &["proc-version-banner-v2.diff"], &[], &pkg("v2"));
-    build_with(
+    built(&keys, &["proc-version-banner.diff"], &[], &pkg("v1"));
+    built(&keys, &["proc-version-banner-v2.diff"], &[], &pkg("v2"));
+    built(
         &keys,
         &["proc-loadavg-new-helper.diff"],
         &[],
         &pkg("loadavg"),
     );
-    build_with(
+    built(
         &keys,
         &["proc-version-banner-v2.diff", "proc-cmdline-suffix.diff"],
         &[
@@ -54,7 +44,7 @@ fn stacked_and_cumulative_updates_behave_as_declared() {
         ],
         &pkg("cumulative"),
     );
-    build_with(
+    built(
         &keys,
         &["proc-cmdline-suffix.diff"],
         &["--name", "partial", "--replaces", "proc-version-banner"],

@@ -2,6 +2,7 @@
 //! the real default target.
 #![allow(dead_code)]
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -32,13 +33,48 @@ pub fn dynamos(keys: &tempfile::TempDir, args: &[&str]) -> Output {
 }
 
 pub fn build(keys: &Keys, patch: &str, out: &Path) -> Output {
+    build_with(keys, &[patch], [] as [&str; 0], out)
+}
+
+/// `dynamos-build` on example patches (names in `patches/`), with further
+/// arguments (`--target`, `--name`, ...).
+pub fn build_with<S: AsRef<OsStr>>(
+    keys: &Keys,
+    patches: &[&str],
+    extra: impl IntoIterator<Item = S>,
+    out: &Path,
+) -> Output {
     Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
-        .arg(root().join("patches").join(patch))
+        .args(patches.iter().map(|p| root().join("patches").join(p)))
+        .args(extra)
         .arg("-o")
         .arg(out)
         .env("DYNAMOS_CONFIG", keys.dir.path())
         .output()
         .unwrap()
+}
+
+/// `dynamos-build` on an example patch against `tree` as a user's own
+/// source tree, with the Debian target's config and exported symbols.
+pub fn build_from_tree(
+    keys: &Keys,
+    debian: &dynamos::target::Target,
+    tree: &Path,
+    patch: &str,
+    out: &Path,
+) -> Output {
+    let symvers = debian.headers.as_ref().unwrap().join("Module.symvers");
+    let extra: [&OsStr; 8] = [
+        "--src".as_ref(),
+        tree.as_os_str(),
+        "--config".as_ref(),
+        debian.config.as_os_str(),
+        "--symvers".as_ref(),
+        symvers.as_os_str(),
+        "--target".as_ref(),
+        debian.release.as_ref(),
+    ];
+    build_with(keys, &[patch], extra, out)
 }
 
 pub fn stderr(out: &Output) -> String {
