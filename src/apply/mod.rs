@@ -544,12 +544,11 @@ fn retired_by(paths: &SystemPaths, manifest: &Manifest) -> Result<Vec<String>> {
         if covered {
             retiring.push(live);
         } else {
+            let other = package.as_deref().unwrap_or(&live);
             refusals.push(crate::Refusal {
                 symbol: manifest.name.clone(),
                 reason: format!(
-                    "cumulative update would also retire live update {} that it does not supersede; revert that first or rebuild with --replaces {}",
-                    package.as_deref().unwrap_or(&live),
-                    package.as_deref().unwrap_or(&live),
+                    "cumulative update would also retire live update {other} that it does not supersede; revert that first or rebuild with --replaces {other}"
                 ),
             });
         }
