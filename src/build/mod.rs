@@ -12,17 +12,18 @@
 //! Staleness: make decides by mtime, and a restored link carries the
 //! pristine (old) mtime, which can be older than an object built from the
 //! patched version. So the touched objects (and their `.cmd` records) in
-//! `patched` are always deleted before a build. Only `.c` files are ever
-//! written into the farm — headers are refused, since every translation
-//! unit including one would need rebuilding — so nothing else can go
-//! stale; should anything else be written, it is restored as a fresh
-//! copy whose new mtime makes everything built from it out of date.
+//! `patched` are always deleted before a build. A patched header is
+//! restored as a fresh copy instead, whose new mtime makes everything
+//! built from it out of date; every translation unit including it is
+//! rebuilt in both trees ([`includers`]).
 //! The `orig` tree is built from sources that never change, so its
 //! objects stay valid once built.
 //!
 //! kbuild compiles any C file named on its command line, so whether the
 //! config builds a file, and into vmlinux or a module, is read from
 //! kbuild's own makefiles for every folder on the way to it.
+
+mod includers;
 
 use crate::cache::{self, Lock};
 use crate::target::Target;
@@ -146,13 +147,14 @@ impl Drop for BuildOutput {
 enum Kind {
     /// A C file compiled into the kernel or a module.
     Compile,
+    /// A header: every translation unit including it is compiled.
+    Header,
     /// Not part of what runs in the kernel.
     Ignore,
     Refuse(String),
 }
 
 fn classify(path: &Path, content: &Option<Vec<u8>>) -> Kind {
-    let s = path.to_string_lossy();
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -197,12 +199,9 @@ fn classify(path: &Path, content: &Option<Vec<u8>>) -> Kind {
         );
     }
     match ext.as_str() {
-        "h" => Kind::Refuse(format!(
-            "header changes are not supported yet: the translation units including {s} would all need rebuilding"
-        )),
-        "c" if content.is_none() => {
-            Kind::Refuse("deleting a source file is not supported".into())
-        }
+        "h" if content.is_none() => Kind::Refuse("deleting a header is not supported".into()),
+        "h" => Kind::Header,
+        "c" if content.is_none() => Kind::Refuse("deleting a source file is not supported".into()),
         "c" => Kind::Compile,
         "S" | "s" => Kind::Refuse("assembly changes are not supported".into()),
         "lds" => Kind::Refuse("linker script changes are not supported".into()),
@@ -220,11 +219,13 @@ fn classify(path: &Path, content: &Option<Vec<u8>>) -> Kind {
 /// [`Error::NoChange`] when nothing touched is kernel code.
 pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> Result<BuildOutput> {
     let mut sources = Vec::new();
+    let mut headers = Vec::new();
     let mut ignored = Vec::new();
     let mut refusals = Vec::new();
     for (path, content) in changes {
         match classify(path, content) {
             Kind::Compile => sources.push(path.clone()),
+            Kind::Header => headers.push(path.clone()),
             Kind::Ignore => ignored.push(path.clone()),
             Kind::Refuse(reason) => refusals.push(Refusal {
                 symbol: path.display().to_string(),
@@ -238,7 +239,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     for path in &ignored {
         eprintln!("note: ignoring {}: not kernel code", path.display());
     }
-    if sources.is_empty() {
+    if sources.is_empty() && headers.is_empty() {
         return Err(Error::NoChange.into());
     }
 
@@ -266,7 +267,11 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
                 unit_source = includer;
             }
         }
-        let Some(in_module) = membership else {
+        let Some(Built {
+            in_module,
+            kbuild_object,
+        }) = membership
+        else {
             let reason = if unit_source == *source {
                 "not built by this kernel config".to_string()
             } else {
@@ -288,7 +293,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
                 }
             }
             None => units.push(Unit {
-                object: unit_source.with_extension("o"),
+                object: kbuild_object,
                 source: unit_source,
                 in_module,
                 touched: vec![source.clone()],
@@ -298,7 +303,20 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     if !refusals.is_empty() {
         return Err(Error::Refused(refusals).into());
     }
+    if !headers.is_empty() {
+        add_header_includers(&trees, &headers, &mut units)?;
+    }
+    if units.is_empty() {
+        for header in &headers {
+            eprintln!(
+                "note: {}: no file this kernel config compiles includes it",
+                header.display()
+            );
+        }
+        return Err(Error::NoChange.into());
+    }
     let objects: Vec<PathBuf> = units.iter().map(|u| u.object.clone()).collect();
+    let written: Vec<PathBuf> = sources.iter().chain(&headers).cloned().collect();
 
     // In the patched tree a restored file keeps its old pristine mtime,
     // which may be older than an object built from a patched version:
@@ -320,7 +338,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     ));
     let started = Instant::now();
     let results = {
-        let worktree = Worktree::apply(&trees, &sources, changes)?;
+        let worktree = Worktree::apply(&trees, &written, changes)?;
         let results = std::thread::scope(|scope| {
             let orig = scope.spawn(|| trees.make(&trees.source, &trees.orig, &orig_needed));
             let patched = trees.make(&trees.src, &trees.patched, &objects);
@@ -351,9 +369,9 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     }
     for (run, which) in [(&orig, "original"), (&patched, "patched")] {
         if !run.success {
-            let failed = failed_source(&run.output, &sources)
+            let failed = failed_source(&run.output, &written)
                 .map(|s| format!("{} failed to compile", s.display()))
-                .unwrap_or_else(|| format!("building {} failed", join(&sources)));
+                .unwrap_or_else(|| format!("building {} failed", join(&written)));
             let hint = missing_tool_hint(&run.output)
                 .map(|h| format!("\n{h}"))
                 .unwrap_or_default();
@@ -382,9 +400,12 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
                 if in_module { "module code" } else { "built-in code" }
             );
         }
+        // A composite module's part may be named through another folder
+        // (`amdgpu/../display/...`); the copies and the report use the plain path.
+        let plain = lexical(object).unwrap_or_else(|| object.clone());
         let copy = |tree: &Path, side: &str| -> Result<PathBuf> {
             let from = tree.join(object);
-            let to = dir.join(side).join(object);
+            let to = dir.join(side).join(&plain);
             fs::create_dir_all(to.parent().expect("object has a folder"))?;
             fs::copy(&from, &to)
                 .with_context(|| format!("make produced no {} ({side} version)", from.display()))?;
@@ -394,7 +415,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         let patched = copy(&trees.patched, "patched")?;
         output.pairs.push(ObjectPair {
             source: source.clone(),
-            object: object.clone(),
+            object: plain,
             touched: unit.touched,
             kernel_object: built_into,
             original,
@@ -407,6 +428,76 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         started.elapsed()
     ));
     Ok(output)
+}
+
+/// Source files a header change may rebuild; more is refused, naming the
+/// header (a change to `include/linux/fs.h` reaches most of the kernel).
+const MAX_HEADER_INCLUDERS: usize = 200;
+
+/// Add every translation unit this config compiles that includes one of
+/// `headers` to `units`. Includers the config does not build are left out
+/// without a word: their code is not in this kernel.
+fn add_header_includers(trees: &Trees, headers: &[PathBuf], units: &mut Vec<Unit>) -> Result<()> {
+    let srcarch = trees.srcarch()?;
+    let progress = spinner(format!("finding the files that include {}", join(headers)));
+    let generated = format!("arch/{srcarch}/include/generated");
+    let index = includers::IncludeIndex::scan(
+        &trees.source,
+        srcarch,
+        &[(trees.orig.join(&generated), PathBuf::from(&generated))],
+    );
+    progress.finish_and_clear();
+    let index = index?;
+    let mut refusals = Vec::new();
+    for header in headers {
+        let c_files = match index
+            .c_files_including(std::slice::from_ref(header), MAX_HEADER_INCLUDERS)
+        {
+            Ok(files) => files,
+            Err(too_many) => {
+                refusals.push(Refusal {
+                    symbol: header.display().to_string(),
+                    reason: format!(
+                        "more than {} source files include it; a live update rebuilds at most that many (change the .c files that need it instead)",
+                        too_many.limit
+                    ),
+                });
+                continue;
+            }
+        };
+        for c_file in c_files {
+            if let Some(unit) = units.iter_mut().find(|u| u.source == c_file) {
+                if !unit.touched.contains(header) {
+                    unit.touched.push(header.clone());
+                }
+                continue;
+            }
+            let object = c_file.with_extension("o");
+            let Some(Built {
+                in_module,
+                kbuild_object,
+            }) = trees.built_by_config(&object)?
+            else {
+                continue;
+            };
+            units.push(Unit {
+                object: kbuild_object,
+                source: c_file,
+                in_module,
+                touched: vec![header.clone()],
+            });
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    verbose(format_args!(
+        "{} translation unit(s) include {} ({} files indexed)",
+        units.len(),
+        join(headers),
+        index.indexed_files()
+    ));
+    Ok(())
 }
 
 /// One translation unit to compile and the touched files that go into it.
@@ -681,11 +772,64 @@ dynamos-list:
 "#;
 
 /// One folder's objects for this config, paths relative to the tree root.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct KbuildDir {
     dirs: Vec<PathBuf>,
     builtin: Vec<PathBuf>,
     module: Vec<PathBuf>,
+}
+
+impl KbuildDir {
+    /// Whether and how `object` is built here, `dir/../other` parts of
+    /// composite objects included.
+    fn membership(&self, object: &Path) -> Option<Built> {
+        let same =
+            |listed: &&PathBuf| *listed == object || lexical(listed).as_deref() == Some(object);
+        let found = |listed: &PathBuf, in_module| Built {
+            in_module,
+            kbuild_object: listed.clone(),
+        };
+        if let Some(listed) = self.builtin.iter().find(same) {
+            Some(found(listed, false))
+        } else {
+            self.module
+                .iter()
+                .find(same)
+                .map(|listed| found(listed, true))
+        }
+    }
+}
+
+/// `a/b/../c.o` → `a/c.o`, without asking the file system.
+fn lexical(path: &Path) -> Option<PathBuf> {
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            std::path::Component::ParentDir => {
+                if !out.pop() {
+                    return None;
+                }
+            }
+            std::path::Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    Some(out)
+}
+
+/// Folders, and levels below the deepest folder kbuild enters, searched
+/// for a composite object's part.
+const COMPOSITE_SEARCH_FOLDERS: usize = 400;
+const COMPOSITE_SEARCH_DEPTH: usize = 3;
+
+/// How this config builds an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Built {
+    in_module: bool,
+    /// The object as kbuild names it, which for a composite module's part
+    /// may go through the folder whose flags compile it
+    /// (`drivers/gpu/drm/amd/amdgpu/../display/dc/core/dc.o`).
+    kbuild_object: PathBuf,
 }
 
 /// Result of one `make` run.
@@ -710,6 +854,8 @@ struct Trees {
     /// The source is a released package that never changes, so an
     /// original object, once built, stays valid.
     immutable_source: bool,
+    /// Folders' listings already read by kbuild in this build.
+    listings: std::sync::Mutex<std::collections::HashMap<String, KbuildDir>>,
 }
 
 impl Trees {
@@ -725,6 +871,7 @@ impl Trees {
             // Debian builds its kernels with gcc-12; use it when it is here.
             cc: which("gcc-12").then_some("gcc-12"),
             immutable_source: target.debian.is_some(),
+            listings: Default::default(),
         }
     }
 
@@ -754,6 +901,18 @@ impl Trees {
     /// What kbuild builds in `dir` (relative, `.` for the root) under this
     /// config, from the directory's own makefile evaluated by kbuild's rules.
     fn kbuild_dir(&self, dir: &str, srcarch: &str) -> Result<KbuildDir> {
+        let cached = |dir: &str| self.listings.lock().ok()?.get(dir).cloned();
+        if let Some(listing) = cached(dir) {
+            return Ok(listing);
+        }
+        let listing = self.read_kbuild_dir(dir, srcarch)?;
+        if let Ok(mut listings) = self.listings.lock() {
+            listings.insert(dir.to_string(), listing.clone());
+        }
+        Ok(listing)
+    }
+
+    fn read_kbuild_dir(&self, dir: &str, srcarch: &str) -> Result<KbuildDir> {
         let mk = self.orig.join(".dynamos-list.mk");
         if fs::read_to_string(&mk).ok().as_deref() != Some(LIST_MK) {
             cache::write_atomic(&mk, LIST_MK.as_bytes())?;
@@ -764,6 +923,9 @@ impl Trees {
             .arg(&self.orig)
             .arg("-f")
             .arg(&mk)
+            // As kbuild does for O= builds: `include $(src)/sub/Makefile`
+            // (i915's gvt) is found relative to the source tree.
+            .arg(format!("--include-dir={}", self.source.display()))
             .arg(format!("obj={dir}"))
             .arg(format!("srctree={}", self.source.display()))
             .arg("objtree=.")
@@ -810,7 +972,7 @@ impl Trees {
     /// the way must be descended into, as the top-level `Kbuild` and each
     /// folder's makefile decide; folders of `arch/<arch>/` are reached from
     /// the arch makefile and are taken as built.
-    fn built_by_config(&self, object: &Path) -> Result<Option<bool>> {
+    fn built_by_config(&self, object: &Path) -> Result<Option<Built>> {
         let srcarch = self.srcarch()?;
         let dirs: Vec<String> = object
             .parent()
@@ -824,30 +986,53 @@ impl Trees {
         } else {
             0
         };
-        for i in start..dirs.len() {
-            let parent = if i == 0 {
+        let as_dir = |n: usize| {
+            if n == 0 {
                 ".".to_string()
             } else {
-                dirs[..i].join("/")
-            };
+                dirs[..n].join("/")
+            }
+        };
+        // The deepest folder on the way that kbuild descends into.
+        let mut reached = dirs.len();
+        for i in start..dirs.len() {
             let child = PathBuf::from(dirs[..=i].join("/"));
-            if !self.kbuild_dir(&parent, srcarch)?.dirs.contains(&child) {
-                return Ok(None);
+            if !self.kbuild_dir(&as_dir(i), srcarch)?.dirs.contains(&child) {
+                reached = i;
+                break;
             }
         }
-        let dir = if dirs.is_empty() {
-            ".".to_string()
-        } else {
-            dirs.join("/")
-        };
-        let listing = self.kbuild_dir(&dir, srcarch)?;
-        Ok(if listing.builtin.iter().any(|o| o == object) {
-            Some(false)
-        } else if listing.module.iter().any(|o| o == object) {
-            Some(true)
-        } else {
-            None
-        })
+        let listing = self.kbuild_dir(&as_dir(reached), srcarch)?;
+        if let Some(membership) = listing.membership(object) {
+            return Ok(Some(membership));
+        }
+        // Composite objects list parts from folders kbuild never enters
+        // itself: mlx5's `core/en/*.o` from `core/`, amdgpu's
+        // `../display/**` from `amd/amdgpu/`. Look for the object among the
+        // parts listed in the folders below the deepest one reached.
+        if reached == 0 {
+            return Ok(None);
+        }
+        let mut queue: std::collections::VecDeque<(PathBuf, usize)> =
+            listing.dirs.iter().map(|d| (d.clone(), 1)).collect();
+        let mut visited = 0;
+        while let Some((dir, depth)) = queue.pop_front() {
+            visited += 1;
+            if visited > COMPOSITE_SEARCH_FOLDERS {
+                break;
+            }
+            // A folder kbuild cannot list here is one this search cannot use.
+            let Ok(listing) = self.kbuild_dir(&dir.to_string_lossy(), srcarch) else {
+                continue;
+            };
+            if let Some(membership) = listing.membership(object) {
+                return Ok(Some(membership));
+            }
+            if depth < COMPOSITE_SEARCH_DEPTH {
+                queue.extend(listing.dirs.iter().map(|d| (d.clone(), depth + 1)));
+            }
+        }
+        Ok(None)
     }
 
     /// A C file in the same folder that `#include`s `source` (like
@@ -1290,9 +1475,7 @@ mod tests {
         assert_eq!(kind("Documentation/admin-guide/foo.rst"), Kind::Ignore);
         assert_eq!(kind("tools/perf/builtin-top.c"), Kind::Ignore);
         assert_eq!(kind("MAINTAINERS"), Kind::Ignore);
-        assert!(
-            matches!(kind("include/linux/fs.h"), Kind::Refuse(r) if r.contains("header changes") && r.contains("include/linux/fs.h"))
-        );
+        assert_eq!(kind("include/linux/fs.h"), Kind::Header);
         assert!(matches!(kind("fs/proc/Makefile"), Kind::Refuse(_)));
         assert!(matches!(kind("init/Kconfig"), Kind::Refuse(_)));
         assert!(matches!(kind("arch/x86/entry/entry_64.S"), Kind::Refuse(_)));
