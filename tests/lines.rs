@@ -19,6 +19,11 @@ extern void __might_sleep(const char *file, int line);
 extern void __might_fault(const char *file, int line);
 extern int _printk(const char *fmt, ...);
 extern void other(const char *file, int line);
+struct super_block;
+extern void __ext4_error(struct super_block *, const char *, unsigned int, _Bool,
+			 int, unsigned long long, const char *, ...);
+extern void *__ext4_iget(struct super_block *sb, unsigned long ino, int flags,
+			 const char *function, unsigned int line);
 #define might_sleep() __might_sleep(__FILE__, __LINE__)
 #define might_fault() __might_fault(__FILE__, __LINE__)
 struct s { int a; int b; };
@@ -80,6 +85,20 @@ int bare_line(int x)
 int unknown_consumer(int x)
 {{
 	other(__FILE__, __LINE__);
+	return x;
+}}
+
+int ext4_like(struct super_block *sb, int x)
+{{
+	if (x < 0)
+		__ext4_error(sb, __func__, __LINE__, 1, x, 0, "bad %d", x);
+	return __ext4_iget(sb, x, 0, __func__, __LINE__) != 0;
+}}
+
+/* The line in the third argument where the callee takes it second. */
+int misplaced_line(struct super_block *sb, int x)
+{{
+	__ext4_iget(sb, x, __LINE__, __func__, 7);
 	return x;
 }}
 
@@ -204,7 +223,7 @@ fn moved_lines_alone_are_the_same() {
         shift: 3,
         ..Source::default()
     });
-    for name in ["sleeper", "reporter"] {
+    for name in ["sleeper", "reporter", "ext4_like"] {
         assert!(bytes_differ(&orig, &moved, name), "{name} should move");
         assert!(same(&orig, &moved, name), "{name}: only lines moved");
     }
@@ -225,6 +244,9 @@ fn line_numbers_for_unknown_callees_still_count() {
     // A printk with a line but no __FILE__ before it is not trusted.
     assert!(bytes_differ(&orig, &moved, "bare_line"));
     assert!(!same(&orig, &moved, "bare_line"));
+    // A known consumer, but the moving value is not its line argument.
+    assert!(bytes_differ(&orig, &moved, "misplaced_line"));
+    assert!(!same(&orig, &moved, "misplaced_line"));
 }
 
 #[test]

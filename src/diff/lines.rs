@@ -56,8 +56,9 @@ pub const MAX_LINE: i64 = 100_000;
 /// Which argument of a consumer carries the line number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LineArg {
-    /// The second argument (`%esi`): `f(const char *file, int line, ...)`.
-    Second,
+    /// The n-th argument (1-based, passed in a register: 1 to 6), e.g. 2
+    /// for `f(const char *file, int line, ...)` (`%esi`).
+    Argument(usize),
     /// A variadic argument placed directly after an argument that is a
     /// source path string (`printk(fmt, __FILE__, __LINE__)`): the
     /// position is not fixed by the prototype, so the `__FILE__` next to
@@ -90,19 +91,52 @@ pub enum LineArg {
 /// `__dynamic_pr_debug` (the line is in the `__dyndbg` descriptor, not an
 /// argument), and the lock initialisers `__mutex_init`, `__init_rwsem`,
 /// `__raw_spin_lock_init`, `lockdep_init_map_type` (name and class key,
-/// no line). Subsystem helpers that take `__LINE__` (ext4, btrfs, ACPI,
-/// sound, ...) are not covered: a function using them still counts as
-/// changed when only lines moved.
+/// no line).
+///
+/// ext4's error, journalling and checking helpers take `__LINE__` too, in
+/// the positions their 6.1 prototypes in fs/ext4/{ext4,ext4_jbd2}.h,
+/// extents.c and xattr.c give (a fix that adds a line to an ext4 file
+/// would otherwise change every function below it that can report an
+/// error). Other subsystems' helpers (btrfs, ACPI, sound, ...) are not
+/// covered: a function using them still counts as changed when only
+/// lines moved.
 pub const LINE_CONSUMERS: &[(&str, LineArg)] = &[
-    ("__might_sleep", LineArg::Second),
-    ("__might_resched", LineArg::Second),
-    ("__might_fault", LineArg::Second),
-    ("__cant_sleep", LineArg::Second),
-    ("__cant_migrate", LineArg::Second),
-    ("lockdep_rcu_suspicious", LineArg::Second),
-    ("warn_slowpath_fmt", LineArg::Second),
+    ("__might_sleep", LineArg::Argument(2)),
+    ("__might_resched", LineArg::Argument(2)),
+    ("__might_fault", LineArg::Argument(2)),
+    ("__cant_sleep", LineArg::Argument(2)),
+    ("__cant_migrate", LineArg::Argument(2)),
+    ("lockdep_rcu_suspicious", LineArg::Argument(2)),
+    ("warn_slowpath_fmt", LineArg::Argument(2)),
     ("_printk", LineArg::AfterFile),
     ("printk", LineArg::AfterFile),
+    // ext4: (function, line, ...)
+    ("__ext4_check_dir_entry", LineArg::Argument(2)),
+    ("__ext4_grp_locked_error", LineArg::Argument(2)),
+    ("ext4_check_blockref", LineArg::Argument(2)),
+    ("__ext4_journal_get_write_access", LineArg::Argument(2)),
+    ("__ext4_journal_get_create_access", LineArg::Argument(2)),
+    ("__ext4_forget", LineArg::Argument(2)),
+    ("__ext4_handle_dirty_metadata", LineArg::Argument(2)),
+    ("__ext4_journal_stop", LineArg::Argument(2)),
+    ("__ext4_ext_check", LineArg::Argument(2)),
+    ("__ext4_ext_dirty", LineArg::Argument(2)),
+    // ext4: (sb or inode or handle, line, ...)
+    ("__ext4_journal_start_sb", LineArg::Argument(2)),
+    ("__ext4_journal_start", LineArg::Argument(2)),
+    ("__ext4_journal_start_reserved", LineArg::Argument(2)),
+    // ext4: (object, function, line, ...)
+    ("__ext4_error", LineArg::Argument(3)),
+    ("__ext4_error_inode", LineArg::Argument(3)),
+    ("__ext4_error_file", LineArg::Argument(3)),
+    ("__ext4_warning", LineArg::Argument(3)),
+    ("__ext4_warning_inode", LineArg::Argument(3)),
+    ("__ext4_std_error", LineArg::Argument(3)),
+    // ext4: further along
+    ("__dump_mmp_msg", LineArg::Argument(4)),
+    ("__ext4_mark_inode_dirty", LineArg::Argument(4)),
+    ("__ext4_iget", LineArg::Argument(5)),
+    ("__xattr_check_inode", LineArg::Argument(5)),
 ];
 
 /// Integer argument registers of the x86-64 SysV calling convention.
@@ -378,7 +412,9 @@ impl<'c, 'a> Decoded<'c, 'a> {
             if let Some(target) = self.direct_target(next) {
                 let (name, arg) = consumer(target)?;
                 let passes_line = match arg {
-                    LineArg::Second => register == Register::RSI,
+                    LineArg::Argument(n) => {
+                        n >= 1 && ARGUMENT_REGISTERS.get(n - 1) == Some(&register)
+                    }
                     LineArg::AfterFile => self.file_before(index, next, register),
                 };
                 if !passes_line {
