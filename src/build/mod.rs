@@ -389,6 +389,13 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         dir: dir.clone(),
         keep: false,
     };
+    let mut refusals = Vec::new();
+    for unit in &units {
+        refusals.extend(changed_symbol_versions(&trees, &unit.object)?);
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
     for unit in units {
         let (source, object, in_module) = (&unit.source, &unit.object, unit.in_module);
         let built_into = kernel_object(&trees.orig, object)?;
@@ -626,6 +633,39 @@ fn kernel_object(tree: &Path, object: &Path) -> Result<String> {
         .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string())
         .filter(|v| !v.is_empty())
         .with_context(|| format!("{}: module object without KBUILD_MODNAME", cmd.display()))
+}
+
+/// Exported symbols of `object` whose version (the MODVERSIONS CRC of
+/// their C interface, recorded by kbuild as `#SYMVER name crc` lines in the
+/// `.cmd` file) differs between the trees. Modules built for the running
+/// kernel were checked against the old CRC and call the old interface, so
+/// such a change cannot go live; it is refused naming the symbol.
+fn changed_symbol_versions(trees: &Trees, object: &Path) -> Result<Vec<Refusal>> {
+    let versions = |tree: &Path| -> Result<BTreeMap<String, String>> {
+        let cmd = cmd_file(&tree.join(object));
+        let text =
+            fs::read_to_string(&cmd).with_context(|| format!("cannot read {}", cmd.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix("#SYMVER "))
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, crc)| (name.to_string(), crc.trim().to_string()))
+            .collect())
+    };
+    let (old, new) = (versions(&trees.orig)?, versions(&trees.patched)?);
+    Ok(old
+        .iter()
+        .filter_map(|(name, crc)| {
+            let changed = new.get(name).filter(|c| *c != crc)?;
+            Some(Refusal {
+                symbol: name.clone(),
+                reason: format!(
+                    "exported symbol version changes ({crc} -> {changed}): modules of the running kernel use the old interface ({})",
+                    lexical(object).unwrap_or_else(|| object.to_path_buf()).with_extension("c").display()
+                ),
+            })
+        })
+        .collect())
 }
 
 /// Did make say it has no rule for `object`?
