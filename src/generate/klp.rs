@@ -1,9 +1,13 @@
 //! Rewrite a built livepatch module so the livepatch core, not the module
 //! loader, resolves its load-time symbols: each becomes
-//! `.klp.sym.<object>.<name>,<sympos>` in section SHN_LIVEPATCH, and the
-//! relocations using it move to `.klp.rela.<object>.<section>` sections
-//! (SHF_RELA_LIVEPATCH, and SHF_ALLOC so they stay in memory), which the
-//! core applies whenever `<object>` loads. Format:
+//! `.klp.sym.<home>.<name>,<sympos>` in section SHN_LIVEPATCH (`home`: the
+//! module defining it), and the relocations using it move to
+//! `.klp.rela.<patched>.<section>` sections (SHF_RELA_LIVEPATCH, and
+//! SHF_ALLOC so they stay in memory). The core applies such a section only
+//! for the patch's object `<patched>`, whenever that module loads, so it
+//! is named after the module whose new code uses the symbol, not the one
+//! defining it: nfsd's new code calling sunrpc goes in `.klp.rela.nfsd.*`
+//! (sunrpc is loaded whenever nfsd is). Format:
 //! Documentation/livepatch/module-elf-format.rst.
 
 use crate::package::LoadTimeSymbol;
@@ -28,23 +32,34 @@ const EARLY_TABLES: &[&str] = &[
     "__bug_table",
 ];
 
-/// `symbols`: module symbol name (`__dynamos_ext_N`) → what it stands for.
-pub fn convert(ko: &[u8], symbols: &[(String, LoadTimeSymbol)]) -> Result<Vec<u8>> {
+/// A load-time symbol as the built module refers to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KlpReference {
+    /// The module's own undefined symbol (`__dynamos_ext_N`); the names
+    /// are unique across the package, so each belongs to one object.
+    pub module_symbol: String,
+    /// The patched module whose new code uses it.
+    pub patched: String,
+    pub symbol: LoadTimeSymbol,
+}
+
+pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Vec<u8>> {
     if symbols.is_empty() {
         return Ok(ko.to_vec());
     }
     let mut builder =
         Builder::read(ko).map_err(|e| anyhow!("cannot read the built module: {e}"))?;
-    let wanted: HashMap<&[u8], &LoadTimeSymbol> = symbols
+    let wanted: HashMap<&[u8], &KlpReference> = symbols
         .iter()
-        .map(|(module_symbol, s)| (module_symbol.as_bytes(), s))
+        .map(|r| (r.module_symbol.as_bytes(), r))
         .collect();
 
     let mut klp_objects = HashMap::new();
     for sym in builder.symbols.iter_mut() {
-        let Some(s) = wanted.get(sym.name.as_slice()) else {
+        let Some(reference) = wanted.get(sym.name.as_slice()) else {
             continue;
         };
+        let s = &reference.symbol;
         sym.name = format!(".klp.sym.{}.{},{}", s.object, s.name, s.sympos)
             .into_bytes()
             .into();
@@ -52,7 +67,7 @@ pub fn convert(ko: &[u8], symbols: &[(String, LoadTimeSymbol)]) -> Result<Vec<u8
         sym.st_shndx = SHN_LIVEPATCH;
         sym.st_info = (elf::STB_GLOBAL << 4) | elf::STT_NOTYPE;
         sym.st_other = elf::STV_DEFAULT;
-        klp_objects.insert(sym.id().index(), s.object.clone());
+        klp_objects.insert(sym.id().index(), reference.patched.clone());
     }
 
     let symtab = builder
@@ -62,7 +77,7 @@ pub fn convert(ko: &[u8], symbols: &[(String, LoadTimeSymbol)]) -> Result<Vec<u8
         .map(|s| s.id())
         .ok_or_else(|| anyhow!("the built module has no symbol table"))?;
 
-    // (object, target section) → the relocations that move.
+    // (patched object, target section) → the relocations that move.
     let mut moved: BTreeMap<(String, usize), Vec<object::build::elf::Relocation>> = BTreeMap::new();
     let mut targets = HashMap::new();
     for section in builder.sections.iter_mut() {
@@ -94,7 +109,7 @@ pub fn convert(ko: &[u8], symbols: &[(String, LoadTimeSymbol)]) -> Result<Vec<u8
             String::from_utf8_lossy(builder.sections.get(target).name.as_slice()).into_owned();
         if EARLY_TABLES.contains(&target_name.as_str()) {
             bail!(
-                "an entry of {target_name} refers to a symbol of module {object}, which the kernel can only resolve after that table is used"
+                "an entry of {target_name} in new code of {object} refers to a symbol the livepatch core resolves only after the module loader has used that table"
             );
         }
         let section = builder.sections.add();

@@ -135,7 +135,13 @@ pub fn generate(
                     update
                         .load_time
                         .extend(later.iter().map(|(_, s)| s.clone()));
-                    load_time.extend(later);
+                    load_time.extend(later.into_iter().map(|(module_symbol, symbol)| {
+                        klp::KlpReference {
+                            module_symbol,
+                            patched: unit.kernel_object.clone(),
+                            symbol,
+                        }
+                    }));
                 }
                 Err(mut r) => refusals.append(&mut r),
             },
@@ -288,7 +294,7 @@ fn build_module(
     work: &Path,
     module_name: &str,
     objects: &[ObjectUpdate],
-    load_time: &[(String, crate::package::LoadTimeSymbol)],
+    load_time: &[klp::KlpReference],
 ) -> Result<Vec<u8>> {
     let progress = crate::build::spinner(format!("building module {module_name}"));
     let mut make = Command::new("make");
@@ -313,7 +319,7 @@ fn build_module(
     let expected: std::collections::HashSet<&str> = objects
         .iter()
         .flat_map(|o| o.externals.iter().map(|e| e.module_symbol.as_str()))
-        .chain(load_time.iter().map(|(s, _)| s.as_str()))
+        .chain(load_time.iter().map(|r| r.module_symbol.as_str()))
         .collect();
     // Without the kernel's Module.symvers (a user's tree that was never
     // built) modpost knows no exports at all; the kernel's loader still
