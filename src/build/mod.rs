@@ -371,6 +371,11 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         if !run.success {
             let failed = failed_source(&run.output, &written)
                 .map(|s| format!("{} failed to compile", s.display()))
+                .or_else(|| {
+                    // A file that includes a patched header.
+                    first_error_file(&run.output, &[&trees.src, &trees.source])
+                        .map(|f| format!("{f} failed to compile with {}", join(&written)))
+                })
                 .unwrap_or_else(|| format!("building {} failed", join(&written)));
             let hint = missing_tool_hint(&run.output)
                 .map(|h| format!("\n{h}"))
@@ -686,6 +691,19 @@ fn failed_source<'a>(output: &str, sources: &'a [PathBuf]) -> Option<&'a PathBuf
             Path::new(&s).with_extension("o").display()
         ))
     })
+}
+
+/// The file of the first compiler error in make's output, named relative
+/// to the tree.
+fn first_error_file(output: &str, trees: &[&Path]) -> Option<String> {
+    let line = output.lines().find(|l| l.contains(": error:"))?;
+    let mut file = line.split(':').next()?.trim().to_string();
+    for tree in trees {
+        if let Some(rest) = file.strip_prefix(&format!("{}/", tree.display())) {
+            file = rest.to_string();
+        }
+    }
+    (!file.is_empty() && !file.contains(' ')).then_some(file)
 }
 
 /// The last `n` lines of make's output worth reading: directory
