@@ -29,6 +29,8 @@ pub struct BuildReport {
     pub manifest: Manifest,
     /// Wall time of each stage, in pipeline order.
     pub timings: Vec<(&'static str, Duration)>,
+    /// Caveats of the generated update, one line each.
+    pub notes: Vec<String>,
 }
 
 /// Package name from the first patch file: `fixes/CVE-1.diff` → `CVE-1`.
@@ -217,7 +219,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             build_id: target.build_id.clone(),
         },
         patches: digests,
-        objects: generated.objects,
+        objects: generated.objects.clone(),
         replaces: request.replaces.clone(),
     };
     let package = Package {
@@ -236,5 +238,6 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         package_path: output,
         manifest,
         timings,
+        notes: generated.notes,
     })
 }

@@ -18,6 +18,15 @@
 #include <linux/livepatch.h>
 #include <linux/mutex.h>
 #include <linux/elf.h>
+#include <linux/jump_label.h>
+
+/*
+ * Jump labels of new module code on a tracepoint or dynamic debug print of
+ * that module cannot carry its key: the loader reads __jump_table before
+ * the livepatch core resolves module symbols. dynamos points them at this
+ * key, never enabled, so those diagnostics stay silent in the new code.
+ */
+__used struct static_key_false __dynamos_dormant_key = STATIC_KEY_FALSE_INIT;
 
 /*
  * 1 when new code refers to symbols of loadable modules through livepatch

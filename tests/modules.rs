@@ -99,3 +99,66 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
     let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
     assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
 }
+
+/// New module code whose jump labels sit on the module's own dynamic debug
+/// descriptors: the loader reads `__jump_table` before the livepatch core
+/// resolves module symbols, so those prints are pointed at a key that is
+/// never enabled. The update loads, works across a reload, and the prints
+/// stay silent in the new code while the old code's still print.
+#[test]
+fn module_code_with_dynamic_debug_prints_goes_live_with_them_silent() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("binfmt-misc-absolute-interpreter.dynpkg");
+    let out = build(&keys, "binfmt-misc-absolute-interpreter.diff", &pkg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let built = stdout(&out);
+    assert!(
+        built.contains("replace  bm_register_write (binfmt_misc, fs/binfmt_misc.c)"),
+        "{built}"
+    );
+    assert!(
+        built.contains("note: its dynamic debug prints of binfmt_misc: silent in the new code"),
+        "{built}"
+    );
+
+    let script = r#"
+B=/proc/sys/fs/binfmt_misc
+up() { modprobe binfmt_misc && mount -t binfmt_misc none $B; }
+down() { umount $B && rmmod binfmt_misc; }
+reg() { if echo ":$1:E::$1x::$2:" > $B/register 2>/dev/null; then echo registered; else echo refused; fi; }
+prints() { dmesg | grep -c 'register: interpreter'; }
+up; echo "module binfmt_misc +p" > /proc/dynamic_debug/control
+echo "@@ before: $(reg rel1 interp) $(reg abs1 /bin/interp) prints $(prints) @@"
+dynamos apply /packages/binfmt-misc-absolute-interpreter.dynpkg
+echo "@@ applied: $(reg rel2 interp) $(reg abs2 /bin/interp) prints $(prints) @@"
+down; up; echo "module binfmt_misc +p" > /proc/dynamic_debug/control
+echo "@@ reloaded: $(reg rel3 interp) $(reg abs3 /bin/interp) prints $(prints) @@"
+dynamos revert --all
+echo "@@ reverted: $(reg rel4 interp) prints $(prints) @@"; down
+echo "@@ tainted $(cat /proc/sys/kernel/tainted) @@"
+dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
+"#;
+    let out = dynamos(
+        &keys.dir,
+        &[
+            "vm",
+            "--module",
+            "binfmt_misc",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--",
+            script,
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let expect = |line: &str| assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    expect("@@ before: registered registered prints 2 @@");
+    expect("live     bm_register_write (binfmt_misc)");
+    expect("@@ applied: refused registered prints 2 @@");
+    expect("@@ reloaded: refused registered prints 2 @@");
+    expect("@@ reverted: registered prints 3 @@");
+    let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
+    assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
+}

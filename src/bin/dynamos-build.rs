@@ -72,6 +72,9 @@ fn main() {
                     println!("add      {} ({})", f, object.object);
                 }
             }
+            for note in &report.notes {
+                println!("note: {note}");
+            }
             println!(
                 "wrote {} for {}",
                 report.package_path.display(),

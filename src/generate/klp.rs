@@ -43,9 +43,36 @@ pub struct KlpReference {
     pub symbol: LoadTimeSymbol,
 }
 
-pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Vec<u8>> {
+/// Key of the template's never-enabled static key, for jump labels on
+/// tracepoints of the patched module.
+const DORMANT_KEY: &[u8] = b"__dynamos_dormant_key";
+
+/// The converted module, and what stays silent in its new code.
+pub struct Converted {
+    pub ko: Vec<u8>,
+    /// (patched module, what) whose jump labels were made dormant: a
+    /// tracepoint, or a dynamic debug print.
+    pub silent: Vec<(String, String)>,
+}
+
+/// What a jump label on the key of module symbol `name` guards, when it
+/// is only diagnostics (a tracepoint, a dynamic debug print) whose absence
+/// from new code changes nothing else.
+fn diagnostic_key(name: &str) -> Option<String> {
+    if let Some(tracepoint) = name.strip_prefix("__tracepoint_") {
+        return Some(format!("tracepoint {tracepoint}"));
+    }
+    name.starts_with("__UNIQUE_ID_ddebug")
+        .then(|| "its dynamic debug prints".to_string())
+}
+
+pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
+    let mut silent = Vec::new();
     if symbols.is_empty() {
-        return Ok(ko.to_vec());
+        return Ok(Converted {
+            ko: ko.to_vec(),
+            silent,
+        });
     }
     let mut builder =
         Builder::read(ko).map_err(|e| anyhow!("cannot read the built module: {e}"))?;
@@ -54,7 +81,13 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Vec<u8>> {
         .map(|r| (r.module_symbol.as_bytes(), r))
         .collect();
 
+    let dormant_key = builder
+        .symbols
+        .iter()
+        .find(|s| s.name.as_slice() == DORMANT_KEY)
+        .map(|s| s.id());
     let mut klp_objects = HashMap::new();
+    let mut diagnostics = HashMap::new();
     for sym in builder.symbols.iter_mut() {
         let Some(reference) = wanted.get(sym.name.as_slice()) else {
             continue;
@@ -68,6 +101,9 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Vec<u8>> {
         sym.st_info = (elf::STB_GLOBAL << 4) | elf::STT_NOTYPE;
         sym.st_other = elf::STV_DEFAULT;
         klp_objects.insert(sym.id().index(), reference.patched.clone());
+        if let Some(what) = diagnostic_key(&s.name) {
+            diagnostics.insert(sym.id().index(), what);
+        }
     }
 
     let symtab = builder
@@ -80,6 +116,11 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Vec<u8>> {
     // (patched object, target section) → the relocations that move.
     let mut moved: BTreeMap<(String, usize), Vec<object::build::elf::Relocation>> = BTreeMap::new();
     let mut targets = HashMap::new();
+    let jump_table = builder
+        .sections
+        .iter()
+        .find(|s| s.name.as_slice() == b"__jump_table")
+        .map(|s| s.id());
     for section in builder.sections.iter_mut() {
         let Some(target) = section.sh_info_section else {
             continue;
@@ -88,8 +129,22 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Vec<u8>> {
             continue;
         };
         let mut kept = Vec::with_capacity(relocs.len());
-        for r in relocs.drain(..) {
-            match r.symbol.and_then(|id| klp_objects.get(&id.index())) {
+        for mut r in relocs.drain(..) {
+            let symbol = r.symbol.map(|id| id.index());
+            let diagnostic = symbol.and_then(|i| diagnostics.get(&i));
+            if let (Some(what), Some(dormant), true) =
+                (diagnostic, dormant_key, Some(target) == jump_table)
+            {
+                // The entry's key field is the key's address (8-aligned)
+                // plus the branch flags in the two low bits: keep the flags.
+                let object = &klp_objects[&symbol.expect("diagnostic symbol")];
+                silent.push((object.clone(), what.clone()));
+                r.symbol = Some(dormant);
+                r.r_addend &= 3;
+                kept.push(r);
+                continue;
+            }
+            match symbol.and_then(|i| klp_objects.get(&i)) {
                 Some(object) => {
                     targets.insert(target.index(), target);
                     moved
@@ -108,8 +163,15 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Vec<u8>> {
         let target_name =
             String::from_utf8_lossy(builder.sections.get(target).name.as_slice()).into_owned();
         if EARLY_TABLES.contains(&target_name.as_str()) {
+            let used = relocs
+                .first()
+                .and_then(|r| r.symbol)
+                .map(|id| {
+                    String::from_utf8_lossy(builder.symbols.get(id).name.as_slice()).into_owned()
+                })
+                .unwrap_or_default();
             bail!(
-                "an entry of {target_name} in new code of {object} refers to a symbol the livepatch core resolves only after the module loader has used that table"
+                "an entry of {target_name} in new code of {object} refers to {used}, which the livepatch core resolves only after the module loader has used that table"
             );
         }
         let section = builder.sections.add();
@@ -129,5 +191,7 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Vec<u8>> {
     builder
         .write(&mut out)
         .map_err(|e| anyhow!("cannot write the livepatch module: {e}"))?;
-    Ok(out)
+    silent.sort();
+    silent.dedup();
+    Ok(Converted { ko: out, silent })
 }

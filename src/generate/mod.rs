@@ -41,6 +41,8 @@ pub struct TranslationUnit<'a> {
 pub struct GeneratedModule {
     pub ko: Vec<u8>,
     pub objects: Vec<ObjectUpdate>,
+    /// Things the user should know about the update (one line each).
+    pub notes: Vec<String>,
 }
 
 /// Extract, render and build. `kbuild_dir` is the target's headers (or a
@@ -211,8 +213,19 @@ pub fn generate(
             .replace("{{extracted_objects}}", &object_files.join(" ")),
     )?;
     let ko = build_module(kbuild_dir, work, module_name, &objects, &load_time)?;
-    let ko = klp::convert(&ko, &load_time)?;
-    Ok(GeneratedModule { ko, objects })
+    let converted = klp::convert(&ko, &load_time)?;
+    let notes = converted
+        .silent
+        .iter()
+        .map(|(module, what)| {
+            format!("{what} of {module}: silent in the new code (a livepatch jump label cannot use the module's key)")
+        })
+        .collect();
+    Ok(GeneratedModule {
+        ko: converted.ko,
+        objects,
+        notes,
+    })
 }
 
 /// The run-pre expectation for the function `name` defined in `original`.
