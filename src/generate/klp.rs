@@ -62,7 +62,13 @@ fn diagnostic_key(name: &str) -> Option<String> {
     if let Some(tracepoint) = name.strip_prefix("__tracepoint_") {
         return Some(format!("tracepoint {tracepoint}"));
     }
-    name.starts_with("__UNIQUE_ID_ddebug")
+    // pr_debug()'s descriptors are __UNIQUE_ID_ddebugN; macros that name
+    // theirs (DEFINE_DYNAMIC_DEBUG_METADATA(descriptor, ...)) give
+    // `descriptor.N` statics.
+    let numbered_descriptor = name
+        .strip_prefix("descriptor.")
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+    (name.starts_with("__UNIQUE_ID_ddebug") || numbered_descriptor)
         .then(|| "its dynamic debug prints".to_string())
 }
 

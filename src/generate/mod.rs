@@ -108,12 +108,17 @@ pub fn generate(
             }
             Some(shipped[&unit.kernel_object].as_ref())
         };
+        let unit_locals = match module {
+            Some(_) => module_symbols::kallsyms_locals(unit.original),
+            None => Vec::new(),
+        };
         for version in &extracted.replaced {
             let replaced = ReplacedFunction {
                 name: version.name.clone(),
-                sympos: module
-                    .flatten()
-                    .and_then(|m| m.sympos(&version.name, Some(&unit.source_file)).ok()),
+                sympos: module.flatten().and_then(|m| {
+                    m.sympos(&version.name, Some(&unit.source_file), &unit_locals)
+                        .ok()
+                }),
                 file: unit.source_file.clone(),
                 new_symbol: version.alias.clone(),
             };
@@ -130,6 +135,7 @@ pub fn generate(
                 &unit.kernel_object,
                 extracted.externals.clone(),
                 m,
+                &unit_locals,
                 &modules.exporters,
             ) {
                 Ok((kept, later)) => {

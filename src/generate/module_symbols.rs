@@ -42,14 +42,7 @@ impl ShippedModule {
                 file = Some(s.name.clone());
                 continue;
             }
-            let Some(section) = s.section() else { continue };
-            let sec = &obj.sections[section];
-            // What the module loader keeps in the module's kallsyms.
-            if s.name.is_empty()
-                || s.is_section()
-                || !sec.is_alloc()
-                || sec.name.starts_with(".init.")
-            {
+            if !in_kallsyms(&obj, s) {
                 continue;
             }
             symbols.push(ModuleSymbol {
@@ -67,11 +60,16 @@ impl ShippedModule {
 
     /// The livepatch `sympos` of `name`: 0 when unique, else the 1-based
     /// position of the one defined in `source_file` (a static) or the
-    /// global one. The error says why it cannot be told.
+    /// global one. Without file symbols to go by (Debian's modules have
+    /// none), a static is found by its neighbours: `unit_locals`, the
+    /// translation unit's own kallsyms-visible locals in order, appear in
+    /// the module in the same order, so the run around `name` is matched.
+    /// The error says why it cannot be told.
     pub fn sympos(
         &self,
         name: &str,
         source_file: Option<&str>,
+        unit_locals: &[String],
     ) -> std::result::Result<u32, String> {
         let same: Vec<&ModuleSymbol> = self.symbols.iter().filter(|s| s.name == name).collect();
         match same.len() {
@@ -89,14 +87,74 @@ impl ShippedModule {
             })
             .map(|(i, _)| i)
             .collect();
-        match hits.as_slice() {
-            [one] => Ok(*one as u32 + 1),
-            _ => Err(format!(
-                "{} symbols of this name in the module and its source file does not tell them apart",
-                same.len()
-            )),
+        if let [one] = hits.as_slice() {
+            return Ok(*one as u32 + 1);
         }
+        if source_file.is_some() {
+            if let Some(index) = self.by_neighbours(name, unit_locals) {
+                let position = self.symbols[..index]
+                    .iter()
+                    .filter(|s| s.name == name)
+                    .count();
+                return Ok(position as u32 + 1);
+            }
+        }
+        Err(format!(
+            "{} symbols of this name in the module, and neither file symbols nor the neighbouring statics tell which is this file's",
+            same.len()
+        ))
     }
+
+    /// Index in `symbols` of the local `name` whose neighbours are the
+    /// same as in `unit_locals`, when exactly one run of locals matches.
+    fn by_neighbours(&self, name: &str, unit_locals: &[String]) -> Option<usize> {
+        let at = unit_locals.iter().position(|n| n == name)?;
+        let from = at.saturating_sub(NEIGHBOURS);
+        let to = (at + NEIGHBOURS + 1).min(unit_locals.len());
+        let run = &unit_locals[from..to];
+        let locals: Vec<(usize, &str)> = self
+            .symbols
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.global)
+            .map(|(i, s)| (i, s.name.as_str()))
+            .collect();
+        let mut found = None;
+        for start in 0..(locals.len() + 1).saturating_sub(run.len()) {
+            let matches = run
+                .iter()
+                .zip(&locals[start..start + run.len()])
+                .all(|(a, (_, b))| a == b);
+            if matches {
+                if found.is_some() {
+                    return None;
+                }
+                found = Some(locals[start + (at - from)].0);
+            }
+        }
+        found
+    }
+}
+
+/// Statics on each side of a symbol compared to find it in a module.
+const NEIGHBOURS: usize = 12;
+
+/// Whether the module loader keeps `s` in the module's kallsyms.
+fn in_kallsyms(obj: &ObjectFile, s: &crate::diff::object::Symbol) -> bool {
+    let Some(section) = s.section() else {
+        return false;
+    };
+    let sec = &obj.sections[section];
+    !s.name.is_empty() && !s.is_section() && sec.is_alloc() && !sec.name.starts_with(".init.")
+}
+
+/// The kallsyms-visible local symbols of a translation unit, in order.
+pub fn kallsyms_locals(obj: &ObjectFile) -> Vec<String> {
+    obj.symbols
+        .iter()
+        .filter(|s| s.st_type != STT_FILE && s.is_local() && in_kallsyms(obj, s))
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 /// What the build knows about the target's modules.
@@ -147,6 +205,7 @@ pub fn split_externals(
     object: &str,
     externals: Vec<ExternalSymbol>,
     shipped: Option<&ShippedModule>,
+    unit_locals: &[String],
     exporters: &HashMap<String, String>,
 ) -> std::result::Result<SplitExternals, Vec<crate::Refusal>> {
     let mut kept = Vec::new();
@@ -170,7 +229,7 @@ pub fn split_externals(
             continue;
         };
         let sympos = match (home == object, shipped) {
-            (true, Some(m)) => m.sympos(&e.name, e.file.as_deref()),
+            (true, Some(m)) => m.sympos(&e.name, e.file.as_deref(), unit_locals),
             _ => Ok(0),
         };
         match sympos {
@@ -229,11 +288,39 @@ mod tests {
     #[test]
     fn sympos_follows_the_source_file_of_a_static() {
         let m = module();
-        assert_eq!(m.sympos("helper", Some("fs/x/a.c")), Ok(0));
-        assert_eq!(m.sympos("enabled", Some("fs/x/a.c")), Ok(1));
-        assert_eq!(m.sympos("enabled", Some("fs/x/b.c")), Ok(2));
-        assert!(m.sympos("enabled", Some("fs/x/c.c")).is_err());
-        assert!(m.sympos("absent", None).is_err());
+        assert_eq!(m.sympos("helper", Some("fs/x/a.c"), &[]), Ok(0));
+        assert_eq!(m.sympos("enabled", Some("fs/x/a.c"), &[]), Ok(1));
+        assert_eq!(m.sympos("enabled", Some("fs/x/b.c"), &[]), Ok(2));
+        assert!(m.sympos("enabled", Some("fs/x/c.c"), &[]).is_err());
+        assert!(m.sympos("absent", None, &[]).is_err());
+    }
+
+    #[test]
+    fn without_file_symbols_a_static_is_found_by_its_neighbours() {
+        let sym = |name: &str, global: bool| ModuleSymbol {
+            name: name.into(),
+            global,
+            file: None,
+        };
+        // Two files, each with `_rs.4` and `count`, in link order.
+        let m = ShippedModule {
+            symbols: vec![
+                sym("a_show", false),
+                sym("_rs.4", false),
+                sym("count", false),
+                sym("a_export", true),
+                sym("b_store", false),
+                sym("_rs.4", false),
+                sym("count", false),
+            ],
+        };
+        let b: Vec<String> = ["b_store", "_rs.4", "count"].map(String::from).to_vec();
+        let a: Vec<String> = ["a_show", "_rs.4", "count"].map(String::from).to_vec();
+        assert_eq!(m.sympos("_rs.4", Some("x/b.c"), &b), Ok(2));
+        assert_eq!(m.sympos("count", Some("x/a.c"), &a), Ok(1));
+        // Neighbours found in both places tell nothing.
+        let vague: Vec<String> = ["_rs.4", "count"].map(String::from).to_vec();
+        assert!(m.sympos("count", Some("x/b.c"), &vague).is_err());
     }
 
     #[test]
@@ -250,6 +337,7 @@ mod tests {
                 external("jbd2_start", None),
             ],
             Some(&module()),
+            &[],
             &exporters,
         )
         .unwrap();
@@ -274,6 +362,7 @@ mod tests {
             "ext4",
             vec![external("nowhere", None)],
             Some(&module()),
+            &[],
             &exporters,
         )
         .unwrap_err();
