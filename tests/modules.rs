@@ -3,7 +3,8 @@
 //! the package. The new `bm_status_read` of binfmt_misc reads the module's
 //! own static `enabled` through a livepatch symbol, so each reload must
 //! bind it to the new instance of the module (`echo 0 > status` shows it).
-//! Then one package holding a vmlinux fix and a module fix together.
+//! Then one patch fixing vmlinux and a module together, in one package,
+//! applied with the module loaded before and loaded after.
 
 mod common;
 
@@ -30,7 +31,7 @@ fn a_module_stays_patched_across_unload_and_reload_and_when_loaded_later() {
     let mixed = work.path().join("mixed.dynpkg");
     let out = build_with(
         &keys,
-        &["proc-version-banner.diff", "binfmt-misc-status.diff"],
+        &["proc-version-and-binfmt-status.diff"],
         ["--name", "mixed"],
         &mixed,
     );
@@ -58,6 +59,9 @@ dynamos revert --all; up; echo "@@ reverted: $(cat $B/status) @@"; down
 dynamos apply /packages/binfmt-misc-status.dynpkg
 up; echo "@@ loaded after: $(cat $B/status) @@"
 dynamos revert --all; echo "@@ reverted while loaded: $(cat $B/status) @@"; down
+up; dynamos apply /packages/mixed.dynpkg
+echo "@@ mixed, module loaded before: $(grep -c 'proc-version-banner applied' /proc/version) $(cat $B/status) @@"
+dynamos revert mixed; down
 dynamos apply /packages/mixed.dynpkg
 echo "@@ mixed vmlinux: $(grep -c 'proc-version-banner applied' /proc/version) @@"
 up; echo "@@ mixed module: $(cat $B/status) @@"
@@ -93,6 +97,7 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
     expect("@@ loaded after: enabled (live-updated) @@");
     expect("@@ reverted while loaded: enabled @@");
     expect("pending  bm_status_read (binfmt_misc: patched when it loads)");
+    expect("@@ mixed, module loaded before: 1 enabled (live-updated) @@");
     expect("@@ mixed vmlinux: 1 @@");
     expect("@@ mixed module: enabled (live-updated) @@");
     expect("@@ mixed reverted: 0 enabled @@");
