@@ -201,3 +201,23 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
     silent.dedup();
     Ok(Converted { ko: out, silent })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_tracepoint_and_dynamic_debug_keys_are_diagnostics() {
+        assert_eq!(
+            diagnostic_key("__tracepoint_ext4_mballoc_alloc").as_deref(),
+            Some("tracepoint ext4_mballoc_alloc")
+        );
+        assert!(diagnostic_key("__UNIQUE_ID_ddebug271.2").is_some());
+        assert!(diagnostic_key("descriptor.176").is_some());
+        assert!(diagnostic_key("descriptor").is_none());
+        assert!(diagnostic_key("descriptor.x1").is_none());
+        // A module's own static key guards behaviour, not diagnostics.
+        assert!(diagnostic_key("mlx5_fs_enabled").is_none());
+        assert!(diagnostic_key("tracepoint_key").is_none());
+    }
+}
