@@ -68,6 +68,15 @@ impl Correlation {
 /// user's code the first reference is.
 type FirstUse = (String, u64);
 
+/// Message limiters (`printk_ratelimited`'s `_rs.N`, the once-flags of
+/// `WARN_ONCE` and `pr_*_once`): new code may keep its own copy, at worst
+/// printing a message once more. Many files have one of the same name, so
+/// referring to the kernel's copy can be impossible to resolve.
+pub fn is_message_limiter(name: &str) -> bool {
+    const NAMES: &[&str] = &["_rs.", "__already_done.", "__warned.", "__print_once."];
+    NAMES.iter().any(|n| name.starts_with(n))
+}
+
 /// Statics the kernel's macros create only to limit messages
 /// (`printk_ratelimited`, `WARN_ONCE`, `pr_*_once`) or to name lock
 /// classes: a new copy changes how often something is printed, nothing

@@ -396,8 +396,13 @@ impl Extractor<'_> {
             ));
         }
         let is_new = self.diff.correlation.orig_name(&sym.name).is_none();
+        // A message limiter of its own spares apply an often ambiguous lookup.
+        let limiter = sym.is_local()
+            && !self.patched.sections[section].is_exec()
+            && crate::diff::is_message_limiter(&sym.name);
         let copied = crate::diff::copied_readonly(self.patched, symbol)
-            || self.diff.private_copies.contains(&sym.name);
+            || self.diff.private_copies.contains(&sym.name)
+            || limiter;
         if is_new || copied {
             // New data (or a compiler-made constant): the package allocates it.
             let s = &self.patched.sections[section];
