@@ -4,7 +4,8 @@
 # fetches into its own cache on first use.
 set -euo pipefail
 
-packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils dpkg-dev)
+# e2fsprogs: the ext4 test makes its filesystem image on the host.
+packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils dpkg-dev e2fsprogs)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
