@@ -19,6 +19,7 @@
 #include <linux/mutex.h>
 #include <linux/elf.h>
 #include <linux/jump_label.h>
+#include <linux/static_call.h>
 
 /*
  * Jump labels of new module code on a tracepoint or dynamic debug print of
@@ -27,6 +28,13 @@
  * key, never enabled, so those diagnostics stay silent in the new code.
  */
 __used struct static_key_false __dynamos_dormant_key = STATIC_KEY_FALSE_INIT;
+
+/*
+ * Likewise for the static calls of those tracepoints, which sit behind
+ * their jump labels: a key without a function makes the kernel turn each
+ * such call into a NOP.
+ */
+__used struct static_call_key __dynamos_dormant_call = { .func = NULL, .type = 1 };
 
 /*
  * 1 when new code refers to symbols of loadable modules through livepatch

@@ -167,3 +167,62 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
     let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
     assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
 }
+
+/// New module code calling the module's own tracepoints: their jump labels
+/// and static call sites point at never-enabled keys of the update, and the
+/// kernel turns those calls into NOPs as the update loads, so nothing may
+/// write the calls' targets afterwards. The update goes live, the
+/// tracepoints can be switched on and off while it is applied, and the
+/// module reloads.
+#[test]
+fn module_code_calling_its_own_tracepoints_goes_live() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("9p-fid-destroy-tracepoint.dynpkg");
+    let out = build(&keys, "9p-fid-destroy-tracepoint.diff", &pkg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let built = stdout(&out);
+    assert!(
+        built.contains("replace  p9_client_clunk (9pnet, net/9p/client.c)"),
+        "{built}"
+    );
+    assert!(
+        built.contains("note: tracepoint 9p_fid_ref of 9pnet: silent in the new code"),
+        "{built}"
+    );
+
+    let script = r#"
+T=/sys/kernel/tracing
+[ -d $T/events ] || mount -t tracefs none $T
+modprobe 9pnet
+dynamos apply /packages/9p-fid-destroy-tracepoint.dynpkg; echo "@@ applied $? @@"
+echo 1 > $T/events/9p/enable; echo "@@ tracing on $? @@"; echo 0 > $T/events/9p/enable
+rmmod 9pnet && modprobe 9pnet; echo "@@ reloaded $? @@"
+echo 1 > $T/events/9p/enable; echo 0 > $T/events/9p/enable
+dynamos revert --all; echo "@@ reverted $? @@"; rmmod 9pnet
+echo "@@ tainted $(cat /proc/sys/kernel/tainted) @@"
+dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
+"#;
+    let out = dynamos(
+        &keys.dir,
+        &[
+            "vm",
+            "--module",
+            "9pnet",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--",
+            script,
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let expect = |line: &str| assert!(text.contains(line), "missing `{line}` in:\n{text}");
+    expect("live     p9_client_clunk (9pnet)");
+    expect("@@ applied 0 @@");
+    expect("@@ tracing on 0 @@");
+    expect("@@ reloaded 0 @@");
+    expect("@@ reverted 0 @@");
+    let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
+    assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
+}

@@ -47,6 +47,11 @@ pub struct KlpReference {
 /// tracepoints of the patched module.
 const DORMANT_KEY: &[u8] = b"__dynamos_dormant_key";
 
+/// The template's static call key without a function, for static call
+/// sites of the patched module's tracepoints: the kernel turns those
+/// calls into NOPs (they sit behind the tracepoint's dormant jump label).
+const DORMANT_CALL: &[u8] = b"__dynamos_dormant_call";
+
 /// The converted module, and what stays silent in its new code.
 pub struct Converted {
     pub ko: Vec<u8>,
@@ -59,7 +64,10 @@ pub struct Converted {
 /// is only diagnostics (a tracepoint, a dynamic debug print) whose absence
 /// from new code changes nothing else.
 fn diagnostic_key(name: &str) -> Option<String> {
-    if let Some(tracepoint) = name.strip_prefix("__tracepoint_") {
+    if let Some(tracepoint) = name
+        .strip_prefix("__tracepoint_")
+        .or_else(|| name.strip_prefix("__SCK__tp_func_"))
+    {
         return Some(format!("tracepoint {tracepoint}"));
     }
     // pr_debug()'s descriptors are __UNIQUE_ID_ddebugN; macros that name
@@ -87,11 +95,14 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
         .map(|r| (r.module_symbol.as_bytes(), r))
         .collect();
 
-    let dormant_key = builder
-        .symbols
-        .iter()
-        .find(|s| s.name.as_slice() == DORMANT_KEY)
-        .map(|s| s.id());
+    let symbol_named = |name: &[u8]| {
+        builder
+            .symbols
+            .iter()
+            .find(|s| s.name.as_slice() == name)
+            .map(|s| s.id())
+    };
+    let (dormant_key, dormant_call) = (symbol_named(DORMANT_KEY), symbol_named(DORMANT_CALL));
     let mut klp_objects = HashMap::new();
     let mut diagnostics = HashMap::new();
     for sym in builder.symbols.iter_mut() {
@@ -122,11 +133,16 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
     // (patched object, target section) → the relocations that move.
     let mut moved: BTreeMap<(String, usize), Vec<object::build::elf::Relocation>> = BTreeMap::new();
     let mut targets = HashMap::new();
-    let jump_table = builder
-        .sections
-        .iter()
-        .find(|s| s.name.as_slice() == b"__jump_table")
-        .map(|s| s.id());
+    let section_named = |name: &[u8]| {
+        builder
+            .sections
+            .iter()
+            .find(|s| s.name.as_slice() == name)
+            .map(|s| s.id())
+    };
+    let jump_table = section_named(b"__jump_table");
+    let static_call_sites = section_named(b".static_call_sites");
+    let silenced_calls = silenced_call_sites(&builder, static_call_sites, &diagnostics);
     for section in builder.sections.iter_mut() {
         let Some(target) = section.sh_info_section else {
             continue;
@@ -136,13 +152,26 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
         };
         let mut kept = Vec::with_capacity(relocs.len());
         for mut r in relocs.drain(..) {
+            // The kernel turns a silenced call site into a NOP as the
+            // module loads; its target is never written.
+            if silenced_calls.contains(&(target.index(), r.r_offset)) {
+                continue;
+            }
             let symbol = r.symbol.map(|id| id.index());
             let diagnostic = symbol.and_then(|i| diagnostics.get(&i));
-            if let (Some(what), Some(dormant), true) =
-                (diagnostic, dormant_key, Some(target) == jump_table)
-            {
+            let dormant = if Some(target) == jump_table {
+                dormant_key
+            } else if Some(target) == static_call_sites {
+                // Only a tracepoint's call; any other call must be made.
+                dormant_call
+                    .filter(|_| diagnostic.is_some_and(|what| what.starts_with("tracepoint ")))
+            } else {
+                None
+            };
+            if let (Some(what), Some(dormant)) = (diagnostic, dormant) {
                 // The entry's key field is the key's address (8-aligned)
-                // plus the branch flags in the two low bits: keep the flags.
+                // plus flags in the two low bits (branch direction; tail
+                // call and init for a static call site): keep the flags.
                 let object = &klp_objects[&symbol.expect("diagnostic symbol")];
                 silent.push((object.clone(), what.clone()));
                 r.symbol = Some(dormant);
@@ -202,6 +231,50 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
     Ok(Converted { ko: out, silent })
 }
 
+/// (section, offset of the call's target field) of every static call site
+/// whose key is a patched module's tracepoint: `.static_call_sites`
+/// entries are (site, key) pairs of 32-bit PC-relative fields.
+fn silenced_call_sites(
+    builder: &Builder,
+    static_call_sites: Option<object::build::elf::SectionId>,
+    diagnostics: &HashMap<usize, String>,
+) -> std::collections::HashSet<(usize, u64)> {
+    let mut silenced = std::collections::HashSet::new();
+    let Some(sites) = static_call_sites else {
+        return silenced;
+    };
+    for section in builder.sections.iter() {
+        if section.sh_info_section != Some(sites) {
+            continue;
+        }
+        let SectionData::Relocation(relocs) = &section.data else {
+            continue;
+        };
+        let by_offset: HashMap<u64, &object::build::elf::Relocation> =
+            relocs.iter().map(|r| (r.r_offset, r)).collect();
+        for key in relocs {
+            let is_tracepoint = key
+                .symbol
+                .and_then(|id| diagnostics.get(&id.index()))
+                .is_some_and(|what| what.starts_with("tracepoint "));
+            let site = key.r_offset.checked_sub(4).and_then(|o| by_offset.get(&o));
+            let (true, Some(site)) = (is_tracepoint, site) else {
+                continue;
+            };
+            let Some(text) = site.symbol.and_then(|id| builder.symbols.get(id).section) else {
+                continue;
+            };
+            // site field = text + addend - P; the call's target field is one
+            // byte into the instruction.
+            let place = site.r_addend + builder.symbols.get(site.symbol.unwrap()).st_value as i64;
+            if let Ok(call) = u64::try_from(place + 1) {
+                silenced.insert((text.index(), call));
+            }
+        }
+    }
+    silenced
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +287,11 @@ mod tests {
         );
         assert!(diagnostic_key("__UNIQUE_ID_ddebug271.2").is_some());
         assert!(diagnostic_key("descriptor.176").is_some());
+        assert_eq!(
+            diagnostic_key("__SCK__tp_func_9p_fid_ref").as_deref(),
+            Some("tracepoint 9p_fid_ref")
+        );
+        assert!(diagnostic_key("__SCK__might_resched").is_none());
         assert!(diagnostic_key("descriptor").is_none());
         assert!(diagnostic_key("descriptor.x1").is_none());
         // A module's own static key guards behaviour, not diagnostics.
