@@ -894,9 +894,10 @@ pub fn copied_readonly(obj: &ObjectFile, symbol: usize) -> bool {
         return false;
     }
     let base = sym.name.split('.').next().unwrap_or("");
+    // `__msg`: NL_SET_ERR_MSG's message text, only ever printed.
     matches!(
         base,
-        "__func__" | "__FUNCTION__" | "__PRETTY_FUNCTION__" | "CSWTCH"
+        "__func__" | "__FUNCTION__" | "__PRETTY_FUNCTION__" | "CSWTCH" | "__msg"
     )
 }
 
@@ -964,11 +965,13 @@ fn refuse_unsafe_references(
                     continue;
                 };
                 let named = if sym.is_section() {
-                    covering_symbol(obj, section, r.addend.max(0)).map(|i| &obj.symbols[i])
+                    covering_symbol(obj, section, r.addend.max(0))
                 } else {
-                    Some(sym)
+                    Some(r.symbol)
                 };
-                if let Some(named) = named {
+                // A constant new code gets its own copy of needs no match.
+                if let Some(index) = named.filter(|&i| !copied_readonly(obj, i)) {
+                    let named = &obj.symbols[index];
                     if ambiguous.contains(named.name.as_str()) {
                         refused.push(Refusal {
                             symbol: named.name.clone(),
