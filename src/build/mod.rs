@@ -696,6 +696,15 @@ fn failed_source<'a>(output: &str, sources: &'a [PathBuf]) -> Option<&'a PathBuf
 /// The file of the first compiler error in make's output, named relative
 /// to the tree.
 fn first_error_file(output: &str, trees: &[&Path]) -> Option<String> {
+    // make names the object it gave up on: `[scripts/Makefile.build:250: fs/x.o] Error 1`.
+    let failed_object = output.lines().find_map(|l| {
+        let (before, _) = l.split_once("] Error")?;
+        let object = before.rsplit(' ').next()?;
+        object.strip_suffix(".o").map(|stem| format!("{stem}.c"))
+    });
+    if failed_object.is_some() {
+        return failed_object;
+    }
     let line = output.lines().find(|l| l.contains(": error:"))?;
     let mut file = line.split(':').next()?.trim().to_string();
     for tree in trees {
