@@ -894,10 +894,16 @@ pub fn copied_readonly(obj: &ObjectFile, symbol: usize) -> bool {
         return false;
     }
     let base = sym.name.split('.').next().unwrap_or("");
-    // `__msg`: NL_SET_ERR_MSG's message text, only ever printed.
+    // `__msg`: NL_SET_ERR_MSG's message text; `_acpi_module_name`: ACPICA's
+    // per-file name for its debug output. Both are only ever printed.
     matches!(
         base,
-        "__func__" | "__FUNCTION__" | "__PRETTY_FUNCTION__" | "CSWTCH" | "__msg"
+        "__func__"
+            | "__FUNCTION__"
+            | "__PRETTY_FUNCTION__"
+            | "CSWTCH"
+            | "__msg"
+            | "_acpi_module_name"
     )
 }
 
