@@ -82,8 +82,9 @@ fn visit(
             modules_dir.display()
         );
     };
-    let mut depends = module_depends(&modules_dir.join(rel))?;
-    for soft in module_softdeps(&modules_dir.join(rel))? {
+    let info = modinfo(&modules_dir.join(rel))?;
+    let mut depends = parse_depends(&info);
+    for soft in parse_softdeps(&info) {
         let generic = format!("{soft}_generic");
         let found = [soft.as_str(), generic.as_str()]
             .into_iter()
@@ -118,16 +119,7 @@ fn normalize(name: &str) -> String {
     name.replace('-', "_")
 }
 
-/// The `depends=` list of a module's `.modinfo`.
-fn module_depends(path: &Path) -> Result<Vec<String>> {
-    Ok(parse_depends(&modinfo(path)?))
-}
-
-/// The `softdep=pre:` modules of a module's `.modinfo`.
-fn module_softdeps(path: &Path) -> Result<Vec<String>> {
-    Ok(parse_softdeps(&modinfo(path)?))
-}
-
+/// A module's `.modinfo` section.
 fn modinfo(path: &Path) -> Result<Vec<u8>> {
     let data = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
     let file = object::File::parse(&*data)
