@@ -236,8 +236,9 @@ fn file_name(name: &str) -> &str {
     name.rsplit('/').next().unwrap_or(name)
 }
 
-/// `a/b/../c` → `a/c`; `None` when it climbs above the root.
-fn normalize(path: &Path) -> Option<PathBuf> {
+/// `a/b/../c` → `a/c`, without asking the file system; `None` when it
+/// climbs above the root or is absolute.
+pub(super) fn normalize(path: &Path) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for c in path.components() {
         match c {

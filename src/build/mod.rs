@@ -414,7 +414,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         }
         // A composite module's part may be named through another folder
         // (`amdgpu/../display/...`); the copies and the report use the plain path.
-        let plain = lexical(object).unwrap_or_else(|| object.clone());
+        let plain = includers::normalize(object).unwrap_or_else(|| object.clone());
         let copy = |tree: &Path, side: &str| -> Result<PathBuf> {
             let from = tree.join(object);
             let to = dir.join(side).join(&plain);
@@ -666,7 +666,7 @@ fn changed_symbol_versions(trees: &Trees, object: &Path) -> Result<Vec<Refusal>>
                 symbol: name.clone(),
                 reason: format!(
                     "exported symbol version changes ({crc} -> {changed}): modules of the running kernel use the old interface ({})",
-                    lexical(object).unwrap_or_else(|| object.to_path_buf()).with_extension("c").display()
+                    includers::normalize(object).unwrap_or_else(|| object.to_path_buf()).with_extension("c").display()
                 ),
             })
         })
@@ -850,8 +850,9 @@ impl KbuildDir {
     /// Whether and how `object` is built here, `dir/../other` parts of
     /// composite objects included.
     fn membership(&self, object: &Path) -> Option<Built> {
-        let same =
-            |listed: &&PathBuf| *listed == object || lexical(listed).as_deref() == Some(object);
+        let same = |listed: &&PathBuf| {
+            *listed == object || includers::normalize(listed).as_deref() == Some(object)
+        };
         let found = |listed: &PathBuf, in_module| Built {
             in_module,
             kbuild_object: listed.clone(),
@@ -865,23 +866,6 @@ impl KbuildDir {
                 .map(|listed| found(listed, true))
         }
     }
-}
-
-/// `a/b/../c.o` → `a/c.o`, without asking the file system.
-fn lexical(path: &Path) -> Option<PathBuf> {
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            std::path::Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
-            std::path::Component::CurDir => {}
-            other => out.push(other),
-        }
-    }
-    Some(out)
 }
 
 /// Folders, and levels below the deepest folder kbuild enters, searched

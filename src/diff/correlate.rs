@@ -82,14 +82,7 @@ pub fn is_message_limiter(name: &str) -> bool {
 /// classes: a new copy changes how often something is printed, nothing
 /// else. `key` is a grouping key from `numbered_by_key`.
 fn is_bookkeeping(key: &str) -> bool {
-    const NAMES: &[&str] = &[
-        "_rs.",
-        "__already_done.",
-        "__warned.",
-        "__print_once.",
-        "__key.",
-    ];
-    NAMES.iter().any(|n| key.starts_with(n))
+    is_message_limiter(key) || key.starts_with("__key.")
 }
 
 /// Numbered names grouped by (base name, functions referring to them),
