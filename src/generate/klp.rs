@@ -261,12 +261,15 @@ fn silenced_call_sites(
             let (true, Some(site)) = (is_tracepoint, site) else {
                 continue;
             };
-            let Some(text) = site.symbol.and_then(|id| builder.symbols.get(id).section) else {
+            let Some(site_symbol) = site.symbol.map(|id| builder.symbols.get(id)) else {
+                continue;
+            };
+            let Some(text) = site_symbol.section else {
                 continue;
             };
             // site field = text + addend - P; the call's target field is one
             // byte into the instruction.
-            let place = site.r_addend + builder.symbols.get(site.symbol.unwrap()).st_value as i64;
+            let place = site.r_addend + site_symbol.st_value as i64;
             if let Ok(call) = u64::try_from(place + 1) {
                 silenced.insert((text.index(), call));
             }
