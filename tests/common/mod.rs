@@ -145,3 +145,37 @@ pub const KERNEL_LIKE_FLAGS: &[&str] = &[
 /// Taint bits every live update sets: out-of-tree, unsigned and livepatch
 /// modules.
 pub const MODULE_TAINTS: u64 = (1 << 12) | (1 << 13) | (1 << 15);
+
+/// Script lines that end a module test in the VM: the taint bits, and exit
+/// 9 on any Oops, BUG, WARNING or refused relocation in the kernel log.
+const KERNEL_CHECK: &str = r#"
+echo "@@ tainted $(cat /proc/sys/kernel/tainted) @@"
+dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
+"#;
+
+/// Run `script` in the VM with `modules` loadable by `modprobe` and `files`
+/// under /packages, followed by [`KERNEL_CHECK`]. Asserts that it exited 0
+/// and that the kernel carries no taint beyond [`MODULE_TAINTS`]; returns
+/// the output.
+pub fn vm_with_modules(keys: &Keys, modules: &[&str], files: &[&Path], script: &str) -> String {
+    let script = format!("{script}{KERNEL_CHECK}");
+    let mut args: Vec<&str> = vec!["vm"];
+    for module in modules {
+        args.extend(["--module", module]);
+    }
+    for file in files {
+        args.extend(["--package", file.to_str().unwrap()]);
+    }
+    args.extend(["--", &script]);
+    let out = dynamos(&keys.dir, &args);
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
+    assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
+    text
+}
+
+/// Assert that the VM output `text` holds `line`.
+pub fn expect_line(text: &str, line: &str) {
+    assert!(text.contains(line), "missing `{line}` in:\n{text}");
+}
