@@ -57,13 +57,12 @@ fn a_header_most_of_the_kernel_includes_is_refused_naming_it() {
         "--- a/include/linux/fs.h\n+++ b/include/linux/fs.h\n@@ -1,3 +1,4 @@\n /* SPDX-License-Identifier: GPL-2.0 */\n+/* touched */\n #ifndef _LINUX_FS_H\n #define _LINUX_FS_H\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dynamos-build"))
-        .arg(&patch)
-        .arg("-o")
-        .arg(work.path().join("x.dynpkg"))
-        .env("DYNAMOS_CONFIG", keys.dir.path())
-        .output()
-        .unwrap();
+    // An absolute path stands for itself among the example patch names.
+    let out = build(
+        &keys,
+        patch.to_str().unwrap(),
+        &work.path().join("x.dynpkg"),
+    );
     let (code, message) = exit_and_message(&out);
     assert_eq!(code, Some(2), "{message}");
     assert!(

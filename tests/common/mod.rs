@@ -36,8 +36,8 @@ pub fn build(keys: &Keys, patch: &str, out: &Path) -> Output {
     build_with(keys, &[patch], [] as [&str; 0], out)
 }
 
-/// `dynamos-build` on example patches (names in `patches/`), with further
-/// arguments (`--target`, `--name`, ...).
+/// `dynamos-build` on example patches (names in `patches/`, or absolute
+/// paths), with further arguments (`--target`, `--name`, ...).
 pub fn build_with<S: AsRef<OsStr>>(
     keys: &Keys,
     patches: &[&str],
