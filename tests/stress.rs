@@ -1,18 +1,33 @@
-//! Stress: 200 apply/revert cycles of an update replacing pipe_read and
+//! Stress: apply/revert cycles of an update replacing pipe_read and
 //! pipe_write while processes stream data through pipes the whole time.
 //! Every byte is checked against the stream the writer generated and both
 //! ends' checksums must agree; the kernel must not oops, warn or pick up
 //! any taint beyond what loading live-update modules sets. Prints the
 //! cycles per minute reached under the VM's software emulation.
+//!
+//! The suite runs a short soak (`DEFAULT_CYCLES`); the 200-cycle run is the
+//! benchmark `scripts/stress.sh`, which sets `DYNAMOS_STRESS_CYCLES`.
 
 mod common;
 
 use common::*;
 
-const CYCLES: u32 = 200;
+const DEFAULT_CYCLES: u32 = 20;
+
+fn cycles() -> u32 {
+    match std::env::var("DYNAMOS_STRESS_CYCLES") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("DYNAMOS_STRESS_CYCLES={v:?} is not a cycle count")),
+        Err(_) => DEFAULT_CYCLES,
+    }
+}
 
 #[test]
-fn pipes_carry_every_byte_through_200_live_update_cycles() {
+fn pipes_carry_every_byte_through_live_update_cycles() {
+    let cycles = cycles();
+    // Under TCG a cycle takes about 11 s; the rest is boot and the build.
+    let timeout = (120 + cycles * 30).to_string();
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let pkg = work.path().join("pipe-read-write.dynpkg");
@@ -31,7 +46,7 @@ cp /packages/pipe-stress /tmp/; chmod +x /tmp/pipe-stress
 stress=$!
 sleep 1
 start=$(date +%s); done_cycles=0
-for i in $(seq {CYCLES}); do
+for i in $(seq {cycles}); do
   dynamos apply /packages/pipe-read-write.dynpkg > /tmp/apply.log 2>&1 || {{ echo "@@ apply $i failed: $(cat /tmp/apply.log)"; break; }}
   dynamos revert --all > /tmp/revert.log 2>&1 || {{ echo "@@ revert $i failed: $(cat /tmp/revert.log)"; break; }}
   done_cycles=$i
@@ -50,7 +65,7 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|pipe-stress' && exit 9 || true
         &[
             "vm",
             "--timeout",
-            "4000",
+            &timeout,
             "--package",
             pkg.to_str().unwrap(),
             "--package",
@@ -64,12 +79,12 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|pipe-stress' && exit 9 || true
     let expect = |line: &str| assert!(text.contains(line), "missing `{line}` in:\n{text}");
 
     let summary = section(&text, "@@ cycles ", " @@");
-    let (cycles, seconds) = summary.split_once(" seconds ").unwrap();
-    assert_eq!(cycles, CYCLES.to_string(), "{text}");
+    let (done, seconds) = summary.split_once(" seconds ").unwrap();
+    assert_eq!(done, cycles.to_string(), "{text}");
     let seconds: f64 = seconds.parse().unwrap();
     eprintln!(
-        "stress: {CYCLES} apply/revert cycles in {seconds} s under TCG: {:.1} cycles per minute",
-        f64::from(CYCLES) * 60.0 / seconds.max(1.0)
+        "stress: {cycles} apply/revert cycles in {seconds} s under TCG: {:.1} cycles per minute",
+        f64::from(cycles) * 60.0 / seconds.max(1.0)
     );
 
     let stress = section(&text, "@@ stress exit ", " @@");
