@@ -97,8 +97,8 @@ pub struct AppliedPackage {
     pub transition: Duration,
     /// Modules of the updates a cumulative package superseded, unloaded.
     pub retired: Vec<String>,
-    /// Superseded updates that could not be unloaded (they are no longer
-    /// live; only their modules remain).
+    /// Superseded updates that could not be unloaded or forgotten (they are
+    /// no longer live; only their modules or records remain).
     pub retire_problems: Vec<String>,
 }
 
@@ -174,30 +174,23 @@ fn read_trimmed(path: &Path) -> Option<String> {
 }
 
 /// Wait until the livepatch `name` is not in transition (its folder gone
-/// counts as settled). Tasks still on the old side after a second, and
-/// every few seconds after that, get the livepatch core's fake signal: it
-/// wakes interruptible sleepers (a reader waiting in pipe_read) so they
-/// switch on their way out, without a real signal. Killable and
-/// uninterruptible sleepers are not woken; they hold the transition.
+/// counts as settled). Nothing is sent from here: Linux 6.1 has no `signal`
+/// attribute, and the livepatch core itself retries about once a second and
+/// sends its fake signal to the tasks still on the old side every 15th retry
+/// (kernel/livepatch/transition.c), which wakes interruptible sleepers (a
+/// writer waiting in pipe_write) so they switch on their way out. Killable
+/// and uninterruptible sleepers are not woken; they hold the transition.
 fn wait_transition(paths: &SystemPaths, name: &str, timeout: Duration) -> bool {
-    const FIRST_SIGNAL: Duration = Duration::from_secs(1);
-    const SIGNAL_EVERY: Duration = Duration::from_secs(5);
     let dir = paths.livepatch.join(name);
     let start = Instant::now();
-    let mut next_signal = FIRST_SIGNAL;
     loop {
         match read_trimmed(&dir.join("transition")) {
             None => return true,
             Some(v) if v == "0" => return true,
             _ => {}
         }
-        let elapsed = start.elapsed();
-        if elapsed >= timeout {
+        if start.elapsed() >= timeout {
             return false;
-        }
-        if elapsed >= next_signal {
-            let _ = fs::write(dir.join("signal"), "1");
-            next_signal += SIGNAL_EVERY;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -592,7 +585,14 @@ fn unload_retired(
         }
         match unload_module(paths, module, timeout) {
             Ok(()) => {
-                let _ = fs::remove_file(record_path(paths, module));
+                let record = record_path(paths, module);
+                match fs::remove_file(&record) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => problems.push(format!(
+                        "{module}: unloaded, but cannot remove {}: {e}",
+                        record.display()
+                    )),
+                    _ => {}
+                }
                 done.push(module.clone());
             }
             Err(e) => problems.push(format!("{module}: {e:#}")),

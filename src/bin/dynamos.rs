@@ -188,7 +188,7 @@ fn run(cli: Cli) -> Result<i32> {
                 applied.verified_functions
             );
             for problem in &applied.retire_problems {
-                eprintln!("dynamos: warning: superseded update left loaded: {problem}");
+                eprintln!("dynamos: warning: retiring a superseded update: {problem}");
             }
             Ok(exit::OK)
         }

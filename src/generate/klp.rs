@@ -9,9 +9,16 @@
 //! defining it: nfsd's new code calling sunrpc goes in `.klp.rela.nfsd.*`
 //! (sunrpc is loaded whenever nfsd is). Format:
 //! Documentation/livepatch/module-elf-format.rst.
+//!
+//! A static call in new code through a key of the patched module itself
+//! becomes a plain call of the key's trampoline (`__SCT__<name>`, a
+//! load-time symbol like the others): its `.static_call_sites` entry, which
+//! the module loader would read before the key is resolved, is dropped.
+//! The trampoline always jumps to the call's current function.
 
+use crate::error::Error;
 use crate::package::LoadTimeSymbol;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, Result};
 use object::build::elf::{Builder, SectionData};
 use object::build::Id;
 use object::elf;
@@ -105,10 +112,12 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
     let (dormant_key, dormant_call) = (symbol_named(DORMANT_KEY), symbol_named(DORMANT_CALL));
     let mut klp_objects = HashMap::new();
     let mut diagnostics = HashMap::new();
+    let mut load_time = HashMap::new();
     for sym in builder.symbols.iter_mut() {
         let Some(reference) = wanted.get(sym.name.as_slice()) else {
             continue;
         };
+        load_time.insert(sym.id().index(), &reference.symbol);
         let s = &reference.symbol;
         sym.name = format!(".klp.sym.{}.{},{}", s.object, s.name, s.sympos)
             .into_bytes()
@@ -143,6 +152,10 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
     let jump_table = section_named(b"__jump_table");
     let static_call_sites = section_named(b".static_call_sites");
     let silenced_calls = silenced_call_sites(&builder, static_call_sites, &diagnostics);
+    if let Some(sites) = static_call_sites {
+        let direct = direct_call_sites(&builder, sites, &load_time, &diagnostics);
+        drop_entries(&mut builder, sites, &direct, STATIC_CALL_SITE_SIZE);
+    }
     for section in builder.sections.iter_mut() {
         let Some(target) = section.sh_info_section else {
             continue;
@@ -201,13 +214,16 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
             let used = relocs
                 .first()
                 .and_then(|r| r.symbol)
-                .map(|id| {
-                    String::from_utf8_lossy(builder.symbols.get(id).name.as_slice()).into_owned()
-                })
+                .and_then(|id| load_time.get(&id.index()))
+                .map(|s| format!("{}:{}", s.object, s.name))
                 .unwrap_or_default();
-            bail!(
-                "an entry of {target_name} in new code of {object} refers to {used}, which the livepatch core resolves only after the module loader has used that table"
-            );
+            return Err(Error::refused(
+                used,
+                format!(
+                    "an entry of {target_name} in new code of {object} refers to it, which the livepatch core resolves only after the module loader has used that table"
+                ),
+            )
+            .into());
         }
         let section = builder.sections.add();
         section.name = format!(".klp.rela.{object}.{target_name}")
@@ -278,9 +294,246 @@ fn silenced_call_sites(
     silenced
 }
 
+/// `struct static_call_site`: the call's and the key's addresses, each a
+/// 32-bit PC-relative field.
+const STATIC_CALL_SITE_SIZE: u64 = 8;
+
+/// Offsets in `.static_call_sites` of the entries whose key is a load-time
+/// symbol (not a tracepoint's, which is silenced) and whose call goes to
+/// that key's trampoline: those calls can stay plain calls of the
+/// trampoline.
+fn direct_call_sites(
+    builder: &Builder,
+    sites: object::build::elf::SectionId,
+    load_time: &HashMap<usize, &LoadTimeSymbol>,
+    diagnostics: &HashMap<usize, String>,
+) -> Vec<u64> {
+    let load_time_name = |r: &object::build::elf::Relocation| {
+        r.symbol
+            .map(|id| id.index())
+            .filter(|i| !diagnostics.contains_key(i))
+            .and_then(|i| load_time.get(&i))
+    };
+    // (text section, offset) → symbol of the relocation written there.
+    let mut text_relocs = HashMap::new();
+    let mut site_relocs: Vec<&object::build::elf::Relocation> = Vec::new();
+    for section in builder.sections.iter() {
+        let (Some(target), SectionData::Relocation(relocs)) =
+            (section.sh_info_section, &section.data)
+        else {
+            continue;
+        };
+        if target == sites {
+            site_relocs.extend(relocs.iter());
+        } else {
+            for r in relocs {
+                text_relocs.insert((target.index(), r.r_offset), r);
+            }
+        }
+    }
+    let by_offset: HashMap<u64, &object::build::elf::Relocation> =
+        site_relocs.iter().map(|r| (r.r_offset, *r)).collect();
+    let mut direct = Vec::new();
+    for key in &site_relocs {
+        if key.r_offset % STATIC_CALL_SITE_SIZE != 4 {
+            continue;
+        }
+        let Some(key_symbol) = load_time_name(key) else {
+            continue;
+        };
+        let Some(name) = key_symbol.name.strip_prefix("__SCK__") else {
+            continue;
+        };
+        let entry = key.r_offset - 4;
+        let Some(site) = by_offset.get(&entry) else {
+            continue;
+        };
+        let Some(site_symbol) = site.symbol.map(|id| builder.symbols.get(id)) else {
+            continue;
+        };
+        let Some(text) = site_symbol.section else {
+            continue;
+        };
+        // The call's (or tail call's) target field is one byte into it.
+        let Ok(field) = u64::try_from(site.r_addend + site_symbol.st_value as i64 + 1) else {
+            continue;
+        };
+        let calls_trampoline = text_relocs
+            .get(&(text.index(), field))
+            .and_then(|r| load_time_name(r))
+            .is_some_and(|t| {
+                t.object == key_symbol.object && t.name.strip_prefix("__SCT__") == Some(name)
+            });
+        if calls_trampoline {
+            direct.push(entry);
+        }
+    }
+    direct.sort_unstable();
+    direct
+}
+
+/// Remove the `size`-byte entries at `offsets` from `table`, with their
+/// relocations; later entries, their relocations and symbols move down.
+fn drop_entries(
+    builder: &mut Builder,
+    table: object::build::elf::SectionId,
+    offsets: &[u64],
+    size: u64,
+) {
+    if offsets.is_empty() {
+        return;
+    }
+    let removed = |entry: u64| offsets.iter().any(|&o| entry >= o && entry < o + size);
+    let shift = |offset: u64| size * offsets.iter().filter(|&&o| o < offset).count() as u64;
+    for section in builder.sections.iter_mut() {
+        if section.sh_info_section != Some(table) {
+            continue;
+        }
+        if let SectionData::Relocation(relocs) = &mut section.data {
+            relocs.retain(|r| !removed(r.r_offset));
+            for r in relocs.iter_mut() {
+                r.r_offset -= shift(r.r_offset);
+            }
+        }
+    }
+    for sym in builder.symbols.iter_mut() {
+        if sym.section == Some(table) {
+            sym.st_value -= shift(sym.st_value);
+        }
+    }
+    if let SectionData::Data(data) = &mut builder.sections.get_mut(table).data {
+        let bytes = data.to_mut();
+        for &o in offsets.iter().rev() {
+            let (start, end) = (o as usize, (o + size) as usize);
+            if end <= bytes.len() {
+                bytes.drain(start..end);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use object::read::{Object as _, ObjectSection as _};
+    use object::write::{Object, Relocation, Symbol, SymbolSection};
+    use object::{
+        Architecture, BinaryFormat, Endianness, RelocationFlags, SectionKind, SymbolFlags,
+        SymbolKind, SymbolScope,
+    };
+
+    /// A module whose text calls `first_call` at 0 and `__dynamos_ext_other`
+    /// at 5, with two static call sites: (0, kvm's key `name`) and (5, a
+    /// vmlinux key).
+    fn module_with_static_calls(first_call: &str) -> Vec<u8> {
+        let mut obj = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let text = obj.add_section(vec![], b".text.f".to_vec(), SectionKind::Text);
+        obj.append_section_data(text, &[0xe8, 0, 0, 0, 0, 0xe8, 0, 0, 0, 0, 0xc3], 16);
+        let sites = obj.add_section(vec![], b".static_call_sites".to_vec(), SectionKind::Data);
+        obj.append_section_data(sites, &[0; 16], 8);
+        let mut undefined = |name: &str| {
+            obj.add_symbol(Symbol {
+                name: name.as_bytes().to_vec(),
+                value: 0,
+                size: 0,
+                kind: SymbolKind::Unknown,
+                scope: SymbolScope::Dynamic,
+                weak: false,
+                section: SymbolSection::Undefined,
+                flags: SymbolFlags::None,
+            })
+        };
+        let (call, other) = (undefined(first_call), undefined("__dynamos_ext_other"));
+        let (key, vmlinux_key) = (undefined("__dynamos_ext_key"), undefined("__SCK__vm"));
+        let text_symbol = obj.section_symbol(text);
+        let mut reloc = |section, offset, symbol, addend, r_type| {
+            obj.add_relocation(
+                section,
+                Relocation {
+                    offset,
+                    symbol,
+                    addend,
+                    flags: RelocationFlags::Elf { r_type },
+                },
+            )
+            .unwrap()
+        };
+        reloc(text, 1, call, -4, elf::R_X86_64_PLT32);
+        reloc(text, 6, other, -4, elf::R_X86_64_PLT32);
+        reloc(sites, 0, text_symbol, 0, elf::R_X86_64_PC32);
+        reloc(sites, 4, key, 0, elf::R_X86_64_PC32);
+        reloc(sites, 8, text_symbol, 5, elf::R_X86_64_PC32);
+        reloc(sites, 12, vmlinux_key, 0, elf::R_X86_64_PC32);
+        obj.write().unwrap()
+    }
+
+    fn kvm_symbol(module_symbol: &str, name: &str) -> KlpReference {
+        KlpReference {
+            module_symbol: module_symbol.into(),
+            patched: "kvm".into(),
+            symbol: LoadTimeSymbol {
+                object: "kvm".into(),
+                name: name.into(),
+                sympos: 0,
+            },
+        }
+    }
+
+    fn references() -> Vec<KlpReference> {
+        vec![
+            kvm_symbol("__dynamos_ext_tramp", "__SCT__kvm_x86_get_exit_info"),
+            kvm_symbol("__dynamos_ext_key", "__SCK__kvm_x86_get_exit_info"),
+            kvm_symbol("__dynamos_ext_other", "kvm_other"),
+        ]
+    }
+
+    #[test]
+    fn a_static_call_through_a_module_key_calls_its_trampoline() {
+        let ko = module_with_static_calls("__dynamos_ext_tramp");
+        let converted = convert(&ko, &references()).unwrap();
+        let file = object::File::parse(converted.ko.as_slice()).unwrap();
+        let sites = file.section_by_name(".static_call_sites").unwrap();
+        // Only the vmlinux key's entry is left, moved to the front.
+        assert_eq!(sites.size(), 8);
+        let left: Vec<(u64, String)> = sites
+            .relocations()
+            .map(|(offset, r)| {
+                let name = match r.target() {
+                    object::RelocationTarget::Symbol(i) => {
+                        object::read::ObjectSymbol::name(&file.symbol_by_index(i).unwrap())
+                            .unwrap()
+                            .to_string()
+                    }
+                    _ => String::new(),
+                };
+                (offset, name)
+            })
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left[0].0, 0);
+        assert_eq!(left[1], (4, "__SCK__vm".to_string()));
+        // Both calls are livepatch relocations of kvm's object.
+        let klp = file.section_by_name(".klp.rela.kvm..text.f").unwrap();
+        assert_eq!(klp.size(), 2 * 24);
+    }
+
+    #[test]
+    fn a_module_key_whose_call_is_not_its_trampoline_is_refused() {
+        let ko = module_with_static_calls("__dynamos_ext_other");
+        let Err(err) = convert(&ko, &references()) else {
+            panic!("converted");
+        };
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("kvm:__SCK__kvm_x86_get_exit_info")
+                && text.contains(".static_call_sites"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn only_tracepoint_and_dynamic_debug_keys_are_diagnostics() {
