@@ -103,10 +103,26 @@ struct Era {
 
 const ERAS: &[Era] = &[
     Era {
-        name: "4.x",
+        name: "4.x before 4.19",
         gcc: (
             &["-pg", "-mfentry", "-DDYNDBG_SECTION=\"__verbose\""],
             McountPass::RecordMcount,
+        ),
+        clang: (
+            &["-pg", "-mfentry", "-DDYNDBG_SECTION=\"__verbose\""],
+            McountPass::RecordMcount,
+        ),
+    },
+    Era {
+        name: "4.19",
+        gcc: (
+            &[
+                "-pg",
+                "-mfentry",
+                "-mrecord-mcount",
+                "-DDYNDBG_SECTION=\"__verbose\"",
+            ],
+            McountPass::Compiler,
         ),
         clang: (
             &["-pg", "-mfentry", "-DDYNDBG_SECTION=\"__verbose\""],
@@ -400,14 +416,18 @@ fn check(fixture: &str, expected: &Verdict) {
                     .refused
                     .iter()
                     .all(|(s, words)| refused.iter().any(|(rs, rr)| rs == s && rr.contains(words)));
-            if diff.changed() != expected.changed || !diff.new_functions().is_empty() || !refused_ok
+            if diff.changed() != expected.changed
+                || !diff.new_functions().is_empty()
+                || !refused_ok
+                || !diff.private_copies.is_empty()
             {
                 failures.push(format!(
-                    "{fixture}, {} {}: changed {:?}, new {:?}, refused {refused:?}",
+                    "{fixture}, {} {}: changed {:?}, new {:?}, refused {refused:?}, own copies {:?}",
                     era.name,
                     cc.command(),
                     diff.changed(),
-                    diff.new_functions()
+                    diff.new_functions(),
+                    diff.private_copies
                 ));
             }
         }
