@@ -48,7 +48,9 @@ impl Compiler {
 /// What found the mcount call sites after the compiler ran.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum McountPass {
-    /// The compiler recorded them itself (`-mrecord-mcount`).
+    /// None: the compiler recorded them itself (`-mrecord-mcount`), or,
+    /// for clang, objtool has not run yet (as in kbuild's `.o` before
+    /// objtool, and in this project's own builds).
     Compiler,
     /// scripts/recordmcount of Linux 4.x: sites in the sections it traces
     /// go to `__mcount_loc`; calls anywhere else become NOPs whose
@@ -171,6 +173,28 @@ const ERAS: &[Era] = &[
         ),
     },
     Era {
+        name: "6.1 before objtool",
+        gcc: (
+            &[
+                "-pg",
+                "-mfentry",
+                "-mrecord-mcount",
+                "-DPRINTK_INDEX",
+                "-DDYNDBG_SECTION=\"__dyndbg\"",
+            ],
+            McountPass::Compiler,
+        ),
+        clang: (
+            &[
+                "-pg",
+                "-mfentry",
+                "-DPRINTK_INDEX",
+                "-DDYNDBG_SECTION=\"__dyndbg\"",
+            ],
+            McountPass::Compiler,
+        ),
+    },
+    Era {
         name: "6.x call padding",
         gcc: (
             &[
@@ -216,9 +240,9 @@ fn compile(dir: &Path, fixture: &str, side: &str, cc: Compiler, era: &Era) -> Pa
     let object = dir.join(format!("{side}.o"));
     // The diff ignores clang's .llvm_addrsig; object's ELF builder, which
     // runs the mcount pass here, cannot read it.
-    let no_addrsig: &[&str] = match cc {
-        Compiler::Gcc => &[],
-        Compiler::Clang => &["-fno-addrsig"],
+    let no_addrsig: &[&str] = match (cc, pass) {
+        (Compiler::Clang, McountPass::RecordMcount | McountPass::ObjtoolNop) => &["-fno-addrsig"],
+        _ => &[],
     };
     let out = Command::new(cc.command())
         .args(COMMON_FLAGS)
