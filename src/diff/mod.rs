@@ -914,7 +914,36 @@ fn listed_records(obj: &ObjectFile) -> BTreeSet<usize> {
             listed.extend(named.filter(|&i| obj.symbols[i].is_object()));
         }
     }
-    listed.retain(|&i| referrers(obj, i).is_empty());
+    if listed.is_empty() {
+        return listed;
+    }
+    // Drop those anything else refers to (`__func__`, shared with code).
+    let listed_sections: BTreeSet<usize> = listed
+        .iter()
+        .filter_map(|&i| obj.symbols[i].section())
+        .collect();
+    for section in &obj.sections {
+        let role = special::classify(&section.name, section.is_alloc(), section.is_exec());
+        if !matches!(
+            role,
+            SectionRole::Text | SectionRole::Data | SectionRole::Init
+        ) {
+            continue;
+        }
+        for r in &section.relocs {
+            let sym = &obj.symbols[r.symbol];
+            let used = match sym.section() {
+                Some(target) if sym.is_section() && listed_sections.contains(&target) => {
+                    covering_symbol(obj, target, r.addend.max(0))
+                }
+                Some(_) if !sym.is_section() => Some(r.symbol),
+                _ => None,
+            };
+            if let Some(i) = used {
+                listed.remove(&i);
+            }
+        }
+    }
     listed
 }
 
