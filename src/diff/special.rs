@@ -176,3 +176,24 @@ fn is_registration(name: &str) -> bool {
     ];
     PREFIXES.iter().any(|p| name.starts_with(p))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_call_site_records_are_descriptors() {
+        for name in ["__dyndbg", "__dyndbg_classes", "__verbose", ".printk_index"] {
+            assert_eq!(
+                classify(name, true, false),
+                SectionRole::Descriptors,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            classify("__ksymtab_strings", true, false),
+            SectionRole::Registration
+        );
+        assert_eq!(classify("__verbose_x", true, true), SectionRole::Text);
+    }
+}
