@@ -307,7 +307,14 @@ fn garbage_and_truncated_objects_are_errors() {
                 broken[at] = (seed >> 32) as u8;
             }
             let bad = ObjectFile::parse(path, broken).unwrap();
-            outcomes.push(layout_changes(&good, &bad).is_ok());
+            match layout_changes(&good, &bad) {
+                Ok(_) => outcomes.push(true),
+                Err(err) => {
+                    // A clear error naming the object, like the cases above.
+                    assert!(format!("{err:#}").contains("bad.o"), "{name}: {err:#}");
+                    outcomes.push(false);
+                }
+            }
             // Whatever the corruption, an object never differs from itself.
             if let Ok(found) = layout_changes(&bad, &bad) {
                 assert!(found.is_empty(), "{name}: {found:#?}");
