@@ -502,3 +502,34 @@ fn nopped_mcount_calls_are_no_ops_and_notrace_code_is_refused() {
         },
     );
 }
+
+/// The command line gives the same verdict, with its exit code, on a pair
+/// whose every function carries a NOP'd mcount call.
+#[test]
+fn command_line_judges_a_recordmcount_clang_pair() {
+    let dir = tempfile::tempdir().unwrap();
+    let era = &ERAS[0];
+    assert_eq!(era.clang.1, McountPass::RecordMcount);
+    let orig = compile(dir.path(), "lockdep", "orig", Compiler::Clang, era);
+    let patched = compile(dir.path(), "lockdep", "patched", Compiler::Clang, era);
+    let out = Command::new(env!("CARGO_BIN_EXE_dynamos"))
+        .args(["diff", "--json"])
+        .arg(&orig)
+        .arg(&patched)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        json["changed"],
+        serde_json::json!(["locks_setup"]),
+        "{text}"
+    );
+    assert_eq!(json["refused"], serde_json::json!([]), "{text}");
+}
