@@ -1,6 +1,8 @@
 //! Data-type layout comparison on objects compiled at test time with the
 //! kernel's section flags, in DWARF 5 (the kernel's format) and DWARF 4,
-//! and on real kernel objects when the target cache has them.
+//! and on real kernel objects built from example patches.
+
+mod common;
 
 use dynamos::diff::object::ObjectFile;
 use dynamos::diff::types::{layout_changes, LayoutChange};
@@ -292,6 +294,7 @@ fn garbage_and_truncated_objects_are_errors() {
     // Corruption anywhere in the debug info: an error or a result, never a
     // panic.
     let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut outcomes = Vec::new();
     for name in [".debug_info", ".debug_abbrev", ".debug_str"] {
         let r = range(name);
         for _ in 0..300 {
@@ -304,53 +307,77 @@ fn garbage_and_truncated_objects_are_errors() {
                 broken[at] = (seed >> 32) as u8;
             }
             let bad = ObjectFile::parse(path, broken).unwrap();
-            let _ = layout_changes(&good, &bad);
-            let _ = layout_changes(&bad, &bad);
+            match layout_changes(&good, &bad) {
+                Ok(_) => outcomes.push(true),
+                Err(err) => {
+                    // A clear error naming the object, like the cases above.
+                    assert!(format!("{err:#}").contains("bad.o"), "{name}: {err:#}");
+                    outcomes.push(false);
+                }
+            }
+            // Whatever the corruption, an object never differs from itself.
+            if let Ok(found) = layout_changes(&bad, &bad) {
+                assert!(found.is_empty(), "{name}: {found:#?}");
+            }
         }
     }
+    // Both outcomes occur: the corruption reaches the parser.
+    assert!(outcomes.contains(&true) && outcomes.contains(&false));
 }
 
-/// Kernel objects from the default target's build cache, when present.
+/// Real kernel objects, from both builds of example patches: each compares
+/// equal to itself, patches that change no type leave every layout alone,
+/// and the field added to binfmt_misc's `Node` is found.
 #[test]
 fn kernel_objects_compare_equal_to_themselves() {
-    let Some(home) = std::env::var_os("HOME") else {
-        eprintln!("note: HOME is not set; skipping the kernel object check");
-        return;
-    };
-    let work = Path::new(&home).join(".cache/dynamos/targets/6.1.0-57-amd64/work");
-    for rel in [
-        "kernel/sched/core.o",
-        "kernel/sched/build_policy.o",
-        "fs/proc/version.o",
-    ] {
-        let orig = work.join("orig").join(rel);
-        if !orig.exists() {
-            eprintln!("note: {} is absent; skipped", orig.display());
-            continue;
-        }
-        let a = ObjectFile::read(&orig).unwrap();
-        let b = ObjectFile::read(&orig).unwrap();
+    let build = common::build_example_objects(&[
+        "proc-version-banner.diff",
+        "schedstat-static-key.diff",
+        "refused-module-layout.diff",
+    ]);
+    let mut built: Vec<_> = build.pairs.iter().map(|p| p.object.clone()).collect();
+    built.sort();
+    assert_eq!(
+        built,
+        [
+            Path::new("fs/binfmt_misc.o"),
+            Path::new("fs/proc/version.o"),
+            Path::new("kernel/sched/build_utility.o"),
+        ],
+        "objects built"
+    );
+    for pair in &build.pairs {
+        let rel = pair.object.display();
+        let a = ObjectFile::read(&pair.original).unwrap();
+        let p = ObjectFile::read(&pair.patched).unwrap();
         let start = Instant::now();
-        let found = layout_changes(&a, &b).unwrap();
+        let found = layout_changes(&a, &a).unwrap();
         eprintln!(
             "{rel}: compared with itself in {:.1} ms",
             start.elapsed().as_secs_f64() * 1e3
         );
         assert!(found.is_empty(), "{rel}: {found:#?}");
+        assert!(layout_changes(&p, &p).unwrap().is_empty(), "{rel}");
 
-        let patched = work.join("patched").join(rel);
-        if patched.exists() {
-            let p = ObjectFile::read(&patched).unwrap();
-            let start = Instant::now();
-            let found = layout_changes(&a, &p).unwrap();
-            eprintln!(
-                "{rel}: orig vs patched build in {:.1} ms: {} layout change(s)",
-                start.elapsed().as_secs_f64() * 1e3,
-                found.len()
+        let start = Instant::now();
+        let found = layout_changes(&a, &p).unwrap();
+        eprintln!(
+            "{rel}: orig vs patched build in {:.1} ms: {} layout change(s)",
+            start.elapsed().as_secs_f64() * 1e3,
+            found.len()
+        );
+        if pair.object == Path::new("fs/binfmt_misc.o") {
+            assert!(!found.is_empty(), "{rel}: the added field is not found");
+            assert!(
+                found.iter().all(|c| c.type_name == "Node"),
+                "{rel}: {found:#?}"
             );
-            for c in &found {
-                eprintln!("  {c}");
-            }
+            assert!(
+                found.iter().any(|c| c.member.as_deref() == Some("offset")),
+                "{rel}: {found:#?}"
+            );
+        } else {
+            assert!(found.is_empty(), "{rel}: {found:#?}");
         }
     }
 }

@@ -82,7 +82,14 @@ pub fn is_message_limiter(name: &str) -> bool {
 /// classes: a new copy changes how often something is printed, nothing
 /// else. `key` is a grouping key from `numbered_by_key`.
 fn is_bookkeeping(key: &str) -> bool {
-    is_message_limiter(key) || key.starts_with("__key.")
+    // clang names a static local after its function: `setup.__key.1`.
+    let base = key.split(" used by ").next().unwrap_or(key);
+    let local = base
+        .trim_end_matches('.')
+        .rsplit('.')
+        .next()
+        .unwrap_or(base);
+    is_message_limiter(&format!("{local}.")) || local == "__key"
 }
 
 /// Numbered names grouped by (base name, functions referring to them),

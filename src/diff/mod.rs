@@ -344,6 +344,7 @@ impl Signature {
     fn line_relocs(&self) -> Vec<(u64, usize, String)> {
         self.relocs
             .iter()
+            .filter(|(_, r_type, _)| reloc_width(*r_type) != Some(0))
             .map(|(offset, r_type, target)| {
                 let text = match target {
                     RelocTarget::Symbol(name, -4) => name.clone(),
@@ -702,10 +703,11 @@ fn refuse_unsafe_functions(
             if let Some(unit) = orig_by_name.get(orig_name) {
                 // Objects whose mcount table objtool adds later (clang
                 // builds) have none yet: then the call itself is the proof.
+                let entry = orig.symbols[unit.symbol].value;
                 let has_entry = match &traced {
-                    Some(sites) => sites.contains(&(unit.section, unit.start)),
+                    Some(sites) => sites.contains(&(unit.section, entry)),
                     None => starts_with_fentry_call(orig, unit),
-                };
+                } || fentry_nopped_for_function_sections(orig, unit);
                 if !has_entry {
                     refused.push(Refusal {
                         symbol: f.name.clone(),
@@ -720,17 +722,37 @@ fn refuse_unsafe_functions(
 /// Whether the function begins (after an optional endbr64) with a call to
 /// `__fentry__`.
 fn starts_with_fentry_call(obj: &ObjectFile, unit: &FunctionUnit) -> bool {
-    let code = unit_bytes(obj, unit);
-    let call_at = if code.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
+    fentry_site(obj, unit).is_some_and(|(opcode, r_type)| {
+        opcode == 0xe8 && matches!(r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32)
+    })
+}
+
+/// Whether recordmcount turned the function's `__fentry__` call into a NOP
+/// only because `-ffunction-sections` put it in `.text.<name>`, a section
+/// it did not trace (Linux 4.x): the kernel's own build has the function
+/// in `.text`, traced.
+fn fentry_nopped_for_function_sections(obj: &ObjectFile, unit: &FunctionUnit) -> bool {
+    let section = &obj.sections[unit.section].name;
+    let name = &obj.symbols[unit.symbol].name;
+    section.strip_prefix(".text.") == Some(name.as_str())
+        && fentry_site(obj, unit) == Some((0x0f, elf::R_X86_64_NONE))
+}
+
+/// The first opcode byte and relocation type of the `__fentry__` reference
+/// at the function's entry (after an optional endbr64).
+fn fentry_site(obj: &ObjectFile, unit: &FunctionUnit) -> Option<(u8, u32)> {
+    let entry = obj.symbols[unit.symbol].value;
+    let code = obj.data(unit.section).get(entry as usize..)?;
+    let site = if code.starts_with(&[0xf3, 0x0f, 0x1e, 0xfa]) {
         4
     } else {
         0
     };
-    code.get(call_at) == Some(&0xe8)
-        && obj.sections[unit.section].relocs.iter().any(|r| {
-            r.offset == unit.start + call_at as u64 + 1
-                && obj.symbols[r.symbol].name == "__fentry__"
-        })
+    let r = obj.sections[unit.section]
+        .relocs
+        .iter()
+        .find(|r| r.offset == entry + site as u64 + 1)?;
+    (obj.symbols[r.symbol].name == "__fentry__").then_some((*code.get(site)?, r.r_type))
 }
 
 /// (section, offset) of every `__fentry__` call site recorded in
@@ -846,8 +868,12 @@ fn changed_data_objects(orig: &mut View, patched: &mut View) -> Vec<usize> {
         .into_iter()
         .map(|i| (orig_obj.symbols[i].name.as_str(), i))
         .collect();
+    let listed = listed_records(patched_obj);
     let mut changed = Vec::new();
     for index in data_symbols(patched_obj) {
+        if listed.contains(&index) {
+            continue;
+        }
         let sym = &patched_obj.symbols[index];
         let section = sym.section().expect("data symbols are defined");
         let Some(&orig_index) = correlation
@@ -866,6 +892,59 @@ fn changed_data_objects(orig: &mut View, patched: &mut View) -> Vec<usize> {
         }
     }
     changed
+}
+
+/// Data objects only a descriptor table points at (the printk index's
+/// records of format, file and line): listed by the kernel, not used.
+fn listed_records(obj: &ObjectFile) -> BTreeSet<usize> {
+    let mut listed = BTreeSet::new();
+    for section in &obj.sections {
+        if special::classify(&section.name, section.is_alloc(), section.is_exec())
+            != SectionRole::Descriptors
+        {
+            continue;
+        }
+        for r in &section.relocs {
+            let sym = &obj.symbols[r.symbol];
+            let named = match sym.section() {
+                Some(target) if sym.is_section() => covering_symbol(obj, target, r.addend.max(0)),
+                Some(_) => Some(r.symbol),
+                None => None,
+            };
+            listed.extend(named.filter(|&i| obj.symbols[i].is_object()));
+        }
+    }
+    if listed.is_empty() {
+        return listed;
+    }
+    // Drop those anything else refers to (`__func__`, shared with code).
+    let listed_sections: BTreeSet<usize> = listed
+        .iter()
+        .filter_map(|&i| obj.symbols[i].section())
+        .collect();
+    for section in &obj.sections {
+        let role = special::classify(&section.name, section.is_alloc(), section.is_exec());
+        if !matches!(
+            role,
+            SectionRole::Text | SectionRole::Data | SectionRole::Init
+        ) {
+            continue;
+        }
+        for r in &section.relocs {
+            let sym = &obj.symbols[r.symbol];
+            let used = match sym.section() {
+                Some(target) if sym.is_section() && listed_sections.contains(&target) => {
+                    covering_symbol(obj, target, r.addend.max(0))
+                }
+                Some(_) if !sym.is_section() => Some(r.symbol),
+                _ => None,
+            };
+            if let Some(i) = used {
+                listed.remove(&i);
+            }
+        }
+    }
+    listed
 }
 
 /// Named data objects outside the special tables.

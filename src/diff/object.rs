@@ -305,6 +305,9 @@ impl ObjectFile {
 /// objects, so any object can be compared.
 pub fn reloc_width(r_type: u32) -> Option<usize> {
     match r_type {
+        // What recordmcount and objtool leave where they turned an mcount
+        // call into a NOP: patches nothing.
+        elf::R_X86_64_NONE => Some(0),
         elf::R_X86_64_64
         | elf::R_X86_64_PC64
         | elf::R_X86_64_GOTOFF64
@@ -332,11 +335,12 @@ pub fn reloc_width(r_type: u32) -> Option<usize> {
 }
 
 /// Whether the kernel's module loader can apply this relocation type
-/// (x86-64 `apply_relocate_add` in Linux 6.1).
+/// (x86-64 `apply_relocate_add` in Linux 6.1; it skips R_X86_64_NONE).
 pub fn reloc_is_module_loadable(r_type: u32) -> bool {
     matches!(
         r_type,
-        elf::R_X86_64_64
+        elf::R_X86_64_NONE
+            | elf::R_X86_64_64
             | elf::R_X86_64_32
             | elf::R_X86_64_32S
             | elf::R_X86_64_PC32

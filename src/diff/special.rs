@@ -75,9 +75,10 @@ pub enum SectionRole {
     /// Registration tables (initcalls, exports, parameters, ...) whose
     /// change would need the kernel to re-run registration.
     Registration,
-    /// Descriptors the kernel only lists (dynamic debug sites): their line
-    /// numbers move with every edit and do not change behaviour. Not
-    /// compared; new ones are carried with the code that uses them.
+    /// Descriptors the kernel only lists (dynamic debug sites, the printk
+    /// index): their line numbers move with every edit and do not change
+    /// behaviour. Not compared; new ones are carried with the code that
+    /// uses them.
     Descriptors,
 }
 
@@ -103,7 +104,7 @@ pub fn classify(name: &str, alloc: bool, exec: bool) -> SectionRole {
     if exec {
         return SectionRole::Text;
     }
-    if name.starts_with("__dyndbg") {
+    if is_descriptors(name) {
         return SectionRole::Descriptors;
     }
     if is_registration(name) {
@@ -144,6 +145,13 @@ pub fn is_init(name: &str) -> bool {
     PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
+/// Per-call-site records the kernel only lists: dynamic debug descriptors
+/// (`__dyndbg`, `__verbose` in older kernels) and the printk format index
+/// (`.printk_index`, pointers to records in `.rodata`).
+fn is_descriptors(name: &str) -> bool {
+    name.starts_with("__dyndbg") || name == "__verbose" || name == ".printk_index"
+}
+
 fn is_registration(name: &str) -> bool {
     const PREFIXES: &[&str] = &[
         ".initcall",
@@ -159,7 +167,6 @@ fn is_registration(name: &str) -> bool {
         "__bpf_raw_tp_map",
         "__kprobe_blacklist",
         "_error_injection_whitelist",
-        ".printk_index",
         ".con_initcall",
         ".security_initcall",
         "__setup",
@@ -168,4 +175,25 @@ fn is_registration(name: &str) -> bool {
         ".export_symbol",
     ];
     PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_call_site_records_are_descriptors() {
+        for name in ["__dyndbg", "__dyndbg_classes", "__verbose", ".printk_index"] {
+            assert_eq!(
+                classify(name, true, false),
+                SectionRole::Descriptors,
+                "{name}"
+            );
+        }
+        assert_eq!(
+            classify("__ksymtab_strings", true, false),
+            SectionRole::Registration
+        );
+        assert_eq!(classify("__verbose_x", true, true), SectionRole::Text);
+    }
 }

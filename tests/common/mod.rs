@@ -179,3 +179,23 @@ pub fn vm_with_modules(keys: &Keys, modules: &[&str], files: &[&Path], script: &
 pub fn expect_line(text: &str, line: &str) {
     assert!(text.contains(line), "missing `{line}` in:\n{text}");
 }
+
+/// Builds example patches (names in `patches/`) for the default target in
+/// the cache `DYNAMOS_CACHE` names, as `dynamos-build` does; the objects
+/// are this build's own copies, which later builds never touch.
+pub fn build_example_objects(patches: &[&str]) -> dynamos::build::BuildOutput {
+    let target = dynamos::target::Target::resolve(&dynamos::target::TargetSpec::default())
+        .expect("default target");
+    let parsed: Vec<_> = patches
+        .iter()
+        .map(|name| {
+            let path = root().join("patches").join(name);
+            let text = std::fs::read_to_string(&path).unwrap();
+            dynamos::patch::parse(&text, &path).unwrap()
+        })
+        .collect();
+    let changes = dynamos::patch::apply_all(&parsed, dynamos::patch::tree_reader(&target.source))
+        .expect("example patches apply");
+    dynamos::build::build(&target, &changes)
+        .unwrap_or_else(|e| panic!("building {patches:?}: {e:#}"))
+}
