@@ -22,6 +22,8 @@ pub struct BuildRequest {
     pub name: Option<String>,
     /// Packages this one supersedes (a cumulative update).
     pub replaces: Vec<String>,
+    /// Context lines a hunk may ignore at each end to land (`patch --fuzz`).
+    pub fuzz: usize,
 }
 
 pub struct BuildReport {
@@ -141,7 +143,12 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let target = Target::resolve(&request.target)?;
     lap("prepare target", &mut timings);
 
-    let changes = crate::patch::apply_all(&patches, crate::patch::tree_reader(&target.source))?;
+    let applied = crate::patch::apply_with_fuzz(
+        &patches,
+        crate::patch::tree_reader(&target.source),
+        request.fuzz,
+    )?;
+    let changes = applied.changes;
     lap("apply patches", &mut timings);
 
     let built = crate::build::build(&target, &changes)?;
@@ -234,10 +241,12 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     crate::cache::write_atomic(&output, &bytes)?;
     lap("sign and write", &mut timings);
 
+    let mut notes = applied.notes;
+    notes.extend(generated.notes);
     Ok(BuildReport {
         package_path: output,
         manifest,
         timings,
-        notes: generated.notes,
+        notes,
     })
 }
