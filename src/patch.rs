@@ -1020,12 +1020,15 @@ struct Found {
     landing: Landing,
 }
 
-/// Where `hunk` matches `lines` with `fuzz`, following `patch`: with
-/// unequal context at its ends, the shorter side is short because the
-/// file starts or ends there, and fuzz first evens the two out. A side
-/// still short must sit at the start (or end) of the file; otherwise up to
-/// `fuzz` context lines are ignored at each end. Positions are tried
-/// nearest first to the header's line shifted by `offset`, from `cursor` on.
+/// Where `hunk` matches `lines` with `fuzz`. With unequal context at its
+/// ends, fuzz first evens the two out (as `patch` does), then ignores up to
+/// `fuzz` context lines at each end. A hunk cut short by the file's edge
+/// must sit there while it is still short: one stated at line 1 with less
+/// context before than after at the start, one with context before but none
+/// after at the end (hand-written hunks often have unequal context, so a
+/// merely shorter end does not anchor them, as in `git apply`). Positions
+/// are tried nearest first to the header's line shifted by `offset`, from
+/// `cursor` on.
 fn locate(
     lines: &[&[u8]],
     hunk: &Hunk,
@@ -1043,6 +1046,7 @@ fn locate(
         .saturating_sub(most)
         .min(hunk.lines.len() - skip_start);
     let anchored_start = short_start && hunk.old_start <= 1;
+    let anchored_end = short_end && trail == 0;
     let pattern: Vec<&[u8]> = hunk.lines[skip_start..hunk.lines.len() - skip_end]
         .iter()
         .filter(|l| l.kind != LineKind::Add)
@@ -1065,7 +1069,7 @@ fn locate(
     let fits = |at: usize| {
         lines[at..at + pattern.len()] == pattern[..]
             && (!anchored_start || at == 0)
-            && (!short_end || at == last)
+            && (!anchored_end || at == last)
     };
     let distance = expected.abs_diff(cursor).max(expected.abs_diff(last));
     let at = (0..=distance).find_map(|d| {
@@ -1477,33 +1481,62 @@ diff --git a/dir/b.h b/dir/b.h
     }
 
     #[test]
-    fn short_trailing_context_must_end_the_file() {
-        // Less context after the change than before: the file ended there.
+    fn no_trailing_context_must_end_the_file() {
+        // Context before the change and none after: the file ended there.
         let patch = "\
 --- a/f
 +++ b/f
-@@ -3,4 +3,4 @@
+@@ -3,3 +3,3 @@
  line 3
  line 4
 -line 5
 +five
- line 6
 ";
-        let out = apply_one(patch, &[("f", &numbered(6))]).unwrap();
+        let out = apply_one(patch, &[("f", &numbered(5))]).unwrap();
         assert_eq!(
             text(&out, "f").unwrap(),
-            "line 1\nline 2\nline 3\nline 4\nfive\nline 6\n"
+            "line 1\nline 2\nline 3\nline 4\nfive\n"
         );
         let grown = numbered(8);
-        let err = apply_one(patch, &[("f", &grown)]).unwrap_err().to_string();
-        assert!(
-            err.ends_with("applies with fuzz 1 at line 3; rerun with --fuzz 1 to accept it"),
-            "{err}"
-        );
-        let applied = apply_fuzzy(patch, &[("f", &grown)], 1).unwrap();
+        for fuzz in [0, 1] {
+            let err = apply_fuzzy(patch, &[("f", &grown)], fuzz)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.ends_with("applies with fuzz 2 at line 3; rerun with --fuzz 2 to accept it"),
+                "{err}"
+            );
+        }
+        let applied = apply_fuzzy(patch, &[("f", &grown)], 2).unwrap();
         assert!(text(&applied.changes, "f")
             .unwrap()
-            .contains("line 4\nfive\nline 6\nline 7\n"));
+            .contains("line 4\nfive\nline 6\n"));
+    }
+
+    #[test]
+    fn unequal_context_floats_and_fuzz_evens_it_first() {
+        // Four lines before, two after, in the middle of the file.
+        let hunk = |last: &str| {
+            format!(
+                "--- a/f\n+++ b/f\n@@ -5,7 +5,7 @@\n line 5\n line 6\n line 7\n line 8\n\
+                 -line 9\n+nine\n line 10\n {last}\n"
+            )
+        };
+        let files = [("f", numbered(20))];
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, c)| (*p, c.as_str())).collect();
+        let exact = apply_fuzzy(&hunk("line 11"), &files, 0).unwrap();
+        assert!(text(&exact.changes, "f")
+            .unwrap()
+            .contains("line 8\nnine\nline 10\nline 11\nline 12\n"));
+        // Fuzz drops the longer side first: the last line only goes at fuzz 3.
+        let damaged = hunk("not in the file");
+        let err = apply_fuzzy(&damaged, &files, 2).unwrap_err().to_string();
+        assert!(
+            err.ends_with("applies with fuzz 3 at line 5; rerun with --fuzz 3 to accept it"),
+            "{err}"
+        );
+        let applied = apply_fuzzy(&damaged, &files, 3).unwrap();
+        assert_eq!(applied.notes, ["f: hunk #1 applied at line 5 with fuzz 3"]);
     }
 
     #[test]
