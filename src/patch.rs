@@ -896,9 +896,10 @@ impl HunkFailure {
                     0 => "without fuzz".to_string(),
                     n => format!("with fuzz {n}"),
                 };
-                let later = match *file_fuzz > landing.fuzz {
-                    true => format!(" (the file's later hunks need fuzz {file_fuzz})"),
-                    false => String::new(),
+                let later = if *file_fuzz > landing.fuzz {
+                    format!(" (the file's later hunks need fuzz {file_fuzz})")
+                } else {
+                    String::new()
                 };
                 format!(
                     "does not apply {allowed}: applies with fuzz {} at line {}; rerun with --fuzz {file_fuzz} to accept it{later}",
