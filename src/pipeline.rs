@@ -177,6 +177,10 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         crate::patch::tree_reader(&target.source),
         request.fuzz,
     )?;
+    // Shown at once: a misplaced hunk explains a failed or empty build too.
+    for note in &applied.notes {
+        eprintln!("note: {note}");
+    }
     let changes = applied.changes;
     lap("apply patches", &mut timings);
 
@@ -266,12 +270,10 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     crate::cache::write_atomic(&output, &bytes)?;
     lap("sign and write", &mut timings);
 
-    let mut notes = applied.notes;
-    notes.extend(generated.notes);
     Ok(BuildReport {
         package_path: output,
         manifest,
         timings,
-        notes,
+        notes: generated.notes,
     })
 }
