@@ -1,5 +1,6 @@
 //! Unified diffs: parsed from git-style or `diff -u` patches and applied in
-//! memory against the pristine tree, like `patch -p1` without fuzz.
+//! memory against the pristine tree, like `patch -p1`: a hunk may land at an
+//! offset from its stated line, and with fuzz only when the caller allows it.
 //!
 //! Nothing here touches the file system: [`parse`] turns patch text into
 //! [`Patch`]es and [`apply_all`] computes the new content of every touched
@@ -76,22 +77,6 @@ pub struct HunkLine {
 }
 
 impl Hunk {
-    fn old_lines(&self) -> Vec<&[u8]> {
-        self.lines
-            .iter()
-            .filter(|l| l.kind != LineKind::Add)
-            .map(|l| l.text.as_slice())
-            .collect()
-    }
-
-    fn new_lines(&self) -> Vec<&[u8]> {
-        self.lines
-            .iter()
-            .filter(|l| l.kind != LineKind::Remove)
-            .map(|l| l.text.as_slice())
-            .collect()
-    }
-
     /// Context lines before the first change and after the last one.
     fn context_counts(&self) -> (usize, usize) {
         let lead = self
@@ -532,6 +517,7 @@ impl<'a> Parser<'a> {
                 Some(b'+') => (LineKind::Add, &line[1..]),
                 // Mailers strip the space from empty context lines.
                 None => (LineKind::Context, line),
+                Some(b'\r') if line.len() == 1 => (LineKind::Context, line),
                 Some(b'\\') if !lines.is_empty() => {
                     self.no_newline(&mut lines);
                     self.pos += 1;
@@ -707,14 +693,37 @@ pub fn tree_reader(root: &Path) -> impl Fn(&Path) -> Result<Option<Vec<u8>>> + '
     }
 }
 
-/// Apply `patches` in order, each seeing the results of the earlier ones.
-/// `read` gives the pristine content of a path relative to the tree root,
-/// `None` when the file does not exist. Pure: nothing is written.
+/// [`apply_with_fuzz`] without fuzz: every hunk's context must match in full.
 pub fn apply_all(
     patches: &[Patch],
     read: impl Fn(&Path) -> Result<Option<Vec<u8>>>,
 ) -> Result<Changes> {
+    apply_with_fuzz(patches, read, 0).map(|applied| applied.changes)
+}
+
+/// The patches applied: new file contents, and one line for every hunk that
+/// landed elsewhere than its header says or with fuzz.
+#[derive(Debug)]
+pub struct Applied {
+    pub changes: Changes,
+    pub notes: Vec<String>,
+}
+
+/// Apply `patches` in order, each seeing the results of the earlier ones.
+/// `read` gives the pristine content of a path relative to the tree root,
+/// `None` when the file does not exist. Pure: nothing is written.
+///
+/// A hunk is looked for at the line its header names, shifted by the offset
+/// the previous hunk of the file landed at, then ever farther away; with
+/// `max_fuzz` > 0 it may also land ignoring up to that many context lines
+/// at its start and end (as `patch --fuzz` does).
+pub fn apply_with_fuzz(
+    patches: &[Patch],
+    read: impl Fn(&Path) -> Result<Option<Vec<u8>>>,
+    max_fuzz: usize,
+) -> Result<Applied> {
     let mut state: Changes = BTreeMap::new();
+    let mut notes = Vec::new();
     let current = |state: &Changes, path: &Path| -> Result<Option<Vec<u8>>> {
         match state.get(path) {
             Some(content) => Ok(content.clone()),
@@ -730,6 +739,20 @@ pub fn apply_all(
                 }
                 .into()
             };
+            // The hunks applied to `content`, their landings noted.
+            let mut place = |content: &[u8], path: &Path| -> Result<Vec<u8>> {
+                let placed = place_hunks(content, &file.hunks, max_fuzz)
+                    .map_err(|e| e.error(patch, path, max_fuzz))?;
+                for (number, landing) in placed.landings.iter().enumerate() {
+                    if let Some(note) = landing.note(path, number + 1) {
+                        notes.push(match patches.len() {
+                            1 => note,
+                            _ => format!("{note} ({})", patch.origin.display()),
+                        });
+                    }
+                }
+                Ok(placed.content)
+            };
             match file.operation {
                 Operation::Create => {
                     let path = file.new_path.as_deref().expect("created file has a name");
@@ -739,8 +762,7 @@ pub fn apply_all(
                             "the patch creates it but it already exists".into(),
                         ));
                     }
-                    let content =
-                        apply_hunks(&[], &file.hunks).map_err(|e| e.error(patch, path))?;
+                    let content = place(&[], path)?;
                     state.insert(path.to_path_buf(), Some(content));
                 }
                 Operation::Delete => {
@@ -751,8 +773,7 @@ pub fn apply_all(
                             "the patch deletes it but it does not exist".into(),
                         ));
                     };
-                    let content =
-                        apply_hunks(&old, &file.hunks).map_err(|e| e.error(patch, path))?;
+                    let content = place(&old, path)?;
                     if !content.is_empty() {
                         return Err(fail(
                             path,
@@ -780,8 +801,7 @@ pub fn apply_all(
                     if file.hunks.is_empty() {
                         continue; // mode change only
                     }
-                    let content =
-                        apply_hunks(&old, &file.hunks).map_err(|e| e.error(patch, path))?;
+                    let content = place(&old, path)?;
                     state.insert(path.to_path_buf(), Some(content));
                 }
                 Operation::Rename | Operation::Copy => {
@@ -796,7 +816,7 @@ pub fn apply_all(
                     if from != to && current(&state, to)?.is_some() {
                         return Err(fail(to, "the rename or copy target already exists".into()));
                     }
-                    let content = apply_hunks(&old, &file.hunks).map_err(|e| e.error(patch, to))?;
+                    let content = place(&old, to)?;
                     if file.operation == Operation::Rename && from != to {
                         state.insert(from.to_path_buf(), None);
                     }
@@ -805,112 +825,295 @@ pub fn apply_all(
             }
         }
     }
-    Ok(state)
+    Ok(Applied {
+        changes: state,
+        notes,
+    })
+}
+
+/// Where a hunk landed in the file it patched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Landing {
+    /// Line of the file where the hunk's old text starts, counting the
+    /// context lines the fuzz ignored (1-based, as in the hunk header).
+    line: isize,
+    /// Lines from where the hunk's header says it starts.
+    offset: isize,
+    /// Context lines ignored at each end.
+    fuzz: usize,
+}
+
+impl Landing {
+    /// `at line 891 with fuzz 2 (offset 23 lines)`: where it landed, and how
+    /// that differs from the header.
+    fn how(&self) -> String {
+        let fuzz = match self.fuzz {
+            0 => String::new(),
+            n => format!(" with fuzz {n}"),
+        };
+        let offset = match self.offset {
+            0 => String::new(),
+            1 | -1 => format!(" (offset {} line)", self.offset),
+            n => format!(" (offset {n} lines)"),
+        };
+        format!("at line {}{fuzz}{offset}", self.line)
+    }
+
+    fn note(&self, path: &Path, number: usize) -> Option<String> {
+        (self.offset != 0 || self.fuzz != 0)
+            .then(|| format!("{}: hunk #{number} applied {}", path.display(), self.how()))
+    }
+}
+
+/// The hunks of one file section applied to its content.
+struct Placed {
+    content: Vec<u8>,
+    /// One per hunk, in order.
+    landings: Vec<Landing>,
 }
 
 /// A hunk that did not match, by number (1-based) and patch line.
 struct HunkFailure {
     number: usize,
     line: usize,
-    why: &'static str,
+    why: Miss,
+}
+
+enum Miss {
+    /// The hunk cannot land anywhere; the text says why.
+    Nowhere(&'static str),
+    /// It lands only with more fuzz than allowed: here, and the most fuzz
+    /// this hunk and the file's later ones need (when they land at all).
+    NeedsFuzz { landing: Landing, file_fuzz: usize },
 }
 
 impl HunkFailure {
-    fn error(&self, patch: &Patch, path: &Path) -> anyhow::Error {
+    fn error(&self, patch: &Patch, path: &Path, allowed: usize) -> anyhow::Error {
+        let why = match &self.why {
+            Miss::Nowhere(why) => format!("does not apply: {why}"),
+            Miss::NeedsFuzz { landing, file_fuzz } => {
+                let allowed = match allowed {
+                    0 => "without fuzz".to_string(),
+                    n => format!("with fuzz {n}"),
+                };
+                let later = if *file_fuzz > landing.fuzz {
+                    format!(" (the file's later hunks need fuzz {file_fuzz})")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "does not apply {allowed}: applies with fuzz {} at line {}; rerun with --fuzz {file_fuzz} to accept it{later}",
+                    landing.fuzz, landing.line
+                )
+            }
+        };
         Error::Input {
             path: patch.origin.clone(),
             message: format!(
-                "line {}: hunk #{} for {} does not apply: {}",
+                "line {}: hunk #{} for {} {why}",
                 self.line,
                 self.number,
                 path.display(),
-                self.why
             ),
         }
         .into()
     }
 }
 
-/// Apply the hunks of one file section to `content`. Each hunk's old lines
-/// must match exactly; they are looked for at the stated line (shifted by
-/// the offset the previous hunk was found at), then outward from there,
-/// never before the end of the previous hunk.
-fn apply_hunks(content: &[u8], hunks: &[Hunk]) -> std::result::Result<Vec<u8>, HunkFailure> {
+/// [`apply_hunks`], and when a hunk needs more fuzz than allowed, how much
+/// the whole file needs.
+fn place_hunks(
+    content: &[u8],
+    hunks: &[Hunk],
+    max_fuzz: usize,
+) -> std::result::Result<Placed, HunkFailure> {
+    apply_hunks(content, hunks, max_fuzz).map_err(|mut failure| {
+        if let Miss::NeedsFuzz { file_fuzz, .. } = &mut failure.why {
+            if let Ok(placed) = apply_hunks(content, hunks, usize::MAX) {
+                let most = placed.landings.iter().map(|l| l.fuzz).max();
+                *file_fuzz = most.unwrap_or(0).max(*file_fuzz);
+            }
+        }
+        failure
+    })
+}
+
+/// Apply the hunks of one file section to `content`, each where
+/// [`locate`] finds it with the least fuzz up to `max_fuzz`, never before
+/// the end of the previous hunk.
+fn apply_hunks(
+    content: &[u8],
+    hunks: &[Hunk],
+    max_fuzz: usize,
+) -> std::result::Result<Placed, HunkFailure> {
     let lines: Vec<&[u8]> = split_lines(content).collect();
     let mut out: Vec<u8> = Vec::with_capacity(content.len());
+    let mut landings = Vec::with_capacity(hunks.len());
     let mut cursor = 0usize; // first line not yet copied to `out`
-    let mut offset: isize = 0; // where the previous hunk was found vs. stated
+    let mut offset: isize = 0; // where the previous hunk landed vs. its header
     for (i, hunk) in hunks.iter().enumerate() {
         let failure = |why| HunkFailure {
             number: i + 1,
             line: hunk.line,
             why,
         };
-        let old = hunk.old_lines();
-        let new = hunk.new_lines();
-        // With no old lines the hunk inserts after line `old_start`.
-        let stated = if hunk.old_len == 0 {
-            hunk.old_start
-        } else {
-            hunk.old_start.saturating_sub(1)
-        };
-        let stated = stated.min(isize::MAX as usize) as isize;
         let (lead, trail) = hunk.context_counts();
-        let has_change = hunk.lines.iter().any(|l| l.kind != LineKind::Context);
-        // Stated at line 1 with less leading than trailing context: the diff
-        // ran out of lines, so the hunk must be at the very start of the file.
-        let at_start = has_change && lead < trail && hunk.old_start <= 1;
-        let last_start = lines.len().checked_sub(old.len());
-        let Some(last_start) = last_start.filter(|&l| l >= cursor) else {
-            return Err(failure("the file is shorter than the hunk's context"));
-        };
-        let expected = stated
-            .saturating_add(offset)
-            .clamp(cursor as isize, last_start as isize) as usize;
-        let matches =
-            |pos: usize| lines[pos..pos + old.len()] == old[..] && (!at_start || pos == 0);
-        let mut found = None;
-        let max_distance = expected.abs_diff(cursor).max(expected.abs_diff(last_start));
-        for d in 0..=max_distance {
-            let candidates = [expected.checked_add(d), expected.checked_sub(d)];
-            for pos in candidates.into_iter().flatten() {
-                if pos >= cursor && pos <= last_start && matches(pos) {
-                    found = Some(pos);
-                    break;
-                }
-                if d == 0 {
-                    break;
-                }
+        let most_fuzz = lead.max(trail);
+        let found = (0..=max_fuzz.min(most_fuzz))
+            .find_map(|fuzz| locate(&lines, hunk, cursor, offset, fuzz));
+        let Some(found) = found else {
+            if let Some(why) = line_ending_mismatch(&lines, hunk) {
+                return Err(failure(Miss::Nowhere(why)));
             }
-            if found.is_some() {
-                break;
-            }
-        }
-        let Some(pos) = found else {
-            return Err(failure("its context or removed lines are not in the file"));
+            let more = (max_fuzz.saturating_add(1)..=most_fuzz)
+                .find_map(|fuzz| locate(&lines, hunk, cursor, offset, fuzz));
+            return Err(failure(match more {
+                Some(found) => Miss::NeedsFuzz {
+                    landing: found.landing,
+                    file_fuzz: found.landing.fuzz,
+                },
+                None => Miss::Nowhere("its context or removed lines are not in the file"),
+            }));
         };
+        let kept = &hunk.lines[found.skip_start..hunk.lines.len() - found.skip_end];
+        let old_len = kept.iter().filter(|l| l.kind != LineKind::Add).count();
+        let new: Vec<&[u8]> = kept
+            .iter()
+            .filter(|l| l.kind != LineKind::Remove)
+            .map(|l| l.text.as_slice())
+            .collect();
+        let at = found.at;
         // A line without newline may only end the file.
         for (idx, l) in new.iter().enumerate() {
-            let is_last_of_file = idx + 1 == new.len() && pos + old.len() == lines.len();
+            let is_last_of_file = idx + 1 == new.len() && at + old_len == lines.len();
             if !l.ends_with(b"\n") && !is_last_of_file {
-                return Err(failure(
+                return Err(failure(Miss::Nowhere(
                     "it leaves a line without newline in the middle of the file",
-                ));
+                )));
             }
         }
-        for l in &lines[cursor..pos] {
+        for l in &lines[cursor..at] {
             out.extend_from_slice(l);
         }
         for l in &new {
             out.extend_from_slice(l);
         }
-        cursor = pos + old.len();
-        offset = pos as isize - stated;
+        cursor = at + old_len;
+        offset = found.landing.offset;
+        landings.push(found.landing);
     }
     for l in &lines[cursor..] {
         out.extend_from_slice(l);
     }
-    Ok(out)
+    Ok(Placed {
+        content: out,
+        landings,
+    })
+}
+
+/// A hunk's place in a file at one fuzz level.
+struct Found {
+    /// Index of the file line the hunk's first kept line matched.
+    at: usize,
+    /// Context lines of the hunk ignored at its start and its end.
+    skip_start: usize,
+    skip_end: usize,
+    landing: Landing,
+}
+
+/// Where `hunk` matches `lines` with `fuzz`. With unequal context at its
+/// ends, fuzz first evens the two out (as `patch` does), then ignores up to
+/// `fuzz` context lines at each end. A hunk cut short by the file's edge
+/// must sit there while it is still short: one stated at line 1 with less
+/// context before than after at the start, one with context before but none
+/// after at the end (hand-written hunks often have unequal context, so a
+/// merely shorter end does not anchor them, as in `git apply`). Positions
+/// are tried nearest first to the header's line shifted by `offset`, from
+/// `cursor` on.
+fn locate(
+    lines: &[&[u8]],
+    hunk: &Hunk,
+    cursor: usize,
+    offset: isize,
+    fuzz: usize,
+) -> Option<Found> {
+    let (lead, trail) = hunk.context_counts();
+    let most = lead.max(trail);
+    let short_start = (fuzz + lead) < most;
+    let short_end = (fuzz + trail) < most;
+    let skip_start = (fuzz + lead).saturating_sub(most);
+    // A hunk of context only counts it at both ends: never skip it twice.
+    let skip_end = (fuzz + trail)
+        .saturating_sub(most)
+        .min(hunk.lines.len() - skip_start);
+    let anchored_start = short_start && hunk.old_start <= 1;
+    let anchored_end = short_end && trail == 0;
+    let pattern: Vec<&[u8]> = hunk.lines[skip_start..hunk.lines.len() - skip_end]
+        .iter()
+        .filter(|l| l.kind != LineKind::Add)
+        .map(|l| l.text.as_slice())
+        .collect();
+    let last = lines
+        .len()
+        .checked_sub(pattern.len())
+        .filter(|&l| l >= cursor)?;
+    // With no old lines the hunk inserts after line `old_start`.
+    let stated = match hunk.old_len {
+        0 => hunk.old_start,
+        _ => hunk.old_start.saturating_sub(1),
+    }
+    .min(isize::MAX as usize / 2) as isize;
+    let expected = stated
+        .saturating_add(offset)
+        .saturating_add(skip_start as isize)
+        .clamp(cursor as isize, last as isize) as usize;
+    let fits = |at: usize| {
+        lines[at..at + pattern.len()] == pattern[..]
+            && (!anchored_start || at == 0)
+            && (!anchored_end || at == last)
+    };
+    let distance = expected.abs_diff(cursor).max(expected.abs_diff(last));
+    let at = (0..=distance).find_map(|d| {
+        [
+            expected.checked_add(d),
+            expected.checked_sub(d).filter(|_| d > 0),
+        ]
+        .into_iter()
+        .flatten()
+        .find(|&at| at >= cursor && at <= last && fits(at))
+    })?;
+    let start = at as isize - skip_start as isize;
+    Some(Found {
+        at,
+        skip_start,
+        skip_end,
+        landing: Landing {
+            line: start + (hunk.old_start as isize - stated),
+            offset: start - stated,
+            fuzz,
+        },
+    })
+}
+
+/// Whether the hunk and the file end their lines differently (CRLF against
+/// LF), which no amount of searching gets past.
+fn line_ending_mismatch(lines: &[&[u8]], hunk: &Hunk) -> Option<&'static str> {
+    fn mostly_crlf<'a>(lines: impl Iterator<Item = &'a [u8]>) -> Option<bool> {
+        let ended: Vec<&[u8]> = lines.filter(|l| l.ends_with(b"\n")).collect();
+        let crlf = ended.iter().filter(|l| l.ends_with(b"\r\n")).count();
+        (!ended.is_empty()).then_some(crlf * 2 > ended.len())
+    }
+    let patch = mostly_crlf(hunk.lines.iter().map(|l| l.text.as_slice()));
+    let file = mostly_crlf(lines.iter().copied());
+    match (patch, file) {
+        (Some(true), Some(false)) => {
+            Some("the patch has CRLF (DOS) line endings but the file has LF; convert the patch with `dos2unix`")
+        }
+        (Some(false), Some(true)) => {
+            Some("the file has CRLF (DOS) line endings but the patch has LF")
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -1049,6 +1252,11 @@ diff --git a/dir/b.h b/dir/b.h
         assert_eq!(text(&out, "dir/b.h").unwrap(), "one\n");
     }
 
+    fn apply_fuzzy(patch: &str, files: &[(&str, &str)], fuzz: usize) -> Result<Applied> {
+        let p = parse(patch, origin())?;
+        apply_with_fuzz(&[p], tree(files), fuzz)
+    }
+
     #[test]
     fn hunk_found_at_offset_both_directions() {
         let patch = "\
@@ -1066,11 +1274,295 @@ diff --git a/dir/b.h b/dir/b.h
  line 27
 ";
         // Stated at line 10 but the text is at 20: found by searching outward;
-        // the second hunk is then looked for with the same offset.
-        let out = apply_one(patch, &[("f.c", &numbered(40))]).unwrap();
-        let f = text(&out, "f.c").unwrap();
-        assert!(f.contains("line 20\ntwenty-one\nline 22\n"));
-        assert!(f.contains("line 25\ntwenty-six\nline 27\n"));
+        // the second hunk is then looked for with the same offset, and found
+        // before where that puts it.
+        let applied = apply_fuzzy(patch, &[("f.c", &numbered(40))], 0).unwrap();
+        let f = text(&applied.changes, "f.c").unwrap();
+        assert!(f.contains("line 19\nline 20\ntwenty-one\nline 22\n"));
+        assert!(f.contains("line 24\nline 25\ntwenty-six\nline 27\nline 28\n"));
+        assert_eq!(f.lines().count(), 40);
+        assert_eq!(
+            applied.notes,
+            [
+                "f.c: hunk #1 applied at line 20 (offset 10 lines)",
+                "f.c: hunk #2 applied at line 25 (offset -5 lines)",
+            ]
+        );
+    }
+
+    #[test]
+    fn exact_landings_are_not_noted() {
+        let patch = "--- a/f.c\n+++ b/f.c\n@@ -4,3 +4,3 @@\n line 4\n-line 5\n+five\n line 6\n";
+        let applied = apply_fuzzy(patch, &[("f.c", &numbered(9))], 2).unwrap();
+        assert!(applied.notes.is_empty(), "{:?}", applied.notes);
+        let one_line_off = apply_fuzzy(patch, &[("f.c", &format!("x\n{}", numbered(9)))], 0);
+        assert_eq!(
+            one_line_off.unwrap().notes,
+            ["f.c: hunk #1 applied at line 5 (offset 1 line)"]
+        );
+    }
+
+    /// A hunk stated at line 10 whose text is at line 20, with `damaged`
+    /// replacing one of its context lines (0-based among the hunk's lines).
+    fn damaged_hunk(damaged: usize) -> String {
+        let mut lines = [
+            " line 20".to_string(),
+            " line 21".into(),
+            " line 22".into(),
+            "-line 23".into(),
+            "+twenty-three".into(),
+            " line 24".into(),
+            " line 25".into(),
+            " line 26".into(),
+        ];
+        lines[damaged] = " not in the file".into();
+        format!(
+            "--- a/f.c\n+++ b/f.c\n@@ -10,7 +10,7 @@\n{}\n",
+            lines.join("\n")
+        )
+    }
+
+    #[test]
+    fn fuzz_1_accepted_only_when_allowed() {
+        let files = [("f.c", numbered(40))];
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, c)| (*p, c.as_str())).collect();
+        for damaged in [0, 7] {
+            let patch = damaged_hunk(damaged);
+            let err = apply_fuzzy(&patch, &files, 0).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                "fix.patch: line 3: hunk #1 for f.c does not apply without fuzz: \
+                 applies with fuzz 1 at line 20; rerun with --fuzz 1 to accept it"
+            );
+            for fuzz in [1, 2, 3] {
+                let applied = apply_fuzzy(&patch, &files, fuzz).unwrap();
+                let mut want: Vec<String> = (1..=40).map(|i| format!("line {i}\n")).collect();
+                want[22] = "twenty-three\n".into();
+                // The ignored context line is the file's, not the patch's.
+                assert_eq!(text(&applied.changes, "f.c").unwrap(), want.concat());
+                assert_eq!(
+                    applied.notes,
+                    ["f.c: hunk #1 applied at line 20 with fuzz 1 (offset 10 lines)"]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fuzz_2_refused_with_the_fuzz_it_needs() {
+        let files = [("f.c", numbered(40))];
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, c)| (*p, c.as_str())).collect();
+        let patch = damaged_hunk(1);
+        for (allowed, says) in [(0, "without fuzz"), (1, "with fuzz 1")] {
+            let err = apply_fuzzy(&patch, &files, allowed)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                format!(
+                    "fix.patch: line 3: hunk #1 for f.c does not apply {says}: \
+                     applies with fuzz 2 at line 20; rerun with --fuzz 2 to accept it"
+                )
+            );
+        }
+        let applied = apply_fuzzy(&patch, &files, 2).unwrap();
+        let f = text(&applied.changes, "f.c").unwrap();
+        assert!(
+            f.contains("line 21\nline 22\ntwenty-three\nline 24\n"),
+            "{f}"
+        );
+        assert_eq!(
+            applied.notes,
+            ["f.c: hunk #1 applied at line 20 with fuzz 2 (offset 10 lines)"]
+        );
+    }
+
+    #[test]
+    fn fuzz_hint_covers_the_files_later_hunks() {
+        let patch = "\
+--- a/f.c
++++ b/f.c
+@@ -2,3 +2,3 @@
+ damaged
+-line 3
++three
+ line 4
+@@ -10,5 +10,5 @@
+ damaged
+ damaged
+-line 12
++twelve
+ line 13
+ line 14
+";
+        let err = apply_fuzzy(patch, &[("f.c", &numbered(20))], 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.ends_with(
+                "hunk #1 for f.c does not apply without fuzz: applies with fuzz 1 at line 2; \
+                 rerun with --fuzz 2 to accept it (the file's later hunks need fuzz 2)"
+            ),
+            "{err}"
+        );
+        let applied = apply_fuzzy(patch, &[("f.c", &numbered(20))], 2).unwrap();
+        assert_eq!(
+            applied.notes,
+            [
+                "f.c: hunk #1 applied at line 2 with fuzz 1",
+                "f.c: hunk #2 applied at line 10 with fuzz 2",
+            ]
+        );
+    }
+
+    #[test]
+    fn fuzz_never_ignores_changed_lines() {
+        let patch = "\
+--- a/f.c
++++ b/f.c
+@@ -5,3 +5,3 @@
+ line 5
+-no such line
++six
+ line 7
+";
+        for fuzz in [0, 1, 2, 100] {
+            let err = apply_fuzzy(patch, &[("f.c", &numbered(10))], fuzz)
+                .unwrap_err()
+                .to_string();
+            assert_eq!(
+                err,
+                "fix.patch: line 3: hunk #1 for f.c does not apply: \
+                 its context or removed lines are not in the file"
+            );
+        }
+    }
+
+    #[test]
+    fn least_fuzz_wins_over_nearest_place() {
+        // Near the stated line the hunk fits only with fuzz; far away exactly.
+        let content = format!("{}line 4\nline 5\nother\n", numbered(30));
+        let patch = "--- a/f\n+++ b/f\n@@ -4,3 +4,3 @@\n line 4\n-line 5\n+five\n other\n";
+        let applied = apply_fuzzy(patch, &[("f", &content)], 1).unwrap();
+        let f = text(&applied.changes, "f").unwrap();
+        assert!(f.starts_with(&numbered(30)), "{f}");
+        assert!(f.ends_with("line 30\nline 4\nfive\nother\n"), "{f}");
+        assert_eq!(
+            applied.notes,
+            ["f: hunk #1 applied at line 31 (offset 27 lines)"]
+        );
+    }
+
+    #[test]
+    fn fuzzy_hunks_keep_their_order() {
+        // The second hunk's text also appears before the first one's landing:
+        // it may not land there.
+        let patch = "\
+--- a/f
++++ b/f
+@@ -1,3 +1,3 @@
+ a
+-b
++B
+ c
+@@ -4,3 +4,3 @@
+ a
+-b
++B2
+ c
+";
+        let content = "x\nb\nc\nx\nb\nc\n";
+        let applied = apply_fuzzy(patch, &[("f", content)], 1).unwrap();
+        assert_eq!(text(&applied.changes, "f").unwrap(), "x\nB\nc\nx\nB2\nc\n");
+        let content = "x\nb\nc\n";
+        let err = apply_fuzzy(patch, &[("f", content)], 1)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hunk #2 for f does not apply: "), "{err}");
+    }
+
+    #[test]
+    fn no_trailing_context_must_end_the_file() {
+        // Context before the change and none after: the file ended there.
+        let patch = "\
+--- a/f
++++ b/f
+@@ -3,3 +3,3 @@
+ line 3
+ line 4
+-line 5
++five
+";
+        let out = apply_one(patch, &[("f", &numbered(5))]).unwrap();
+        assert_eq!(
+            text(&out, "f").unwrap(),
+            "line 1\nline 2\nline 3\nline 4\nfive\n"
+        );
+        let grown = numbered(8);
+        for fuzz in [0, 1] {
+            let err = apply_fuzzy(patch, &[("f", &grown)], fuzz)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.ends_with("applies with fuzz 2 at line 3; rerun with --fuzz 2 to accept it"),
+                "{err}"
+            );
+        }
+        let applied = apply_fuzzy(patch, &[("f", &grown)], 2).unwrap();
+        assert!(text(&applied.changes, "f")
+            .unwrap()
+            .contains("line 4\nfive\nline 6\n"));
+    }
+
+    #[test]
+    fn unequal_context_floats_and_fuzz_evens_it_first() {
+        // Four lines before, two after, in the middle of the file.
+        let hunk = |last: &str| {
+            format!(
+                "--- a/f\n+++ b/f\n@@ -5,7 +5,7 @@\n line 5\n line 6\n line 7\n line 8\n\
+                 -line 9\n+nine\n line 10\n {last}\n"
+            )
+        };
+        let files = [("f", numbered(20))];
+        let files: Vec<(&str, &str)> = files.iter().map(|(p, c)| (*p, c.as_str())).collect();
+        let exact = apply_fuzzy(&hunk("line 11"), &files, 0).unwrap();
+        assert!(text(&exact.changes, "f")
+            .unwrap()
+            .contains("line 8\nnine\nline 10\nline 11\nline 12\n"));
+        // Fuzz drops the longer side first: the last line only goes at fuzz 3.
+        let damaged = hunk("not in the file");
+        let err = apply_fuzzy(&damaged, &files, 2).unwrap_err().to_string();
+        assert!(
+            err.ends_with("applies with fuzz 3 at line 5; rerun with --fuzz 3 to accept it"),
+            "{err}"
+        );
+        let applied = apply_fuzzy(&damaged, &files, 3).unwrap();
+        assert_eq!(applied.notes, ["f: hunk #1 applied at line 5 with fuzz 3"]);
+    }
+
+    #[test]
+    fn crlf_mismatch_is_named() {
+        let lf_patch = "--- a/f\n+++ b/f\n@@ -1,3 +1,3 @@\n a\n-b\n+B\n c\n";
+        let crlf_patch = lf_patch.replace('\n', "\r\n");
+        let err = apply_one(&crlf_patch, &[("f", "a\nb\nc\n")])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "fix.patch: line 3: hunk #1 for f does not apply: the patch has CRLF (DOS) line \
+             endings but the file has LF; convert the patch with `dos2unix`"
+        );
+        let err = apply_fuzzy(lf_patch, &[("f", "a\r\nb\r\nc\r\n")], 3)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            err,
+            "fix.patch: line 3: hunk #1 for f does not apply: \
+             the file has CRLF (DOS) line endings but the patch has LF"
+        );
+        // The same endings on both sides apply as usual.
+        let out = apply_one(&crlf_patch, &[("f", "a\r\nb\r\nc\r\n")]).unwrap();
+        assert_eq!(text(&out, "f").unwrap(), "a\r\nB\r\nc\r\n");
     }
 
     #[test]
@@ -1092,10 +1584,11 @@ diff --git a/dir/b.h b/dir/b.h
         let patch = "\
 --- a/f.c
 +++ b/f.c
-@@ -1,2 +1,2 @@
+@@ -1,3 +1,3 @@
  line 1
 -line 2
 +two
+ line 3
 @@ -5,2 +5,2 @@
  line 5
 -no such line
@@ -1108,7 +1601,7 @@ diff --git a/dir/b.h b/dir/b.h
         assert!(err.contains("hunk #2"), "{err}");
         assert!(err.contains("f.c"), "{err}");
         assert!(
-            err.starts_with("fix.patch: line 7: hunk #2 for f.c does not apply"),
+            err.starts_with("fix.patch: line 8: hunk #2 for f.c does not apply"),
             "{err}"
         );
     }
@@ -1367,11 +1860,11 @@ diff --git \"a/sp ace\\303\\251.c\" \"b/sp ace\\303\\251.c\"
     /// sizes) must apply back to exactly the edited file.
     #[test]
     fn applies_what_diff_produces() {
-        let Ok(probe) = std::process::Command::new("diff").arg("--version").output() else {
-            eprintln!("diff not installed; skipping");
-            return;
-        };
-        assert!(probe.status.success());
+        let probe = std::process::Command::new("diff")
+            .arg("--version")
+            .output()
+            .expect("`diff` (diffutils) must be installed for this test");
+        assert!(probe.status.success(), "`diff --version` failed");
         let dir = tempfile::tempdir().unwrap();
         let mut rng = Rng(0x2545_f491_4f6c_dd1d);
         for round in 0..200 {
@@ -1430,8 +1923,61 @@ diff --git \"a/sp ace\\303\\251.c\" \"b/sp ace\\303\\251.c\"
         }
     }
 
+    /// What any patch text must give: a parse error or apply error is one
+    /// line naming the patch; a patch that applies without fuzz applies the
+    /// same with fuzz allowed, and changes each file's line count by what
+    /// its hunks add and remove.
+    fn check_consistent(bytes: &[u8], read: &dyn Fn(&Path) -> Result<Option<Vec<u8>>>) {
+        let one_line_naming_the_patch = |err: &anyhow::Error| {
+            let message = err.to_string();
+            assert!(
+                message.len() > "fix.patch: ".len()
+                    && message.starts_with("fix.patch: ")
+                    && !message.contains('\n'),
+                "{message:?} from {:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        };
+        let patch = match parse_bytes(bytes, origin()) {
+            Ok(patch) => patch,
+            Err(err) => return one_line_naming_the_patch(&err),
+        };
+        for file in &patch.files {
+            for hunk in &file.hunks {
+                let count = |kind| hunk.lines.iter().filter(|l| l.kind != kind).count();
+                assert_eq!(count(LineKind::Add), hunk.old_len);
+                assert_eq!(count(LineKind::Remove), hunk.new_len);
+            }
+        }
+        let exact = apply_all(std::slice::from_ref(&patch), read);
+        let fuzzy = apply_with_fuzz(std::slice::from_ref(&patch), read, 3);
+        let changes = match exact {
+            Ok(changes) => changes,
+            Err(err) => return one_line_naming_the_patch(&err),
+        };
+        assert_eq!(fuzzy.expect("applies without fuzz").changes, changes);
+        if let [file] = &patch.files[..] {
+            if file.operation == Operation::Modify && !file.hunks.is_empty() {
+                let path = changes.keys().next().unwrap();
+                let before = read(path).unwrap().unwrap();
+                let after = changes[path].as_ref().unwrap();
+                let grown: isize = file
+                    .hunks
+                    .iter()
+                    .map(|h| h.new_len as isize - h.old_len as isize)
+                    .sum();
+                assert_eq!(
+                    split_lines(after).count() as isize,
+                    split_lines(&before).count() as isize + grown,
+                    "{}",
+                    String::from_utf8_lossy(bytes)
+                );
+            }
+        }
+    }
+
     #[test]
-    fn garbage_never_panics() {
+    fn garbage_gives_consistent_results() {
         let seeds = [
             GIT_PATCH,
             "--- a/f\n+++ b/f\n@@ -1,2 +1,2 @@\n a\n-b\n\\ No newline at end of file\n+c\n",
@@ -1446,12 +1992,12 @@ diff --git \"a/sp ace\\303\\251.c\" \"b/sp ace\\303\\251.c\"
                 .map(|(_, c)| c.as_bytes().to_vec()))
         };
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut applied = 0;
         for seed in seeds {
+            check_consistent(seed.as_bytes(), &read);
             // Every truncation of a valid patch.
             for cut in 0..=seed.len() {
-                if let Ok(p) = parse_bytes(&seed.as_bytes()[..cut], origin()) {
-                    let _ = apply_all(&[p], &read);
-                }
+                check_consistent(&seed.as_bytes()[..cut], &read);
             }
             // Random mutations.
             for _ in 0..3000 {
@@ -1466,20 +2012,21 @@ diff --git \"a/sp ace\\303\\251.c\" \"b/sp ace\\303\\251.c\"
                         _ => bytes.insert(at, alphabet[rng.below(alphabet.len())]),
                     }
                 }
+                check_consistent(&bytes, &read);
                 if let Ok(p) = parse_bytes(&bytes, origin()) {
-                    let _ = apply_all(&[p], &read);
+                    applied += usize::from(apply_all(&[p], &read).is_ok());
                 }
             }
         }
+        // The mutations must reach the apply stage, not only the parser.
+        assert!(applied > 100, "only {applied} mutated patches applied");
         // Pure noise.
         for _ in 0..2000 {
             let len = rng.below(200);
             let bytes: Vec<u8> = (0..len)
                 .map(|_| alphabet[rng.below(alphabet.len())])
                 .collect();
-            if let Ok(p) = parse_bytes(&bytes, origin()) {
-                let _ = apply_all(&[p], &read);
-            }
+            check_consistent(&bytes, &read);
         }
     }
 }

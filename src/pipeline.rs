@@ -22,6 +22,8 @@ pub struct BuildRequest {
     pub name: Option<String>,
     /// Packages this one supersedes (a cumulative update).
     pub replaces: Vec<String>,
+    /// Context lines a hunk may ignore at each end to land (`patch --fuzz`).
+    pub fuzz: usize,
 }
 
 pub struct BuildReport {
@@ -87,6 +89,30 @@ pub fn module_name(package: &str) -> String {
     name
 }
 
+/// The package file's folder must exist and the file must not be a folder:
+/// found out before anything is built, and nothing is created for it.
+fn check_output(output: &Path) -> Result<()> {
+    let folder = match output.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        return Err(Error::Input {
+            path: output.to_path_buf(),
+            message: format!("output folder {} does not exist", folder.display()),
+        }
+        .into());
+    }
+    if output.is_dir() {
+        return Err(Error::Input {
+            path: output.to_path_buf(),
+            message: "is a folder; name the package file to write".into(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
 pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let mut timings = Vec::new();
     let mut clock = Instant::now();
@@ -106,6 +132,11 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             return Err(Error::Other(format!("package {name} cannot replace itself")).into());
         }
     }
+    let output = request
+        .output
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("{name}.dynpkg")));
+    check_output(&output)?;
     let module = module_name(&name);
     let key_path = request
         .signing_key
@@ -141,7 +172,16 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let target = Target::resolve(&request.target)?;
     lap("prepare target", &mut timings);
 
-    let changes = crate::patch::apply_all(&patches, crate::patch::tree_reader(&target.source))?;
+    let applied = crate::patch::apply_with_fuzz(
+        &patches,
+        crate::patch::tree_reader(&target.source),
+        request.fuzz,
+    )?;
+    // Shown at once: a misplaced hunk explains a failed or empty build too.
+    for note in &applied.notes {
+        eprintln!("note: {note}");
+    }
+    let changes = applied.changes;
     lap("apply patches", &mut timings);
 
     let built = crate::build::build(&target, &changes)?;
@@ -227,10 +267,6 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         module: generated.ko,
     };
     let bytes = package::write_signed(&package, &signing_key);
-    let output = request
-        .output
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("{name}.dynpkg")));
     crate::cache::write_atomic(&output, &bytes)?;
     lap("sign and write", &mut timings);
 

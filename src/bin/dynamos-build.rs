@@ -42,6 +42,10 @@ struct Args {
     /// several. Applying it replaces every applied update atomically.
     #[arg(long, value_name = "PACKAGE")]
     replaces: Vec<String>,
+    /// Let a hunk land ignoring up to N context lines at its start and end
+    /// (as `patch --fuzz N`); each such hunk is noted.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    fuzz: usize,
     /// Print how long each stage took.
     #[arg(long)]
     timings: bool,
@@ -61,6 +65,7 @@ fn main() {
         signing_key: args.key,
         name: args.name,
         replaces: args.replaces,
+        fuzz: args.fuzz,
     };
     match build_package(&request) {
         Ok(report) => {
