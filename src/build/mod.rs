@@ -23,6 +23,7 @@
 //! config builds a file, and into vmlinux or a module, is read from
 //! kbuild's own makefiles for every folder on the way to it.
 
+mod child;
 mod includers;
 
 use crate::cache::{self, Lock};
@@ -246,8 +247,9 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     fs::create_dir_all(&target.work)
         .with_context(|| format!("cannot create {}", target.work.display()))?;
     // One build at a time per target: the farm and the O= folders are shared.
-    let _lock = Lock::acquire(&target.work.join(".build.lock"))?;
-    let trees = Trees::new(target);
+    let lock = Lock::acquire(&target.work.join(".build.lock"))?;
+    child::stop_cleanly_on_interrupt();
+    let trees = Trees::new(target, &lock);
     trees.prepare()?;
     trees.sync_farm()?;
     trees.recover()?;
@@ -350,6 +352,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
             (orig, patched)
         });
         worktree.restore()?;
+        child::exit_if_interrupted();
         results
     };
     progress.finish_and_clear();
@@ -538,8 +541,8 @@ const STAMP: &str = ".dynamos-configured";
 pub fn module_build_dir(target: &Target) -> Result<PathBuf> {
     fs::create_dir_all(&target.work)
         .with_context(|| format!("cannot create {}", target.work.display()))?;
-    let _lock = Lock::acquire(&target.work.join(".build.lock"))?;
-    let trees = Trees::new(target);
+    let lock = Lock::acquire(&target.work.join(".build.lock"))?;
+    let trees = Trees::new(target, &lock);
     trees.prepare()?;
     // modpost takes the exported symbols' versions from the tree's
     // Module.symvers; refreshed each time so a new --symvers counts.
@@ -980,6 +983,8 @@ struct Trees {
     orig: PathBuf,
     patched: PathBuf,
     journal: PathBuf,
+    /// The build lock's file, handed down to every make run.
+    lock_fd: std::os::unix::io::RawFd,
     cc: Option<&'static str>,
     /// The source is a released package that never changes, so an
     /// original object, once built, stays valid.
@@ -989,7 +994,7 @@ struct Trees {
 }
 
 impl Trees {
-    fn new(target: &Target) -> Trees {
+    fn new(target: &Target, lock: &Lock) -> Trees {
         Trees {
             source: target.source.clone(),
             config: target.config.clone(),
@@ -998,6 +1003,7 @@ impl Trees {
             orig: target.work.join("orig"),
             patched: target.work.join("patched"),
             journal: target.work.join("src.journal"),
+            lock_fd: lock.raw_fd(),
             // Debian builds its kernels with gcc-12; use it when it is here.
             cc: which("gcc-12").then_some("gcc-12"),
             immutable_source: target.debian.is_some(),
@@ -1350,7 +1356,7 @@ impl Trees {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
-        let status = cmd.status().map_err(|e| {
+        let status = child::run(&mut cmd, self.lock_fd).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow!("make is not installed: install it with `apt-get install make`")
             } else {
@@ -1377,6 +1383,7 @@ impl Trees {
         let worktree = Worktree {
             trees: self,
             written: paths,
+            _patched: child::tree_patched(),
         };
         worktree.restore()
     }
@@ -1387,6 +1394,8 @@ impl Trees {
 struct Worktree<'a> {
     trees: &'a Trees,
     written: Vec<PathBuf>,
+    /// Keeps an interrupt from ending the process before the restore.
+    _patched: std::sync::MutexGuard<'static, ()>,
 }
 
 impl<'a> Worktree<'a> {
@@ -1395,6 +1404,7 @@ impl<'a> Worktree<'a> {
         sources: &[PathBuf],
         changes: &BTreeMap<PathBuf, Option<Vec<u8>>>,
     ) -> Result<Worktree<'a>> {
+        let patched = child::tree_patched();
         // The journal is written before any file, so a crash at any point
         // leaves enough to undo everything.
         let mut journal = String::new();
@@ -1409,6 +1419,7 @@ impl<'a> Worktree<'a> {
         let mut worktree = Worktree {
             trees,
             written: sources.to_vec(),
+            _patched: patched,
         };
         for s in sources {
             let Some(Some(content)) = changes.get(s) else {
