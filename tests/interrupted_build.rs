@@ -17,6 +17,14 @@ const PATCHED_FILE: &str = "fs/proc/version.c";
 /// hold the work tree first, or the trees may still be configured.
 const COMPILE_START_LIMIT: Duration = Duration::from_secs(900);
 
+/// The two tests one after the other: a build the SIGKILL test kills leaves
+/// its patched file in the work tree until the next build restores it,
+/// which the SIGTERM test's check would see.
+fn one_at_a_time() -> dynamos::cache::Lock {
+    let lock = Path::new(env!("CARGO_TARGET_TMPDIR")).join("interrupted_build.lock");
+    dynamos::cache::Lock::acquire(&lock).unwrap()
+}
+
 fn target() -> Target {
     Target::resolve(&TargetSpec::default()).expect("default target")
 }
@@ -170,6 +178,7 @@ fn signal(pid: u32, signal: i32) {
 
 #[test]
 fn sigkill_during_the_compile_leaves_no_make_and_the_next_build_restores() {
+    let _serial = one_at_a_time();
     let target = target();
     let pristine = std::fs::read(target.source.join(PATCHED_FILE)).unwrap();
     let keys = Keys::new();
@@ -180,7 +189,8 @@ fn sigkill_during_the_compile_leaves_no_make_and_the_next_build_restores() {
     let make = wait_for_compile(&mut build);
     signal(build.id(), libc::SIGKILL);
     build.wait().unwrap();
-    if let Err(left) = group_gone_within(make, Duration::from_secs(10)) {
+    // Left alone, kbuild's sub-makes would go on compiling for seconds.
+    if let Err(left) = group_gone_within(make, Duration::from_secs(2)) {
         panic!("processes of the killed build's make still run: {left:?}");
     }
     assert!(!out.exists(), "a killed build wrote a package");
@@ -200,6 +210,7 @@ fn sigkill_during_the_compile_leaves_no_make_and_the_next_build_restores() {
 
 #[test]
 fn sigterm_during_the_compile_exits_promptly_with_the_work_tree_restored() {
+    let _serial = one_at_a_time();
     let target = target();
     let pristine = std::fs::read(target.source.join(PATCHED_FILE)).unwrap();
     let keys = Keys::new();
