@@ -12,10 +12,10 @@
 //! SIGINT and SIGTERM kill the running groups, wait until the patched
 //! files are back out of the work tree, and exit with status 1.
 
-use std::io;
+use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, MutexGuard, Once};
 
@@ -121,6 +121,39 @@ fn exit_interrupted(signal: i32) -> ! {
 /// Run `cmd` to completion in its own process group, tied to this process
 /// as the module documentation says; `lock_fd` is the build lock's file.
 pub fn run(cmd: &mut Command, lock_fd: RawFd) -> io::Result<ExitStatus> {
+    run_tied(cmd, Some(lock_fd), |make| make.wait())
+}
+
+/// Run `cmd` to completion tied to this process the same way, without the
+/// build lock, and collect its output.
+pub fn output(cmd: &mut Command) -> io::Result<Output> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    run_tied(cmd, None, |make| {
+        let read_all = |pipe: Option<Box<dyn Read + Send>>| {
+            std::thread::spawn(move || {
+                let mut data = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut data);
+                }
+                data
+            })
+        };
+        let stdout = read_all(make.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = read_all(make.stderr.take().map(|p| Box::new(p) as _));
+        let status = make.wait()?;
+        Ok(Output {
+            status,
+            stdout: stdout.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
+        })
+    })
+}
+
+fn run_tied<T>(
+    cmd: &mut Command,
+    lock_fd: Option<RawFd>,
+    finish: impl FnOnce(&mut Child) -> io::Result<T>,
+) -> io::Result<T> {
     let parent = std::process::id();
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
@@ -134,9 +167,11 @@ pub fn run(cmd: &mut Command, lock_fd: RawFd) -> io::Result<ExitStatus> {
             }
             // Inherited by everything make starts: the lock stays held until
             // the last of them is gone.
-            let flags = libc::fcntl(lock_fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(lock_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) != 0 {
-                return Err(io::Error::last_os_error());
+            if let Some(fd) = lock_fd {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             Ok(())
         });
@@ -161,14 +196,14 @@ pub fn run(cmd: &mut Command, lock_fd: RawFd) -> io::Result<ExitStatus> {
     };
     running.push((group, guard.id() as i32));
     drop(running);
-    let status = make.wait();
+    let result = finish(&mut make);
     lock(&RUNNING).retain(|&(g, _)| g != group);
     // The guard goes before its pipe closes, so it never signals a group
     // id that may have been reused.
     let _ = guard.kill();
     let _ = guard.wait();
     drop(pipe);
-    status
+    result
 }
 
 /// A shell waiting for end of file on a pipe whose write end (returned)

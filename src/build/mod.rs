@@ -40,6 +40,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+/// Run a command (the livepatch module's `make`) to completion and collect
+/// its output; it and everything it starts end with this process.
+pub fn output_tied_to_this_process(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    child::output(cmd)
+}
+
 /// A spinner on stderr for a step that takes a while; hidden when stderr is not a terminal.
 pub fn spinner(message: String) -> ProgressBar {
     let bar = ProgressBar::new_spinner();

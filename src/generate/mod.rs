@@ -341,7 +341,7 @@ fn build_module(
         .arg("KBUILD_MODPOST_WARN=1")
         .arg(reproducible_kcflags(kbuild_dir, work))
         .arg("modules");
-    let output = make.output().context("cannot run make")?;
+    let output = crate::build::output_tied_to_this_process(&mut make).context("cannot run make")?;
     progress.finish_and_clear();
     let log = format!(
         "{}{}",
