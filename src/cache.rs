@@ -57,6 +57,12 @@ impl Lock {
         }
         Ok(Lock { _file: file })
     }
+
+    /// The locked file's descriptor: a process that inherits it holds the
+    /// lock as long as it lives.
+    pub fn raw_fd(&self) -> std::os::unix::io::RawFd {
+        self._file.as_raw_fd()
+    }
 }
 
 /// Make sure the folder `dir` exists with complete contents: if it does not,

@@ -23,6 +23,7 @@
 //! config builds a file, and into vmlinux or a module, is read from
 //! kbuild's own makefiles for every folder on the way to it.
 
+mod child;
 mod includers;
 
 use crate::cache::{self, Lock};
@@ -38,6 +39,12 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
+
+/// Run a command (the livepatch module's `make`) to completion and collect
+/// its output; it and everything it starts end with this process.
+pub fn output_tied_to_this_process(cmd: &mut Command) -> std::io::Result<std::process::Output> {
+    child::output(cmd)
+}
 
 /// A spinner on stderr for a step that takes a while; hidden when stderr is not a terminal.
 pub fn spinner(message: String) -> ProgressBar {
@@ -246,8 +253,9 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     fs::create_dir_all(&target.work)
         .with_context(|| format!("cannot create {}", target.work.display()))?;
     // One build at a time per target: the farm and the O= folders are shared.
-    let _lock = Lock::acquire(&target.work.join(".build.lock"))?;
-    let trees = Trees::new(target);
+    let lock = Lock::acquire(&target.work.join(".build.lock"))?;
+    child::stop_cleanly_on_interrupt();
+    let trees = Trees::new(target, &lock);
     trees.prepare()?;
     trees.sync_farm()?;
     trees.recover()?;
@@ -269,6 +277,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         }
         let Some(Built {
             in_module,
+            in_library,
             kbuild_object,
         }) = membership
         else {
@@ -296,6 +305,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
                 object: kbuild_object,
                 source: unit_source,
                 in_module,
+                in_library,
                 touched: vec![source.clone()],
             }),
         }
@@ -348,6 +358,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
             (orig, patched)
         });
         worktree.restore()?;
+        child::exit_if_interrupted();
         results
     };
     progress.finish_and_clear();
@@ -397,6 +408,9 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     let mut refusals = Vec::new();
     for unit in &units {
         refusals.extend(changed_symbol_versions(&trees, &unit.object)?);
+        if unit.in_library {
+            refusals.extend(unlinked_library_member(target, &trees, unit)?);
+        }
     }
     if !refusals.is_empty() {
         return Err(Error::Refused(refusals).into());
@@ -487,6 +501,7 @@ fn add_header_includers(trees: &Trees, headers: &[PathBuf], units: &mut Vec<Unit
             let object = c_file.with_extension("o");
             let Some(Built {
                 in_module,
+                in_library,
                 kbuild_object,
             }) = trees.built_by_config(&object)?
             else {
@@ -496,6 +511,7 @@ fn add_header_includers(trees: &Trees, headers: &[PathBuf], units: &mut Vec<Unit
                 object: kbuild_object,
                 source: c_file,
                 in_module,
+                in_library,
                 touched: vec![header.clone()],
             });
         }
@@ -517,6 +533,7 @@ struct Unit {
     source: PathBuf,
     object: PathBuf,
     in_module: bool,
+    in_library: bool,
     touched: Vec<PathBuf>,
 }
 
@@ -530,8 +547,8 @@ const STAMP: &str = ".dynamos-configured";
 pub fn module_build_dir(target: &Target) -> Result<PathBuf> {
     fs::create_dir_all(&target.work)
         .with_context(|| format!("cannot create {}", target.work.display()))?;
-    let _lock = Lock::acquire(&target.work.join(".build.lock"))?;
-    let trees = Trees::new(target);
+    let lock = Lock::acquire(&target.work.join(".build.lock"))?;
+    let trees = Trees::new(target, &lock);
     trees.prepare()?;
     // modpost takes the exported symbols' versions from the tree's
     // Module.symvers; refreshed each time so a new --symvers counts.
@@ -673,6 +690,65 @@ fn changed_symbol_versions(trees: &Trees, object: &Path) -> Result<Vec<Refusal>>
         .collect())
 }
 
+/// A `lib.a` member (`lib-y`) this vmlinux did not link. With
+/// `CONFIG_MODULES` kbuild links every member whole, for modules to use;
+/// without it the linker takes only members something references, which
+/// the target's `System.map` tells (the image's, or the one beside
+/// `--symvers` in a build folder). Without a map this cannot be checked.
+fn unlinked_library_member(target: &Target, trees: &Trees, unit: &Unit) -> Result<Option<Refusal>> {
+    let config = fs::read_to_string(&trees.config)
+        .with_context(|| format!("cannot read {}", trees.config.display()))?;
+    if config.lines().any(|l| l == "CONFIG_MODULES=y") {
+        return Ok(None);
+    }
+    let map = match &target.debian {
+        Some(debian) => Some(
+            debian
+                .image_root()?
+                .join(format!("boot/System.map-{}", target.release)),
+        ),
+        None => target
+            .symvers
+            .as_ref()
+            .and_then(|s| s.parent())
+            .map(|dir| dir.join("System.map")),
+    };
+    let Some(map) = map.and_then(|m| fs::read_to_string(m).ok()) else {
+        eprintln!(
+            "note: {} is a member of lib.a, which this config links only where referenced; without the kernel's System.map it is not checked that this vmlinux has it",
+            unit.source.display()
+        );
+        return Ok(None);
+    };
+    let object_path = trees.orig.join(&unit.object);
+    let data =
+        fs::read(&object_path).with_context(|| format!("cannot read {}", object_path.display()))?;
+    let functions = global_functions(&data)
+        .with_context(|| format!("cannot read the symbols of {}", object_path.display()))?;
+    let linked: std::collections::HashSet<&str> = map
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    if functions.is_empty() || functions.iter().any(|f| linked.contains(f.as_str())) {
+        return Ok(None);
+    }
+    Ok(Some(Refusal {
+        symbol: unit.source.display().to_string(),
+        reason: "a member of lib.a that this vmlinux did not link (nothing in it references its functions), so there is no running code to replace".into(),
+    }))
+}
+
+/// Names of the global functions an object defines.
+fn global_functions(data: &[u8]) -> Result<Vec<String>> {
+    use object::{Object, ObjectSymbol, SymbolKind};
+    let file = object::File::parse(data)?;
+    Ok(file
+        .symbols()
+        .filter(|s| s.is_global() && s.is_definition() && s.kind() == SymbolKind::Text)
+        .filter_map(|s| s.name().ok().map(str::to_string))
+        .collect())
+}
+
 /// Did make say it has no rule for `object`?
 fn no_rule_for(output: &str, object: &Path) -> bool {
     let needle = format!("No rule to make target '{}'", object.display());
@@ -810,8 +886,9 @@ const MAKE_ENV_REMOVE: &[&str] = &[
 
 /// Makefile run in a configured O= folder that reads one folder's kbuild
 /// makefile the way `scripts/Makefile.build` does and prints what it
-/// builds for this config: subfolders descended into, built-in objects
-/// (including `lib-y`) and module objects, composite objects expanded.
+/// builds for this config: subfolders descended into, built-in objects,
+/// members of the folder's `lib.a` (`lib-y`) and module objects, composite
+/// objects expanded.
 const LIST_MK: &str = r#"# Written by dynamos: lists what kbuild builds in $(obj).
 src := $(obj)
 obj-y :=
@@ -829,12 +906,15 @@ BITS := $(if $(CONFIG_X86_32),32,64)
 endif
 include $(srctree)/scripts/Kbuild.include
 include $(srctree)/scripts/Makefile.compiler
+# The top-level Makefile hands its libs-y (lib/) to Kbuild as ARCH_LIB.
+ARCH_LIB := lib/
 kbuild-dir := $(if $(filter /%,$(src)),$(src),$(srctree)/$(src))
 include $(or $(wildcard $(kbuild-dir)/Kbuild),$(kbuild-dir)/Makefile)
 include $(srctree)/scripts/Makefile.lib
 dynamos-list:
 	@echo 'dirs: $(subdir-ym)'
-	@echo 'y: $(real-obj-y) $(lib-y)'
+	@echo 'y: $(real-obj-y)'
+	@echo 'lib: $(lib-y)'
 	@echo 'm: $(real-obj-m)'
 "#;
 
@@ -843,6 +923,8 @@ dynamos-list:
 struct KbuildDir {
     dirs: Vec<PathBuf>,
     builtin: Vec<PathBuf>,
+    /// `lib-y`: archived into the folder's `lib.a`, built-in code too.
+    library: Vec<PathBuf>,
     module: Vec<PathBuf>,
 }
 
@@ -853,17 +935,20 @@ impl KbuildDir {
         let same = |listed: &&PathBuf| {
             *listed == object || includers::normalize(listed).as_deref() == Some(object)
         };
-        let found = |listed: &PathBuf, in_module| Built {
+        let found = |listed: &PathBuf, in_module, in_library| Built {
             in_module,
+            in_library,
             kbuild_object: listed.clone(),
         };
         if let Some(listed) = self.builtin.iter().find(same) {
-            Some(found(listed, false))
+            Some(found(listed, false, false))
+        } else if let Some(listed) = self.library.iter().find(same) {
+            Some(found(listed, false, true))
         } else {
             self.module
                 .iter()
                 .find(same)
-                .map(|listed| found(listed, true))
+                .map(|listed| found(listed, true, false))
         }
     }
 }
@@ -877,6 +962,9 @@ const COMPOSITE_SEARCH_DEPTH: usize = 3;
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Built {
     in_module: bool,
+    /// A member of a `lib.a` (`lib-y`): linked into vmlinux whole with
+    /// `CONFIG_MODULES`, else only when something references it.
+    in_library: bool,
     /// The object as kbuild names it, which for a composite module's part
     /// may go through the folder whose flags compile it
     /// (`drivers/gpu/drm/amd/amdgpu/../display/dc/core/dc.o`).
@@ -901,6 +989,8 @@ struct Trees {
     orig: PathBuf,
     patched: PathBuf,
     journal: PathBuf,
+    /// The build lock's file, handed down to every make run.
+    lock_fd: std::os::unix::io::RawFd,
     cc: Option<&'static str>,
     /// The source is a released package that never changes, so an
     /// original object, once built, stays valid.
@@ -910,7 +1000,7 @@ struct Trees {
 }
 
 impl Trees {
-    fn new(target: &Target) -> Trees {
+    fn new(target: &Target, lock: &Lock) -> Trees {
         Trees {
             source: target.source.clone(),
             config: target.config.clone(),
@@ -919,6 +1009,7 @@ impl Trees {
             orig: target.work.join("orig"),
             patched: target.work.join("patched"),
             journal: target.work.join("src.journal"),
+            lock_fd: lock.raw_fd(),
             // Debian builds its kernels with gcc-12; use it when it is here.
             cc: which("gcc-12").then_some("gcc-12"),
             immutable_source: target.debian.is_some(),
@@ -1011,6 +1102,7 @@ impl Trees {
             match key {
                 "dirs" => listing.dirs.extend(words),
                 "y" => listing.builtin.extend(words),
+                "lib" => listing.library.extend(words),
                 "m" => listing.module.extend(words),
                 _ => {}
             }
@@ -1270,7 +1362,7 @@ impl Trees {
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file);
-        let status = cmd.status().map_err(|e| {
+        let status = child::run(&mut cmd, self.lock_fd).map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow!("make is not installed: install it with `apt-get install make`")
             } else {
@@ -1297,6 +1389,7 @@ impl Trees {
         let worktree = Worktree {
             trees: self,
             written: paths,
+            _patched: child::tree_patched(),
         };
         worktree.restore()
     }
@@ -1307,6 +1400,8 @@ impl Trees {
 struct Worktree<'a> {
     trees: &'a Trees,
     written: Vec<PathBuf>,
+    /// Keeps an interrupt from ending the process before the restore.
+    _patched: std::sync::MutexGuard<'static, ()>,
 }
 
 impl<'a> Worktree<'a> {
@@ -1315,6 +1410,7 @@ impl<'a> Worktree<'a> {
         sources: &[PathBuf],
         changes: &BTreeMap<PathBuf, Option<Vec<u8>>>,
     ) -> Result<Worktree<'a>> {
+        let patched = child::tree_patched();
         // The journal is written before any file, so a crash at any point
         // leaves enough to undo everything.
         let mut journal = String::new();
@@ -1329,6 +1425,7 @@ impl<'a> Worktree<'a> {
         let mut worktree = Worktree {
             trees,
             written: sources.to_vec(),
+            _patched: patched,
         };
         for s in sources {
             let Some(Some(content)) = changes.get(s) else {

@@ -308,6 +308,23 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs
         )
 }
 
+/// Debug info names the work folder (its name holds a process id) and the
+/// cache's headers: mapped away, a rebuild gives the same module bytes.
+/// Debian's headers folder becomes `/usr/src/...`, where Debian installs it.
+fn reproducible_kcflags(kbuild_dir: &Path, work: &Path) -> String {
+    let headers_root = kbuild_dir.parent().unwrap_or(kbuild_dir);
+    let installed_as = if headers_root.ends_with("usr/src") {
+        "/usr/src"
+    } else {
+        "."
+    };
+    format!(
+        "KCFLAGS=-ffile-prefix-map={}=. -ffile-prefix-map={}={installed_as}",
+        work.display(),
+        headers_root.display()
+    )
+}
+
 fn build_module(
     kbuild_dir: &Path,
     work: &Path,
@@ -322,8 +339,9 @@ fn build_module(
         .arg(format!("M={}", work.display()))
         // Our resolver symbols are undefined on purpose; they are checked below.
         .arg("KBUILD_MODPOST_WARN=1")
+        .arg(reproducible_kcflags(kbuild_dir, work))
         .arg("modules");
-    let output = make.output().context("cannot run make")?;
+    let output = crate::build::output_tied_to_this_process(&mut make).context("cannot run make")?;
     progress.finish_and_clear();
     let log = format!(
         "{}{}",

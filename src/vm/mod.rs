@@ -325,20 +325,43 @@ fn write_initramfs(path: &Path, guest: &Guest) -> Result<()> {
             0o644,
             guest.modules.modules_dep.as_bytes(),
         )?;
+        archive.file(
+            &format!("{base}/modules.alias"),
+            0o644,
+            guest.modules.modules_alias.as_bytes(),
+        )?;
+        // Where the kernel runs modprobe for its own requests.
+        archive.symlink("sbin/modprobe", "/bin/busybox")?;
     }
 
     archive.file("etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n")?;
     archive.file("etc/group", 0o644, b"root:x:0:\n")?;
     archive.file("etc/hostname", 0o644, b"dynamos-vm\n")?;
     archive.file("dynamos/command", 0o600, guest.command.as_bytes())?;
-    archive.file("init", 0o755, init_script(guest.marker).as_bytes())?;
+    let device_nodes: String = guest
+        .modules
+        .device_nodes
+        .iter()
+        .map(|n| {
+            format!(
+                "mknod -m 600 /dev/{} {} {} {}\n",
+                n.name, n.kind, n.major, n.minor
+            )
+        })
+        .collect();
+    archive.file(
+        "init",
+        0o755,
+        init_script(guest.marker, &device_nodes).as_bytes(),
+    )?;
     archive.finish()?;
     Ok(())
 }
 
-/// PID 1 of the guest: set up the filesystems, run the command with its
-/// output on the second serial port, report the status, power off.
-fn init_script(marker: &str) -> String {
+/// PID 1 of the guest: set up the filesystems and the device nodes that
+/// load a module when opened, run the command with its output on the
+/// second serial port, report the status, power off.
+fn init_script(marker: &str, device_nodes: &str) -> String {
     format!(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -348,7 +371,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm
-mount -t devpts devpts /dev/pts 2>/dev/null
+{device_nodes}mount -t devpts devpts /dev/pts 2>/dev/null
 mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null
 mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null
 mount -t tmpfs -o mode=1777 tmpfs /tmp
