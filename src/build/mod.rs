@@ -419,9 +419,17 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         let (source, object, in_module) = (&unit.source, &unit.object, unit.in_module);
         let built_into = kernel_object(&trees.orig, object)?;
         let patched_into = kernel_object(&trees.patched, object)?;
-        if built_into != patched_into || in_module != (built_into != "vmlinux") {
+        if built_into != patched_into {
+            // The running kernel keeps the object the code was linked into.
+            return Err(Error::refused(
+                source.display().to_string(),
+                format!("the patch moves this code from {built_into} to {patched_into}"),
+            )
+            .into());
+        }
+        if in_module != (built_into != "vmlinux") {
             bail!(
-                "{}: cannot tell whether it is module or built-in code (compiled for {built_into} originally, {patched_into} with the patch, listed as {} by kbuild)",
+                "{}: cannot tell whether it is module or built-in code (compiled for {built_into}, listed as {} by kbuild)",
                 source.display(),
                 if in_module { "module code" } else { "built-in code" }
             );
