@@ -675,14 +675,21 @@ pub mod keys {
         Ok(found)
     }
 
-    /// What makes a trust-store path unsafe: an owner other than root (or
-    /// the user running dynamos), or write permission for group or others.
-    fn unsafe_owner_or_mode(meta: &fs::Metadata, sticky_allowed: bool) -> Option<String> {
+    /// What makes a trust-store path unsafe (an owner other than root or
+    /// the user running dynamos, or write permission for group or others)
+    /// and the command that fixes it.
+    fn unsafe_owner_or_mode(
+        meta: &fs::Metadata,
+        sticky_allowed: bool,
+    ) -> Option<(String, &'static str)> {
         use std::os::unix::fs::MetadataExt;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
         if meta.uid() != 0 && meta.uid() != euid {
-            return Some(format!("owned by uid {}, not by root", meta.uid()));
+            return Some((
+                format!("owned by uid {}, not by root", meta.uid()),
+                "chown root",
+            ));
         }
         let mode = meta.mode() & 0o7777;
         let sticky = mode & 0o1000 != 0;
@@ -692,9 +699,7 @@ pub mod keys {
                 (true, false) => "group",
                 _ => "others",
             };
-            return Some(format!(
-                "writable by {who} (mode {mode:o}); run chmod go-w on it"
-            ));
+            return Some((format!("writable by {who} (mode {mode:o})"), "chmod go-w"));
         }
         None
     }
@@ -705,10 +710,13 @@ pub mod keys {
         for (depth, dir) in folder.ancestors().enumerate() {
             let meta =
                 fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-            if let Some(problem) = unsafe_owner_or_mode(&meta, depth > 0) {
+            if let Some((problem, fix)) = unsafe_owner_or_mode(&meta, depth > 0) {
                 return Err(crate::Error::refused(
                     dir.display().to_string(),
-                    format!("{problem}: other users could change the trusted keys below it"),
+                    format!(
+                        "{problem}: other users could change the trusted keys below it ({fix} {})",
+                        dir.display()
+                    ),
                 )
                 .into());
             }
@@ -730,10 +738,13 @@ pub mod keys {
         let meta = file
             .metadata()
             .with_context(|| format!("cannot read {}", path.display()))?;
-        if let Some(problem) = unsafe_owner_or_mode(&meta, false) {
+        if let Some((problem, fix)) = unsafe_owner_or_mode(&meta, false) {
             return Err(crate::Error::refused(
                 path.display().to_string(),
-                format!("{problem}: other users could replace this trusted key"),
+                format!(
+                    "{problem}: other users could replace this trusted key ({fix} {})",
+                    path.display()
+                ),
             )
             .into());
         }
