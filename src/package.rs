@@ -573,8 +573,8 @@ pub mod keys {
     pub fn load_public_key(path: &Path) -> Result<VerifyingKey> {
         let real =
             fs::canonicalize(path).with_context(|| format!("cannot read {}", path.display()))?;
-        if let Some(folder) = real.parent() {
-            check_folders(folder)?;
+        if let (Some(folder), Some(given)) = (real.parent(), path.parent()) {
+            check_folders(given, folder)?;
         }
         let text = read_key_file(&real)?.map_err(|problem| crate::Error::Input {
             path: path.to_path_buf(),
@@ -629,7 +629,7 @@ pub mod keys {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TrustedDir::default()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
         };
-        check_folders(&folder)?;
+        check_folders(dir, &folder)?;
         let mut names = Vec::new();
         for entry in
             fs::read_dir(&folder).with_context(|| format!("cannot read {}", folder.display()))?
@@ -704,21 +704,33 @@ pub mod keys {
         None
     }
 
-    /// Refuse `folder` (a canonical path) when it or a folder above it
-    /// could be changed by another user.
-    fn check_folders(folder: &Path) -> Result<()> {
-        for (depth, dir) in folder.ancestors().enumerate() {
-            let meta =
-                fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
-            if let Some((problem, fix)) = unsafe_owner_or_mode(&meta, depth > 0) {
-                return Err(crate::Error::refused(
-                    dir.display().to_string(),
-                    format!(
-                        "{problem}: other users could change the trusted keys below it ({fix} {})",
-                        dir.display()
-                    ),
-                )
-                .into());
+    /// Refuse the folder `given` (canonical: `folder`) when it or a folder
+    /// above it could be changed by another user. The folders of the path
+    /// as given are checked too: a symbolic link on it is only as safe as
+    /// the folder holding the link.
+    fn check_folders(given: &Path, folder: &Path) -> Result<()> {
+        // `key.pub` has the empty path as its folder.
+        let given = if given.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            given
+        };
+        let given = std::path::absolute(given)
+            .with_context(|| format!("cannot read {}", given.display()))?;
+        for ancestors in [folder.ancestors(), given.ancestors()] {
+            for (depth, dir) in ancestors.enumerate() {
+                let meta =
+                    fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+                if let Some((problem, fix)) = unsafe_owner_or_mode(&meta, depth > 0) {
+                    return Err(crate::Error::refused(
+                        dir.display().to_string(),
+                        format!(
+                            "{problem}: other users could change the trusted keys below it ({fix} {})",
+                            dir.display()
+                        ),
+                    )
+                    .into());
+                }
             }
         }
         Ok(())
@@ -1041,6 +1053,15 @@ mod tests {
         assert_eq!(keys::scan_trusted_dir(&link).unwrap().keys, vec![key]);
         mode(&folder, 0o777);
         assert_refused(&link, &folder, "writable by group and others");
+        mode(&folder, 0o755);
+        // ... and the link is only as safe as the folder holding it.
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        let link = open.join("link.d");
+        std::os::unix::fs::symlink(&folder, &link).unwrap();
+        assert_eq!(keys::scan_trusted_dir(&link).unwrap().keys, vec![key]);
+        mode(&open, 0o777);
+        assert_refused(&link, &open, "writable by group and others");
     }
 
     #[test]
