@@ -22,3 +22,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# cargo-fuzz runs the fuzz targets (scripts/fuzz.sh, tests/fuzz_smoke.rs);
+# building it takes about 9 minutes on two busy cores.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+  echo "installing: cargo-fuzz"
+  cargo install --locked --quiet cargo-fuzz
+fi

@@ -273,23 +273,33 @@ pub fn read_unverified(bytes: &[u8]) -> Result<(Package, KeyId)> {
 
 /// Check framing and signature; returns the signed part and the signer key.
 fn check_signature(bytes: &[u8]) -> Result<(&[u8], VerifyingKey)> {
-    if bytes.len() < MAGIC.len() {
-        if MAGIC.starts_with(bytes) {
-            bail!("truncated package: {} bytes", bytes.len());
+    check_header(bytes, bytes.len() as u64)?;
+    let (signed, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    let (key, signature) = signer(trailer)?;
+    key.verify_strict(signed, &signature)
+        .map_err(|_| bad_signature(&key))?;
+    Ok((signed, key))
+}
+
+/// Check the magic and version in `start` (the file's first bytes, up to
+/// [`HEADER_LEN`]) and that `total_len` can hold a package.
+fn check_header(start: &[u8], total_len: u64) -> Result<()> {
+    if start.len() < MAGIC.len() {
+        if MAGIC.starts_with(start) {
+            bail!("truncated package: {total_len} bytes");
         }
         bail!("not a dynamos package (wrong magic)");
     }
-    if bytes[..MAGIC.len()] != MAGIC {
+    if start[..MAGIC.len()] != MAGIC {
         bail!("not a dynamos package (wrong magic)");
     }
-    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+    if total_len < (HEADER_LEN + TRAILER_LEN) as u64 {
         bail!(
-            "truncated package: {} bytes, a package has at least {}",
-            bytes.len(),
+            "truncated package: {total_len} bytes, a package has at least {}",
             HEADER_LEN + TRAILER_LEN
         );
     }
-    let version = u32::from_le_bytes(bytes[MAGIC.len()..HEADER_LEN].try_into().unwrap());
+    let version = u32::from_le_bytes(start[MAGIC.len()..HEADER_LEN].try_into().unwrap());
     if version > FORMAT_VERSION {
         bail!(
             "package format version {version} is newer than this dynamos supports ({FORMAT_VERSION}); upgrade dynamos"
@@ -298,19 +308,23 @@ fn check_signature(bytes: &[u8]) -> Result<(&[u8], VerifyingKey)> {
     if version != FORMAT_VERSION {
         bail!("unsupported package format version {version} (this dynamos reads {FORMAT_VERSION})");
     }
-    let (signed, trailer) = bytes.split_at(bytes.len() - TRAILER_LEN);
+    Ok(())
+}
+
+/// The signer's key and signature from the trailer.
+fn signer(trailer: &[u8]) -> Result<(VerifyingKey, Signature)> {
     let key_bytes: [u8; KEY_LEN] = trailer[..KEY_LEN].try_into().unwrap();
-    let sig_bytes: [u8; SIG_LEN] = trailer[KEY_LEN..].try_into().unwrap();
+    let sig_bytes: [u8; SIG_LEN] = trailer[KEY_LEN..TRAILER_LEN].try_into().unwrap();
     let key = VerifyingKey::from_bytes(&key_bytes)
         .map_err(|_| anyhow::anyhow!("corrupt package: the signer's public key is not valid"))?;
-    let signature = Signature::from_bytes(&sig_bytes);
-    key.verify_strict(signed, &signature).map_err(|_| {
-        anyhow::anyhow!(
-            "bad signature: the package was modified or damaged after signing (signer key {})",
-            KeyId::of(&key)
-        )
-    })?;
-    Ok((signed, key))
+    Ok((key, Signature::from_bytes(&sig_bytes)))
+}
+
+fn bad_signature(key: &VerifyingKey) -> anyhow::Error {
+    anyhow::anyhow!(
+        "bad signature: the package was modified or damaged after signing (signer key {})",
+        KeyId::of(key)
+    )
 }
 
 fn parse_payload(signed: &[u8]) -> Result<Package> {
@@ -326,21 +340,75 @@ fn parse_payload(signed: &[u8]) -> Result<Package> {
     Ok(pkg)
 }
 
-/// Read a package file from disk (size-capped) without trusting it yet.
+/// Read a package file from disk without trusting it yet. The header and
+/// length are checked before the body is read, and the signature (with
+/// the key the file carries) while the body streams past in small pieces,
+/// so junk is refused without ever being held in memory; only a file that
+/// verifies is read whole (and verified again from memory by the readers
+/// above, as the file may change in between).
 pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
-    use std::io::Read;
-    let file =
+    use std::io::{Read, Seek, SeekFrom};
+    let context = || format!("cannot read {}", path.display());
+    let mut file =
         std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut bytes = Vec::new();
-    file.take(MAX_PACKAGE_SIZE + 1)
-        .read_to_end(&mut bytes)
-        .with_context(|| format!("cannot read {}", path.display()))?;
-    if bytes.len() as u64 > MAX_PACKAGE_SIZE {
+    let meta = file.metadata().with_context(context)?;
+    // Only a regular file has a length to check before reading.
+    if !meta.is_file() {
+        bail!(
+            "{}: not a regular file; a package is read from a file",
+            path.display()
+        );
+    }
+    let len = meta.len();
+    if len > MAX_PACKAGE_SIZE {
         bail!(
             "{}: larger than {} MiB, not a dynamos package",
             path.display(),
             MAX_PACKAGE_SIZE >> 20
         );
+    }
+    let mut header = Vec::with_capacity(HEADER_LEN);
+    (&mut file)
+        .take(HEADER_LEN as u64)
+        .read_to_end(&mut header)
+        .with_context(context)?;
+    check_header(&header, len).with_context(|| path.display().to_string())?;
+
+    let signed_len = len - TRAILER_LEN as u64;
+    let mut trailer = [0u8; TRAILER_LEN];
+    file.seek(SeekFrom::Start(signed_len))
+        .and_then(|_| file.read_exact(&mut trailer))
+        .with_context(context)?;
+    let (key, signature) = signer(&trailer).with_context(|| path.display().to_string())?;
+    let mut verifier = key
+        .verify_stream(&signature)
+        .map_err(|_| bad_signature(&key))
+        .with_context(|| path.display().to_string())?;
+    file.seek(SeekFrom::Start(0)).with_context(context)?;
+    let mut signed = (&mut file).take(signed_len);
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let n = signed.read(&mut chunk).with_context(context)?;
+        if n == 0 {
+            break;
+        }
+        verifier.update(&chunk[..n]);
+    }
+    if signed.limit() != 0 {
+        bail!("{}: the file shrank while being read", path.display());
+    }
+    verifier
+        .finalize_and_verify()
+        .map_err(|_| bad_signature(&key))
+        .with_context(|| path.display().to_string())?;
+
+    file.seek(SeekFrom::Start(0)).with_context(context)?;
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.take(len + 1)
+        .read_to_end(&mut bytes)
+        .with_context(context)?;
+    if bytes.len() as u64 != len {
+        bail!("{}: the file changed while being read", path.display());
     }
     Ok(bytes)
 }
@@ -394,6 +462,8 @@ pub mod keys {
     pub const PUBLIC_FILE: &str = "signing.pub";
     const SECRET_TAG: &str = "dynamos-ed25519-secret";
     const PUBLIC_TAG: &str = "dynamos-ed25519-public";
+    /// Key files are one short line; anything longer is not one.
+    const MAX_KEY_FILE: u64 = 4096;
 
     /// Where `keygen` writes and `dynamos-build` looks for the signing key
     /// unless told otherwise.
@@ -459,21 +529,25 @@ pub mod keys {
     }
 
     fn parse_line(path: &Path, text: &str, tag: &str) -> Result<[u8; 32]> {
-        let line = text.trim();
-        let hex_part = line
+        parse_key_text(text, tag)
+            .map_err(|problem| anyhow::anyhow!("{}: {problem}", path.display()))
+    }
+
+    fn parse_key_text(text: &str, tag: &str) -> std::result::Result<[u8; 32], String> {
+        let hex_part = text
+            .trim()
             .strip_prefix(tag)
             .and_then(|rest| rest.strip_prefix(' '))
-            .with_context(|| format!("{}: not a `{tag}` key file", path.display()))?;
-        let bytes = hex::decode(hex_part.trim())
+            .ok_or_else(|| format!("not a `{tag}` key file"))?;
+        hex::decode(hex_part.trim())
             .ok()
             .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .with_context(|| format!("{}: the key must be 64 hex digits", path.display()))?;
-        Ok(bytes)
+            .ok_or_else(|| "the key must be 64 hex digits".to_string())
     }
 
     fn read_small(path: &Path) -> Result<String> {
         let meta = fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
-        if meta.len() > 4096 {
+        if meta.len() > MAX_KEY_FILE {
             bail!("{}: too large to be a key file", path.display());
         }
         fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
@@ -493,32 +567,210 @@ pub mod keys {
         Ok(SigningKey::from_bytes(&seed))
     }
 
+    /// Load a public key to trust (`--trust FILE`): the file and every
+    /// folder above it must be safe from other users (see
+    /// [`scan_trusted_dir`]); a file that is not a public key is an error.
     pub fn load_public_key(path: &Path) -> Result<VerifyingKey> {
-        let bytes = parse_line(path, &read_small(path)?, PUBLIC_TAG)?;
-        VerifyingKey::from_bytes(&bytes)
-            .map_err(|_| anyhow::anyhow!("{}: not a valid ed25519 public key", path.display()))
+        let real =
+            fs::canonicalize(path).with_context(|| format!("cannot read {}", path.display()))?;
+        if let (Some(folder), Some(given)) = (real.parent(), path.parent()) {
+            check_folders(given, folder)?;
+        }
+        let text = read_key_file(&real)?.map_err(|problem| crate::Error::Input {
+            path: path.to_path_buf(),
+            message: problem,
+        })?;
+        parse_public(&text).map_err(|problem| {
+            crate::Error::Input {
+                path: path.to_path_buf(),
+                message: problem,
+            }
+            .into()
+        })
+    }
+
+    fn parse_public(text: &str) -> std::result::Result<VerifyingKey, String> {
+        let bytes = parse_key_text(text, PUBLIC_TAG)?;
+        VerifyingKey::from_bytes(&bytes).map_err(|_| "not a valid ed25519 public key".to_string())
+    }
+
+    /// The keys of a trusted folder, and a warning for each key file that
+    /// was skipped because it does not hold a key.
+    #[derive(Debug, Default)]
+    pub struct TrustedDir {
+        pub keys: Vec<VerifyingKey>,
+        pub skipped: Vec<String>,
     }
 
     /// All `*.pub` keys in `dir` (e.g. /etc/dynamos/trusted.d), in name
-    /// order. A missing folder trusts nothing; an unreadable key is an error
-    /// rather than silently ignored.
+    /// order, warning on stderr about each key file skipped as malformed.
     pub fn load_trusted_dir(dir: &Path) -> Result<Vec<VerifyingKey>> {
-        let entries = match fs::read_dir(dir) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        let found = scan_trusted_dir(dir)?;
+        for warning in &found.skipped {
+            eprintln!("dynamos: warning: {warning}");
+        }
+        Ok(found.keys)
+    }
+
+    /// Read the trusted keys of `dir`, as sshd's StrictModes reads
+    /// `authorized_keys`: whoever can write a key file, the folder or a
+    /// folder above it can make the kernel run their code, so the folder,
+    /// every folder up to `/` and each key file must be owned by root (or
+    /// the user running dynamos) and not writable by group or others; a
+    /// folder above may be world-writable with the sticky bit (`/tmp`),
+    /// which keeps others from replacing what root owns there. A key file
+    /// that is a symbolic link must stay inside the folder. Any of these is
+    /// a refusal naming the path. A missing folder trusts nothing; a key
+    /// file that holds no valid key is skipped with a warning, so one bad
+    /// file does not stop every update.
+    pub fn scan_trusted_dir(dir: &Path) -> Result<TrustedDir> {
+        let folder = match fs::canonicalize(dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TrustedDir::default()),
             Err(e) => return Err(e).with_context(|| format!("cannot read {}", dir.display())),
         };
-        let mut paths = Vec::new();
-        for entry in entries {
-            let path = entry
-                .with_context(|| format!("cannot read {}", dir.display()))?
-                .path();
-            if path.extension().is_some_and(|e| e == "pub") {
-                paths.push(path);
+        check_folders(dir, &folder)?;
+        let mut names = Vec::new();
+        for entry in
+            fs::read_dir(&folder).with_context(|| format!("cannot read {}", folder.display()))?
+        {
+            let name = entry
+                .with_context(|| format!("cannot read {}", folder.display()))?
+                .file_name();
+            if Path::new(&name).extension().is_some_and(|e| e == "pub") {
+                names.push(name);
             }
         }
-        paths.sort();
-        paths.iter().map(|p| load_public_key(p)).collect()
+        names.sort();
+        let mut found = TrustedDir::default();
+        for name in names {
+            let path = folder.join(&name);
+            let real = match fs::canonicalize(&path) {
+                Ok(real) => real,
+                Err(e) => {
+                    found
+                        .skipped
+                        .push(format!("{}: skipped: {e}", path.display()));
+                    continue;
+                }
+            };
+            if real.parent() != Some(folder.as_path()) {
+                return Err(crate::Error::refused(
+                    path.display().to_string(),
+                    format!(
+                        "symbolic link leading out of {} (to {}): a trusted key must be a file of the folder",
+                        folder.display(),
+                        real.display()
+                    ),
+                )
+                .into());
+            }
+            match read_key_file(&real)?.and_then(|text| parse_public(&text)) {
+                Ok(key) => found.keys.push(key),
+                Err(problem) => found
+                    .skipped
+                    .push(format!("{}: skipped: {problem}", path.display())),
+            }
+        }
+        Ok(found)
+    }
+
+    /// What makes a trust-store path unsafe (an owner other than root or
+    /// the user running dynamos, or write permission for group or others)
+    /// and the command that fixes it.
+    fn unsafe_owner_or_mode(
+        meta: &fs::Metadata,
+        sticky_allowed: bool,
+    ) -> Option<(String, &'static str)> {
+        use std::os::unix::fs::MetadataExt;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        if meta.uid() != 0 && meta.uid() != euid {
+            return Some((
+                format!("owned by uid {}, not by root", meta.uid()),
+                "chown root",
+            ));
+        }
+        let mode = meta.mode() & 0o7777;
+        let sticky = mode & 0o1000 != 0;
+        if mode & 0o022 != 0 && !(sticky_allowed && sticky) {
+            let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+                (true, true) => "group and others",
+                (true, false) => "group",
+                _ => "others",
+            };
+            return Some((format!("writable by {who} (mode {mode:o})"), "chmod go-w"));
+        }
+        None
+    }
+
+    /// Refuse the folder `given` (canonical: `folder`) when it or a folder
+    /// above it could be changed by another user. The folders of the path
+    /// as given are checked too: a symbolic link on it is only as safe as
+    /// the folder holding the link.
+    fn check_folders(given: &Path, folder: &Path) -> Result<()> {
+        // `key.pub` has the empty path as its folder.
+        let given = if given.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            given
+        };
+        let given = std::path::absolute(given)
+            .with_context(|| format!("cannot read {}", given.display()))?;
+        for ancestors in [folder.ancestors(), given.ancestors()] {
+            for (depth, dir) in ancestors.enumerate() {
+                let meta =
+                    fs::metadata(dir).with_context(|| format!("cannot read {}", dir.display()))?;
+                if let Some((problem, fix)) = unsafe_owner_or_mode(&meta, depth > 0) {
+                    return Err(crate::Error::refused(
+                        dir.display().to_string(),
+                        format!(
+                            "{problem}: other users could change the trusted keys below it ({fix} {})",
+                            dir.display()
+                        ),
+                    )
+                    .into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Open a key file (a canonical path) and check it as opened, so what
+    /// is checked is what is read. Unsafe owner or mode is a refusal (the
+    /// outer error); a file that cannot hold a key is the inner error.
+    fn read_key_file(path: &Path) -> Result<std::result::Result<String, String>> {
+        use std::io::Read;
+        // O_NONBLOCK: a FIFO named like a key must not hang the open.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let meta = file
+            .metadata()
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if let Some((problem, fix)) = unsafe_owner_or_mode(&meta, false) {
+            return Err(crate::Error::refused(
+                path.display().to_string(),
+                format!(
+                    "{problem}: other users could replace this trusted key ({fix} {})",
+                    path.display()
+                ),
+            )
+            .into());
+        }
+        if !meta.is_file() {
+            return Ok(Err("not a regular file".to_string()));
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_KEY_FILE + 1)
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        if bytes.len() as u64 > MAX_KEY_FILE {
+            return Ok(Err("too large to be a key file".to_string()));
+        }
+        Ok(String::from_utf8(bytes).map_err(|_| "not a text file".to_string()))
     }
 
     /// Key id of a public key, as printed everywhere.
@@ -722,9 +974,250 @@ mod tests {
         std::fs::write(trusted.join("README"), "ignored").unwrap();
         assert_eq!(keys::load_trusted_dir(&trusted).unwrap(), vec![pk]);
         std::fs::write(trusted.join("b.pub"), "garbage").unwrap();
-        assert!(keys::load_trusted_dir(&trusted).is_err());
+        assert_eq!(keys::load_trusted_dir(&trusted).unwrap(), vec![pk]);
 
         std::fs::set_permissions(&sec2, std::fs::Permissions::from_mode(0o644)).unwrap();
         assert!(keys::load_signing_key(&sec2).is_err());
+    }
+
+    /// A trusted folder `trusted.d` with one good key, in a fresh folder.
+    fn trust_store() -> (tempfile::TempDir, std::path::PathBuf, VerifyingKey) {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let folder = base.path().join("trusted.d");
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let key = key(10).verifying_key();
+        let file = folder.join("good.pub");
+        std::fs::write(&file, keys::public_line(&key)).unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        (base, folder, key)
+    }
+
+    /// `scan_trusted_dir` fails as a refusal whose message names `path`
+    /// and holds `what`.
+    fn assert_refused(folder: &std::path::Path, path: &std::path::Path, what: &str) {
+        let err = keys::scan_trusted_dir(folder).unwrap_err();
+        let text = format!("{err:#}");
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED,
+            "{text}"
+        );
+        assert!(
+            text.contains(&format!("refused: {}: ", path.display())) && text.contains(what),
+            "{text}"
+        );
+        assert_eq!(text.lines().count(), 1, "{text}");
+    }
+
+    #[test]
+    fn trust_store_modes_are_checked_up_to_the_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        let (base, folder, key) = trust_store();
+        let found = keys::scan_trusted_dir(&folder).unwrap();
+        assert_eq!(found.keys, vec![key]);
+        assert!(found.skipped.is_empty(), "{:?}", found.skipped);
+        let file = folder.join("good.pub");
+
+        mode(&folder, 0o775);
+        assert_refused(&folder, &folder, "writable by group (mode 775)");
+        mode(&folder, 0o757);
+        assert_refused(&folder, &folder, "writable by others (mode 757)");
+        // Sticky is no excuse for the key folder itself.
+        mode(&folder, 0o1777);
+        assert_refused(&folder, &folder, "writable by group and others (mode 1777)");
+        mode(&folder, 0o755);
+
+        // A folder above: refused when anyone may rename things in it,
+        // accepted with the sticky bit as on /tmp.
+        mode(base.path(), 0o777);
+        assert_refused(&folder, base.path(), "writable by group and others");
+        mode(base.path(), 0o1777);
+        assert_eq!(keys::scan_trusted_dir(&folder).unwrap().keys, vec![key]);
+        mode(base.path(), 0o700);
+
+        mode(&file, 0o664);
+        assert_refused(&folder, &file, "writable by group (mode 664)");
+        mode(&file, 0o646);
+        assert_refused(&folder, &file, "writable by others");
+        mode(&file, 0o444);
+        assert_eq!(keys::scan_trusted_dir(&folder).unwrap().keys, vec![key]);
+
+        // The folder given through a symbolic link is checked where it is.
+        let link = base.path().join("link.d");
+        std::os::unix::fs::symlink(&folder, &link).unwrap();
+        assert_eq!(keys::scan_trusted_dir(&link).unwrap().keys, vec![key]);
+        mode(&folder, 0o777);
+        assert_refused(&link, &folder, "writable by group and others");
+        mode(&folder, 0o755);
+        // ... and the link is only as safe as the folder holding it.
+        let open = base.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        let link = open.join("link.d");
+        std::os::unix::fs::symlink(&folder, &link).unwrap();
+        assert_eq!(keys::scan_trusted_dir(&link).unwrap().keys, vec![key]);
+        mode(&open, 0o777);
+        assert_refused(&link, &open, "writable by group and others");
+    }
+
+    #[test]
+    fn trust_store_owners_must_be_root() {
+        use std::os::unix::fs::chown;
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            unsafe { libc::geteuid() },
+            0,
+            "this test changes owners: run it as root"
+        );
+        let (base, folder, key) = trust_store();
+        let file = folder.join("good.pub");
+        chown(&file, Some(1000), None).unwrap();
+        assert_refused(&folder, &file, "owned by uid 1000, not by root");
+        let err = keys::load_public_key(&file).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        chown(&file, Some(0), None).unwrap();
+        chown(&folder, Some(1000), None).unwrap();
+        assert_refused(&folder, &folder, "owned by uid 1000");
+        chown(&folder, Some(0), None).unwrap();
+        chown(base.path(), Some(1000), None).unwrap();
+        assert_refused(&folder, base.path(), "owned by uid 1000");
+        chown(base.path(), Some(0), None).unwrap();
+        // Another group owning a file it cannot write is harmless.
+        chown(&file, None, Some(1000)).unwrap();
+        assert_eq!(keys::scan_trusted_dir(&folder).unwrap().keys, vec![key]);
+    }
+
+    #[test]
+    fn trust_store_symlinks_stay_in_the_folder() {
+        let (base, folder, key) = trust_store();
+        let outside = base.path().join("outside.pub");
+        let other = SigningKey::from_bytes(&[11; 32]).verifying_key();
+        std::fs::write(&outside, keys::public_line(&other)).unwrap();
+        let evil = folder.join("evil.pub");
+        std::os::unix::fs::symlink(&outside, &evil).unwrap();
+        assert_refused(&folder, &evil, "symbolic link leading out of");
+        std::fs::remove_file(&evil).unwrap();
+        std::os::unix::fs::symlink("../outside.pub", &evil).unwrap();
+        assert_refused(&folder, &evil, "symbolic link leading out of");
+        std::fs::remove_file(&evil).unwrap();
+
+        // A link to another key file of the folder reads that file.
+        std::os::unix::fs::symlink("good.pub", folder.join("alias.pub")).unwrap();
+        assert_eq!(
+            keys::scan_trusted_dir(&folder).unwrap().keys,
+            vec![key, key]
+        );
+        // One that leads nowhere is skipped like a malformed key.
+        std::os::unix::fs::symlink("gone.pub", folder.join("dangling.pub")).unwrap();
+        let found = keys::scan_trusted_dir(&folder).unwrap();
+        assert_eq!(found.keys, vec![key, key]);
+        assert_eq!(found.skipped.len(), 1, "{:?}", found.skipped);
+        assert!(
+            found.skipped[0].contains("dangling.pub"),
+            "{:?}",
+            found.skipped
+        );
+    }
+
+    #[test]
+    fn malformed_trusted_keys_are_skipped_with_a_warning() {
+        let (_base, folder, key) = trust_store();
+        std::fs::write(folder.join("a-garbage.pub"), "garbage\n").unwrap();
+        let secret = keys::secret_line(&SigningKey::from_bytes(&[12; 32]));
+        std::fs::write(folder.join("b-secret.pub"), secret).unwrap();
+        std::fs::write(folder.join("c-long.pub"), vec![b'a'; 5000]).unwrap();
+        std::fs::create_dir(folder.join("d-folder.pub")).unwrap();
+        // 64 hex digits that are not a point of the curve.
+        let off_curve = (0u8..=255)
+            .map(|b| [b; 32])
+            .find(|bytes| VerifyingKey::from_bytes(bytes).is_err())
+            .unwrap();
+        let off_curve = format!("dynamos-ed25519-public {}\n", hex::encode(off_curve));
+        std::fs::write(folder.join("e-off-curve.pub"), off_curve).unwrap();
+        let found = keys::scan_trusted_dir(&folder).unwrap();
+        assert_eq!(found.keys, vec![key]);
+        let names = ["a-garbage", "b-secret", "c-long", "d-folder", "e-off-curve"];
+        assert_eq!(found.skipped.len(), names.len(), "{:?}", found.skipped);
+        for (warning, name) in found.skipped.iter().zip(names) {
+            assert!(
+                warning.contains(&format!("{name}.pub: skipped: ")),
+                "{warning}"
+            );
+        }
+        assert_eq!(keys::load_trusted_dir(&folder).unwrap(), vec![key]);
+
+        // A key named on the command line must be one.
+        let err = keys::load_public_key(&folder.join("a-garbage.pub")).unwrap_err();
+        assert_eq!(crate::error::exit_code_of(&err), crate::error::exit::ERROR);
+        assert!(
+            format!("{err:#}").contains("a-garbage.pub: not a"),
+            "{err:#}"
+        );
+        assert_eq!(
+            keys::load_public_key(&folder.join("good.pub")).unwrap(),
+            key
+        );
+        // A FIFO named like a key neither hangs nor counts.
+        let fifo = folder.join("f-fifo.pub");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let found = keys::scan_trusted_dir(&folder).unwrap();
+        assert_eq!(found.keys, vec![key]);
+        assert!(found.skipped.last().unwrap().contains("f-fifo.pub"));
+    }
+
+    #[test]
+    fn reading_junk_files_is_quick_and_small() {
+        use std::time::{Duration, Instant};
+        let dir = tempfile::tempdir().unwrap();
+        // Not a file: refused before anything is read.
+        let started = Instant::now();
+        let err = read_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(format!("{err:#}").contains("not a regular file"), "{err:#}");
+        // Junk behind a correct header, 300 MiB of it (sparse on disk):
+        // refused by the signature check read in small pieces.
+        let junk = dir.path().join("junk.dynpkg");
+        let mut head = MAGIC.to_vec();
+        head.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        std::fs::write(&junk, &head).unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&junk).unwrap();
+        file.set_len(300 << 20).unwrap();
+        let err = read_file(&junk).unwrap_err();
+        assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
+        // Wrong magic: only the header is read.
+        std::fs::write(&junk, b"\x7fELF and more").unwrap();
+        file.set_len(300 << 20).unwrap();
+        let err = read_file(&junk).unwrap_err();
+        assert!(format!("{err:#}").contains("wrong magic"), "{err:#}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+        // Over the size limit: refused from its length alone.
+        file.set_len(MAX_PACKAGE_SIZE + 1).unwrap();
+        let err = read_file(&junk).unwrap_err();
+        assert!(format!("{err:#}").contains("larger than"), "{err:#}");
+
+        // A good package still reads, byte for byte.
+        let k = key(13);
+        let good = dir.path().join("good.dynpkg");
+        let bytes = write_signed(&sample(), &k);
+        std::fs::write(&good, &bytes).unwrap();
+        assert_eq!(read_file(&good).unwrap(), bytes);
+        // One flipped bit is caught before the file is held.
+        let mut flipped = bytes.clone();
+        flipped[40] ^= 1;
+        std::fs::write(&good, &flipped).unwrap();
+        let err = read_file(&good).unwrap_err();
+        assert!(format!("{err:#}").contains("bad signature"), "{err:#}");
     }
 }

@@ -275,28 +275,110 @@ mod tests {
         assert_eq!(modinfo_name(&original).unwrap(), None);
     }
 
+    /// Where `bytes` and `other` differ.
+    fn changed_at(bytes: &[u8], other: &[u8]) -> Vec<usize> {
+        (0..bytes.len()).filter(|&i| bytes[i] != other[i]).collect()
+    }
+
     #[test]
-    fn damaged_images_do_not_panic() {
+    fn damaged_images_are_refused_untouched_or_edited_in_one_symbol() {
         let dir = tempfile::tempdir().unwrap();
         let original = compile(
             dir.path(),
             "extern int g(void); int f(void) { return g(); }\n",
         );
         let values = [("g".to_string(), 5u64)];
-        assert!(make_symbols_absolute(&mut original.clone(), &values).is_ok());
-        // Every truncation and a sweep of byte changes: errors, never panics.
-        for len in (0..original.len()).step_by(7) {
-            let _ = make_symbols_absolute(&mut original[..len].to_vec(), &values);
-            let _ = modinfo_name(&original[..len]);
-        }
-        for at in 0..original.len().min(4096) {
-            for v in [0x00u8, 0xff, 0x80] {
-                let mut img = original.clone();
-                img[at] = v;
-                let _ = make_symbols_absolute(&mut img, &values);
-                let _ = modinfo_name(&img);
+        let mut expected = original.clone();
+        make_symbols_absolute(&mut expected, &values).unwrap();
+        let edit = changed_at(&original, &expected);
+        assert!(
+            !edit.is_empty() && edit[edit.len() - 1] - edit[0] < 10,
+            "{edit:?}"
+        );
+
+        // What the editor reads: the ELF header, the section headers, each
+        // symbol table and its string table. modinfo_name reads the
+        // section names too.
+        let elf = Elf::parse(&original).unwrap();
+        let shoff = u64::from_le_bytes(original[0x28..0x30].try_into().unwrap()) as usize;
+        let headers = shoff..shoff + elf.sections.len() * 64;
+        let range = |i: usize| {
+            let s = &elf.sections[i];
+            s.offset as usize..(s.offset + s.size) as usize
+        };
+        let mut read_by_edit = vec![0..64, headers.clone()];
+        for (i, s) in elf.sections.iter().enumerate() {
+            if s.kind == SHT_SYMTAB {
+                read_by_edit.push(range(i));
+                read_by_edit.push(range(s.link as usize));
             }
         }
+        let mut read_by_modinfo = vec![0..64, headers.clone(), range(elf.shstrndx)];
+        read_by_modinfo.extend(
+            (0..elf.sections.len())
+                .filter(|&i| elf.section_name(&original, i).unwrap() == b".modinfo")
+                .map(range),
+        );
+
+        // gcc writes the section headers last: every truncation loses some
+        // and is refused, leaving the image as it was.
+        assert_eq!(headers.end, original.len());
+        for len in 0..original.len() {
+            let mut image = original[..len].to_vec();
+            assert!(make_symbols_absolute(&mut image, &values).is_err(), "{len}");
+            assert_eq!(image, original[..len]);
+            assert!(modinfo_name(&original[..len]).is_err(), "{len}");
+        }
+
+        let mut refused = 0;
+        for at in 0..original.len() {
+            for v in [0x00u8, 0xff, 0x80] {
+                if original[at] == v {
+                    continue;
+                }
+                let mut input = original.clone();
+                input[at] = v;
+                let mut image = input.clone();
+                let result = make_symbols_absolute(&mut image, &values);
+                if !read_by_edit.iter().any(|r| r.contains(&at)) {
+                    // A byte the editor never reads changes nothing but itself.
+                    assert!(result.is_ok(), "byte {at} = {v:#x}: {result:?}");
+                    let mut want = expected.clone();
+                    want[at] = v;
+                    assert_eq!(image, want, "byte {at} = {v:#x}");
+                } else if result.is_err() {
+                    refused += 1;
+                    assert_eq!(image, input, "byte {at} = {v:#x}: refused but edited");
+                } else {
+                    // Accepted: one symbol's section index and value written,
+                    // after which that symbol is no longer undefined.
+                    let edit = changed_at(&input, &image);
+                    assert!(
+                        !edit.is_empty() && edit[edit.len() - 1] - edit[0] < 10,
+                        "byte {at} = {v:#x}: edited {edit:?}"
+                    );
+                    let before = image.clone();
+                    assert!(make_symbols_absolute(&mut image, &values).is_err());
+                    assert_eq!(image, before);
+                }
+                let name = modinfo_name(&input);
+                if !read_by_modinfo.iter().any(|r| r.contains(&at)) {
+                    assert_eq!(name.unwrap(), None, "byte {at} = {v:#x}");
+                }
+            }
+        }
+        assert!(refused > 0);
+
+        let with = |at: usize, v: u8| {
+            let mut image = original.clone();
+            image[at] = v;
+            make_symbols_absolute(&mut image, &values)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(with(0, 0).contains("not an ELF file"));
+        assert!(with(4, 1).contains("not a 64-bit ELF"));
+        assert!(with(5, 3).contains("unknown ELF byte order"));
         assert!(make_symbols_absolute(&mut b"nope".to_vec(), &values).is_err());
     }
 
