@@ -1,0 +1,236 @@
+//! The target vmlinux's own symbol table, read at build time from the
+//! kallsyms tables compiled into its image: Debian ships a stub System.map
+//! and no symbols, but `/proc/kallsyms` on the target is made from these
+//! tables, in this order. The build decides with it what apply would
+//! otherwise find out on the production machine: which definition of a
+//! weak function won at link time, and whether a static the new code uses
+//! is one kernel symbol or several indistinguishable ones.
+
+use crate::apply::Ksym;
+use anyhow::{bail, Context, Result};
+use std::path::Path;
+
+/// The kallsyms entries of the vmlinux in the bzImage `vmlinuz`, in order.
+pub fn read_vmlinuz(vmlinuz: &Path) -> Result<Vec<Ksym>> {
+    let vmlinux = crate::identity::vmlinuz_payload(vmlinuz)?;
+    let elf = object::File::parse(&*vmlinux)
+        .with_context(|| format!("{}: the decompressed kernel is not ELF", vmlinuz.display()))?;
+    use object::{Object, ObjectSection};
+    let rodata = elf
+        .section_by_name(".rodata")
+        .with_context(|| format!("{}: the kernel has no .rodata", vmlinuz.display()))?;
+    let data = rodata.data().context("cannot read the kernel's .rodata")?;
+    kallsyms_tables(data)
+        .with_context(|| format!("{}: no kallsyms tables found", vmlinuz.display()))
+}
+
+/// Decode the tables `scripts/kallsyms` writes (base-relative offsets with
+/// absolute per-cpu symbols, 8-byte aligned labels): offsets,
+/// relative_base, num_syms, names, markers, seqs_of_names, token_table,
+/// token_index.
+fn kallsyms_tables(data: &[u8]) -> Result<Vec<Ksym>> {
+    for index_at in (0..data.len().saturating_sub(512)).step_by(8) {
+        let Some(tokens) = token_table_before(data, index_at) else {
+            continue;
+        };
+        if let Some(symbols) = symbols_before(data, &tokens) {
+            return Ok(symbols);
+        }
+    }
+    bail!("kallsyms token index not recognised")
+}
+
+struct Tokens {
+    table_start: usize,
+    tokens: Vec<Vec<u8>>,
+}
+
+fn u16_at(data: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(data.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(data: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u64_at(data: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(data.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// The 256 tokens, when `index_at` holds kallsyms_token_index and the
+/// token table ends just before it.
+fn token_table_before(data: &[u8], index_at: usize) -> Option<Tokens> {
+    if u16_at(data, index_at)? != 0 {
+        return None;
+    }
+    let mut index = Vec::with_capacity(256);
+    for i in 0..256 {
+        let v = u16_at(data, index_at + 2 * i)? as usize;
+        if i > 0 && v <= index[i - 1] {
+            return None;
+        }
+        index.push(v);
+    }
+    let last = index[255];
+    // The table ends with the last token's NUL, padded to 8 bytes.
+    for pad in 0..8 {
+        let Some(table_start) = index_at.checked_sub(pad + last + 2) else {
+            continue;
+        };
+        let mut end = table_start + last;
+        while data.get(end).is_some_and(|&b| b != 0) {
+            end += 1;
+        }
+        if (end + 1).next_multiple_of(8) != index_at || table_start % 8 != 0 {
+            continue;
+        }
+        let table = &data[table_start..=end];
+        let tokens: Option<Vec<Vec<u8>>> = (0..256)
+            .map(|i| {
+                let from = index[i];
+                let to = if i == 255 { table.len() } else { index[i + 1] };
+                let token = &table[from..to];
+                match token.split_last() {
+                    Some((0, text)) if !text.is_empty() && !text.contains(&0) => {
+                        Some(text.to_vec())
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        if let Some(tokens) = tokens {
+            return Some(Tokens {
+                table_start,
+                tokens,
+            });
+        }
+    }
+    None
+}
+
+/// Walk back from the token table over seqs_of_names (3 bytes a symbol),
+/// markers, names and num_syms, and decode the symbols when every table
+/// agrees with the others.
+fn symbols_before(data: &[u8], tokens: &Tokens) -> Option<Vec<Ksym>> {
+    let table_start = tokens.table_start;
+    const MOST_SYMBOLS: usize = 4 << 20;
+    let mut seqs_start = table_start;
+    while seqs_start >= 8 && table_start - seqs_start <= 3 * MOST_SYMBOLS {
+        seqs_start -= 8;
+        let room = table_start - seqs_start;
+        for count in (room.saturating_sub(7)).div_ceil(3)..=room / 3 {
+            if count == 0 || (seqs_start + 3 * count).next_multiple_of(8) != table_start {
+                continue;
+            }
+            if let Some(symbols) = symbols_with_count(data, tokens, seqs_start, count) {
+                return Some(symbols);
+            }
+        }
+    }
+    None
+}
+
+/// The symbols, if `count` of them end at `seqs_start` as kallsyms lays
+/// them out.
+fn symbols_with_count(
+    data: &[u8],
+    tokens: &Tokens,
+    seqs_start: usize,
+    count: usize,
+) -> Option<Vec<Ksym>> {
+    let groups = count.div_ceil(256);
+    for pad in [0usize, 4] {
+        let markers_start = seqs_start.checked_sub(pad + 4 * groups)?;
+        if (markers_start + 4 * groups).next_multiple_of(8) != seqs_start {
+            continue;
+        }
+        let markers: Vec<u32> = (0..groups)
+            .map(|i| u32_at(data, markers_start + 4 * i))
+            .collect::<Option<_>>()?;
+        // Each group of 256 names takes at least two bytes a name.
+        let plausible = markers[0] == 0
+            && markers
+                .windows(2)
+                .all(|w| w[1] > w[0] && w[1] - w[0] >= 512 && w[1] - w[0] <= 256 * 600);
+        if !plausible {
+            continue;
+        }
+        let last_marker = *markers.last()? as usize;
+        let lowest = markers_start.checked_sub(last_marker + 256 * 600)?;
+        let mut names_start = markers_start.checked_sub(last_marker)? / 8 * 8;
+        while names_start >= lowest.max(16) {
+            if u32_at(data, names_start - 8)? as usize == count {
+                if let Some(symbols) =
+                    decode(data, tokens, names_start, count, &markers, markers_start)
+                {
+                    return Some(symbols);
+                }
+            }
+            names_start -= 8;
+        }
+    }
+    None
+}
+
+fn decode(
+    data: &[u8],
+    tokens: &Tokens,
+    names_start: usize,
+    count: usize,
+    markers: &[u32],
+    markers_start: usize,
+) -> Option<Vec<Ksym>> {
+    let mut names = Vec::with_capacity(count);
+    let mut at = names_start;
+    for i in 0..count {
+        if i % 256 == 0 && markers[i / 256] as usize != at - names_start {
+            return None;
+        }
+        let mut len = *data.get(at)? as usize;
+        at += 1;
+        if len & 0x80 != 0 {
+            len = (len & 0x7f) | ((*data.get(at)? as usize) << 7);
+            at += 1;
+        }
+        if len == 0 || at + len > markers_start {
+            return None;
+        }
+        let mut name = Vec::new();
+        for &t in &data[at..at + len] {
+            name.extend_from_slice(&tokens.tokens[t as usize]);
+        }
+        at += len;
+        names.push(name);
+    }
+    if at.next_multiple_of(8) != markers_start {
+        return None;
+    }
+    let base_at = names_start - 16;
+    let relative_base = u64_at(data, base_at)?;
+    let offsets_start = base_at.checked_sub((4 * count).next_multiple_of(8))?;
+    let mut symbols = Vec::with_capacity(count);
+    for (i, name) in names.into_iter().enumerate() {
+        let offset = u32_at(data, offsets_start + 4 * i)? as i32;
+        // Per-cpu symbols are absolute; the rest count back from the base.
+        let address = if offset >= 0 {
+            offset as u64
+        } else {
+            relative_base
+                .wrapping_sub(1)
+                .wrapping_sub(offset as i64 as u64)
+        };
+        let (&kind, rest) = name.split_first()?;
+        symbols.push(Ksym {
+            address,
+            kind: kind as char,
+            name: String::from_utf8(rest.to_vec()).ok()?,
+            module: None,
+        });
+    }
+    Some(symbols)
+}
+
+/// Whether the kallsyms letter is that of a weak symbol.
+pub fn is_weak_letter(letter: char) -> bool {
+    matches!(letter, 'w' | 'W' | 'v' | 'V')
+}
