@@ -79,10 +79,11 @@ pub fn is_message_limiter(name: &str) -> bool {
 
 /// Statics the kernel's macros create only to limit messages
 /// (`printk_ratelimited`, `WARN_ONCE`, `pr_*_once`) or to name lock
-/// classes: a new copy changes how often something is printed, nothing
-/// else. `key` is a grouping key from `numbered_by_key`.
-fn is_bookkeeping(key: &str) -> bool {
-    is_message_limiter(key) || key.starts_with("__key.")
+/// classes (lockdep's `__key`): a new copy changes how often something is
+/// printed or which class lockdep files a lock under, nothing else.
+/// `name` is a symbol name or a grouping key from `numbered_by_key`.
+pub fn is_bookkeeping(name: &str) -> bool {
+    is_message_limiter(name) || name.starts_with("__key.")
 }
 
 /// Numbered names grouped by (base name, functions referring to them),

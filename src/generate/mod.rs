@@ -10,6 +10,7 @@
 pub mod extract;
 pub mod klp;
 pub mod module_symbols;
+pub mod target_symbols;
 
 use crate::diff::{ObjectDiff, ObjectFile};
 use crate::error::Error;
@@ -63,18 +64,34 @@ pub fn generate(
     let mut load_time = Vec::new();
     let mut shipped: BTreeMap<String, Option<module_symbols::ShippedModule>> = BTreeMap::new();
 
+    // New globals one unit defines and another uses link inside the package.
+    for unit in units {
+        if let Err(r) = names.share_new_globals(
+            &unit.kernel_object,
+            &unit.source_file,
+            unit.patched,
+            unit.diff,
+        ) {
+            refusals.push(r);
+        }
+    }
     for (index, unit) in units.iter().enumerate() {
         if unit.diff.functions.is_empty() {
             continue;
         }
-        let extracted: Extracted =
-            match extract::extract(unit.patched, unit.diff, &unit.source_file, &mut names) {
-                Ok(e) => e,
-                Err(mut r) => {
-                    refusals.append(&mut r);
-                    continue;
-                }
-            };
+        let extracted: Extracted = match extract::extract(
+            unit.patched,
+            unit.diff,
+            &unit.source_file,
+            &unit.kernel_object,
+            &mut names,
+        ) {
+            Ok(e) => e,
+            Err(mut r) => {
+                refusals.append(&mut r);
+                continue;
+            }
+        };
         let file_name = format!("extracted_{index}.o");
         std::fs::write(work.join(&file_name), &extracted.object)?;
         // Kbuild's modpost reads a command record for every object it links.
