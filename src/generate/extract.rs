@@ -17,7 +17,7 @@ use object::{
     elf, Architecture, BinaryFormat, Endianness, RelocationFlags, SectionFlags, SectionKind,
     SymbolFlags, SymbolScope,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A replaced function and the global name its new version has in the
 /// extracted object (what the generated livepatch table points at).
@@ -132,6 +132,8 @@ struct Extractor<'a> {
     shared_references: HashMap<String, SymbolId>,
     /// `vmlinux` or the module this unit belongs to.
     kernel_object: &'a str,
+    /// Bookkeeping statics that start afresh in the package.
+    fresh: &'a BTreeSet<String>,
     names: &'a mut PackageNames,
     refused: Vec<Refusal>,
     instructions: InstructionIndex,
@@ -142,6 +144,7 @@ pub fn extract(
     diff: &ObjectDiff,
     source_file: &str,
     kernel_object: &str,
+    fresh: &BTreeSet<String>,
     names: &mut PackageNames,
 ) -> Result<Extracted, Vec<Refusal>> {
     let mut x = Extractor {
@@ -149,6 +152,7 @@ pub fn extract(
         diff,
         source_file,
         kernel_object,
+        fresh,
         shared_references: HashMap::new(),
         out: Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
         carried: HashMap::new(),
@@ -478,6 +482,7 @@ impl Extractor<'_> {
             && crate::diff::is_message_limiter(&sym.name);
         let copied = crate::diff::copied_readonly(self.patched, symbol)
             || self.diff.private_copies.contains(&sym.name)
+            || self.fresh.contains(&sym.name)
             || limiter;
         if is_new || copied {
             // New data (or a compiler-made constant): the package allocates it.

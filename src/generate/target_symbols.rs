@@ -6,8 +6,12 @@
 //! weak function won at link time, and whether a static the new code uses
 //! is one kernel symbol or several indistinguishable ones.
 
-use crate::apply::Ksym;
+use crate::apply::{Ksym, ObjectSymbols};
+use crate::diff::{ChangeKind, ObjectDiff, ObjectFile};
+use crate::error::Refusal;
+use crate::package::{ExternalSymbol, SymbolKind};
 use anyhow::{bail, Context, Result};
+use object::elf;
 use std::path::Path;
 
 /// The kallsyms entries of the vmlinux in the bzImage `vmlinuz`, in order.
@@ -233,4 +237,57 @@ fn decode(
 /// Whether the kallsyms letter is that of a weak symbol.
 pub fn is_weak_letter(letter: char) -> bool {
     matches!(letter, 'w' | 'W' | 'v' | 'V')
+}
+
+/// Whether `original` defines `name` as a weak function that lost at link
+/// time: the target's kallsyms lists the name, never as weak.
+pub fn overridden_weak(original: &ObjectFile, name: &str, vmlinux: &ObjectSymbols) -> bool {
+    let weak_here = original.symbols.iter().any(|s| {
+        s.name == name && s.is_function() && s.section().is_some() && s.bind == elf::STB_WEAK
+    });
+    let listed = vmlinux.positions(name);
+    weak_here && !listed.is_empty() && listed.iter().all(|&i| !is_weak_letter(vmlinux[i].kind))
+}
+
+/// Refusals for changed functions whose definition here is a weak one the
+/// running kernel does not use: the change would never run, and
+/// redirecting the name would replace the definition that does.
+pub fn refuse_overridden_weak_changes(
+    original: &ObjectFile,
+    diff: &ObjectDiff,
+    vmlinux: &ObjectSymbols,
+) -> Vec<Refusal> {
+    diff.functions
+        .iter()
+        .filter(|f| f.kind == ChangeKind::Changed)
+        .map(|f| diff.correlation.orig_name(&f.name).unwrap_or(&f.name))
+        .filter(|name| overridden_weak(original, name, vmlinux))
+        .map(|name| Refusal {
+            symbol: name.to_string(),
+            reason: "a weak definition overridden at link time: the running kernel runs another file's definition, which this change does not touch".into(),
+        })
+        .collect()
+}
+
+/// Refusals for the references of vmlinux new code that the target's
+/// symbol table does not tie to one kernel symbol. Same-named static
+/// functions are left to apply, where their running code tells them apart.
+pub fn unbound_references(
+    externals: &[ExternalSymbol],
+    vmlinux: &ObjectSymbols,
+    file_symbols: &[String],
+) -> Vec<Refusal> {
+    let mut refusals = Vec::new();
+    for e in externals {
+        let file = e.file.is_some().then_some(file_symbols);
+        match crate::apply::choose(vmlinux, &e.name, e.kind, file, None) {
+            Ok(_) => {}
+            Err(reason) if e.kind == SymbolKind::Function && reason.starts_with("ambiguous") => {}
+            Err(reason) => refusals.push(Refusal {
+                symbol: e.name.clone(),
+                reason: format!("{reason} (the target's symbol table, read at build time)"),
+            }),
+        }
+    }
+    refusals
 }
