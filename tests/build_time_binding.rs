@@ -54,5 +54,98 @@ fn the_targets_kallsyms_are_read_from_its_image() {
         addresses.windows(2).all(|w| w[0] <= w[1]),
         "not in address order"
     );
-    let _ = root();
+}
+
+/// io_wq_create's `init_completion` uses a lockdep key, `__key.0`, of which
+/// the running kernel has over a hundred that nothing tells apart: the
+/// package starts its own, and the update applies and runs.
+#[test]
+fn a_lockdep_key_the_kernel_cannot_tell_apart_starts_afresh_and_applies() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("io-wq.dynpkg");
+    let out = build(&keys, "io-wq-create-lockdep-key.diff", &pkg);
+    let printed = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "dynamos-build: {printed}");
+    expect_line(
+        &printed,
+        "replace  io_wq_create (vmlinux, io_uring/io-wq.c)",
+    );
+    expect_line(
+        &printed,
+        "note: __key.0 of io_uring/io-wq.c: starts afresh in the new code",
+    );
+    let out = dynamos(&keys.dir, &["inspect", "--json", pkg.to_str().unwrap()]);
+    assert!(out.status.success(), "inspect: {}", stderr(&out));
+    let manifest: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let externals = manifest["manifest"]["objects"][0]["externals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect::<Vec<_>>();
+    assert!(!externals.is_empty());
+    assert!(
+        !externals.iter().any(|n| n.starts_with("__key.")),
+        "{externals:?}"
+    );
+
+    let probe = work.path().join("io-uring-setup");
+    compile_static_probe("io_uring_setup.c", &probe);
+    // The image's table, as /proc/kallsyms lists vmlinux: type and name in order.
+    let image = DebianBuild::by_release(DEFAULT_RELEASE)
+        .unwrap()
+        .vmlinuz()
+        .unwrap();
+    let table: String = target_symbols::read_vmlinuz(&image)
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}\n", s.kind, s.name))
+        .collect();
+    let table_file = work.path().join("image-kallsyms");
+    std::fs::write(&table_file, table).unwrap();
+
+    let script = "set -e\n\
+        cp /packages/io-uring-setup /tmp/; chmod +x /tmp/io-uring-setup\n\
+        awk 'NF == 3 { print $2, $3 }' /proc/kallsyms > /tmp/running-kallsyms\n\
+        if cmp -s /tmp/running-kallsyms /packages/image-kallsyms; then echo '@@ kallsyms same @@'; \
+        else echo \"@@ kallsyms differ: $(wc -l < /tmp/running-kallsyms) running @@\"; fi\n\
+        echo \"@@ before: $(/tmp/io-uring-setup) @@\"\n\
+        dynamos apply /packages/io-wq.dynpkg\n\
+        echo \"@@ live: $(/tmp/io-uring-setup) @@\"\n\
+        dmesg | grep 'live-updated io_wq_create'\n\
+        dynamos revert io-wq-create-lockdep-key\n\
+        echo \"@@ reverted: $(/tmp/io-uring-setup) @@\"\n\
+        echo \"@@ tainted $(cat /proc/sys/kernel/tainted) @@\"\n\
+        dmesg | grep -E 'Oops|BUG:|WARNING:' && exit 9 || true\n";
+    let out = dynamos(
+        &keys.dir,
+        &[
+            "vm",
+            "--timeout",
+            "240",
+            "--package",
+            pkg.to_str().unwrap(),
+            "--package",
+            probe.to_str().unwrap(),
+            "--package",
+            table_file.to_str().unwrap(),
+            "--",
+            script,
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "vm run:\n{text}");
+    expect_line(&text, "@@ kallsyms same @@");
+    expect_line(&text, "@@ before: ring 3 @@");
+    expect_line(&text, "@@ live: ring 3 @@");
+    expect_line(&text, "@@ reverted: ring 3 @@");
+    assert!(
+        text.lines()
+            .any(|l| l
+                .contains("dynamos: io-wq of io-uring-setup created by live-updated io_wq_create")),
+        "{text}"
+    );
+    let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
+    assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
 }

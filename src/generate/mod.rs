@@ -62,6 +62,7 @@ pub fn generate(
     let mut object_files = Vec::new();
     let mut refusals = Vec::new();
     let mut load_time = Vec::new();
+    let mut notes = Vec::new();
     let mut shipped: BTreeMap<String, Option<module_symbols::ShippedModule>> = BTreeMap::new();
 
     // New globals one unit defines and another uses link inside the package.
@@ -130,6 +131,12 @@ pub fn generate(
                     .is_ok()
             }),
         });
+        notes.extend(fresh.iter().filter(|n| !crate::diff::is_message_limiter(n)).map(|name| {
+            format!(
+                "{name} of {}: starts afresh in the new code (the target's symbol table does not tie it to one kernel symbol)",
+                unit.source_file
+            )
+        }));
         let extracted: Extracted = match extract::extract(
             unit.patched,
             unit.diff,
@@ -294,13 +301,9 @@ pub fn generate(
     )?;
     let ko = build_module(kbuild_dir, work, module_name, &objects, &load_time)?;
     let converted = klp::convert(&ko, &load_time)?;
-    let notes = converted
-        .silent
-        .iter()
-        .map(|(module, what)| {
-            format!("{what} of {module}: silent in the new code (a livepatch jump label cannot use the module's key)")
-        })
-        .collect();
+    notes.extend(converted.silent.iter().map(|(module, what)| {
+        format!("{what} of {module}: silent in the new code (a livepatch jump label cannot use the module's key)")
+    }));
     Ok(GeneratedModule {
         ko: converted.ko,
         objects,
