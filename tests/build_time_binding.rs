@@ -149,3 +149,22 @@ fn a_lockdep_key_the_kernel_cannot_tell_apart_starts_afresh_and_applies() {
     let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
     assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
 }
+
+/// serdev_controller_add's new code reads the static `is_registered`; the
+/// running kernel has two (serdev's and i2c's) and nothing near serdev's
+/// names its file. Not bookkeeping, so dynamos-build refuses it.
+#[test]
+fn an_ambiguous_static_is_refused_at_build_time() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("serdev.dynpkg");
+    let out = build(&keys, "refused-ambiguous-static.diff", &pkg);
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{}{err}", stdout(&out));
+    assert!(
+        err.contains("is_registered: ambiguous: 2 data symbols of this name"),
+        "{err}"
+    );
+    assert!(err.contains("read at build time"), "{err}");
+    assert!(!pkg.exists());
+}
