@@ -88,6 +88,13 @@ impl PackageNames {
     }
 }
 
+impl PackageNames {
+    /// Whether the unit of `source_file` defines a new global of the package.
+    pub fn defines_shared(&self, source_file: &str) -> bool {
+        self.shared.values().any(|d| d.file == source_file)
+    }
+}
+
 /// Whether `s` is a global function or variable the patch adds.
 fn is_new_global(s: &crate::diff::object::Symbol, diff: &ObjectDiff) -> bool {
     s.is_named_definition()

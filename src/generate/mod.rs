@@ -106,7 +106,7 @@ pub fn generate(
         }
     }
     for (index, unit) in units.iter().enumerate() {
-        if unit.diff.functions.is_empty() {
+        if unit.diff.functions.is_empty() && !names.defines_shared(&unit.source_file) {
             continue;
         }
         let module = if unit.kernel_object == "vmlinux" {
