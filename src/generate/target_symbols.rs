@@ -76,10 +76,11 @@ fn token_table_before(data: &[u8], index_at: usize) -> Option<Tokens> {
         index.push(v);
     }
     let last = index[255];
-    // The table ends with the last token's NUL, padded to 8 bytes.
-    for pad in 0..8 {
-        let Some(table_start) = index_at.checked_sub(pad + last + 2) else {
-            continue;
+    // The table ends with the last token and its NUL, padded to 8 bytes;
+    // tokens are short.
+    for extra in 0..80 {
+        let Some(table_start) = index_at.checked_sub(last + 2 + extra) else {
+            break;
         };
         let mut end = table_start + last;
         while data.get(end).is_some_and(|&b| b != 0) {
@@ -160,7 +161,7 @@ fn symbols_with_count(
             continue;
         }
         let last_marker = *markers.last()? as usize;
-        let lowest = markers_start.checked_sub(last_marker + 256 * 600)?;
+        let lowest = markers_start.saturating_sub(last_marker + 256 * 600);
         let mut names_start = markers_start.checked_sub(last_marker)? / 8 * 8;
         while names_start >= lowest.max(16) {
             if u32_at(data, names_start - 8)? as usize == count {
@@ -290,4 +291,91 @@ pub fn unbound_references(
         }
     }
     refusals
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn align(out: &mut Vec<u8>) {
+        while out.len() % 8 != 0 {
+            out.push(0);
+        }
+    }
+
+    /// The tables as `scripts/kallsyms` lays them out, after some data.
+    fn tables(symbols: &[(u64, char, String)], relative_base: u64) -> Vec<u8> {
+        // Token i stands for byte i where that is a name character.
+        let token = |i: u8| -> Vec<u8> {
+            if i.is_ascii_alphanumeric() || i == b'_' || i == b'.' {
+                vec![i]
+            } else {
+                format!("<{i}>").into_bytes()
+            }
+        };
+        let mut out = b"unrelated data before the tables".to_vec();
+        align(&mut out);
+        for (address, _, _) in symbols {
+            let offset = if *address < relative_base {
+                *address as i32
+            } else {
+                -((address - relative_base) as i64) as i32 - 1
+            };
+            out.extend_from_slice(&offset.to_le_bytes());
+        }
+        align(&mut out);
+        out.extend_from_slice(&relative_base.to_le_bytes());
+        out.extend_from_slice(&(symbols.len() as u32).to_le_bytes());
+        align(&mut out);
+        let names_start = out.len();
+        let mut markers = Vec::new();
+        for (i, (_, kind, name)) in symbols.iter().enumerate() {
+            if i % 256 == 0 {
+                markers.push((out.len() - names_start) as u32);
+            }
+            let encoded: Vec<u8> = std::iter::once(*kind as u8).chain(name.bytes()).collect();
+            out.push(encoded.len() as u8);
+            out.extend_from_slice(&encoded);
+        }
+        align(&mut out);
+        for m in markers {
+            out.extend_from_slice(&m.to_le_bytes());
+        }
+        align(&mut out);
+        for i in 0..symbols.len() as u32 {
+            out.extend_from_slice(&i.to_be_bytes()[1..]);
+        }
+        align(&mut out);
+        let mut index = Vec::new();
+        let table_start = out.len();
+        for i in 0..=255u8 {
+            index.push((out.len() - table_start) as u16);
+            out.extend_from_slice(&token(i));
+            out.push(0);
+        }
+        align(&mut out);
+        for i in index {
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        out.extend_from_slice(&[0xff; 600]);
+        out
+    }
+
+    #[test]
+    fn decodes_the_tables_scripts_kallsyms_writes() {
+        let base = 0xffffffff81000000u64;
+        let mut symbols = vec![(0x1234u64, 'A', "per_cpu_thing".to_string())];
+        for i in 0..700u64 {
+            let kind = if i % 3 == 0 { 'T' } else { 't' };
+            symbols.push((base + 16 * i, kind, format!("fn_{i}")));
+        }
+        symbols.push((base + 0x100000, 'W', "weak_one".to_string()));
+        let decoded = kallsyms_tables(&tables(&symbols, base)).unwrap();
+        let got: Vec<(u64, char, String)> = decoded
+            .into_iter()
+            .map(|s| (s.address, s.kind, s.name))
+            .collect();
+        assert_eq!(got, symbols);
+        assert!(kallsyms_tables(&[0u8; 4096]).is_err());
+    }
 }
