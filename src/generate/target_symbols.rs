@@ -86,7 +86,7 @@ fn token_table_before(data: &[u8], index_at: usize) -> Option<Tokens> {
         while data.get(end).is_some_and(|&b| b != 0) {
             end += 1;
         }
-        if (end + 1).next_multiple_of(8) != index_at || table_start % 8 != 0 {
+        if (end + 1).next_multiple_of(8) != index_at || !table_start.is_multiple_of(8) {
             continue;
         }
         let table = &data[table_start..=end];
@@ -298,7 +298,7 @@ mod tests {
     use super::*;
 
     fn align(out: &mut Vec<u8>) {
-        while out.len() % 8 != 0 {
+        while !out.len().is_multiple_of(8) {
             out.push(0);
         }
     }
