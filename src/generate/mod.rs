@@ -79,7 +79,11 @@ pub fn generate(
     // What the running kernel's symbol table will be, where the target's
     // image tells: the build decides what apply would only find out later.
     let vmlinux_table = match &modules.vmlinuz {
-        Some(image) if units.iter().any(|u| u.kernel_object == "vmlinux") => {
+        Some(image)
+            if units
+                .iter()
+                .any(|u| u.kernel_object == "vmlinux" && !u.diff.functions.is_empty()) =>
+        {
             Some(target_symbols::read_vmlinuz(image)?)
         }
         _ => None,
@@ -101,7 +105,8 @@ pub fn generate(
     }
     for unit in units.iter() {
         let object = &unit.kernel_object;
-        if object != "vmlinux" && !shipped.contains_key(object) {
+        let carries = !unit.diff.functions.is_empty() || names.defines_shared(&unit.source_file);
+        if carries && object != "vmlinux" && !shipped.contains_key(object) {
             shipped.insert(object.clone(), modules.shipped(object)?);
         }
     }
