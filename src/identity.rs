@@ -50,15 +50,7 @@ pub fn running_build_id() -> Result<Option<String>> {
 /// xz-compressed (Debian's kernels): the payload is the stripped vmlinux
 /// ELF, whose `.notes` section is what /sys/kernel/notes shows.
 pub fn vmlinuz_build_id(vmlinuz: &Path) -> Result<String> {
-    let image =
-        std::fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
-    const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
-    let start = image
-        .windows(XZ_MAGIC.len())
-        .position(|w| w == XZ_MAGIC)
-        .with_context(|| format!("{}: no xz-compressed kernel inside", vmlinuz.display()))?;
-    let vmlinux = xz_decompress(&image[start..])
-        .with_context(|| format!("cannot decompress the kernel in {}", vmlinuz.display()))?;
+    let vmlinux = vmlinuz_payload(vmlinuz)?;
     let elf = object::File::parse(&*vmlinux)
         .with_context(|| format!("{}: the decompressed kernel is not ELF", vmlinuz.display()))?;
     let notes = elf
@@ -69,6 +61,19 @@ pub fn vmlinuz_build_id(vmlinuz: &Path) -> Result<String> {
         Some(id) => Ok(id),
         None => bail!("{}: the kernel has no GNU build-id", vmlinuz.display()),
     }
+}
+
+/// The stripped vmlinux ELF inside an x86 bzImage with an xz payload.
+pub fn vmlinuz_payload(vmlinuz: &Path) -> Result<Vec<u8>> {
+    let image =
+        std::fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
+    const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
+    let start = image
+        .windows(XZ_MAGIC.len())
+        .position(|w| w == XZ_MAGIC)
+        .with_context(|| format!("{}: no xz-compressed kernel inside", vmlinuz.display()))?;
+    xz_decompress(&image[start..])
+        .with_context(|| format!("cannot decompress the kernel in {}", vmlinuz.display()))
 }
 
 /// The first xz stream of `data` (what follows it is bzImage padding).

@@ -243,6 +243,10 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         exporters: std::fs::read_to_string(kbuild_dir.join("Module.symvers"))
             .map(|s| generate::module_symbols::exporters(&s))
             .unwrap_or_default(),
+        vmlinuz: match &target.debian {
+            Some(d) => Some(d.vmlinuz()?),
+            None => None,
+        },
     };
     let generated = generate::generate(&name, &module, &units, &kbuild_dir, &work, &modules);
     let _ = std::fs::remove_dir_all(&work);

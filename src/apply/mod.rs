@@ -15,7 +15,7 @@ mod resolve;
 pub use image::{make_symbols_absolute, modinfo_name};
 pub use resolve::{
     choose, kind_matches, object_symbols, parse_kallsyms, resolve, sympos_param, Choice, Ksym,
-    Resolution, ResolvedSymbol, NEIGHBOURHOOD,
+    ObjectSymbols, Resolution, ResolvedSymbol, NEIGHBOURHOOD,
 };
 
 use crate::error::Error;

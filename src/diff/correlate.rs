@@ -79,17 +79,18 @@ pub fn is_message_limiter(name: &str) -> bool {
 
 /// Statics the kernel's macros create only to limit messages
 /// (`printk_ratelimited`, `WARN_ONCE`, `pr_*_once`) or to name lock
-/// classes: a new copy changes how often something is printed, nothing
-/// else. `key` is a grouping key from `numbered_by_key`.
-fn is_bookkeeping(key: &str) -> bool {
-    // clang names a static local after its function: `setup.__key.1`.
-    let base = key.split(" used by ").next().unwrap_or(key);
-    let local = base
-        .trim_end_matches('.')
-        .rsplit('.')
-        .next()
-        .unwrap_or(base);
-    is_message_limiter(&format!("{local}.")) || local == "__key"
+/// classes (lockdep's `__key`): a new copy changes how often something is
+/// printed or which class lockdep files a lock under, nothing else.
+/// `name` is a symbol name or a grouping key from `numbered_by_key`.
+pub fn is_bookkeeping(name: &str) -> bool {
+    // A grouping key reads `base. used by f`; clang names a static local
+    // after its function (`setup.__key.1`), gcc numbers it (`__key.1`).
+    let name = name.split(" used by ").next().unwrap_or(name);
+    let unnumbered = name
+        .trim_end_matches(|c: char| c.is_ascii_digit())
+        .trim_end_matches('.');
+    let local = unnumbered.rsplit('.').next().unwrap_or(unnumbered);
+    local == "__key" || is_message_limiter(&format!("{local}."))
 }
 
 /// Numbered names grouped by (base name, functions referring to them),

@@ -14,7 +14,7 @@ pub mod object;
 pub mod special;
 pub mod types;
 
-pub use correlate::{is_message_limiter, Correlation};
+pub use correlate::{is_bookkeeping, is_message_limiter, Correlation};
 pub use object::ObjectFile;
 
 use crate::error::Refusal;

@@ -17,7 +17,7 @@ use object::{
     elf, Architecture, BinaryFormat, Endianness, RelocationFlags, SectionFlags, SectionKind,
     SymbolFlags, SymbolScope,
 };
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A replaced function and the global name its new version has in the
 /// extracted object (what the generated livepatch table points at).
@@ -41,6 +41,78 @@ pub struct Extracted {
 pub struct PackageNames {
     next_alias: usize,
     next_external: usize,
+    /// New global functions and variables of the package, by name.
+    shared: HashMap<String, SharedDefinition>,
+}
+
+/// A new global function or variable one translation unit of the package
+/// defines: the package's other units refer to the package's copy, since
+/// the running kernel has none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedDefinition {
+    /// `vmlinux` or the module whose new code defines it.
+    pub object: String,
+    pub file: String,
+}
+
+impl PackageNames {
+    /// Record the new global definitions of one translation unit, before
+    /// any unit is extracted. Two units defining the same name are refused.
+    pub fn share_new_globals(
+        &mut self,
+        kernel_object: &str,
+        source_file: &str,
+        patched: &ObjectFile,
+        diff: &ObjectDiff,
+    ) -> Result<(), Refusal> {
+        for s in &patched.symbols {
+            if !is_new_global(s, diff) {
+                continue;
+            }
+            let definition = SharedDefinition {
+                object: kernel_object.to_string(),
+                file: source_file.to_string(),
+            };
+            if let Some(other) = self.shared.get(&s.name) {
+                return Err(Refusal {
+                    symbol: s.name.clone(),
+                    reason: format!(
+                        "a new global defined by both {} and {source_file}",
+                        other.file
+                    ),
+                });
+            }
+            self.shared.insert(s.name.clone(), definition);
+        }
+        Ok(())
+    }
+}
+
+impl PackageNames {
+    /// Whether the unit of `source_file` defines a new global of the package.
+    pub fn defines_shared(&self, source_file: &str) -> bool {
+        self.shared.values().any(|d| d.file == source_file)
+    }
+}
+
+/// Whether `s` is a global function or variable the patch adds.
+fn is_new_global(s: &crate::diff::object::Symbol, diff: &ObjectDiff) -> bool {
+    s.is_named_definition()
+        && !s.is_local()
+        && (s.is_function() || s.is_object())
+        && diff.correlation.orig_name(&s.name).is_none()
+}
+
+/// The linkage name under which a unit's new global is visible to the
+/// package's other units.
+fn shared_symbol_name(name: &str) -> String {
+    format!("__dynamos_shared_{name}")
+}
+
+/// Whether new code of `user` may call into new code of `home`: only when
+/// `home` is always there while `user`'s new code runs.
+fn may_use(user: &str, home: &str) -> bool {
+    user == home || home == "vmlinux"
 }
 
 /// A piece of an input section copied to the output.
@@ -63,6 +135,12 @@ struct Extractor<'a> {
     /// Relocations still to translate: (input section, input range, output place).
     pending: Vec<(usize, Carried)>,
     externals: BTreeMap<(String, bool), (SymbolId, ExternalSymbol)>,
+    /// References to new globals of the package's other units.
+    shared_references: HashMap<String, SymbolId>,
+    /// `vmlinux` or the module this unit belongs to.
+    kernel_object: &'a str,
+    /// Bookkeeping statics that start afresh in the package.
+    fresh: &'a BTreeSet<String>,
     names: &'a mut PackageNames,
     refused: Vec<Refusal>,
     instructions: InstructionIndex,
@@ -72,12 +150,17 @@ pub fn extract(
     patched: &ObjectFile,
     diff: &ObjectDiff,
     source_file: &str,
+    kernel_object: &str,
+    fresh: &BTreeSet<String>,
     names: &mut PackageNames,
 ) -> Result<Extracted, Vec<Refusal>> {
     let mut x = Extractor {
         patched,
         diff,
         source_file,
+        kernel_object,
+        fresh,
+        shared_references: HashMap::new(),
         out: Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
         carried: HashMap::new(),
         merged: HashMap::new(),
@@ -88,6 +171,7 @@ pub fn extract(
         instructions: InstructionIndex::default(),
     };
     let (replaced, added) = x.carry_functions();
+    x.share_new_globals();
     x.translate_pending();
     x.carry_entry_tables();
     x.translate_pending();
@@ -328,6 +412,9 @@ impl Extractor<'_> {
     fn translate_target(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
         let sym = self.patched.symbols[r.symbol].clone();
         let Some(target_section) = sym.section() else {
+            if let Some(shared) = self.shared_reference(&sym.name) {
+                return shared.map(|id| (id, r.addend));
+            }
             return Some((self.external(&sym.name, None, true), r.addend));
         };
         let role = {
@@ -402,6 +489,7 @@ impl Extractor<'_> {
             && crate::diff::is_message_limiter(&sym.name);
         let copied = crate::diff::copied_readonly(self.patched, symbol)
             || self.diff.private_copies.contains(&sym.name)
+            || self.fresh.contains(&sym.name)
             || limiter;
         if is_new || copied {
             // New data (or a compiler-made constant): the package allocates it.
@@ -430,6 +518,79 @@ impl Extractor<'_> {
             self.external(&kernel_name, Some(is_code), !is_local),
             addend,
         ))
+    }
+
+    /// Carry this unit's new globals whether or not its own code uses them,
+    /// under a linkage name the package's other units link against.
+    fn share_new_globals(&mut self) {
+        let own: Vec<usize> = (0..self.patched.symbols.len())
+            .filter(|&i| {
+                let s = &self.patched.symbols[i];
+                is_new_global(s, self.diff)
+                    && self.names.shared.get(&s.name).is_some_and(|d| {
+                        d.file == self.source_file && d.object == self.kernel_object
+                    })
+            })
+            .collect();
+        for symbol in own {
+            let sym = self.patched.symbols[symbol].clone();
+            let Some(section) = sym.section() else {
+                continue;
+            };
+            let Some((out_sym, addend)) = self.named_target(symbol, section, 0) else {
+                continue;
+            };
+            // The carried copy's place: a section symbol plus an offset.
+            let (out, value) = match self.out.symbol(out_sym).section {
+                write::SymbolSection::Section(out) => (out, addend as u64),
+                _ => continue,
+            };
+            self.out.add_symbol(write::Symbol {
+                name: shared_symbol_name(&sym.name).into_bytes(),
+                value,
+                size: sym.size,
+                kind: if sym.is_function() {
+                    object::SymbolKind::Text
+                } else {
+                    object::SymbolKind::Data
+                },
+                scope: SymbolScope::Linkage,
+                weak: false,
+                section: write::SymbolSection::Section(out),
+                flags: SymbolFlags::None,
+            });
+        }
+    }
+
+    /// A reference to a new global another unit of the package defines:
+    /// None when no unit does, Some(None) when it is refused.
+    fn shared_reference(&mut self, name: &str) -> Option<Option<SymbolId>> {
+        let home = self.names.shared.get(name)?.clone();
+        if !may_use(self.kernel_object, &home.object) {
+            self.refused.push(Refusal {
+                symbol: name.to_string(),
+                reason: format!(
+                    "new in {} ({}) and used by new code of {} ({}), which can run while {} is not loaded",
+                    home.file, home.object, self.source_file, self.kernel_object, home.object
+                ),
+            });
+            return Some(None);
+        }
+        if let Some(&id) = self.shared_references.get(name) {
+            return Some(Some(id));
+        }
+        let id = self.out.add_symbol(write::Symbol {
+            name: shared_symbol_name(name).into_bytes(),
+            value: 0,
+            size: 0,
+            kind: object::SymbolKind::Unknown,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: write::SymbolSection::Undefined,
+            flags: SymbolFlags::None,
+        });
+        self.shared_references.insert(name.to_string(), id);
+        Some(Some(id))
     }
 
     /// String literals and anonymous constants are copied whole: new code

@@ -10,6 +10,7 @@
 pub mod extract;
 pub mod klp;
 pub mod module_symbols;
+pub mod target_symbols;
 
 use crate::diff::{ObjectDiff, ObjectFile};
 use crate::error::Error;
@@ -61,20 +62,100 @@ pub fn generate(
     let mut object_files = Vec::new();
     let mut refusals = Vec::new();
     let mut load_time = Vec::new();
+    let mut notes = Vec::new();
     let mut shipped: BTreeMap<String, Option<module_symbols::ShippedModule>> = BTreeMap::new();
 
-    for (index, unit) in units.iter().enumerate() {
-        if unit.diff.functions.is_empty() {
+    // New globals one unit defines and another uses link inside the package.
+    for unit in units {
+        if let Err(r) = names.share_new_globals(
+            &unit.kernel_object,
+            &unit.source_file,
+            unit.patched,
+            unit.diff,
+        ) {
+            refusals.push(r);
+        }
+    }
+    // What the running kernel's symbol table will be, where the target's
+    // image tells: the build decides what apply would only find out later.
+    let vmlinux_table = match &modules.vmlinuz {
+        Some(image)
+            if units
+                .iter()
+                .any(|u| u.kernel_object == "vmlinux" && !u.diff.functions.is_empty()) =>
+        {
+            Some(target_symbols::read_vmlinuz(image)?)
+        }
+        _ => None,
+    };
+    let vmlinux_symbols = vmlinux_table
+        .as_ref()
+        .map(|t| crate::apply::ObjectSymbols::new(t.iter().collect()));
+    for unit in units {
+        if unit.kernel_object != "vmlinux" || unit.diff.functions.is_empty() {
             continue;
         }
-        let extracted: Extracted =
-            match extract::extract(unit.patched, unit.diff, &unit.source_file, &mut names) {
-                Ok(e) => e,
-                Err(mut r) => {
-                    refusals.append(&mut r);
-                    continue;
-                }
-            };
+        if let Some(symbols) = &vmlinux_symbols {
+            refusals.extend(target_symbols::refuse_overridden_weak_changes(
+                unit.original,
+                unit.diff,
+                symbols,
+            ));
+        }
+    }
+    for unit in units.iter() {
+        let object = &unit.kernel_object;
+        let carries = !unit.diff.functions.is_empty() || names.defines_shared(&unit.source_file);
+        if carries && object != "vmlinux" && !shipped.contains_key(object) {
+            shipped.insert(object.clone(), modules.shipped(object)?);
+        }
+    }
+    for (index, unit) in units.iter().enumerate() {
+        if unit.diff.functions.is_empty() && !names.defines_shared(&unit.source_file) {
+            continue;
+        }
+        let module = if unit.kernel_object == "vmlinux" {
+            None
+        } else {
+            Some(shipped[&unit.kernel_object].as_ref())
+        };
+        let unit_locals = match module {
+            Some(_) => module_symbols::kallsyms_locals(unit.original),
+            None => Vec::new(),
+        };
+        let file_symbols = defined_symbols(unit.original);
+        // Bookkeeping statics the running kernel cannot show as one symbol
+        // start afresh in the package.
+        let fresh = unbound_bookkeeping(unit, |name| match module {
+            None => vmlinux_symbols.as_ref().is_some_and(|symbols| {
+                crate::apply::choose(symbols, name, SymbolKind::Data, Some(&file_symbols), None)
+                    .is_ok()
+            }),
+            Some(m) => m.is_some_and(|m| {
+                m.sympos(name, Some(&unit.source_file), &unit_locals)
+                    .is_ok()
+            }),
+        });
+        notes.extend(fresh.iter().filter(|n| !crate::diff::is_message_limiter(n)).map(|name| {
+            format!(
+                "{name} of {}: starts afresh in the new code (the target's symbol table does not tie it to one kernel symbol)",
+                unit.source_file
+            )
+        }));
+        let extracted: Extracted = match extract::extract(
+            unit.patched,
+            unit.diff,
+            &unit.source_file,
+            &unit.kernel_object,
+            &fresh,
+            &mut names,
+        ) {
+            Ok(e) => e,
+            Err(mut r) => {
+                refusals.append(&mut r);
+                continue;
+            }
+        };
         let file_name = format!("extracted_{index}.o");
         std::fs::write(work.join(&file_name), &extracted.object)?;
         // Kbuild's modpost reads a command record for every object it links.
@@ -99,19 +180,6 @@ pub fn generate(
                 load_time: Vec::new(),
                 expected_code: Vec::new(),
             });
-        let module = if unit.kernel_object == "vmlinux" {
-            None
-        } else {
-            if !shipped.contains_key(&unit.kernel_object) {
-                let m = modules.shipped(&unit.kernel_object)?;
-                shipped.insert(unit.kernel_object.clone(), m);
-            }
-            Some(shipped[&unit.kernel_object].as_ref())
-        };
-        let unit_locals = match module {
-            Some(_) => module_symbols::kallsyms_locals(unit.original),
-            None => Vec::new(),
-        };
         for version in &extracted.replaced {
             let replaced = ReplacedFunction {
                 name: version.name.clone(),
@@ -130,7 +198,16 @@ pub fn generate(
         }
         update.added.extend(extracted.added.iter().cloned());
         match module {
-            None => update.externals.extend(extracted.externals.iter().cloned()),
+            None => {
+                if let Some(symbols) = &vmlinux_symbols {
+                    refusals.extend(target_symbols::unbound_references(
+                        &extracted.externals,
+                        symbols,
+                        &file_symbols,
+                    ));
+                }
+                update.externals.extend(extracted.externals.iter().cloned())
+            }
             Some(m) => match module_symbols::split_externals(
                 &unit.kernel_object,
                 extracted.externals.clone(),
@@ -161,11 +238,20 @@ pub fn generate(
             .iter()
             .filter(|e| e.kind == SymbolKind::Function)
             .map(|e| e.name.as_str());
+        // A weak definition another file's overrides never runs: the new
+        // code's call reaches the running one, which has no expected code.
+        let overridden = |name: &str| {
+            unit.kernel_object == "vmlinux"
+                && vmlinux_symbols
+                    .as_ref()
+                    .is_some_and(|s| target_symbols::overridden_weak(unit.original, name, s))
+        };
         for name in extracted
             .replaced
             .iter()
             .map(|v| v.name.as_str())
             .chain(called)
+            .filter(|name| !overridden(name))
         {
             let known = update
                 .expected_code
@@ -179,7 +265,7 @@ pub fn generate(
         }
         update.files.push(SourceObject {
             file: unit.source_file.clone(),
-            symbols: defined_symbols(unit.original),
+            symbols: file_symbols,
         });
     }
     if !refusals.is_empty() {
@@ -220,18 +306,40 @@ pub fn generate(
     )?;
     let ko = build_module(kbuild_dir, work, module_name, &objects, &load_time)?;
     let converted = klp::convert(&ko, &load_time)?;
-    let notes = converted
-        .silent
-        .iter()
-        .map(|(module, what)| {
-            format!("{what} of {module}: silent in the new code (a livepatch jump label cannot use the module's key)")
-        })
-        .collect();
+    notes.extend(converted.silent.iter().map(|(module, what)| {
+        format!("{what} of {module}: silent in the new code (a livepatch jump label cannot use the module's key)")
+    }));
     Ok(GeneratedModule {
         ko: converted.ko,
         objects,
         notes,
     })
+}
+
+/// Patched names of the bookkeeping statics (message limiters, lockdep
+/// keys) whose original `binds` cannot tie to one kernel symbol: the new
+/// code gets copies of its own instead of a reference apply cannot resolve.
+fn unbound_bookkeeping(
+    unit: &TranslationUnit,
+    binds: impl Fn(&str) -> bool,
+) -> std::collections::BTreeSet<String> {
+    unit.patched
+        .symbols
+        .iter()
+        .filter(|s| s.is_local() && s.is_named_definition() && !s.is_function())
+        .filter(|s| crate::diff::is_bookkeeping(&s.name))
+        .filter(|s| {
+            s.section()
+                .is_some_and(|i| !unit.patched.sections[i].is_exec())
+        })
+        .filter(|s| {
+            unit.diff
+                .correlation
+                .orig_name(&s.name)
+                .is_some_and(|orig| !binds(orig))
+        })
+        .map(|s| s.name.clone())
+        .collect()
 }
 
 /// The run-pre expectation for the function `name` defined in `original`.

@@ -164,6 +164,9 @@ pub struct ModuleContext {
     pub modules_dir: Option<std::path::PathBuf>,
     /// Symbol → exporting object (`vmlinux` or a module), from Module.symvers.
     pub exporters: HashMap<String, String>,
+    /// The target's kernel image (Debian targets), whose kallsyms tables
+    /// tell the build what the running kernel's symbol table will be.
+    pub vmlinuz: Option<std::path::PathBuf>,
 }
 
 impl ModuleContext {
