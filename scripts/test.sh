@@ -12,6 +12,9 @@ cd "$(dirname "$0")/.."
 
 scripts/install-deps.sh
 cargo build --quiet --bins --tests
+# The fuzz targets' smoke test runs them for seconds; build them first, with
+# scripts/fuzz.sh's flags, so no test spends minutes compiling.
+RUSTC_BOOTSTRAP=1 cargo fuzz build --sanitizer none --debug-assertions
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --test-threads 2 --no-fail-fast --failure-output final "$@"
 else
