@@ -135,11 +135,7 @@ fn builds_original_and_patched_object() {
 fn refuses_a_header_too_many_files_include() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let target = target();
-    let header = std::fs::read_to_string(target.source.join("include/linux/seq_file.h")).unwrap();
-    let first = header.lines().next().unwrap();
-    let patch = format!(
-        "--- a/include/linux/seq_file.h\n+++ b/include/linux/seq_file.h\n@@ -1 +1,2 @@\n {first}\n+/* changed */\n"
-    );
+    let patch = append_after_first_line(&target, &["include/linux/seq_file.h"], "/* changed */");
     let err = build_patch(&target, &patch).unwrap_err();
     let typed = err.downcast_ref::<Error>().expect("typed error");
     assert!(matches!(typed, Error::Refused(_)), "{err}");
@@ -163,9 +159,7 @@ fn refuses_files_not_in_the_config() {
         !config.contains("CONFIG_TI_DAVINCI_EMAC=y")
             && !config.contains("CONFIG_TI_DAVINCI_EMAC=m")
     );
-    let text = std::fs::read_to_string(target.source.join(file)).unwrap();
-    let first = text.lines().next().unwrap();
-    let patch = format!("--- a/{file}\n+++ b/{file}\n@@ -1 +1,2 @@\n {first}\n+/* changed */\n");
+    let patch = append_after_first_line(&target, &[file], "/* changed */");
     let pristine = std::fs::read(target.source.join(file)).unwrap();
     let err = build_patch(&target, &patch).unwrap_err();
     let typed = err.downcast_ref::<Error>().expect("typed error");
@@ -202,14 +196,16 @@ fn unchanged_source_compiles_to_identical_objects() {
     );
 }
 
-/// A patch appending `text` after the first line of each file.
+/// A patch inserting `text` after the first line of each file, with the
+/// second line as trailing context, as `diff -U1` writes it.
 fn append_after_first_line(target: &Target, files: &[&str], text: &str) -> String {
     let mut patch = String::new();
     for file in files {
         let content = std::fs::read_to_string(target.source.join(file)).unwrap();
-        let first = content.lines().next().unwrap();
+        let mut lines = content.lines();
+        let (first, second) = (lines.next().unwrap(), lines.next().unwrap());
         patch.push_str(&format!(
-            "diff --git a/{file} b/{file}\n--- a/{file}\n+++ b/{file}\n@@ -1 +1,2 @@\n {first}\n+{text}\n"
+            "diff --git a/{file} b/{file}\n--- a/{file}\n+++ b/{file}\n@@ -1,2 +1,3 @@\n {first}\n+{text}\n {second}\n"
         ));
     }
     patch
