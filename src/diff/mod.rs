@@ -411,11 +411,12 @@ impl<'a> View<'a> {
 
     fn range_signature(&mut self, section: usize, start: u64, end: u64) -> Signature {
         let data = self.obj.data(section);
-        let mut bytes = if data.is_empty() {
-            Vec::new()
-        } else {
-            data[start as usize..(end as usize).min(data.len())].to_vec()
-        };
+        // `start` may come from an addend (an unnamed snippet) and lie
+        // anywhere; symbol extents were checked when the object was read.
+        let mut bytes = data
+            .get(start as usize..(end as usize).min(data.len()))
+            .unwrap_or(&[])
+            .to_vec();
         let mut relocs = Vec::new();
         let section_relocs = self.obj.sections[section].relocs.clone();
         for r in section_relocs
@@ -454,7 +455,7 @@ impl<'a> View<'a> {
             bytes = vec![0; (end - start) as usize];
         }
         if self.obj.sections[section].is_nobits() {
-            bytes = (end - start).to_le_bytes().to_vec();
+            bytes = end.saturating_sub(start).to_le_bytes().to_vec();
         }
         Signature { bytes, relocs }
     }
@@ -468,15 +469,17 @@ impl<'a> View<'a> {
         {
             // A string literal, whether named by its section or by a label
             // such as `.LC2` (inline asm keeps those): compare the text.
-            let position =
-                sym.value as i64 + r.addend + self.instructions.pc_bias(self.obj, section, r);
+            let position = (sym.value as i64)
+                .saturating_add(r.addend)
+                .saturating_add(self.instructions.pc_bias(self.obj, section, r));
             return RelocTarget::Str(c_string_at(self.obj.data(ts), position));
         }
         if let Some(ts) = sym.section().filter(|_| sym.name.starts_with(".L")) {
             // Other compiler labels (`.LC5` in a constant pool): by contents.
-            let position =
-                sym.value as i64 + r.addend + self.instructions.pc_bias(self.obj, section, r);
-            return self.anonymous_target(ts, position, r.addend + sym.value as i64);
+            let position = (sym.value as i64)
+                .saturating_add(r.addend)
+                .saturating_add(self.instructions.pc_bias(self.obj, section, r));
+            return self.anonymous_target(ts, position, r.addend.saturating_add(sym.value as i64));
         }
         if !sym.is_section() {
             return RelocTarget::Symbol(self.name(&sym.name), r.addend);
@@ -484,7 +487,9 @@ impl<'a> View<'a> {
         let Some(target_section) = sym.section() else {
             return RelocTarget::Section(sym.name.clone(), r.addend);
         };
-        let position = r.addend + self.instructions.pc_bias(self.obj, section, r);
+        let position = r
+            .addend
+            .saturating_add(self.instructions.pc_bias(self.obj, section, r));
         let target = &self.obj.sections[target_section];
         if target.is_strings() {
             return RelocTarget::Str(c_string_at(self.obj.data(target_section), position));
@@ -492,7 +497,7 @@ impl<'a> View<'a> {
         match covering_symbol(self.obj, target_section, position) {
             Some(s) => {
                 let s = &self.obj.symbols[s];
-                RelocTarget::Symbol(self.name(&s.name), r.addend - s.value as i64)
+                RelocTarget::Symbol(self.name(&s.name), r.addend.saturating_sub(s.value as i64))
             }
             None => self.anonymous_target(target_section, position, r.addend),
         }
@@ -518,7 +523,7 @@ impl<'a> View<'a> {
             let data = self.obj.data(section);
             let bytes = usize::try_from(position)
                 .ok()
-                .and_then(|p| data.get(p..p + s.entsize as usize))
+                .and_then(|p| data.get(p..p.checked_add(usize::try_from(s.entsize).ok()?)?))
                 .unwrap_or(&[]);
             return RelocTarget::Constant(bytes.to_vec());
         }
@@ -763,9 +768,9 @@ fn ftrace_sites(obj: &ObjectFile) -> Option<BTreeSet<(usize, u64)>> {
     for r in &obj.sections[mcount].relocs {
         let sym = &obj.symbols[r.symbol];
         if let Some(section) = sym.section() {
-            let offset = sym.value as i64 + r.addend;
+            let offset = (sym.value as i64).saturating_add(r.addend);
             // The call follows at most a 4-byte endbr at the function start.
-            for start in [offset, offset - 4] {
+            for start in [offset, offset.saturating_sub(4)] {
                 if start >= 0 {
                     sites.insert((section, start as u64));
                 }
