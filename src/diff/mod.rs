@@ -375,6 +375,9 @@ struct View<'a> {
     instructions: InstructionIndex,
     /// Names the object defines, to tell its new symbols from external ones.
     defined: std::collections::HashSet<&'a str>,
+    /// Unnamed snippets whose signature is being taken: one that refers to
+    /// itself (directly or through others) is named by place instead.
+    snippets: Vec<(usize, u64)>,
 }
 
 impl<'a> View<'a> {
@@ -383,6 +386,7 @@ impl<'a> View<'a> {
             obj,
             correlation,
             instructions: InstructionIndex::default(),
+            snippets: Vec::new(),
             defined: obj
                 .symbols
                 .iter()
@@ -510,9 +514,13 @@ impl<'a> View<'a> {
         if s.is_exec() {
             // Out-of-line code without a symbol: by its own signature.
             if let Ok(start) = u64::try_from(position) {
-                let (start, end) = snippet_range(self.obj, section, start);
-                let snippet = self.range_signature(section, start, end);
-                return RelocTarget::Code(snippet.bytes, snippet.relocs);
+                if !self.snippets.contains(&(section, start)) {
+                    self.snippets.push((section, start));
+                    let (start, end) = snippet_range(self.obj, section, start);
+                    let snippet = self.range_signature(section, start, end);
+                    self.snippets.pop();
+                    return RelocTarget::Code(snippet.bytes, snippet.relocs);
+                }
             }
         }
         let merged = s.flags & u64::from(elf::SHF_MERGE) != 0;
@@ -1099,5 +1107,61 @@ mod tests {
     fn cold_suffixes() {
         assert!(is_number("12"));
         assert!(!is_number(""));
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+    use ::object::write::{Object, Relocation, Symbol, SymbolSection};
+    use ::object::{
+        Architecture, BinaryFormat, Endianness, RelocationFlags, SectionKind, SymbolFlags,
+        SymbolKind, SymbolScope,
+    };
+    use std::path::Path;
+
+    /// `f` calls an unnamed snippet in `.altinstr_aux` that calls itself.
+    fn self_referring_snippet() -> Vec<u8> {
+        let mut obj = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let call_ret = [0xe8, 0, 0, 0, 0, 0xc3];
+        let text = obj.add_section(Vec::new(), b".text.f".to_vec(), SectionKind::Text);
+        obj.append_section_data(text, &call_ret, 16);
+        obj.add_symbol(Symbol {
+            name: b"f".to_vec(),
+            value: 0,
+            size: call_ret.len() as u64,
+            kind: SymbolKind::Text,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: SymbolSection::Section(text),
+            flags: SymbolFlags::None,
+        });
+        let aux = obj.add_section(Vec::new(), b".altinstr_aux".to_vec(), SectionKind::Text);
+        obj.append_section_data(aux, &call_ret, 1);
+        let aux_symbol = obj.section_symbol(aux);
+        for section in [text, aux] {
+            obj.add_relocation(
+                section,
+                Relocation {
+                    offset: 1,
+                    symbol: aux_symbol,
+                    addend: -4,
+                    flags: RelocationFlags::Elf {
+                        r_type: elf::R_X86_64_PC32,
+                    },
+                },
+            )
+            .unwrap();
+        }
+        obj.write().unwrap()
+    }
+
+    #[test]
+    fn snippet_calling_itself_is_compared() {
+        let bytes = self_referring_snippet();
+        let orig = ObjectFile::parse(Path::new("orig.o"), bytes.clone()).unwrap();
+        let patched = ObjectFile::parse(Path::new("patched.o"), bytes).unwrap();
+        let diff = diff_objects(&orig, &patched).unwrap();
+        assert!(diff.functions.is_empty(), "{:?}", diff.functions);
     }
 }
