@@ -1157,6 +1157,32 @@ mod hostile_tests {
     }
 
     #[test]
+    fn relocation_past_its_section_is_refused() {
+        let mut obj = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let text = obj.add_section(Vec::new(), b".text.f".to_vec(), SectionKind::Text);
+        obj.append_section_data(text, &[0xe8, 0, 0, 0, 0, 0xc3], 16);
+        let symbol = obj.section_symbol(text);
+        // A 4-byte field at 3 ends at 7, past the 6 bytes of code.
+        obj.add_relocation(
+            text,
+            Relocation {
+                offset: 3,
+                symbol,
+                addend: -4,
+                flags: RelocationFlags::Elf {
+                    r_type: elf::R_X86_64_PC32,
+                },
+            },
+        )
+        .unwrap();
+        let err = ObjectFile::parse(Path::new("bad.o"), obj.write().unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad.o: relocation at 0x3 lies outside .text.f (0x6 bytes)"
+        );
+    }
+
+    #[test]
     fn snippet_calling_itself_is_compared() {
         let bytes = self_referring_snippet();
         let orig = ObjectFile::parse(Path::new("orig.o"), bytes.clone()).unwrap();
