@@ -149,7 +149,9 @@ fn referencing_functions(obj: &ObjectFile) -> HashMap<&str, BTreeMap<&str, u64>>
                 // `cmpb $0, flag(%rip)`: the addend also skips the
                 // immediate after the field; without it, the flag at +1
                 // of a shared section (.data.once) reads as the one at +0.
-                let position = r.addend + instructions.pc_bias(obj, unit.section, r);
+                let position = r
+                    .addend
+                    .saturating_add(instructions.pc_bias(obj, unit.section, r));
                 sym.section()
                     .and_then(|s| super::covering_symbol(obj, s, position.max(0)))
                     .map(|i| obj.symbols[i].name.as_str())

@@ -375,6 +375,9 @@ struct View<'a> {
     instructions: InstructionIndex,
     /// Names the object defines, to tell its new symbols from external ones.
     defined: std::collections::HashSet<&'a str>,
+    /// Unnamed snippets whose signature is being taken: one that refers to
+    /// itself (directly or through others) is named by place instead.
+    snippets: Vec<(usize, u64)>,
 }
 
 impl<'a> View<'a> {
@@ -383,6 +386,7 @@ impl<'a> View<'a> {
             obj,
             correlation,
             instructions: InstructionIndex::default(),
+            snippets: Vec::new(),
             defined: obj
                 .symbols
                 .iter()
@@ -411,11 +415,12 @@ impl<'a> View<'a> {
 
     fn range_signature(&mut self, section: usize, start: u64, end: u64) -> Signature {
         let data = self.obj.data(section);
-        let mut bytes = if data.is_empty() {
-            Vec::new()
-        } else {
-            data[start as usize..(end as usize).min(data.len())].to_vec()
-        };
+        // `start` may come from an addend (an unnamed snippet) and lie
+        // anywhere; symbol extents were checked when the object was read.
+        let mut bytes = data
+            .get(start as usize..(end as usize).min(data.len()))
+            .unwrap_or(&[])
+            .to_vec();
         let mut relocs = Vec::new();
         let section_relocs = self.obj.sections[section].relocs.clone();
         for r in section_relocs
@@ -454,7 +459,7 @@ impl<'a> View<'a> {
             bytes = vec![0; (end - start) as usize];
         }
         if self.obj.sections[section].is_nobits() {
-            bytes = (end - start).to_le_bytes().to_vec();
+            bytes = end.saturating_sub(start).to_le_bytes().to_vec();
         }
         Signature { bytes, relocs }
     }
@@ -468,15 +473,17 @@ impl<'a> View<'a> {
         {
             // A string literal, whether named by its section or by a label
             // such as `.LC2` (inline asm keeps those): compare the text.
-            let position =
-                sym.value as i64 + r.addend + self.instructions.pc_bias(self.obj, section, r);
+            let position = (sym.value as i64)
+                .saturating_add(r.addend)
+                .saturating_add(self.instructions.pc_bias(self.obj, section, r));
             return RelocTarget::Str(c_string_at(self.obj.data(ts), position));
         }
         if let Some(ts) = sym.section().filter(|_| sym.name.starts_with(".L")) {
             // Other compiler labels (`.LC5` in a constant pool): by contents.
-            let position =
-                sym.value as i64 + r.addend + self.instructions.pc_bias(self.obj, section, r);
-            return self.anonymous_target(ts, position, r.addend + sym.value as i64);
+            let position = (sym.value as i64)
+                .saturating_add(r.addend)
+                .saturating_add(self.instructions.pc_bias(self.obj, section, r));
+            return self.anonymous_target(ts, position, r.addend.saturating_add(sym.value as i64));
         }
         if !sym.is_section() {
             return RelocTarget::Symbol(self.name(&sym.name), r.addend);
@@ -484,7 +491,9 @@ impl<'a> View<'a> {
         let Some(target_section) = sym.section() else {
             return RelocTarget::Section(sym.name.clone(), r.addend);
         };
-        let position = r.addend + self.instructions.pc_bias(self.obj, section, r);
+        let position = r
+            .addend
+            .saturating_add(self.instructions.pc_bias(self.obj, section, r));
         let target = &self.obj.sections[target_section];
         if target.is_strings() {
             return RelocTarget::Str(c_string_at(self.obj.data(target_section), position));
@@ -492,7 +501,7 @@ impl<'a> View<'a> {
         match covering_symbol(self.obj, target_section, position) {
             Some(s) => {
                 let s = &self.obj.symbols[s];
-                RelocTarget::Symbol(self.name(&s.name), r.addend - s.value as i64)
+                RelocTarget::Symbol(self.name(&s.name), r.addend.saturating_sub(s.value as i64))
             }
             None => self.anonymous_target(target_section, position, r.addend),
         }
@@ -505,9 +514,13 @@ impl<'a> View<'a> {
         if s.is_exec() {
             // Out-of-line code without a symbol: by its own signature.
             if let Ok(start) = u64::try_from(position) {
-                let (start, end) = snippet_range(self.obj, section, start);
-                let snippet = self.range_signature(section, start, end);
-                return RelocTarget::Code(snippet.bytes, snippet.relocs);
+                if !self.snippets.contains(&(section, start)) {
+                    self.snippets.push((section, start));
+                    let (start, end) = snippet_range(self.obj, section, start);
+                    let snippet = self.range_signature(section, start, end);
+                    self.snippets.pop();
+                    return RelocTarget::Code(snippet.bytes, snippet.relocs);
+                }
             }
         }
         let merged = s.flags & u64::from(elf::SHF_MERGE) != 0;
@@ -518,7 +531,7 @@ impl<'a> View<'a> {
             let data = self.obj.data(section);
             let bytes = usize::try_from(position)
                 .ok()
-                .and_then(|p| data.get(p..p + s.entsize as usize))
+                .and_then(|p| data.get(p..p.checked_add(usize::try_from(s.entsize).ok()?)?))
                 .unwrap_or(&[]);
             return RelocTarget::Constant(bytes.to_vec());
         }
@@ -763,9 +776,9 @@ fn ftrace_sites(obj: &ObjectFile) -> Option<BTreeSet<(usize, u64)>> {
     for r in &obj.sections[mcount].relocs {
         let sym = &obj.symbols[r.symbol];
         if let Some(section) = sym.section() {
-            let offset = sym.value as i64 + r.addend;
+            let offset = (sym.value as i64).saturating_add(r.addend);
             // The call follows at most a 4-byte endbr at the function start.
-            for start in [offset, offset - 4] {
+            for start in [offset, offset.saturating_sub(4)] {
                 if start >= 0 {
                     sites.insert((section, start as u64));
                 }
@@ -1094,5 +1107,87 @@ mod tests {
     fn cold_suffixes() {
         assert!(is_number("12"));
         assert!(!is_number(""));
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+    use ::object::write::{Object, Relocation, Symbol, SymbolSection};
+    use ::object::{
+        Architecture, BinaryFormat, Endianness, RelocationFlags, SectionKind, SymbolFlags,
+        SymbolKind, SymbolScope,
+    };
+    use std::path::Path;
+
+    /// `f` calls an unnamed snippet in `.altinstr_aux` that calls itself.
+    fn self_referring_snippet() -> Vec<u8> {
+        let mut obj = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let call_ret = [0xe8, 0, 0, 0, 0, 0xc3];
+        let text = obj.add_section(Vec::new(), b".text.f".to_vec(), SectionKind::Text);
+        obj.append_section_data(text, &call_ret, 16);
+        obj.add_symbol(Symbol {
+            name: b"f".to_vec(),
+            value: 0,
+            size: call_ret.len() as u64,
+            kind: SymbolKind::Text,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: SymbolSection::Section(text),
+            flags: SymbolFlags::None,
+        });
+        let aux = obj.add_section(Vec::new(), b".altinstr_aux".to_vec(), SectionKind::Text);
+        obj.append_section_data(aux, &call_ret, 1);
+        let aux_symbol = obj.section_symbol(aux);
+        for section in [text, aux] {
+            obj.add_relocation(
+                section,
+                Relocation {
+                    offset: 1,
+                    symbol: aux_symbol,
+                    addend: -4,
+                    flags: RelocationFlags::Elf {
+                        r_type: elf::R_X86_64_PC32,
+                    },
+                },
+            )
+            .unwrap();
+        }
+        obj.write().unwrap()
+    }
+
+    #[test]
+    fn relocation_past_its_section_is_refused() {
+        let mut obj = Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+        let text = obj.add_section(Vec::new(), b".text.f".to_vec(), SectionKind::Text);
+        obj.append_section_data(text, &[0xe8, 0, 0, 0, 0, 0xc3], 16);
+        let symbol = obj.section_symbol(text);
+        // A 4-byte field at 3 ends at 7, past the 6 bytes of code.
+        obj.add_relocation(
+            text,
+            Relocation {
+                offset: 3,
+                symbol,
+                addend: -4,
+                flags: RelocationFlags::Elf {
+                    r_type: elf::R_X86_64_PC32,
+                },
+            },
+        )
+        .unwrap();
+        let err = ObjectFile::parse(Path::new("bad.o"), obj.write().unwrap()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bad.o: relocation at 0x3 lies outside .text.f (0x6 bytes)"
+        );
+    }
+
+    #[test]
+    fn snippet_calling_itself_is_compared() {
+        let bytes = self_referring_snippet();
+        let orig = ObjectFile::parse(Path::new("orig.o"), bytes.clone()).unwrap();
+        let patched = ObjectFile::parse(Path::new("patched.o"), bytes).unwrap();
+        let diff = diff_objects(&orig, &patched).unwrap();
+        assert!(diff.functions.is_empty(), "{:?}", diff.functions);
     }
 }

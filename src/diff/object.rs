@@ -11,6 +11,17 @@ use std::path::{Path, PathBuf};
 
 type Header = elf::FileHeader64<Endianness>;
 
+/// Largest section accepted (256 TiB, far beyond any real object): symbol
+/// values, sizes and relocation offsets within it stay far from overflow
+/// as u64 and as i64, so later stages can add and subtract them freely.
+pub const MAX_SECTION_SIZE: u64 = 1 << 48;
+
+/// A name from the object as an error message shows it: on one line, with
+/// control characters escaped.
+fn shown(name: &str) -> String {
+    name.escape_debug().to_string()
+}
+
 #[derive(Debug, Clone)]
 pub struct Section {
     pub name: String,
@@ -153,7 +164,18 @@ impl ObjectFile {
                 .map(|n| String::from_utf8_lossy(n).into_owned())
                 .map_err(|e| anyhow::anyhow!(fail(&format!("section {index}: {e}"))))?;
             let sh_type = sh.sh_type(endian);
-            let size = sh.sh_size(endian);
+            // An inactive section has no contents, whatever its size says.
+            let size = if sh_type == elf::SHT_NULL {
+                0
+            } else {
+                sh.sh_size(endian)
+            };
+            if size > MAX_SECTION_SIZE {
+                bail!(
+                    "{}",
+                    fail(&format!("section {} claims {size:#x} bytes", shown(&name)))
+                );
+            }
             let file_range = if sh_type == elf::SHT_NOBITS || sh_type == elf::SHT_NULL {
                 (0, 0)
             } else {
@@ -164,7 +186,8 @@ impl ObjectFile {
                     _ => bail!(
                         "{}",
                         fail(&format!(
-                            "section {name} lies outside the file (truncated?)"
+                            "section {} lies outside the file (truncated?)",
+                            shown(&name)
                         ))
                     ),
                 }
@@ -207,13 +230,29 @@ impl ObjectFile {
                     name = sections[i].name.clone();
                 }
             }
+            let (value, size) = (sym.st_value(endian), sym.st_size(endian));
+            if let SymbolPlace::Section(i) = place {
+                // Later stages index section contents by symbol extents.
+                let section = &sections[i];
+                if value.checked_add(size).is_none_or(|end| end > section.size) {
+                    bail!(
+                        "{}",
+                        fail(&format!(
+                            "symbol {} ({value:#x}, {size:#x} bytes) lies outside section {} ({:#x} bytes)",
+                            shown(&name),
+                            shown(&section.name),
+                            section.size
+                        ))
+                    );
+                }
+            }
             symbols.push(Symbol {
                 name,
                 st_type: sym.st_type(),
                 bind: sym.st_bind(),
                 place,
-                value: sym.st_value(endian),
-                size: sym.st_size(endian),
+                value,
+                size,
             });
         }
 
@@ -243,18 +282,25 @@ impl ObjectFile {
                 if symbol >= symbols.len() {
                     bail!("{}", fail("relocation refers to a missing symbol"));
                 }
-                if offset >= target_size {
+                let r_type = rela.r_type(endian, false);
+                // The field it patches must fit; an unknown type is refused
+                // later with a reason, so only its start is checked here.
+                let width = reloc_width(r_type).unwrap_or(0).max(1) as u64;
+                if offset
+                    .checked_add(width)
+                    .is_none_or(|end| end > target_size)
+                {
                     bail!(
                         "{}",
                         fail(&format!(
-                            "relocation at {offset:#x} lies outside {}",
-                            sections[target].name
+                            "relocation at {offset:#x} lies outside {} ({target_size:#x} bytes)",
+                            shown(&sections[target].name)
                         ))
                     );
                 }
                 relocs.push(Reloc {
                     offset,
-                    r_type: rela.r_type(endian, false),
+                    r_type,
                     symbol,
                     addend: rela.r_addend(endian),
                 });
