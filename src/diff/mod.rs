@@ -16,6 +16,7 @@ pub mod types;
 
 pub use correlate::{is_bookkeeping, is_message_limiter, Correlation};
 pub use object::ObjectFile;
+use object::Section;
 
 use crate::error::Refusal;
 use ::object::elf;
@@ -841,14 +842,7 @@ fn referrers(obj: &ObjectFile, symbol: usize) -> BTreeSet<String> {
     };
     let units = function_units(obj);
     let mut found = BTreeSet::new();
-    for (index, section) in obj.sections.iter().enumerate() {
-        let role = special::classify(&section.name, section.is_alloc(), section.is_exec());
-        if !matches!(
-            role,
-            SectionRole::Text | SectionRole::Data | SectionRole::Init
-        ) {
-            continue;
-        }
+    for (index, section) in code_and_data_sections(obj) {
         for r in &section.relocs {
             let sym = &obj.symbols[r.symbol];
             let hits = if sym.is_section() {
@@ -935,14 +929,7 @@ fn listed_records(obj: &ObjectFile) -> BTreeSet<usize> {
         .iter()
         .filter_map(|&i| obj.symbols[i].section())
         .collect();
-    for section in &obj.sections {
-        let role = special::classify(&section.name, section.is_alloc(), section.is_exec());
-        if !matches!(
-            role,
-            SectionRole::Text | SectionRole::Data | SectionRole::Init
-        ) {
-            continue;
-        }
+    for (_, section) in code_and_data_sections(obj) {
         for r in &section.relocs {
             let sym = &obj.symbols[r.symbol];
             let used = match sym.section() {
@@ -958,6 +945,17 @@ fn listed_records(obj: &ObjectFile) -> BTreeSet<usize> {
         }
     }
     listed
+}
+
+/// Sections of code and data (with their indices), whose relocations are
+/// real uses; per-instruction and registration tables are not.
+fn code_and_data_sections(obj: &ObjectFile) -> impl Iterator<Item = (usize, &Section)> {
+    obj.sections.iter().enumerate().filter(|(_, section)| {
+        matches!(
+            special::classify(&section.name, section.is_alloc(), section.is_exec()),
+            SectionRole::Text | SectionRole::Data | SectionRole::Init
+        )
+    })
 }
 
 /// Named data objects outside the special tables.
