@@ -579,16 +579,7 @@ impl Extractor<'_> {
         if let Some(&id) = self.shared_references.get(name) {
             return Some(Some(id));
         }
-        let id = self.out.add_symbol(write::Symbol {
-            name: shared_symbol_name(name).into_bytes(),
-            value: 0,
-            size: 0,
-            kind: object::SymbolKind::Unknown,
-            scope: SymbolScope::Linkage,
-            weak: false,
-            section: write::SymbolSection::Undefined,
-            flags: SymbolFlags::None,
-        });
+        let id = self.add_undefined(shared_symbol_name(name).into_bytes());
         self.shared_references.insert(name.to_string(), id);
         Some(Some(id))
     }
@@ -615,6 +606,21 @@ impl Extractor<'_> {
         Some(self.carry_range(section, 0, s.size, true))
     }
 
+    /// A global undefined symbol of the extracted object, bound at link or
+    /// load time.
+    fn add_undefined(&mut self, name: Vec<u8>) -> SymbolId {
+        self.out.add_symbol(write::Symbol {
+            name,
+            value: 0,
+            size: 0,
+            kind: object::SymbolKind::Unknown,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: write::SymbolSection::Undefined,
+            flags: SymbolFlags::None,
+        })
+    }
+
     /// An undefined symbol for something the running kernel provides.
     /// `is_code`: None when unknown (an undefined reference).
     fn external(&mut self, kernel_name: &str, is_code: Option<bool>, global: bool) -> SymbolId {
@@ -625,16 +631,7 @@ impl Extractor<'_> {
         }
         let module_symbol = format!("__dynamos_ext_{}", self.names.next_external);
         self.names.next_external += 1;
-        let id = self.out.add_symbol(write::Symbol {
-            name: module_symbol.as_bytes().to_vec(),
-            value: 0,
-            size: 0,
-            kind: object::SymbolKind::Unknown,
-            scope: SymbolScope::Linkage,
-            weak: false,
-            section: write::SymbolSection::Undefined,
-            flags: SymbolFlags::None,
-        });
+        let id = self.add_undefined(module_symbol.as_bytes().to_vec());
         let kind = match is_code {
             Some(true) => SymbolKind::Function,
             Some(false) => SymbolKind::Data,
