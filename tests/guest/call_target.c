@@ -20,24 +20,39 @@
 #include <string.h>
 #include <unistd.h>
 
+struct ksym {
+	unsigned long long address;
+	char type;
+	char name[256];
+	char owner[256]; /* empty for vmlinux */
+};
+
+/* The next line of /proc/kallsyms in `f`; 0 at its end. */
+static int next_ksym(FILE *f, struct ksym *s)
+{
+	char line[600];
+
+	while (fgets(line, sizeof(line), f)) {
+		s->owner[0] = 0;
+		if (sscanf(line, "%llx %c %255s [%255[^]]]", &s->address, &s->type, s->name,
+			   s->owner) >= 3)
+			return 1;
+	}
+	return 0;
+}
+
 static int find_symbol(const char *module, const char *function, uint64_t *address)
 {
 	FILE *f = fopen("/proc/kallsyms", "r");
-	char line[512], name[256], owner[256];
-	unsigned long long a;
-	char type;
+	struct ksym s;
 	int found = 0;
 
 	if (!f)
 		return 0;
-	while (fgets(line, sizeof(line), f)) {
-		owner[0] = 0;
-		if (sscanf(line, "%llx %c %255s [%255[^]]]", &a, &type, name, owner) < 3)
-			continue;
-		if (strcmp(name, function) == 0 && strcmp(owner, module) == 0) {
-			*address = a;
+	while (!found && next_ksym(f, &s)) {
+		if (strcmp(s.name, function) == 0 && strcmp(s.owner, module) == 0) {
+			*address = s.address;
 			found = 1;
-			break;
 		}
 	}
 	fclose(f);
@@ -48,21 +63,15 @@ static int find_symbol(const char *module, const char *function, uint64_t *addre
 static int symbol_at(uint64_t address, char *out, size_t len)
 {
 	FILE *f = fopen("/proc/kallsyms", "r");
-	char line[512], name[256], owner[256];
-	unsigned long long a;
-	char type;
+	struct ksym s;
 	int found = 0;
 
 	if (!f)
 		return 0;
-	while (fgets(line, sizeof(line), f)) {
-		owner[0] = 0;
-		if (sscanf(line, "%llx %c %255s [%255[^]]]", &a, &type, name, owner) < 3)
-			continue;
-		if (a == address && (type == 't' || type == 'T')) {
-			snprintf(out, len, "%s [%s]", name, owner[0] ? owner : "vmlinux");
+	while (!found && next_ksym(f, &s)) {
+		if (s.address == address && (s.type == 't' || s.type == 'T')) {
+			snprintf(out, len, "%s [%s]", s.name, s.owner[0] ? s.owner : "vmlinux");
 			found = 1;
-			break;
 		}
 	}
 	fclose(f);
