@@ -2,13 +2,14 @@
 //! package. Each stage lives in its own module; this one only wires them
 //! together and times them.
 
-use crate::diff::{diff_objects, ObjectFile};
+use crate::diff::{diff_objects_replacing, ObjectFile};
 use crate::error::{Error, Refusal};
 use crate::generate::{self, TranslationUnit};
 use crate::package::{self, Manifest, Package, PatchDigest, TargetIdentity};
 use crate::target::{Target, TargetSpec};
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,9 @@ pub struct BuildRequest {
     pub replaces: Vec<String>,
     /// Context lines a hunk may ignore at each end to land (`patch --fuzz`).
     pub fuzz: usize,
+    /// Functions replaced even when their code does not change (an
+    /// identity update, for measuring the redirect).
+    pub replace_unchanged: Vec<String>,
 }
 
 pub struct BuildReport {
@@ -187,11 +191,12 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let built = crate::build::build(&target, &changes)?;
     lap("compile", &mut timings);
 
+    let replace_unchanged: BTreeSet<String> = request.replace_unchanged.iter().cloned().collect();
     let mut objects = Vec::new();
     for pair in &built.pairs {
         let original = ObjectFile::read(&pair.original)?;
         let patched = ObjectFile::read(&pair.patched)?;
-        let diff = diff_objects(&original, &patched)?;
+        let diff = diff_objects_replacing(&original, &patched, &replace_unchanged)?;
         objects.push((pair, original, patched, diff));
     }
     let refusals: Vec<Refusal> = objects
@@ -205,6 +210,21 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         .collect();
     if !refusals.is_empty() {
         return Err(Error::Refused(refusals).into());
+    }
+    let missing: Vec<Refusal> = replace_unchanged
+        .iter()
+        .filter(|name| {
+            !objects
+                .iter()
+                .any(|(_, _, _, d)| d.changed().contains(name))
+        })
+        .map(|name| Refusal {
+            symbol: name.clone(),
+            reason: "--replace-unchanged names no function of the files the patches touch".into(),
+        })
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::Refused(missing).into());
     }
     // Files a header change rebuilt can come out the same: nothing to carry.
     objects.retain(|(_, _, _, d)| !d.functions.is_empty());

@@ -542,3 +542,42 @@ int checks(int x) { if (x < 0) limited("negative\n"); return x; }
     assert_eq!(run.code, 0, "{}", run.json);
     assert_eq!(names(&run.json, "changed"), ["checks"]);
 }
+
+/// Both builds of `source`, read as objects, diffed with `replace` forced.
+fn diff_identical_replacing(source: &str, replace: &[&str]) -> dynamos::diff::ObjectDiff {
+    let dir = tempfile::tempdir().unwrap();
+    let a = compile(dir.path(), "orig", source);
+    let b = compile(dir.path(), "patched", source);
+    let orig = dynamos::diff::ObjectFile::read(&a).unwrap();
+    let patched = dynamos::diff::ObjectFile::read(&b).unwrap();
+    let replace = replace.iter().map(|s| s.to_string()).collect();
+    dynamos::diff::diff_objects_replacing(&orig, &patched, &replace).unwrap()
+}
+
+#[test]
+fn an_unchanged_function_named_to_replace_counts_as_changed() {
+    let source =
+        "int counter;\nint bump(int x) { return counter += x; }\nint other(void) { return 1; }\n";
+    let diff = diff_identical_replacing(source, &["bump"]);
+    assert!(diff.refused.is_empty(), "{:?}", diff.refused);
+    assert_eq!(diff.changed(), ["bump"]);
+    assert!(diff.new_functions().is_empty());
+}
+
+#[test]
+fn an_unchanged_notrace_function_named_to_replace_is_refused() {
+    let source = "__attribute__((no_instrument_function)) int quiet(int x) { return x + 1; }\n";
+    let diff = diff_identical_replacing(source, &["quiet"]);
+    assert_eq!(diff.refused.len(), 1, "{:?}", diff.refused);
+    assert_eq!(diff.refused[0].symbol, "quiet");
+    assert!(diff.refused[0].reason.contains("no ftrace entry"));
+}
+
+#[test]
+fn a_name_to_replace_that_the_object_lacks_changes_nothing() {
+    let diff = diff_identical_replacing("int one(void) { return 1; }\n", &["missing"]);
+    assert!(
+        diff.functions.is_empty() && diff.refused.is_empty(),
+        "{diff:?}"
+    );
+}

@@ -46,6 +46,11 @@ struct Args {
     /// (as `patch --fuzz N`); each such hunk is noted.
     #[arg(long, value_name = "N", default_value_t = 0)]
     fuzz: usize,
+    /// Replace FUNCTION even if the patches leave its code unchanged (an
+    /// identity update, e.g. to measure the redirect's cost); repeatable.
+    /// FUNCTION must be in a file the patches touch and have an ftrace entry.
+    #[arg(long, value_name = "FUNCTION")]
+    replace_unchanged: Vec<String>,
     /// Print how long each stage took.
     #[arg(long)]
     timings: bool,
@@ -66,6 +71,7 @@ fn main() {
         name: args.name,
         replaces: args.replaces,
         fuzz: args.fuzz,
+        replace_unchanged: args.replace_unchanged,
     };
     match build_package(&request) {
         Ok(report) => {

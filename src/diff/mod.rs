@@ -103,6 +103,19 @@ pub enum RelocTarget {
 
 /// Compare two builds of the same translation unit.
 pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<ObjectDiff> {
+    diff_objects_replacing(orig, patched, &BTreeSet::new())
+}
+
+/// Compare two builds of the same translation unit, counting the functions
+/// named in `replace_unchanged` as changed even when their code is the
+/// same: an identity update, to measure what the redirect itself costs.
+/// They are then checked like any other changed function (ftrace entry,
+/// init code).
+pub fn diff_objects_replacing(
+    orig: &ObjectFile,
+    patched: &ObjectFile,
+    replace_unchanged: &BTreeSet<String>,
+) -> anyhow::Result<ObjectDiff> {
     let correlation = Correlation::new(orig, patched);
     let mut orig_view = View::new(orig, None);
     let mut patched_view = View::new(patched, Some(&correlation));
@@ -156,6 +169,18 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         };
         if before != after && !only_lines() {
             differs.insert(name.clone(), ChangeKind::Changed);
+        }
+    }
+
+    for name in replace_unchanged {
+        let in_both = patched_units
+            .iter()
+            .any(|u| &patched.symbols[u.symbol].name == name)
+            && correlation
+                .orig_name(name)
+                .is_some_and(|orig_name| orig_by_name.contains_key(orig_name));
+        if in_both {
+            differs.entry(name.clone()).or_insert(ChangeKind::Changed);
         }
     }
 

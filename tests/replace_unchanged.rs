@@ -1,0 +1,67 @@
+//! `dynamos-build --replace-unchanged`: an identity update of a function a
+//! patch does not change, built from the real default target.
+
+mod common;
+
+use common::*;
+
+#[test]
+fn a_comment_patch_with_replace_unchanged_replaces_the_function() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("identity.dynpkg");
+    let out = build_with(
+        &keys,
+        &["no-change-comment.diff"],
+        ["--replace-unchanged", "version_proc_show"],
+        &pkg,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    expect_line(
+        &stdout(&out),
+        "replace  version_proc_show (vmlinux, fs/proc/version.c)",
+    );
+    let inspect = dynamos(&keys.dir, &["inspect", pkg.to_str().unwrap(), "--json"]);
+    assert!(inspect.status.success(), "{}", stderr(&inspect));
+    let manifest: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        manifest["functions_replaced"],
+        serde_json::json!(["vmlinux:version_proc_show"]),
+        "{manifest}"
+    );
+}
+
+#[test]
+fn replace_unchanged_of_a_function_the_patch_does_not_build_exits_2() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("x.dynpkg");
+    let out = build_with(
+        &keys,
+        &["no-change-comment.diff"],
+        ["--replace-unchanged", "no_such_function"],
+        &pkg,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+    assert!(message.contains("no_such_function"), "{message}");
+    assert!(!pkg.exists());
+}
+
+#[test]
+fn replace_unchanged_of_init_code_exits_2() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("x.dynpkg");
+    let out = build_with(
+        &keys,
+        &["no-change-comment.diff"],
+        ["--replace-unchanged", "proc_version_init"],
+        &pkg,
+    );
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let message = stderr(&out);
+    assert_eq!(message.trim().lines().count(), 1, "{message}");
+    assert!(message.contains("proc_version_init"), "{message}");
+}
