@@ -1,0 +1,343 @@
+//! Redirect overhead: what a live update costs the calls it redirects.
+//!
+//! In one VM run of the default target, the guest micro-benchmark
+//! `tests/guest/overhead.c` times fork, brk, execve, open, read, write, a
+//! page fault and kill with
+//!   (a) no update,
+//!   (b) an identity update of the functions behind those calls
+//!       (`patches/overhead-identity.diff` with `--replace-unchanged`: the
+//!       new code is the old code, so only the redirect differs),
+//!   (c) the same with an adaptation handler that always returns false
+//!       (`patches/overhead-adaptation-false.diff`); when that package
+//!       cannot be built, or runs no handler (its `dynamos list` shows
+//!       nothing that (b)'s does not: a build that ignores the handlers
+//!       makes another identity update), the column says why and the rest
+//!       still runs.
+//! Passes alternate (a), (b), (c) so that drift of the loaded host hits
+//! every column alike; each figure is the median over passes of the
+//! guest's per-pass median. Also prints each package's module size from
+//! /proc/modules.
+//!
+//! Run with `cargo bench --bench overhead` (or `scripts/overhead.sh`).
+//! `DYNAMOS_OVERHEAD_PASSES` (3), `DYNAMOS_OVERHEAD_ROUNDS` (7) and
+//! `DYNAMOS_OVERHEAD_ROUND_MS` (100) set the effort.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// The functions the benchmark's calls go through, one or more per row;
+/// each has an ftrace entry in the default target and is called, not
+/// inlined, on that row's path.
+const FUNCTIONS: &[(&str, &str)] = &[
+    ("fork", "kernel_clone"),
+    ("brk", "__x64_sys_brk"),
+    ("execve", "bprm_execve"),
+    ("open", "do_sys_openat2"),
+    ("read", "ksys_read"),
+    ("write", "ksys_write"),
+    ("pagefault", "handle_mm_fault"),
+    ("kill", "kill_pid_info"),
+];
+
+const ROWS: &[&str] = &[
+    "fork",
+    "brk",
+    "execve",
+    "open",
+    "read",
+    "write",
+    "pagefault",
+    "kill",
+];
+
+/// One package of the comparison: its column label and package name.
+struct Column {
+    label: &'static str,
+    title: &'static str,
+    package: &'static str,
+    patch: &'static str,
+}
+
+const IDENTITY: Column = Column {
+    label: "b",
+    title: "identity update",
+    package: "overhead_identity",
+    patch: "overhead-identity.diff",
+};
+
+const HANDLER: Column = Column {
+    label: "c",
+    title: "handler returning false",
+    package: "overhead_handler",
+    patch: "overhead-adaptation-false.diff",
+};
+
+fn env_number(name: &str, default: u32) -> u32 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| fail(&format!("{name}={v:?} is not a number"))),
+        Err(_) => default,
+    }
+}
+
+fn fail(message: &str) -> ! {
+    eprintln!("overhead: {message}");
+    std::process::exit(1);
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The last line `dynamos-build` printed: its one-line reason on failure.
+fn last_line(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("no message")
+        .trim()
+        .to_string()
+}
+
+fn build_package(root: &Path, keys: &Path, column: &Column, out: &Path) -> Output {
+    let mut command = Command::new(root.join("target/release/dynamos-build"));
+    command
+        .arg(root.join("patches").join(column.patch))
+        .args(["--name", column.package])
+        .arg("-o")
+        .arg(out)
+        .env("DYNAMOS_CONFIG", keys);
+    for (_, function) in FUNCTIONS {
+        command.args(["--replace-unchanged", function]);
+    }
+    command.output().expect("dynamos-build runs")
+}
+
+/// The text between two marker lines of the guest's output.
+fn section(output: &str, from: &str, to: &str) -> String {
+    output
+        .split_once(from)
+        .and_then(|(_, rest)| rest.split_once(to))
+        .map_or_else(String::new, |(inside, _)| inside.to_string())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    values[values.len() / 2]
+}
+
+/// The guest script: PASSES passes of (a) and each package applied,
+/// measured and reverted. Lines starting with `@@` are for the parser.
+fn guest_script(columns: &[&Column], passes: u32, rounds: u32, round_ms: u32) -> String {
+    let mut script = String::from(
+        "set -u\ncp /packages/overhead /tmp/overhead; chmod +x /tmp/overhead\n\
+         mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null\n",
+    );
+    // Odd passes measure (a) first, even ones last: no column always
+    // follows a fresh boot or a revert.
+    let baseline = format!("  /tmp/overhead a {rounds} {round_ms} || exit 5\n");
+    script += &format!("for pass in $(seq {passes}); do\n");
+    script += &format!("  if [ $((pass % 2)) = 1 ]; then\n{baseline}  fi\n");
+    for column in columns {
+        let module = format!("dynamos_{}", column.package);
+        script += &format!(
+            "  dynamos apply /packages/{package}.dynpkg > /tmp/apply.log 2>&1 || {{ echo \"@@ apply {label} failed: $(tail -1 /tmp/apply.log)\"; exit 6; }}\n\
+             \x20 [ $pass = 1 ] && {{ echo \"@@ list {label} begin @@\"; dynamos list; echo \"@@ list {label} end @@\"; }}\n\
+             \x20 echo \"@@ module {label} $(grep '^{module} ' /proc/modules | cut -d' ' -f2) coresize $(cat /sys/module/{module}/coresize) functions $(ls -d /sys/kernel/livepatch/{module}/vmlinux/*/ | wc -l) @@\"\n\
+             \x20 /tmp/overhead {label} {rounds} {round_ms} || exit 5\n\
+             \x20 dynamos revert {package} > /tmp/revert.log 2>&1 || {{ echo \"@@ revert {label} failed: $(tail -1 /tmp/revert.log)\"; exit 7; }}\n",
+            package = column.package,
+            label = column.label,
+        );
+    }
+    script += &format!("  if [ $((pass % 2)) = 0 ]; then\n{baseline}  fi\n");
+    script += "done\n";
+    script += "echo \"@@ tainted $(cat /proc/sys/kernel/tainted) @@\"\n";
+    script += "dmesg | grep -E 'Oops|BUG:|WARNING:' && exit 9 || true\n";
+    script
+}
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let passes = env_number("DYNAMOS_OVERHEAD_PASSES", 3).max(1);
+    let rounds = env_number("DYNAMOS_OVERHEAD_ROUNDS", 7).clamp(1, 64);
+    let round_ms = env_number("DYNAMOS_OVERHEAD_ROUND_MS", 100).max(1);
+
+    // Release builds: `dynamos apply` runs inside the emulated guest.
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--quiet", "--bins"])
+        .current_dir(root)
+        .status()
+        .expect("cargo runs");
+    if !status.success() {
+        fail("cargo build --release failed");
+    }
+    let work = tempfile::tempdir().expect("temporary folder");
+    let keys = work.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let keygen = Command::new(root.join("target/release/dynamos"))
+        .arg("keygen")
+        .env("DYNAMOS_CONFIG", &keys)
+        .output()
+        .expect("dynamos runs");
+    if !keygen.status.success() {
+        fail(&format!("keygen: {}", text(&keygen)));
+    }
+
+    let probe = work.path().join("overhead");
+    let cc = Command::new("cc")
+        .args(["-static", "-O2", "-Wall", "-Wextra", "-o"])
+        .arg(&probe)
+        .arg(root.join("tests/guest/overhead.c"))
+        .status()
+        .expect("cc runs");
+    if !cc.success() {
+        fail("cannot compile tests/guest/overhead.c");
+    }
+
+    let mut packages: Vec<PathBuf> = vec![probe];
+    let mut columns: Vec<&Column> = Vec::new();
+    let mut unavailable: Option<String> = None;
+    for column in [&IDENTITY, &HANDLER] {
+        let pkg = work.path().join(format!("{}.dynpkg", column.package));
+        let out = build_package(root, &keys, column, &pkg);
+        if out.status.success() {
+            println!(
+                "({}) {}: built {}",
+                column.label, column.title, column.patch
+            );
+            packages.push(pkg);
+            columns.push(column);
+        } else if column.label == IDENTITY.label {
+            fail(&format!(
+                "the identity update did not build: {}",
+                text(&out)
+            ));
+        } else {
+            let reason = last_line(&out);
+            println!("({}) unavailable: {reason}", column.label);
+            unavailable = Some(reason);
+        }
+    }
+
+    let script = guest_script(&columns, passes, rounds, round_ms);
+    let timeout = (300 + passes * 300).to_string();
+    let mut vm = Command::new(root.join("target/release/dynamos"));
+    vm.args(["vm", "--timeout", &timeout])
+        .env("DYNAMOS_CONFIG", &keys);
+    for pkg in &packages {
+        vm.arg("--package").arg(pkg);
+    }
+    let out = vm.arg("--").arg(&script).output().expect("dynamos vm runs");
+    let output = text(&out);
+    if out.status.code() != Some(0) {
+        fail(&format!("the guest run failed:\n{output}"));
+    }
+
+    // A handler the build ignored leaves (c) an identity update: its
+    // listing is then (b)'s under another name.
+    if columns.iter().any(|c| c.label == HANDLER.label) {
+        let listing = |column: &Column| {
+            let label = column.label;
+            section(
+                &output,
+                &format!("@@ list {label} begin @@"),
+                &format!("@@ list {label} end @@"),
+            )
+            .replace(column.package, "PACKAGE")
+        };
+        if listing(&HANDLER) == listing(&IDENTITY) {
+            let reason = "the package applied but `dynamos list` shows no adaptation handler: this dynamos-build ignores DYNAMOS_ADAPTATION_HANDLER".to_string();
+            println!("(c) unavailable: {reason}");
+            columns.retain(|c| c.label != HANDLER.label);
+            unavailable = Some(reason);
+        }
+    }
+
+    // (label, row) → per-pass medians, in ns.
+    let mut figures: BTreeMap<(String, String), Vec<f64>> = BTreeMap::new();
+    let mut modules: BTreeMap<String, String> = BTreeMap::new();
+    for line in output.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        match words.as_slice() {
+            ["overhead", label, row, "median_ns", ns, ..] => {
+                let ns: f64 = ns
+                    .parse()
+                    .unwrap_or_else(|_| fail(&format!("bad line {line}")));
+                figures
+                    .entry((label.to_string(), row.to_string()))
+                    .or_default()
+                    .push(ns);
+            }
+            ["@@", "module", label, rest @ ..] => {
+                modules
+                    .entry(label.to_string())
+                    .or_insert_with(|| rest.join(" ").trim_end_matches(" @@").to_string());
+            }
+            _ => {}
+        }
+    }
+
+    let figure = |label: &str, row: &str| -> Option<f64> {
+        let mut values = figures.get(&(label.to_string(), row.to_string()))?.clone();
+        Some(median(&mut values))
+    };
+    println!();
+    println!(
+        "Redirect overhead, {passes} passes x {rounds} rounds of {round_ms} ms (ns per call; ratio to (a))"
+    );
+    let mut header = String::from("| call | functions | (a) ns |");
+    for column in &columns {
+        header += &format!(" ({}) ns | ({}) / (a) |", column.label, column.label);
+    }
+    if unavailable.is_some() {
+        header += " (c) / (a) |";
+    }
+    println!("{header}");
+    println!("{}", "|---".repeat(header.matches('|').count() - 1) + "|");
+    for row in ROWS {
+        let functions: Vec<&str> = FUNCTIONS
+            .iter()
+            .filter(|(r, _)| r == row)
+            .map(|(_, f)| *f)
+            .collect();
+        let Some(base) = figure("a", row) else {
+            fail(&format!("no (a) figure for {row}:\n{output}"));
+        };
+        let mut line = format!("| {row} | {} | {base:.0} |", functions.join(", "));
+        for column in &columns {
+            match figure(column.label, row) {
+                Some(ns) => line += &format!(" {ns:.0} | {:.3} |", ns / base),
+                None => line += " — | — |",
+            }
+        }
+        if unavailable.is_some() {
+            line += " unavailable |";
+        }
+        println!("{line}");
+    }
+    println!();
+    for column in &columns {
+        match modules.get(column.label) {
+            Some(size) => println!(
+                "({}) {}: /proc/modules size {size} (DynAMOS: 42 KB)",
+                column.label, column.title
+            ),
+            None => println!(
+                "({}) {}: module size not reported",
+                column.label, column.title
+            ),
+        }
+    }
+    if let Some(reason) = &unavailable {
+        println!("(c) unavailable: {reason}");
+    }
+}
