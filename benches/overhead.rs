@@ -18,6 +18,12 @@
 //! guest's per-pass median. Also prints each package's module size from
 //! /proc/modules.
 //!
+//! The guest clock counts executed instructions (`dynamos vm --icount 0`:
+//! one instruction is one ns), so the figures are path lengths that the
+//! host's load does not move; `DYNAMOS_OVERHEAD_CLOCK=host` times with the
+//! host's clock instead, as emulated, which a loaded 2-core host makes
+//! noisier than the effect measured.
+//!
 //! Run with `cargo bench --bench overhead` (or `scripts/overhead.sh`).
 //! `DYNAMOS_OVERHEAD_PASSES` (3), `DYNAMOS_OVERHEAD_ROUNDS` (7) and
 //! `DYNAMOS_OVERHEAD_ROUND_MS` (100) set the effort.
@@ -170,6 +176,13 @@ fn main() {
     let passes = env_number("DYNAMOS_OVERHEAD_PASSES", 3).max(1);
     let rounds = env_number("DYNAMOS_OVERHEAD_ROUNDS", 7).clamp(1, 64);
     let round_ms = env_number("DYNAMOS_OVERHEAD_ROUND_MS", 100).max(1);
+    let instruction_clock = match std::env::var("DYNAMOS_OVERHEAD_CLOCK").as_deref() {
+        Ok("icount") | Err(_) => true,
+        Ok("host") => false,
+        Ok(other) => fail(&format!(
+            "DYNAMOS_OVERHEAD_CLOCK={other:?}: use icount (the default) or host"
+        )),
+    };
 
     // Release builds: `dynamos apply` runs inside the emulated guest.
     let status = Command::new("cargo")
@@ -231,8 +244,11 @@ fn main() {
     let script = guest_script(&columns, passes, rounds, round_ms);
     let timeout = (300 + passes * 300).to_string();
     let mut vm = Command::new(root.join("target/release/dynamos"));
-    vm.args(["vm", "--timeout", &timeout])
-        .env("DYNAMOS_CONFIG", &keys);
+    vm.args(["vm", "--timeout", &timeout]);
+    if instruction_clock {
+        vm.args(["--icount", "0"]);
+    }
+    vm.env("DYNAMOS_CONFIG", &keys);
     for pkg in &packages {
         vm.arg("--package").arg(pkg);
     }
@@ -292,9 +308,14 @@ fn main() {
     };
     println!();
     println!(
-        "Redirect overhead, {passes} passes x {rounds} rounds of {round_ms} ms (ns per call; ratio to (a))"
+        "Redirect overhead, {passes} passes x {rounds} rounds of {round_ms} ms, {} (ns per call; ratio to (a))",
+        if instruction_clock {
+            "guest clock = executed instructions"
+        } else {
+            "guest clock = host time"
+        }
     );
-    let mut header = String::from("| call | functions | (a) ns |");
+    let mut header = String::from("| call | functions | (a) ns | (a) spread |");
     for column in &columns {
         header += &format!(" ({}) ns | ({}) / (a) |", column.label, column.label);
     }
@@ -312,7 +333,15 @@ fn main() {
         let Some(base) = figure("a", row) else {
             fail(&format!("no (a) figure for {row}:\n{output}"));
         };
-        let mut line = format!("| {row} | {} | {base:.0} |", functions.join(", "));
+        // How far apart the passes' (a) figures are: the noise floor.
+        let passes_of_a = &figures[&("a".to_string(), row.to_string())];
+        let low = passes_of_a.iter().cloned().fold(f64::INFINITY, f64::min);
+        let high = passes_of_a.iter().cloned().fold(0.0, f64::max);
+        let mut line = format!(
+            "| {row} | {} | {base:.0} | {:.1}% |",
+            functions.join(", "),
+            (high - low) / base * 100.0
+        );
         for column in &columns {
             match figure(column.label, row) {
                 Some(ns) => line += &format!(" {ns:.0} | {:.3} |", ns / base),

@@ -93,6 +93,10 @@ enum Command {
         /// in the guest, with its dependencies (repeatable).
         #[arg(long = "module", value_name = "NAME")]
         modules: Vec<String>,
+        /// Guest clock from executed instructions, one per 2^SHIFT ns, not
+        /// host time: timings that do not depend on the host's load.
+        #[arg(long, value_name = "SHIFT")]
+        icount: Option<u32>,
         /// Shell commands to run in the guest.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -236,6 +240,7 @@ fn run(cli: Cli) -> Result<i32> {
             timeout,
             memory,
             modules,
+            icount,
             command,
         } => {
             // The local signing key is trusted in the guest: that is what
@@ -253,6 +258,7 @@ fn run(cli: Cli) -> Result<i32> {
                 timeout: Duration::from_secs(timeout),
                 memory_mb: memory,
                 modules,
+                instruction_clock_shift: icount,
                 ..Default::default()
             })?;
             print!("{}", outcome.output);

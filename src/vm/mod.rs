@@ -56,6 +56,10 @@ pub struct VmOptions {
     /// Kernel modules of the booted kernel to make `modprobe`-able in the
     /// guest (with their dependencies).
     pub modules: Vec<String>,
+    /// Run the guest clock off executed instructions (QEMU `-icount
+    /// shift=N`: one instruction is 2^N ns) instead of host time, so guest
+    /// timings count work done and not how loaded the host is.
+    pub instruction_clock_shift: Option<u32>,
 }
 
 impl Default for VmOptions {
@@ -69,6 +73,7 @@ impl Default for VmOptions {
             timeout: Duration::from_secs(300),
             memory_mb: 1024,
             modules: Vec::new(),
+            instruction_clock_shift: None,
         }
     }
 }
@@ -90,6 +95,9 @@ pub struct VmOutcome {
 pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
     if opts.timeout.is_zero() {
         bail!("the virtual machine timeout must be longer than zero");
+    }
+    if opts.instruction_clock_shift.is_some_and(|shift| shift > 10) {
+        bail!("the instruction clock shift must be 0 to 10 (one instruction is 2^shift ns)");
     }
     if opts.memory_mb < 256 {
         bail!(
@@ -164,11 +172,20 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
             "-cpu",
             "max",
             "-smp",
-            "2",
+            // Under the instruction clock the second CPU never came up.
+            if opts.instruction_clock_shift.is_some() {
+                "1"
+            } else {
+                "2"
+            },
         ])
         .arg("-m")
         .arg(opts.memory_mb.to_string())
         .args(["-net", "none", "-no-reboot"]);
+    if let Some(shift) = opts.instruction_clock_shift {
+        // sleep=on: an idle guest's clock still follows host time.
+        command.args(["-icount", &format!("shift={shift},sleep=on")]);
+    }
     for dir in &qemu.firmware_dirs {
         command.arg("-L").arg(dir);
     }
@@ -519,6 +536,12 @@ mod tests {
             ..VmOptions::default()
         };
         assert!(run(&tiny).unwrap_err().to_string().contains("memory"));
+        let too_coarse_clock = VmOptions {
+            instruction_clock_shift: Some(11),
+            ..VmOptions::default()
+        };
+        let err = run(&too_coarse_clock).unwrap_err().to_string();
+        assert!(err.contains("instruction clock"), "{err}");
         let no_binary = VmOptions {
             dynamos_binary: Some(PathBuf::from("/nonexistent/dynamos")),
             ..VmOptions::default()
