@@ -13,7 +13,11 @@
 //!       nothing that (b)'s does not: a build that ignores the handlers
 //!       makes another identity update), the column says why and the rest
 //!       still runs.
-//! Passes alternate (a), (b), (c) so that drift of the loaded host hits
+//!   (d) no update, but an ftrace direct call at each of those functions'
+//!       entries to a trampoline that returns into the function
+//!       (`benches/ftrace_direct/`, built against the target's headers):
+//!       the floor of what a redirect through a direct call would cost.
+//! Passes alternate (a), (b), (c), (d) so that drift of the loaded host hits
 //! every column alike; each figure is the median over passes of the
 //! guest's per-pass median. Also prints each package's module size from
 //! /proc/modules.
@@ -25,8 +29,8 @@
 //! noisier than the effect measured.
 //!
 //! Run with `cargo bench --bench overhead` (or `scripts/overhead.sh`).
-//! `DYNAMOS_OVERHEAD_PASSES` (3), `DYNAMOS_OVERHEAD_ROUNDS` (7) and
-//! `DYNAMOS_OVERHEAD_ROUND_MS` (100) set the effort.
+//! `DYNAMOS_OVERHEAD_PASSES` (3), `DYNAMOS_OVERHEAD_ROUNDS` (5) and
+//! `DYNAMOS_OVERHEAD_ROUND_MS` (50, of guest time) set the effort.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,6 +49,8 @@ const FUNCTIONS: &[(&str, &str)] = &[
     ("pagefault", "handle_mm_fault"),
     ("kill", "kill_pid_info"),
 ];
+
+const DIRECT_TITLE: &str = "ftrace direct call returning into the function";
 
 const ROWS: &[&str] = &[
     "fork",
@@ -142,11 +148,23 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// The guest script: PASSES passes of (a) and each package applied,
 /// measured and reverted. Lines starting with `@@` are for the parser.
-fn guest_script(columns: &[&Column], passes: u32, rounds: u32, round_ms: u32) -> String {
-    let mut script = String::from(
-        "set -u\ncp /packages/overhead /tmp/overhead; chmod +x /tmp/overhead\n\
-         mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null\n",
-    );
+fn guest_script(
+    columns: &[&Column],
+    direct_floor: bool,
+    passes: u32,
+    rounds: u32,
+    round_ms: u32,
+) -> String {
+    let mut script =
+        String::from("set -u\ncp /packages/overhead /tmp/overhead; chmod +x /tmp/overhead\n");
+    // The direct calls' sites: the functions' addresses, which apply
+    // looks up the same way.
+    script += "ips=''\n";
+    for (_, function) in FUNCTIONS {
+        script += &format!(
+            "ips=\"$ips${{ips:+,}}0x$(grep ' {function}$' /proc/kallsyms | head -1 | cut -d' ' -f1)\"\n"
+        );
+    }
     // Odd passes measure (a) first, even ones last: no column always
     // follows a fresh boot or a revert.
     let baseline = format!("  /tmp/overhead a {rounds} {round_ms} || exit 5\n");
@@ -164,6 +182,13 @@ fn guest_script(columns: &[&Column], passes: u32, rounds: u32, round_ms: u32) ->
             label = column.label,
         );
     }
+    if direct_floor {
+        script += &format!(
+            "  insmod /packages/{DIRECT_MODULE}.ko ips=$ips || {{ echo \"@@ insmod d failed\"; exit 8; }}\n\
+             \x20 /tmp/overhead d {rounds} {round_ms} || exit 5\n\
+             \x20 rmmod {DIRECT_MODULE} || exit 8\n"
+        );
+    }
     script += &format!("  if [ $((pass % 2)) = 0 ]; then\n{baseline}  fi\n");
     script += "done\n";
     script += "echo \"@@ tainted $(cat /proc/sys/kernel/tainted) @@\"\n";
@@ -171,11 +196,44 @@ fn guest_script(columns: &[&Column], passes: u32, rounds: u32, round_ms: u32) ->
     script
 }
 
+/// The kernel module of column (d), from `benches/ftrace_direct/`.
+const DIRECT_MODULE: &str = "direct_return";
+
+/// Builds column (d)'s module against the default target's headers, as
+/// `dynamos-build` builds a package's module.
+fn build_direct_module(root: &Path, work: &Path) -> Result<PathBuf, String> {
+    let target = dynamos::target::Target::resolve(&Default::default())
+        .map_err(|e| format!("no default target: {e:#}"))?;
+    let headers = target
+        .headers
+        .ok_or("the default target has no headers folder")?;
+    let folder = work.join("ftrace_direct");
+    std::fs::create_dir_all(&folder).map_err(|e| e.to_string())?;
+    for file in ["Kbuild", "direct_return.c"] {
+        std::fs::copy(
+            root.join("benches/ftrace_direct").join(file),
+            folder.join(file),
+        )
+        .map_err(|e| format!("{file}: {e}"))?;
+    }
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(&headers)
+        .arg(format!("M={}", folder.display()))
+        .arg("modules")
+        .output()
+        .map_err(|e| format!("cannot run make: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("make failed: {}", last_line(&out)));
+    }
+    Ok(folder.join(format!("{DIRECT_MODULE}.ko")))
+}
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let passes = env_number("DYNAMOS_OVERHEAD_PASSES", 3).max(1);
-    let rounds = env_number("DYNAMOS_OVERHEAD_ROUNDS", 7).clamp(1, 64);
-    let round_ms = env_number("DYNAMOS_OVERHEAD_ROUND_MS", 100).max(1);
+    let rounds = env_number("DYNAMOS_OVERHEAD_ROUNDS", 5).clamp(1, 64);
+    let round_ms = env_number("DYNAMOS_OVERHEAD_ROUND_MS", 50).max(1);
     let instruction_clock = match std::env::var("DYNAMOS_OVERHEAD_CLOCK").as_deref() {
         Ok("icount") | Err(_) => true,
         Ok("host") => false,
@@ -218,7 +276,8 @@ fn main() {
 
     let mut packages: Vec<PathBuf> = vec![probe];
     let mut columns: Vec<&Column> = Vec::new();
-    let mut unavailable: Option<String> = None;
+    // (label, why) of each column that cannot be measured.
+    let mut unavailable: Vec<(&str, String)> = Vec::new();
     for column in [&IDENTITY, &HANDLER] {
         let pkg = work.path().join(format!("{}.dynpkg", column.package));
         let out = build_package(root, &keys, column, &pkg);
@@ -237,12 +296,29 @@ fn main() {
         } else {
             let reason = last_line(&out);
             println!("({}) unavailable: {reason}", column.label);
-            unavailable = Some(reason);
+            unavailable.push((column.label, reason));
         }
     }
+    let direct_floor = match build_direct_module(root, work.path()) {
+        Ok(module) => {
+            println!("(d) {DIRECT_TITLE}: built benches/ftrace_direct");
+            packages.push(module);
+            true
+        }
+        Err(reason) => {
+            println!("(d) unavailable: {reason}");
+            unavailable.push(("d", reason));
+            false
+        }
+    };
 
-    let script = guest_script(&columns, passes, rounds, round_ms);
-    let timeout = (300 + passes * 300).to_string();
+    let script = guest_script(&columns, direct_floor, passes, rounds, round_ms);
+    // Each measured round, with the calibration's, runs about 40 times
+    // slower than guest time on a loaded 2-core host; boot, apply and
+    // revert take minutes more.
+    let guest_runs = passes * (columns.len() as u32 + 1 + u32::from(direct_floor));
+    let measured_seconds = guest_runs * ROWS.len() as u32 * (rounds + 4) * round_ms / 1000;
+    let timeout = (600 + guest_runs * 60 + measured_seconds * 40).to_string();
     let mut vm = Command::new(root.join("target/release/dynamos"));
     vm.args(["vm", "--timeout", &timeout]);
     if instruction_clock {
@@ -274,7 +350,7 @@ fn main() {
             let reason = "the package applied but `dynamos list` shows no adaptation handler: this dynamos-build ignores DYNAMOS_ADAPTATION_HANDLER".to_string();
             println!("(c) unavailable: {reason}");
             columns.retain(|c| c.label != HANDLER.label);
-            unavailable = Some(reason);
+            unavailable.push((HANDLER.label, reason));
         }
     }
 
@@ -315,12 +391,19 @@ fn main() {
             "guest clock = host time"
         }
     );
-    let mut header = String::from("| call | functions | (a) ns | (a) spread |");
-    for column in &columns {
-        header += &format!(" ({}) ns | ({}) / (a) |", column.label, column.label);
+    // Measured columns, then those that could not be, in label order.
+    let mut measured: Vec<&str> = columns.iter().map(|c| c.label).collect();
+    if direct_floor {
+        measured.push("d");
     }
-    if unavailable.is_some() {
-        header += " (c) / (a) |";
+    let mut unmeasured: Vec<&str> = unavailable.iter().map(|(label, _)| *label).collect();
+    unmeasured.sort();
+    let mut header = String::from("| call | functions | (a) ns | (a) spread |");
+    for label in &measured {
+        header += &format!(" ({label}) ns | ({label}) / (a) |");
+    }
+    for label in &unmeasured {
+        header += &format!(" ({label}) / (a) |");
     }
     println!("{header}");
     println!("{}", "|---".repeat(header.matches('|').count() - 1) + "|");
@@ -342,13 +425,13 @@ fn main() {
             functions.join(", "),
             (high - low) / base * 100.0
         );
-        for column in &columns {
-            match figure(column.label, row) {
+        for label in &measured {
+            match figure(label, row) {
                 Some(ns) => line += &format!(" {ns:.0} | {:.3} |", ns / base),
                 None => line += " — | — |",
             }
         }
-        if unavailable.is_some() {
+        for _ in &unmeasured {
             line += " unavailable |";
         }
         println!("{line}");
@@ -366,7 +449,7 @@ fn main() {
             ),
         }
     }
-    if let Some(reason) = &unavailable {
-        println!("(c) unavailable: {reason}");
+    for (label, reason) in &unavailable {
+        println!("({label}) unavailable: {reason}");
     }
 }
