@@ -29,6 +29,25 @@ fn a_comment_patch_with_replace_unchanged_replaces_the_function() {
         serde_json::json!(["vmlinux:version_proc_show"]),
         "{manifest}"
     );
+
+    // Live, the copy runs in place of the function and reads the same.
+    let text = vm_with_modules(
+        &keys,
+        &[],
+        &[&pkg],
+        r#"
+before=$(cat /proc/version)
+dynamos apply /packages/identity.dynpkg || exit 3
+echo "@@ redirected $(ls /sys/kernel/livepatch/*/vmlinux/) @@"
+[ "$(cat /proc/version)" = "$before" ] && echo "@@ same text @@"
+dynamos revert --all || exit 4
+"#,
+    );
+    assert!(
+        section(&text, "@@ redirected ", " @@").contains("version_proc_show,"),
+        "{text}"
+    );
+    expect_line(&text, "@@ same text @@");
 }
 
 #[test]
