@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.
@@ -135,8 +135,27 @@ pub struct ReplacedFunction {
     pub sympos: Option<u32>,
     /// Source file that defines it, relative to the tree root.
     pub file: String,
-    /// Name of the new version inside the package's module.
+    /// Name of the new version inside the package's module: what the
+    /// livepatch core redirects to (the dispatcher, for an adaptive one).
     pub new_symbol: String,
+    /// Set when an adaptation handler chooses the version per call.
+    #[serde(default)]
+    pub adaptation: Option<Adaptation>,
+}
+
+/// Both versions of an adaptively replaced function, inside the package's
+/// module, and the handler that chooses between them on each call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adaptation {
+    /// The handler, as the patch names it.
+    pub handler: String,
+    /// The handler inside the package's module.
+    pub handler_symbol: String,
+    /// Compiled from the patched source.
+    pub new_version: String,
+    /// Compiled from the original source: what a false choice runs unless
+    /// an earlier package's version of the function ran before this one.
+    pub old_version: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -806,6 +825,7 @@ mod tests {
                         sympos: None,
                         file: "fs/proc/cmdline.c".into(),
                         new_symbol: "livepatch_cmdline_proc_show".into(),
+                        adaptation: None,
                     }],
                     added: vec![],
                     externals: vec![ExternalSymbol {

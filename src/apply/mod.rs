@@ -8,6 +8,7 @@
 //! applies every relocation. The position (`sympos`) of each replaced
 //! function among same-named kernel symbols is passed as a module parameter.
 
+pub mod adaptive;
 mod image;
 pub mod kcore;
 mod resolve;
@@ -111,6 +112,10 @@ pub struct AppliedRecord {
     pub sympos: Vec<u32>,
     /// Nanoseconds since the Unix epoch; orders `revert` of everything.
     pub applied_at_ns: u64,
+    /// Modules of earlier updates whose versions this one's dispatchers
+    /// fall back to: they stay until this one is reverted.
+    #[serde(default)]
+    pub falls_back_to: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -444,10 +449,26 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         .collect();
     make_symbols_absolute(&mut image, &values)?;
 
+    let fallbacks = adaptive::fallbacks(
+        manifest,
+        &read_records(paths)?,
+        &live_patch_names(paths)?,
+        &kallsyms,
+    )?;
     let mut params = sympos_param(&resolution.sympos);
     if !manifest.replaces.is_empty() {
         params = format!("{params} replace=1").trim_start().to_string();
     }
+    let previous = adaptive::previous_param(&fallbacks);
+    if !previous.is_empty() {
+        params = format!("{params} {previous}").trim_start().to_string();
+    }
+    let mut falls_back_to: Vec<String> = fallbacks
+        .iter()
+        .filter_map(|f| f.package_module.clone())
+        .collect();
+    falls_back_to.sort();
+    falls_back_to.dedup();
     if let Err(e) = init_module(&image, &params) {
         let hint = match e.raw_os_error() {
             Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) | Some(libc::EPERM) => {
@@ -486,6 +507,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
             applied_at_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
+            falls_back_to: falls_back_to.clone(),
         };
         let json = serde_json::to_vec_pretty(&record)?;
         crate::cache::write_atomic(&record_path(paths, name), &json)?;
@@ -680,6 +702,22 @@ pub fn revert_at(
     let mut done = Vec::new();
     for module in modules {
         check_name(&module)?;
+        let remaining: Vec<AppliedRecord> = records
+            .iter()
+            .filter(|r| !done.contains(&r.manifest.module_name))
+            .cloned()
+            .collect();
+        let dependents = adaptive::dependents(&remaining, &module);
+        if !dependents.is_empty() {
+            return Err(Error::refused(
+                &module,
+                format!(
+                    "revert {} first: its adaptation handlers fall back to this update's versions",
+                    dependents.join(", ")
+                ),
+            )
+            .into());
+        }
         disable_and_unload(paths, &module, timeout, true).with_context(|| {
             if done.is_empty() {
                 format!("reverting {module}")
@@ -726,6 +764,8 @@ pub struct LiveUpdate {
     pub enabled: bool,
     pub transition: bool,
     pub objects: Vec<LiveObject>,
+    /// Calls each version of an adaptive function served since apply.
+    pub adaptive: Vec<adaptive::ServedCalls>,
 }
 
 /// Every livepatch of the running kernel, and every dynamos update recorded.
@@ -753,6 +793,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
             enabled: read_trimmed(&dir.join("enabled")).as_deref() == Some("1"),
             transition: read_trimmed(&dir.join("transition")).as_deref() == Some("1"),
             objects,
+            adaptive: adaptive::served_calls(paths, name),
         });
     }
     for r in &records {
@@ -764,6 +805,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 enabled: false,
                 transition: false,
                 objects: record_objects(r),
+                adaptive: Vec::new(),
             });
         }
     }
@@ -949,6 +991,7 @@ mod tests {
                 module_sha256: "00".into(),
                 sympos: vec![0, 2],
                 applied_at_ns: at,
+                falls_back_to: Vec::new(),
             };
             crate::cache::write_atomic(
                 &record_path(&paths, module),

@@ -66,6 +66,12 @@ enum Command {
         #[arg(long, default_value_t = 60)]
         timeout: u64,
     },
+    /// End the rollout of an adaptively replaced function: its new version
+    /// serves every call from now on, its handler is no longer asked (root).
+    Promote {
+        /// Function name, as `dynamos list` shows it.
+        function: String,
+    },
     /// Show the live updates of the running kernel.
     List {
         #[arg(long)]
@@ -199,6 +205,11 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+        Command::Promote { function } => {
+            let module = apply::adaptive::promote(&apply::SystemPaths::default(), &function)?;
+            println!("promoted {function} in {module}: the new version serves every call");
+            Ok(exit::OK)
+        }
         Command::List { json } => {
             let updates = apply::list()?;
             if json {
@@ -222,7 +233,18 @@ fn run(cli: Cli) -> Result<i32> {
                     );
                     for o in &u.objects {
                         for f in &o.functions {
-                            println!("    {}: {}", o.object, f.name);
+                            match u.adaptive.iter().find(|a| a.function == f.name) {
+                                Some(a) => println!(
+                                    "    {}: {}  {} by {}: {} calls previous version, {} new",
+                                    o.object,
+                                    f.name,
+                                    if a.promoted { "promoted" } else { "chosen" },
+                                    a.handler,
+                                    a.previous,
+                                    a.new
+                                ),
+                                None => println!("    {}: {}", o.object, f.name),
+                            }
                         }
                     }
                 }

@@ -8,9 +8,11 @@
 //! as changes. Anything whose live effect the engine cannot vouch for is
 //! refused with a reason.
 
+pub mod adaptation;
 mod correlate;
 pub mod lines;
 pub mod object;
+pub mod signature;
 pub mod special;
 pub mod types;
 
@@ -63,6 +65,8 @@ pub struct ObjectDiff {
     /// Changed read-only objects only carried functions use: the package
     /// carries its own copy instead of using the kernel's.
     pub private_copies: BTreeSet<String>,
+    /// Replaced functions whose version an adaptation handler chooses per call.
+    pub adaptations: Vec<adaptation::AdaptationHandler>,
 }
 
 impl ObjectDiff {
@@ -116,6 +120,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
             refused,
             correlation,
             private_copies: BTreeSet::new(),
+            adaptations: Vec::new(),
         });
     }
 
@@ -224,6 +229,8 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         &correlation,
         &mut refused,
     );
+    let (adaptations, mut bad_handlers) = adaptation::declared_handlers(orig, patched, &functions);
+    refused.append(&mut bad_handlers);
     let private_copies = compare_data(patched, &changed_data, &functions, &mut refused);
     for change in types::layout_changes(orig, patched)? {
         refused.push(Refusal {
@@ -250,7 +257,43 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         refused,
         correlation,
         private_copies,
+        adaptations,
     })
+}
+
+impl ObjectDiff {
+    /// What carrying the original versions of `names` from `orig` takes:
+    /// each as a function of its own (with its `.cold` parts), every other
+    /// symbol the kernel's. The old clones beside an adaptation handler's
+    /// new versions are extracted with it.
+    pub fn original_versions(orig: &ObjectFile, names: &[&str]) -> ObjectDiff {
+        let units = function_units(orig);
+        let parents = cold_parents(orig, &units);
+        let functions = names
+            .iter()
+            .filter_map(|&name| {
+                let unit = units.iter().find(|u| orig.symbols[u.symbol].name == name)?;
+                let parts = units
+                    .iter()
+                    .filter(|u| parents.get(orig.symbols[u.symbol].name.as_str()) == Some(&name))
+                    .copied()
+                    .collect();
+                Some(FunctionChange {
+                    name: name.to_string(),
+                    kind: ChangeKind::New,
+                    unit: *unit,
+                    parts,
+                })
+            })
+            .collect();
+        ObjectDiff {
+            functions,
+            refused: Vec::new(),
+            correlation: Correlation::new(orig, orig),
+            private_copies: BTreeSet::new(),
+            adaptations: Vec::new(),
+        }
+    }
 }
 
 fn check_relocation_types(obj: &ObjectFile, refused: &mut Vec<Refusal>) {
