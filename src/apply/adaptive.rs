@@ -7,7 +7,6 @@
 
 use super::resolve::Ksym;
 use super::{AppliedRecord, SystemPaths};
-use crate::error::Error;
 use crate::package::Manifest;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
@@ -169,11 +168,9 @@ pub fn promote(paths: &SystemPaths, function: &str) -> Result<String> {
         fs::write(&param, function).with_context(|| format!("cannot write {}", param.display()))?;
         return Ok(module.clone());
     }
-    Err(Error::refused(
-        function,
-        "no applied update has an adaptation handler for it (see dynamos list)",
-    )
-    .into())
+    Err(anyhow!(
+        "no applied update has an adaptation handler for {function} (see dynamos list)"
+    ))
 }
 
 /// Live updates whose dispatchers fall back to `module`'s versions: it

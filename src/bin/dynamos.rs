@@ -317,7 +317,13 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
     }
     for object in &m.objects {
         for f in &object.replaced {
-            println!("replace  {} ({}, {})", f.name, object.object, f.file);
+            match &f.adaptation {
+                Some(a) => println!(
+                    "replace  {} ({}, {}) chosen by {}",
+                    f.name, object.object, f.file, a.handler
+                ),
+                None => println!("replace  {} ({}, {})", f.name, object.object, f.file),
+            }
         }
         for f in &object.added {
             println!("add      {} ({})", f, object.object);
