@@ -380,6 +380,12 @@ pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
         .and_then(|_| file.read_exact(&mut trailer))
         .with_context(context)?;
     let (key, signature) = signer(&trailer).with_context(|| path.display().to_string())?;
+    // The streaming check is not strict: a small-order key verifies some
+    // messages with any signature, so it is refused here as the strict
+    // in-memory check would.
+    if key.is_weak() {
+        return Err(bad_signature(&key)).with_context(|| path.display().to_string());
+    }
     let mut verifier = key
         .verify_stream(&signature)
         .map_err(|_| bad_signature(&key))
