@@ -809,6 +809,7 @@ pub(crate) mod tests {
                     },
                 ],
                 expected_code: vec![],
+                value_updates: vec![],
             }],
             replaces: vec![],
         }

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use dynamos::apply::{self, ApplyOptions};
+use dynamos::diff::values::describe_value;
 use dynamos::error::{exit, exit_code_of};
 use dynamos::package::{self, keys};
 use std::path::{Path, PathBuf};
@@ -312,6 +313,7 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
         let value = serde_json::json!({
             "changed": result.changed(),
             "new": result.new_functions(),
+            "value_updates": result.value_updates,
             "refused": result.refused,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -322,13 +324,21 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
         for name in result.new_functions() {
             println!("new      {name}");
         }
+        for v in &result.value_updates {
+            println!(
+                "value    {}: {} -> {}",
+                v.name,
+                describe_value(&v.old),
+                describe_value(&v.new)
+            );
+        }
         for r in &result.refused {
             println!("refused  {}: {}", r.symbol, r.reason);
         }
     }
     Ok(if !result.refused.is_empty() {
         exit::REFUSED
-    } else if result.functions.is_empty() {
+    } else if result.functions.is_empty() && result.value_updates.is_empty() {
         exit::NO_CHANGE
     } else {
         exit::OK

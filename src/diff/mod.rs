@@ -13,6 +13,7 @@ pub mod lines;
 pub mod object;
 pub mod special;
 pub mod types;
+pub mod values;
 
 pub use correlate::{is_bookkeeping, is_message_limiter, Correlation};
 pub use object::ObjectFile;
@@ -63,6 +64,9 @@ pub struct ObjectDiff {
     /// Changed read-only objects only carried functions use: the package
     /// carries its own copy instead of using the kernel's.
     pub private_copies: BTreeSet<String>,
+    /// Writable variables whose changed initial value the package writes
+    /// into the running kernel as it is applied (see `values`).
+    pub value_updates: Vec<values::ValueUpdate>,
 }
 
 impl ObjectDiff {
@@ -80,7 +84,7 @@ impl ObjectDiff {
             .collect()
     }
     pub fn is_empty(&self) -> bool {
-        self.functions.is_empty() && self.refused.is_empty()
+        self.functions.is_empty() && self.refused.is_empty() && self.value_updates.is_empty()
     }
 }
 
@@ -116,6 +120,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
             refused,
             correlation,
             private_copies: BTreeSet::new(),
+            value_updates: Vec::new(),
         });
     }
 
@@ -224,7 +229,16 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         &correlation,
         &mut refused,
     );
-    let private_copies = compare_data(patched, &changed_data, &functions, &mut refused);
+    // Changed writable variables become value updates or refusals.
+    let (written, read_only): (Vec<usize>, Vec<usize>) = changed_data.iter().partition(|&&i| {
+        let section = patched.symbols[i]
+            .section()
+            .expect("data symbols are defined");
+        patched.sections[section].is_write()
+    });
+    let value_updates = values::value_updates(orig, patched, &correlation, &written, &mut refused);
+    values::refuse_changed_init_data(orig, patched, &correlation, &mut refused);
+    let private_copies = compare_data(patched, &read_only, &functions, &mut refused);
     for change in types::layout_changes(orig, patched)? {
         refused.push(Refusal {
             symbol: match &change.member {
@@ -250,6 +264,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         refused,
         correlation,
         private_copies,
+        value_updates,
     })
 }
 
@@ -789,9 +804,8 @@ fn ftrace_sites(obj: &ObjectFile) -> Option<BTreeSet<(usize, u64)>> {
     Some(sites)
 }
 
-/// Data objects: new ones are carried; changed ones are refused, except
-/// read-only data that only carried functions use, of which new code gets
-/// its own copy (returned by name).
+/// Changed read-only data objects: refused, except those only carried
+/// functions use, of which new code gets its own copy (returned by name).
 fn compare_data(
     patched: &ObjectFile,
     changed_data: &[usize],
@@ -806,28 +820,19 @@ fn compare_data(
         if copied_readonly(patched, index) {
             continue;
         }
-        if !section.is_write() {
-            let users = referrers(patched, index);
-            match users.iter().find(|u| !carried.contains(u.as_str())) {
-                None => {
-                    private_copies.insert(sym.name.clone());
-                }
-                Some(user) => refused.push(Refusal {
-                    symbol: sym.name.clone(),
-                    reason: format!(
-                        "changed read-only data also used by {user}, which the update does not replace"
-                    ),
-                }),
+        debug_assert!(!section.is_write());
+        let users = referrers(patched, index);
+        match users.iter().find(|u| !carried.contains(u.as_str())) {
+            None => {
+                private_copies.insert(sym.name.clone());
             }
-            continue;
+            Some(user) => refused.push(Refusal {
+                symbol: sym.name.clone(),
+                reason: format!(
+                    "changed read-only data also used by {user}, which the update does not replace"
+                ),
+            }),
         }
-        refused.push(Refusal {
-            symbol: sym.name.clone(),
-            reason: format!(
-                "changed initialised data in {}: existing kernel objects keep their old contents",
-                section.name
-            ),
-        });
     }
     private_copies
 }
