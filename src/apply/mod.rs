@@ -11,6 +11,7 @@
 mod image;
 pub mod kcore;
 mod resolve;
+pub mod values;
 
 pub use image::{make_symbols_absolute, modinfo_name};
 pub use resolve::{
@@ -436,6 +437,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     let kallsyms = parse_kallsyms(&text)?;
     let memory = kcore::Kcore::open(&paths.kcore)?;
     let resolution = resolve(manifest, &kallsyms, &memory)?;
+    values::check_running_values(manifest, &resolution.externals, &memory)?;
     let mut image = pkg.module.clone();
     let values: Vec<(String, u64)> = resolution
         .externals
@@ -726,6 +728,8 @@ pub struct LiveUpdate {
     pub enabled: bool,
     pub transition: bool,
     pub objects: Vec<LiveObject>,
+    /// Variables the update set to a new initial value (from its record).
+    pub value_updates: Vec<values::LiveValue>,
 }
 
 /// Every livepatch of the running kernel, and every dynamos update recorded.
@@ -753,6 +757,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
             enabled: read_trimmed(&dir.join("enabled")).as_deref() == Some("1"),
             transition: read_trimmed(&dir.join("transition")).as_deref() == Some("1"),
             objects,
+            value_updates: record.map(values::live_values).unwrap_or_default(),
         });
     }
     for r in &records {
@@ -764,6 +769,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 enabled: false,
                 transition: false,
                 objects: record_objects(r),
+                value_updates: values::live_values(r),
             });
         }
     }

@@ -167,6 +167,14 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let applied = apply::apply(&package, &opts)?;
             for object in &applied.manifest.objects {
+                for v in &object.value_updates {
+                    println!(
+                        "value    {} = {} (was {})",
+                        v.name,
+                        describe_value(&v.new),
+                        describe_value(&v.old)
+                    );
+                }
                 let later = applied.not_loaded.contains(&object.object);
                 for f in &object.replaced {
                     if later {
@@ -225,6 +233,9 @@ fn run(cli: Cli) -> Result<i32> {
                         for f in &o.functions {
                             println!("    {}: {}", o.object, f.name);
                         }
+                    }
+                    for v in &u.value_updates {
+                        println!("    {}: {} = {} (was {})", v.object, v.name, v.new, v.old);
                     }
                 }
             }
@@ -300,6 +311,16 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
         }
         for f in &object.added {
             println!("add      {} ({})", f, object.object);
+        }
+        for v in &object.value_updates {
+            println!(
+                "value    {} ({}, {}): {} -> {}",
+                v.name,
+                object.object,
+                v.file,
+                describe_value(&v.old),
+                describe_value(&v.new)
+            );
         }
     }
     Ok(exit::OK)
