@@ -1,0 +1,136 @@
+//! Value updates in the running kernel: a patch that changes a sysctl's
+//! default (`lease_break_time` of fs/locks.c, 45 → 20 seconds, shown as
+//! /proc/sys/fs/lease-break-time) takes effect when the package is
+//! applied and is undone by revert; when an administrator has set the
+//! sysctl, the package is refused naming the variable and both values, and
+//! nothing is loaded.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+const PATCH: &str = "lease-break-time-default.diff";
+const SYSCTL: &str = "/proc/sys/fs/lease-break-time";
+/// Seconds one VM run may take, boot included (it takes about 20 s on TCG).
+const VM_BUDGET: u64 = 240;
+
+fn built(keys: &Keys, out: &Path) {
+    let run = build(keys, PATCH, out);
+    assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    let shown = dynamos(&keys.dir, &["inspect", out.to_str().unwrap()]);
+    assert!(
+        stdout(&shown).contains("value    lease_break_time (vmlinux, fs/locks.c): 45 -> 20"),
+        "{}",
+        stdout(&shown)
+    );
+}
+
+/// Run `script` in the VM with `package`, within the time budget; returns
+/// the output after checking the guest exited 0 and the kernel logged no
+/// Oops, BUG or WARNING.
+fn in_vm(keys: &Keys, package: &Path, script: &str) -> String {
+    let script = format!("{script}\ndmesg | grep -E 'Oops|BUG:|WARNING:' && exit 9 || true\n");
+    let budget = VM_BUDGET.to_string();
+    let started = Instant::now();
+    let out = dynamos(
+        &keys.dir,
+        &[
+            "vm",
+            "--timeout",
+            &budget,
+            "--package",
+            package.to_str().unwrap(),
+            "--",
+            &script,
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(VM_BUDGET),
+        "took {:?}",
+        started.elapsed()
+    );
+    text
+}
+
+fn package_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("lease-break-time-default.dynpkg")
+}
+
+#[test]
+fn a_changed_sysctl_default_takes_effect_and_is_restored_by_revert() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = package_path(&work);
+    built(&keys, &pkg);
+    let text = in_vm(
+        &keys,
+        &pkg,
+        &format!(
+            r#"
+echo "@@ boot $(cat {SYSCTL}) @@"
+dynamos apply --timeout 60 /packages/lease-break-time-default.dynpkg; echo "@@ apply exit $? @@"
+echo "@@ applied $(cat {SYSCTL}) @@"
+dynamos list
+dynamos revert lease-break-time-default; echo "@@ revert exit $? @@"
+echo "@@ reverted $(cat {SYSCTL}) @@"
+dynamos apply --timeout 60 /packages/lease-break-time-default.dynpkg >/dev/null; echo "@@ again exit $? @@"
+echo 33 > {SYSCTL}
+dynamos revert lease-break-time-default >/dev/null; echo "@@ revert after admin exit $? @@"
+echo "@@ kept $(cat {SYSCTL}) @@"
+echo "@@ livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c dynamos /proc/modules) @@"
+dmesg | grep 'lease_break_time was changed'
+"#
+        ),
+    );
+    for line in [
+        "@@ boot 45 @@",
+        "value    lease_break_time = 20 (was 45)",
+        "@@ apply exit 0 @@",
+        "@@ applied 20 @@",
+        "    vmlinux: lease_break_time = 20 (was 45)",
+        "@@ revert exit 0 @@",
+        "@@ reverted 45 @@",
+        "@@ again exit 0 @@",
+        "@@ revert after admin exit 0 @@",
+        // What the administrator set while the update was on stays.
+        "@@ kept 33 @@",
+        "lease_break_time was changed while the update was applied; keeping its current value",
+        "@@ livepatches 0 modules 0 @@",
+    ] {
+        expect_line(&text, line);
+    }
+}
+
+#[test]
+fn a_sysctl_an_administrator_changed_is_refused_naming_both_values() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = package_path(&work);
+    built(&keys, &pkg);
+    let text = in_vm(
+        &keys,
+        &pkg,
+        &format!(
+            r#"
+echo 60 > {SYSCTL}
+dynamos apply --timeout 60 /packages/lease-break-time-default.dynpkg 2>/tmp/err; echo "@@ apply exit $? @@"
+echo "@@ error $(cat /tmp/err) @@"
+echo "@@ error lines $(wc -l < /tmp/err) @@"
+echo "@@ value $(cat {SYSCTL}) @@"
+echo "@@ livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c dynamos /proc/modules) @@"
+"#
+        ),
+    );
+    expect_line(&text, "@@ apply exit 2 @@");
+    expect_line(
+        &text,
+        "@@ error dynamos: refused: lease_break_time (fs/locks.c): running value 60 is not the old initial value 45 the update expects (it would set 20)",
+    );
+    expect_line(&text, "@@ error lines 1 @@");
+    expect_line(&text, "@@ value 60 @@");
+    expect_line(&text, "@@ livepatches 0 modules 0 @@");
+}
