@@ -431,13 +431,15 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     } else {
         retired_by(paths, manifest)?
     };
+    let records = read_records(paths)?;
+    values::refuse_retiring_value_updates(manifest, &records, &retiring)?;
 
     let text = fs::read_to_string(&paths.kallsyms)
         .with_context(|| format!("cannot read {}", paths.kallsyms.display()))?;
     let kallsyms = parse_kallsyms(&text)?;
     let memory = kcore::Kcore::open(&paths.kcore)?;
     let resolution = resolve(manifest, &kallsyms, &memory)?;
-    values::check_running_values(manifest, &resolution.externals, &memory)?;
+    values::check_running_values(manifest, &resolution.externals, &memory, &records)?;
     let mut image = pkg.module.clone();
     let values: Vec<(String, u64)> = resolution
         .externals

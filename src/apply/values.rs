@@ -6,17 +6,20 @@
 
 use super::kcore::KernelMemory;
 use super::resolve::ResolvedSymbol;
+use super::AppliedRecord;
 use crate::diff::values::describe_value;
 use crate::error::{Error, Refusal};
-use crate::package::Manifest;
+use crate::package::{Manifest, ValueUpdate};
 use anyhow::Result;
 
 /// Refuse the package unless each variable it updates holds the old
-/// initial value the package expects; `resolved` gives their addresses.
+/// initial value the package expects; `resolved` gives their addresses,
+/// `applied` the updates already live (to name one that set the value).
 pub fn check_running_values(
     manifest: &Manifest,
     resolved: &[ResolvedSymbol],
     memory: &dyn KernelMemory,
+    applied: &[AppliedRecord],
 ) -> Result<()> {
     let mut refusals = Vec::new();
     for object in &manifest.objects {
@@ -36,10 +39,14 @@ pub fn check_running_values(
             let reason = match memory.read(address, update.old.len()) {
                 Ok(running) if running == update.old => continue,
                 Ok(running) => format!(
-                    "running value {} is not the old initial value {} the update expects (it would set {}); it was changed since boot, by an administrator or the kernel",
+                    "running value {} is not the old initial value {} the update expects (it would set {}); {}",
                     describe_value(&running),
                     describe_value(&update.old),
-                    describe_value(&update.new)
+                    describe_value(&update.new),
+                    match setter(applied, update, &running) {
+                        Some(name) => format!("live update {name} set it"),
+                        None => "it was changed since boot, by an administrator or the kernel".into(),
+                    }
                 ),
                 Err(e) => format!("cannot read its running value: {e:#}"),
             };
@@ -82,10 +89,63 @@ pub fn live_values(record: &super::AppliedRecord) -> Vec<LiveValue> {
         .collect()
 }
 
+/// The applied update that set `update`'s variable to `running`, if any.
+fn setter<'a>(
+    applied: &'a [AppliedRecord],
+    update: &ValueUpdate,
+    running: &[u8],
+) -> Option<&'a str> {
+    applied
+        .iter()
+        .rev()
+        .find(|r| {
+            r.manifest.objects.iter().any(|o| {
+                o.value_updates
+                    .iter()
+                    .any(|v| v.name == update.name && v.file == update.file && v.new == running)
+            })
+        })
+        .map(|r| r.manifest.name.as_str())
+}
+
+/// A cumulative update retires live updates without running their
+/// callbacks: values they set would stay set, and its own updates would
+/// find them already changed. Refused until those are reverted first.
+pub fn refuse_retiring_value_updates(
+    manifest: &Manifest,
+    applied: &[AppliedRecord],
+    retiring: &[String],
+) -> Result<()> {
+    let refusals: Vec<Refusal> = applied
+        .iter()
+        .filter(|r| retiring.contains(&r.manifest.module_name))
+        .flat_map(|r| {
+            r.manifest.objects.iter().flat_map(move |o| {
+                o.value_updates.iter().map(move |v| Refusal {
+                    symbol: manifest.name.clone(),
+                    reason: format!(
+                        "would retire live update {}, which set {} ({}) to {}; a cumulative update cannot take over value updates: revert {} first",
+                        r.manifest.name,
+                        v.name,
+                        v.file,
+                        describe_value(&v.new),
+                        r.manifest.name
+                    ),
+                })
+            })
+        })
+        .collect();
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Refused(refusals).into())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::package::{ObjectUpdate, TargetIdentity, ValueUpdate};
+    use crate::package::{ObjectUpdate, TargetIdentity};
     use std::collections::HashMap;
 
     /// Kernel memory as a map of addresses to bytes.
@@ -138,13 +198,13 @@ mod tests {
     #[test]
     fn the_old_initial_value_passes() {
         let memory = Memory(HashMap::from([(0x1000, 45i32.to_le_bytes().to_vec())]));
-        check_running_values(&manifest(), &resolved(0x1000), &memory).unwrap();
+        check_running_values(&manifest(), &resolved(0x1000), &memory, &[]).unwrap();
     }
 
     #[test]
     fn a_changed_running_value_is_refused_naming_both_values() {
         let memory = Memory(HashMap::from([(0x1000, 60i32.to_le_bytes().to_vec())]));
-        let err = check_running_values(&manifest(), &resolved(0x1000), &memory).unwrap_err();
+        let err = check_running_values(&manifest(), &resolved(0x1000), &memory, &[]).unwrap_err();
         assert_eq!(
             crate::error::exit_code_of(&err),
             crate::error::exit::REFUSED
@@ -159,12 +219,58 @@ mod tests {
         assert!(!text.contains('\n'), "{text}");
     }
 
+    fn record(name: &str) -> AppliedRecord {
+        let mut m = manifest();
+        m.name = name.into();
+        m.module_name = format!("dynamos_{name}");
+        AppliedRecord {
+            manifest: m,
+            key_id: "00".into(),
+            module_sha256: "00".into(),
+            sympos: vec![],
+            applied_at_ns: 1,
+        }
+    }
+
+    #[test]
+    fn a_value_another_live_update_set_names_that_update() {
+        let memory = Memory(HashMap::from([(0x1000, 20i32.to_le_bytes().to_vec())]));
+        let err = check_running_values(&manifest(), &resolved(0x1000), &memory, &[record("first")])
+            .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("running value 20 is not the old initial value 45"),
+            "{text}"
+        );
+        assert!(text.contains("live update first set it"), "{text}");
+    }
+
+    #[test]
+    fn a_cumulative_update_retiring_value_updates_is_refused() {
+        let records = [record("first"), record("other")];
+        let err = refuse_retiring_value_updates(&manifest(), &records, &["dynamos_first".into()])
+            .unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(
+                "would retire live update first, which set lease_break_time (fs/locks.c) to 20"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("other"), "{text}");
+        refuse_retiring_value_updates(&manifest(), &records, &[]).unwrap();
+    }
+
     #[test]
     fn unreadable_or_unresolved_variables_are_refused() {
         let memory = Memory(HashMap::new());
-        let err = check_running_values(&manifest(), &resolved(0x1000), &memory).unwrap_err();
+        let err = check_running_values(&manifest(), &resolved(0x1000), &memory, &[]).unwrap_err();
         assert!(format!("{err:#}").contains("cannot read its running value"));
-        let err = check_running_values(&manifest(), &[], &memory).unwrap_err();
+        let err = check_running_values(&manifest(), &[], &memory, &[]).unwrap_err();
         assert!(format!("{err:#}").contains("names no address"));
     }
 }
