@@ -3,7 +3,8 @@
 //! /proc/sys/fs/lease-break-time) takes effect when the package is
 //! applied and is undone by revert; when an administrator has set the
 //! sysctl, the package is refused naming the variable and both values, and
-//! nothing is loaded.
+//! nothing is loaded. A module variable's changed initial value is refused
+//! by `dynamos-build`.
 
 mod common;
 
@@ -19,6 +20,10 @@ const VM_BUDGET: u64 = 240;
 fn built(keys: &Keys, out: &Path) {
     let run = build(keys, PATCH, out);
     assert!(run.status.success(), "{}{}", stdout(&run), stderr(&run));
+    expect_line(
+        &stdout(&run),
+        "value    lease_break_time (vmlinux, fs/locks.c): 45 -> 20",
+    );
     let shown = dynamos(&keys.dir, &["inspect", out.to_str().unwrap()]);
     assert!(
         stdout(&shown).contains("value    lease_break_time (vmlinux, fs/locks.c): 45 -> 20"),
@@ -133,4 +138,20 @@ echo "@@ livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c dynam
     expect_line(&text, "@@ error lines 1 @@");
     expect_line(&text, "@@ value 60 @@");
     expect_line(&text, "@@ livepatches 0 modules 0 @@");
+}
+
+#[test]
+fn a_changed_initial_value_in_a_module_is_refused_at_build_time() {
+    // binfmt_misc's `enabled` would start from its old value whenever the
+    // module loads after the update.
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("refused.dynpkg");
+    let run = build(&keys, "refused-module-value.diff", &out);
+    assert_eq!(run.status.code(), Some(2), "{}", stderr(&run));
+    expect_line(
+        &stderr(&run),
+        "enabled: changed initial value of a variable of module binfmt_misc: value updates cover vmlinux variables only",
+    );
+    assert!(!out.exists());
 }
