@@ -203,7 +203,8 @@ static int set_new_values(struct klp_object *obj)
 			v = &value_updates[i];
 			swap_value(v->running, v->size, v->new_value, v->old_value);
 		}
-		return -EBUSY;
+		/* Its own error number: `dynamos apply` reports it as a refusal. */
+		return -ECANCELED;
 	}
 	return 0;
 }

@@ -3,7 +3,8 @@
 //! /proc/sys/fs/lease-break-time) takes effect when the package is
 //! applied and is undone by revert; when an administrator has set the
 //! sysctl, the package is refused naming the variable and both values, and
-//! nothing is loaded. A module variable's changed initial value is refused
+//! nothing is loaded, also when the administrator's write lands after
+//! apply's check (the module's own check refuses it). A module variable's changed initial value is refused
 //! by `dynamos-build`.
 
 mod common;
@@ -32,25 +33,19 @@ fn built(keys: &Keys, out: &Path) {
     );
 }
 
-/// Run `script` in the VM with `package`, within the time budget; returns
-/// the output after checking the guest exited 0 and the kernel logged no
-/// Oops, BUG or WARNING.
-fn in_vm(keys: &Keys, package: &Path, script: &str) -> String {
+/// Run `script` in the VM with `files` under /packages, within the time
+/// budget; returns the output after checking the guest exited 0 and the
+/// kernel logged no Oops, BUG or WARNING.
+fn in_vm(keys: &Keys, files: &[&Path], script: &str) -> String {
     let script = format!("{script}\ndmesg | grep -E 'Oops|BUG:|WARNING:' && exit 9 || true\n");
     let budget = VM_BUDGET.to_string();
     let started = Instant::now();
-    let out = dynamos(
-        &keys.dir,
-        &[
-            "vm",
-            "--timeout",
-            &budget,
-            "--package",
-            package.to_str().unwrap(),
-            "--",
-            &script,
-        ],
-    );
+    let mut args = vec!["vm", "--timeout", &budget];
+    for file in files {
+        args.extend(["--package", file.to_str().unwrap()]);
+    }
+    args.extend(["--", &script]);
+    let out = dynamos(&keys.dir, &args);
     let text = format!("{}{}", stdout(&out), stderr(&out));
     assert_eq!(out.status.code(), Some(0), "{text}");
     assert!(
@@ -73,7 +68,7 @@ fn a_changed_sysctl_default_takes_effect_and_is_restored_by_revert() {
     built(&keys, &pkg);
     let text = in_vm(
         &keys,
-        &pkg,
+        &[&pkg],
         &format!(
             r#"
 echo "@@ boot $(cat {SYSCTL}) @@"
@@ -116,9 +111,11 @@ fn a_sysctl_an_administrator_changed_is_refused_naming_both_values() {
     let work = tempfile::tempdir().unwrap();
     let pkg = package_path(&work);
     built(&keys, &pkg);
+    let racer = work.path().join("sysctl-racer");
+    compile_static_probe("sysctl_racer.c", &racer);
     let text = in_vm(
         &keys,
-        &pkg,
+        &[&pkg, &racer],
         &format!(
             r#"
 echo 60 > {SYSCTL}
@@ -127,6 +124,13 @@ echo "@@ error $(cat /tmp/err) @@"
 echo "@@ error lines $(wc -l < /tmp/err) @@"
 echo "@@ value $(cat {SYSCTL}) @@"
 echo "@@ livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c dynamos /proc/modules) @@"
+# The administrator's write lands after apply's check, as the module loads.
+echo 45 > {SYSCTL}
+cp /packages/sysctl-racer /tmp/ && chmod +x /tmp/sysctl-racer
+/tmp/sysctl-racer {SYSCTL} 70 dynamos apply --timeout 60 /packages/lease-break-time-default.dynpkg 2>/tmp/err; echo "@@ raced apply exit $? @@"
+echo "@@ raced error $(cat /tmp/err) @@"
+echo "@@ raced value $(cat {SYSCTL}) livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c dynamos /proc/modules) @@"
+dmesg | grep 'no longer holds its old initial value'
 "#
         ),
     );
@@ -138,6 +142,17 @@ echo "@@ livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c dynam
     expect_line(&text, "@@ error lines 1 @@");
     expect_line(&text, "@@ value 60 @@");
     expect_line(&text, "@@ livepatches 0 modules 0 @@");
+    // The module's own check refuses what apply's could not see.
+    expect_line(&text, "@@ raced apply exit 2 @@");
+    expect_line(
+        &text,
+        "@@ raced error dynamos: refused: lease-break-time-default: lease_break_time (fs/locks.c) changed while the update was being loaded, before its new value was written; nothing was applied (see dmesg) @@",
+    );
+    expect_line(&text, "@@ raced value 70 livepatches 0 modules 0 @@");
+    expect_line(
+        &text,
+        "dynamos_lease_break_time_default: lease_break_time no longer holds its old initial value; update not applied",
+    );
 }
 
 #[test]

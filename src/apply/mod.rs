@@ -453,6 +453,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         params = format!("{params} replace=1").trim_start().to_string();
     }
     if let Err(e) = init_module(&image, &params) {
+        values::refuse_changed_before_write(manifest, &e)?;
         let hint = match e.raw_os_error() {
             Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) | Some(libc::EPERM) => {
                 " (module signature enforcement or kernel lockdown forbids loading it)"

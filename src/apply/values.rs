@@ -89,6 +89,29 @@ pub fn live_values(record: &super::AppliedRecord) -> Vec<LiveValue> {
         .collect()
 }
 
+/// The module's pre_patch callback found a variable changed between the
+/// check above and its own write (it fails the load with ECANCELED): a
+/// refusal like the check's, with nothing loaded.
+pub fn refuse_changed_before_write(manifest: &Manifest, load: &std::io::Error) -> Result<()> {
+    let names: Vec<String> = manifest
+        .objects
+        .iter()
+        .flat_map(|o| o.value_updates.iter())
+        .map(|v| format!("{} ({})", v.name, v.file))
+        .collect();
+    if names.is_empty() || load.raw_os_error() != Some(libc::ECANCELED) {
+        return Ok(());
+    }
+    Err(Error::refused(
+        &manifest.name,
+        format!(
+            "{} changed while the update was being loaded, before its new value was written; nothing was applied (see dmesg)",
+            names.join(", ")
+        ),
+    )
+    .into())
+}
+
 /// The applied update that set `update`'s variable to `running`, if any.
 fn setter<'a>(
     applied: &'a [AppliedRecord],
@@ -263,6 +286,27 @@ mod tests {
         );
         assert!(!text.contains("other"), "{text}");
         refuse_retiring_value_updates(&manifest(), &records, &[]).unwrap();
+    }
+
+    #[test]
+    fn a_load_the_module_cancelled_is_a_refusal() {
+        let cancelled = std::io::Error::from_raw_os_error(libc::ECANCELED);
+        let err = refuse_changed_before_write(&manifest(), &cancelled).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        assert!(
+            format!("{err:#}").contains(
+                "lease_break_time (fs/locks.c) changed while the update was being loaded"
+            ),
+            "{err:#}"
+        );
+        let other = std::io::Error::from_raw_os_error(libc::EPERM);
+        refuse_changed_before_write(&manifest(), &other).unwrap();
+        let mut without = manifest();
+        without.objects[0].value_updates.clear();
+        refuse_changed_before_write(&without, &cancelled).unwrap();
     }
 
     #[test]

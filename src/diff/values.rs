@@ -30,8 +30,9 @@ pub struct ValueUpdate {
     pub new: Vec<u8>,
 }
 
-/// Sections whose variables are no plain kernel data once the kernel runs.
-/// Checked on both builds' section names, by prefix.
+/// Sections whose variables are no plain kernel data once the kernel runs,
+/// by prefix (`.data..percpu..read_mostly` and the other per-CPU ones too).
+/// Checked on both builds' section names.
 const UNWRITABLE_SECTIONS: &[(&str, &str)] = &[
     (
         ".data..percpu",
@@ -40,10 +41,6 @@ const UNWRITABLE_SECTIONS: &[(&str, &str)] = &[
     (
         ".data..ro_after_init",
         "__ro_after_init: the kernel makes it read-only after boot",
-    ),
-    (
-        ".data..shared_aligned..percpu",
-        "a per-CPU variable: every CPU has its own copy, set up at boot",
     ),
 ];
 
