@@ -131,3 +131,46 @@ pub fn render(template: &str, objects: &[ObjectUpdate]) -> String {
         .replace("{{value_update_object}}", &object_index.to_string())
         .replace("{{value_update_table}}", table.trim_end())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vmlinux_with(updates: Vec<ValueUpdate>) -> ObjectUpdate {
+        ObjectUpdate {
+            object: "vmlinux".into(),
+            value_updates: updates,
+            ..ObjectUpdate::default()
+        }
+    }
+
+    #[test]
+    fn the_template_gets_a_table_of_the_updates() {
+        let template = include_str!("../../templates/livepatch.c");
+        let update = ValueUpdate {
+            name: "lease_break_time".into(),
+            file: "fs/locks.c".into(),
+            module_symbol: value_symbol(0),
+            old: 45i32.to_le_bytes().to_vec(),
+            new: 20i32.to_le_bytes().to_vec(),
+        };
+        let c = render(template, &[vmlinux_with(vec![update])]);
+        assert!(c.contains("#define VALUE_UPDATES 1\n"), "{c}");
+        assert!(c.contains("#define VALUE_UPDATE_OBJECT 0\n"), "{c}");
+        assert!(c.contains("extern char __dynamos_value_0[]; /* lease_break_time in fs/locks.c */"));
+        assert!(
+            c.contains("static const unsigned char old_value_0[] = { 0x2d, 0x00, 0x00, 0x00 };")
+        );
+        assert!(
+            c.contains("static const unsigned char new_value_0[] = { 0x14, 0x00, 0x00, 0x00 };")
+        );
+        assert!(c.contains(
+            "\t{ \"lease_break_time\", __dynamos_value_0, 4, old_value_0, new_value_0 },"
+        ));
+        assert!(!c.contains("{{value_update"), "{c}");
+
+        let none = render(template, &[vmlinux_with(vec![])]);
+        assert!(none.contains("#define VALUE_UPDATES 0\n"));
+        assert!(!none.contains("{{value_update"));
+    }
+}
