@@ -4,7 +4,9 @@
 //! applied and is undone by revert; when an administrator has set the
 //! sysctl, the package is refused naming the variable and both values, and
 //! nothing is loaded, also when the administrator's write lands after
-//! apply's check (the module's own check refuses it). A module variable's changed initial value is refused
+//! apply's check (the module's own check refuses it). A second update of
+//! the variable, and a cumulative update that would retire the one that
+//! set it, are refused. A module variable's changed initial value is refused
 //! by `dynamos-build`.
 
 mod common;
@@ -66,15 +68,36 @@ fn a_changed_sysctl_default_takes_effect_and_is_restored_by_revert() {
     let work = tempfile::tempdir().unwrap();
     let pkg = package_path(&work);
     built(&keys, &pkg);
+    // The same change once more, as a second update and as a cumulative one.
+    let second = work.path().join("second.dynpkg");
+    let cumulative = work.path().join("cumulative.dynpkg");
+    for (out, extra) in [
+        (&second, vec!["--name", "second"]),
+        (
+            &cumulative,
+            vec![
+                "--name",
+                "cumulative",
+                "--replaces",
+                "lease-break-time-default",
+            ],
+        ),
+    ] {
+        let run = build_with(&keys, &[PATCH], extra, out);
+        assert!(run.status.success(), "{}", stderr(&run));
+    }
     let text = in_vm(
         &keys,
-        &[&pkg],
+        &[&pkg, &second, &cumulative],
         &format!(
             r#"
 echo "@@ boot $(cat {SYSCTL}) @@"
 dynamos apply --timeout 60 /packages/lease-break-time-default.dynpkg; echo "@@ apply exit $? @@"
 echo "@@ applied $(cat {SYSCTL}) @@"
 dynamos list
+dynamos apply /packages/second.dynpkg 2>&1; echo "@@ second exit $? @@"
+dynamos apply /packages/cumulative.dynpkg 2>&1; echo "@@ cumulative exit $? @@"
+echo "@@ still $(cat {SYSCTL}) livepatches $(ls /sys/kernel/livepatch | wc -l) @@"
 dynamos revert lease-break-time-default; echo "@@ revert exit $? @@"
 echo "@@ reverted $(cat {SYSCTL}) @@"
 dynamos apply --timeout 60 /packages/lease-break-time-default.dynpkg >/dev/null; echo "@@ again exit $? @@"
@@ -92,6 +115,13 @@ dmesg | grep 'lease_break_time was changed'
         "@@ apply exit 0 @@",
         "@@ applied 20 @@",
         "    vmlinux: lease_break_time = 20 (was 45)",
+        // A second update of the variable finds it already set.
+        "dynamos: refused: lease_break_time (fs/locks.c): running value 20 is not the old initial value 45 the update expects (it would set 20); live update lease-break-time-default set it",
+        "@@ second exit 2 @@",
+        // Atomic replace would run none of the retired update's callbacks.
+        "dynamos: refused: cumulative: would retire live update lease-break-time-default, which set lease_break_time (fs/locks.c) to 20; a cumulative update cannot take over value updates: revert lease-break-time-default first",
+        "@@ cumulative exit 2 @@",
+        "@@ still 20 livepatches 1 @@",
         "@@ revert exit 0 @@",
         "@@ reverted 45 @@",
         "@@ again exit 0 @@",
