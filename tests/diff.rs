@@ -254,6 +254,19 @@ fn a_changed_variable_size_is_refused() {
 }
 
 #[test]
+fn a_huge_variable_is_refused() {
+    let orig = "char big[100000] = { 1 };\nchar get(int i) { return big[i]; }\n";
+    let run = diff(orig, &orig.replace("{ 1 }", "{ 2 }"));
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["big"]);
+    assert!(
+        refusal_reasons(&run.json).contains("up to 65536 bytes"),
+        "{}",
+        run.json
+    );
+}
+
+#[test]
 fn a_changed_pointer_initialiser_is_refused() {
     let orig = "int a, b;\nint *which = &a;\nint get(void) { return *which; }\n";
     let run = diff(orig, &orig.replace("&a;", "&b;"));

@@ -30,6 +30,10 @@ pub struct ValueUpdate {
     pub new: Vec<u8>,
 }
 
+/// The largest variable a value update writes: the module carries both
+/// values, and a table that size is no sysctl.
+const MAX_VALUE_SIZE: u64 = 64 << 10;
+
 /// Sections whose variables are no plain kernel data once the kernel runs,
 /// by prefix (`.data..percpu..read_mostly` and the other per-CPU ones too).
 /// Checked on both builds' section names.
@@ -114,6 +118,12 @@ fn value_update(
     }
     if old_sym.size == 0 {
         return Err("changed initialised data of unknown size".into());
+    }
+    if old_sym.size > MAX_VALUE_SIZE {
+        return Err(format!(
+            "changed initialised data of {} bytes: value updates cover variables of up to {MAX_VALUE_SIZE} bytes",
+            old_sym.size
+        ));
     }
     for (obj, section, sym) in [
         (orig, old_section, old_sym),
