@@ -91,6 +91,19 @@ pub struct ValueUpdate {
     pub new: Vec<u8>,
 }
 
+impl ValueUpdate {
+    /// `name (object, file): old -> new`, as the commands print it.
+    pub fn summary(&self, object: &str) -> String {
+        format!(
+            "{} ({object}, {}): {} -> {}",
+            self.name,
+            self.file,
+            crate::diff::values::describe_value(&self.old),
+            crate::diff::values::describe_value(&self.new)
+        )
+    }
+}
+
 /// A function's code as the package expects to find it in the running
 /// kernel (run-pre verification).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -456,17 +469,7 @@ pub fn inspect_json(pkg: &Package, key_id: &KeyId) -> serde_json::Value {
     let values: Vec<String> = m
         .objects
         .iter()
-        .flat_map(|o| {
-            o.value_updates.iter().map(move |v| {
-                format!(
-                    "{}:{} {} -> {}",
-                    o.object,
-                    v.name,
-                    crate::diff::values::describe_value(&v.old),
-                    crate::diff::values::describe_value(&v.new)
-                )
-            })
-        })
+        .flat_map(|o| o.value_updates.iter().map(move |v| v.summary(&o.object)))
         .collect();
     serde_json::json!({
         "format_version": FORMAT_VERSION,

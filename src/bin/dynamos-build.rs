@@ -2,7 +2,6 @@
 //! touches and emit one signed live-update package.
 
 use clap::Parser;
-use dynamos::diff::values::describe_value;
 use dynamos::error::exit_code_of;
 use dynamos::pipeline::{build_package, BuildRequest};
 use dynamos::target::TargetSpec;
@@ -78,14 +77,7 @@ fn main() {
                     println!("add      {} ({})", f, object.object);
                 }
                 for v in &object.value_updates {
-                    println!(
-                        "value    {} ({}, {}): {} -> {}",
-                        v.name,
-                        object.object,
-                        v.file,
-                        describe_value(&v.old),
-                        describe_value(&v.new)
-                    );
+                    println!("value    {}", v.summary(&object.object));
                 }
             }
             for note in &report.notes {

@@ -313,14 +313,7 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
             println!("add      {} ({})", f, object.object);
         }
         for v in &object.value_updates {
-            println!(
-                "value    {} ({}, {}): {} -> {}",
-                v.name,
-                object.object,
-                v.file,
-                describe_value(&v.old),
-                describe_value(&v.new)
-            );
+            println!("value    {}", v.summary(&object.object));
         }
     }
     Ok(exit::OK)
