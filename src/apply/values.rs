@@ -227,19 +227,30 @@ mod tests {
     #[test]
     fn a_changed_running_value_is_refused_naming_both_values() {
         let memory = Memory(HashMap::from([(0x1000, 60i32.to_le_bytes().to_vec())]));
-        let err = check_running_values(&manifest(), &resolved(0x1000), &memory, &[]).unwrap_err();
-        assert_eq!(
-            crate::error::exit_code_of(&err),
-            crate::error::exit::REFUSED
-        );
-        let text = format!("{err:#}");
+        let text = refusal(check_running_values(
+            &manifest(),
+            &resolved(0x1000),
+            &memory,
+            &[],
+        ));
         assert!(
             text.contains(
                 "lease_break_time (fs/locks.c): running value 60 is not the old initial value 45"
             ),
             "{text}"
         );
+    }
+
+    /// The message of a refusal (exit 2), which must be one line.
+    fn refusal(result: Result<()>) -> String {
+        let err = result.unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        let text = format!("{err:#}");
         assert!(!text.contains('\n'), "{text}");
+        text
     }
 
     fn record(name: &str) -> AppliedRecord {
@@ -271,13 +282,11 @@ mod tests {
     #[test]
     fn a_cumulative_update_retiring_value_updates_is_refused() {
         let records = [record("first"), record("other")];
-        let err = refuse_retiring_value_updates(&manifest(), &records, &["dynamos_first".into()])
-            .unwrap_err();
-        assert_eq!(
-            crate::error::exit_code_of(&err),
-            crate::error::exit::REFUSED
-        );
-        let text = format!("{err:#}");
+        let text = refusal(refuse_retiring_value_updates(
+            &manifest(),
+            &records,
+            &["dynamos_first".into()],
+        ));
         assert!(
             text.contains(
                 "would retire live update first, which set lease_break_time (fs/locks.c) to 20"
@@ -291,16 +300,12 @@ mod tests {
     #[test]
     fn a_load_the_module_cancelled_is_a_refusal() {
         let cancelled = std::io::Error::from_raw_os_error(libc::ECANCELED);
-        let err = refuse_changed_before_write(&manifest(), &cancelled).unwrap_err();
-        assert_eq!(
-            crate::error::exit_code_of(&err),
-            crate::error::exit::REFUSED
-        );
+        let text = refusal(refuse_changed_before_write(&manifest(), &cancelled));
         assert!(
-            format!("{err:#}").contains(
+            text.contains(
                 "lease_break_time (fs/locks.c) changed while the update was being loaded"
             ),
-            "{err:#}"
+            "{text}"
         );
         let other = std::io::Error::from_raw_os_error(libc::EPERM);
         refuse_changed_before_write(&manifest(), &other).unwrap();
