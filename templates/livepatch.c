@@ -301,12 +301,112 @@ static int module_going(struct notifier_block *nb, unsigned long action, void *d
 static struct notifier_block going_notifier = { .notifier_call = module_going };
 #endif
 
+/*
+ * Value updates: variables of the running kernel whose initial value the
+ * patch changed. The new value is written by the vmlinux object's
+ * pre_patch callback, which the livepatch core runs before the transition
+ * starts, so no task ever runs a new function while the old value is in
+ * place; tasks still in old functions during the transition see the new
+ * value, as every unchanged reader of the variable does from then on.
+ * The old value is written back by post_unpatch, after the last task has
+ * left the new functions. Each write happens only if the variable still
+ * holds what the update expects (an administrator may have changed it),
+ * with one compare-and-exchange for a naturally aligned 1, 2, 4 or 8 byte
+ * variable, so a concurrent writer is never overwritten.
+ */
+#define VALUE_UPDATES {{value_update_count}}
+#define VALUE_UPDATE_OBJECT {{value_update_object}}
+
+#if VALUE_UPDATES
+struct value_update {
+	const char *name;		/* kernel symbol, for messages */
+	void *running;			/* the variable, resolved by `dynamos apply` */
+	size_t size;
+	const void *old_value;		/* what it holds while the update is off */
+	const void *new_value;		/* what it holds while the update is on */
+};
+
+{{value_update_table}}
+
+/* One sized compare-and-exchange of *running from *from to *to. */
+#define CMPXCHG_SIZED(type)						\
+	({								\
+		type expected, wanted;					\
+									\
+		memcpy(&expected, from, sizeof(type));			\
+		memcpy(&wanted, to, sizeof(type));			\
+		cmpxchg((type *)running, expected, wanted) == expected;	\
+	})
+
+/* Set a variable from `from` to `to` if it holds `from`; false if not. */
+static bool swap_value(void *running, size_t size, const void *from, const void *to)
+{
+	if (IS_ALIGNED((unsigned long)running, size)) {
+		switch (size) {
+		case 1:
+			return CMPXCHG_SIZED(u8);
+		case 2:
+			return CMPXCHG_SIZED(u16);
+		case 4:
+			return CMPXCHG_SIZED(u32);
+		case 8:
+			return CMPXCHG_SIZED(u64);
+		}
+	}
+	/* Larger variables: no single instruction covers them. */
+	if (memcmp(running, from, size))
+		return false;
+	memcpy(running, to, size);
+	return true;
+}
+
+/* pre_patch: every variable takes its new value, or none does. */
+static int set_new_values(struct klp_object *obj)
+{
+	int i;
+
+	for (i = 0; i < VALUE_UPDATES; i++) {
+		const struct value_update *v = &value_updates[i];
+
+		if (swap_value(v->running, v->size, v->old_value, v->new_value))
+			continue;
+		pr_err("%s: %s no longer holds its old initial value; update not applied\n",
+		       THIS_MODULE->name, v->name);
+		while (--i >= 0) {
+			v = &value_updates[i];
+			swap_value(v->running, v->size, v->new_value, v->old_value);
+		}
+		/* Its own error number: `dynamos apply` reports it as a refusal. */
+		return -ECANCELED;
+	}
+	return 0;
+}
+
+/* post_unpatch: back to the old values, unless changed since. */
+static void restore_old_values(struct klp_object *obj)
+{
+	int i;
+
+	for (i = 0; i < VALUE_UPDATES; i++) {
+		const struct value_update *v = &value_updates[i];
+
+		if (!swap_value(v->running, v->size, v->new_value, v->old_value))
+			pr_warn("%s: %s was changed while the update was applied; keeping its current value\n",
+				THIS_MODULE->name, v->name);
+	}
+}
+#endif
+
 static int __init dynamos_update_init(void)
 {
 	int ret;
 
 	set_positions();
 	patch.replace = replace;
+#if VALUE_UPDATES
+	objects[VALUE_UPDATE_OBJECT].callbacks.pre_patch = set_new_values;
+	objects[VALUE_UPDATE_OBJECT].callbacks.post_unpatch = restore_old_values;
+#endif
 	ret = prepare_adaptive();
 	if (ret)
 		return ret;

@@ -12,6 +12,7 @@ pub mod adaptive;
 mod image;
 pub mod kcore;
 mod resolve;
+pub mod values;
 
 pub use image::{make_symbols_absolute, modinfo_name};
 pub use resolve::{
@@ -435,12 +436,15 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     } else {
         retired_by(paths, manifest)?
     };
+    let records = read_records(paths)?;
+    values::refuse_retiring_value_updates(manifest, &records, &retiring)?;
 
     let text = fs::read_to_string(&paths.kallsyms)
         .with_context(|| format!("cannot read {}", paths.kallsyms.display()))?;
     let kallsyms = parse_kallsyms(&text)?;
     let memory = kcore::Kcore::open(&paths.kcore)?;
     let resolution = resolve(manifest, &kallsyms, &memory)?;
+    values::check_running_values(manifest, &resolution.externals, &memory, &records)?;
     let mut image = pkg.module.clone();
     let values: Vec<(String, u64)> = resolution
         .externals
@@ -470,6 +474,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     falls_back_to.sort();
     falls_back_to.dedup();
     if let Err(e) = init_module(&image, &params) {
+        values::refuse_changed_before_write(manifest, &e)?;
         let hint = match e.raw_os_error() {
             Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) | Some(libc::EPERM) => {
                 " (module signature enforcement or kernel lockdown forbids loading it)"
@@ -766,6 +771,8 @@ pub struct LiveUpdate {
     pub objects: Vec<LiveObject>,
     /// Calls each version of an adaptive function served since apply.
     pub adaptive: Vec<adaptive::ServedCalls>,
+    /// Variables the update set to a new initial value (from its record).
+    pub value_updates: Vec<values::LiveValue>,
 }
 
 /// Every livepatch of the running kernel, and every dynamos update recorded.
@@ -794,6 +801,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
             transition: read_trimmed(&dir.join("transition")).as_deref() == Some("1"),
             objects,
             adaptive: adaptive::served_calls(paths, name),
+            value_updates: record.map(values::live_values).unwrap_or_default(),
         });
     }
     for r in &records {
@@ -806,6 +814,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 transition: false,
                 objects: record_objects(r),
                 adaptive: Vec::new(),
+                value_updates: values::live_values(r),
             });
         }
     }

@@ -811,6 +811,7 @@ pub(crate) mod tests {
                     },
                 ],
                 expected_code: vec![],
+                value_updates: vec![],
             }],
             replaces: vec![],
         }

@@ -82,6 +82,9 @@ fn main() {
                 for f in &object.added {
                     println!("add      {} ({})", f, object.object);
                 }
+                for v in &object.value_updates {
+                    println!("value    {}", v.summary(&object.object));
+                }
             }
             for note in &report.notes {
                 println!("note: {note}");

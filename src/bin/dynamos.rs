@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use dynamos::apply::{self, ApplyOptions};
+use dynamos::diff::values::describe_value;
 use dynamos::error::{exit, exit_code_of};
 use dynamos::package::{self, keys};
 use std::path::{Path, PathBuf};
@@ -172,6 +173,14 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let applied = apply::apply(&package, &opts)?;
             for object in &applied.manifest.objects {
+                for v in &object.value_updates {
+                    println!(
+                        "value    {} = {} (was {})",
+                        v.name,
+                        describe_value(&v.new),
+                        describe_value(&v.old)
+                    );
+                }
                 let later = applied.not_loaded.contains(&object.object);
                 for f in &object.replaced {
                     if later {
@@ -246,6 +255,9 @@ fn run(cli: Cli) -> Result<i32> {
                                 None => println!("    {}: {}", o.object, f.name),
                             }
                         }
+                    }
+                    for v in &u.value_updates {
+                        println!("    {}: {} = {} (was {})", v.object, v.name, v.new, v.old);
                     }
                 }
             }
@@ -328,6 +340,9 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
         for f in &object.added {
             println!("add      {} ({})", f, object.object);
         }
+        for v in &object.value_updates {
+            println!("value    {}", v.summary(&object.object));
+        }
     }
     Ok(exit::OK)
 }
@@ -340,6 +355,7 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
         let value = serde_json::json!({
             "changed": result.changed(),
             "new": result.new_functions(),
+            "value_updates": result.value_updates,
             "refused": result.refused,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -350,13 +366,21 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
         for name in result.new_functions() {
             println!("new      {name}");
         }
+        for v in &result.value_updates {
+            println!(
+                "value    {}: {} -> {}",
+                v.name,
+                describe_value(&v.old),
+                describe_value(&v.new)
+            );
+        }
         for r in &result.refused {
             println!("refused  {}: {}", r.symbol, r.reason);
         }
     }
     Ok(if !result.refused.is_empty() {
         exit::REFUSED
-    } else if result.functions.is_empty() {
+    } else if result.functions.is_empty() && result.value_updates.is_empty() {
         exit::NO_CHANGE
     } else {
         exit::OK

@@ -15,6 +15,7 @@ pub mod object;
 pub mod signature;
 pub mod special;
 pub mod types;
+pub mod values;
 
 pub use correlate::{is_bookkeeping, is_message_limiter, Correlation};
 pub use object::ObjectFile;
@@ -67,6 +68,9 @@ pub struct ObjectDiff {
     pub private_copies: BTreeSet<String>,
     /// Replaced functions whose version an adaptation handler chooses per call.
     pub adaptations: Vec<adaptation::AdaptationHandler>,
+    /// Writable variables whose changed initial value the package writes
+    /// into the running kernel as it is applied (see `values`).
+    pub value_updates: Vec<values::ValueUpdate>,
 }
 
 impl ObjectDiff {
@@ -84,7 +88,7 @@ impl ObjectDiff {
             .collect()
     }
     pub fn is_empty(&self) -> bool {
-        self.functions.is_empty() && self.refused.is_empty()
+        self.functions.is_empty() && self.refused.is_empty() && self.value_updates.is_empty()
     }
 }
 
@@ -121,6 +125,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
             correlation,
             private_copies: BTreeSet::new(),
             adaptations: Vec::new(),
+            value_updates: Vec::new(),
         });
     }
 
@@ -231,7 +236,16 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
     );
     let (adaptations, mut bad_handlers) = adaptation::declared_handlers(orig, patched, &functions);
     refused.append(&mut bad_handlers);
-    let private_copies = compare_data(patched, &changed_data, &functions, &mut refused);
+    // Changed writable variables become value updates or refusals.
+    let (written, read_only): (Vec<usize>, Vec<usize>) = changed_data.iter().partition(|&&i| {
+        let section = patched.symbols[i]
+            .section()
+            .expect("data symbols are defined");
+        patched.sections[section].is_write()
+    });
+    let value_updates = values::value_updates(orig, patched, &correlation, &written, &mut refused);
+    values::refuse_changed_init_data(orig, patched, &correlation, &mut refused);
+    let private_copies = compare_data(patched, &read_only, &functions, &mut refused);
     for change in types::layout_changes(orig, patched)? {
         refused.push(Refusal {
             symbol: match &change.member {
@@ -258,6 +272,7 @@ pub fn diff_objects(orig: &ObjectFile, patched: &ObjectFile) -> anyhow::Result<O
         correlation,
         private_copies,
         adaptations,
+        value_updates,
     })
 }
 
@@ -292,6 +307,7 @@ impl ObjectDiff {
             correlation: Correlation::new(orig, orig),
             private_copies: BTreeSet::new(),
             adaptations: Vec::new(),
+            value_updates: Vec::new(),
         }
     }
 }
@@ -832,9 +848,8 @@ fn ftrace_sites(obj: &ObjectFile) -> Option<BTreeSet<(usize, u64)>> {
     Some(sites)
 }
 
-/// Data objects: new ones are carried; changed ones are refused, except
-/// read-only data that only carried functions use, of which new code gets
-/// its own copy (returned by name).
+/// Changed read-only data objects: refused, except those only carried
+/// functions use, of which new code gets its own copy (returned by name).
 fn compare_data(
     patched: &ObjectFile,
     changed_data: &[usize],
@@ -849,28 +864,19 @@ fn compare_data(
         if copied_readonly(patched, index) {
             continue;
         }
-        if !section.is_write() {
-            let users = referrers(patched, index);
-            match users.iter().find(|u| !carried.contains(u.as_str())) {
-                None => {
-                    private_copies.insert(sym.name.clone());
-                }
-                Some(user) => refused.push(Refusal {
-                    symbol: sym.name.clone(),
-                    reason: format!(
-                        "changed read-only data also used by {user}, which the update does not replace"
-                    ),
-                }),
+        debug_assert!(!section.is_write());
+        let users = referrers(patched, index);
+        match users.iter().find(|u| !carried.contains(u.as_str())) {
+            None => {
+                private_copies.insert(sym.name.clone());
             }
-            continue;
+            Some(user) => refused.push(Refusal {
+                symbol: sym.name.clone(),
+                reason: format!(
+                    "changed read-only data also used by {user}, which the update does not replace"
+                ),
+            }),
         }
-        refused.push(Refusal {
-            symbol: sym.name.clone(),
-            reason: format!(
-                "changed initialised data in {}: existing kernel objects keep their old contents",
-                section.name
-            ),
-        });
     }
     private_copies
 }

@@ -11,6 +11,7 @@ pub mod extract;
 pub mod klp;
 pub mod module_symbols;
 pub mod target_symbols;
+pub mod values;
 
 use crate::diff::{ObjectDiff, ObjectFile};
 use crate::error::Error;
@@ -85,7 +86,7 @@ pub fn generate(
         Some(image)
             if units
                 .iter()
-                .any(|u| u.kernel_object == "vmlinux" && !u.diff.functions.is_empty()) =>
+                .any(|u| u.kernel_object == "vmlinux" && !u.diff.is_empty()) =>
         {
             Some(target_symbols::read_vmlinuz(image)?)
         }
@@ -207,6 +208,7 @@ pub fn generate(
                 files: Vec::new(),
                 load_time: Vec::new(),
                 expected_code: Vec::new(),
+                value_updates: Vec::new(),
             });
         for version in &extracted.replaced {
             let adaptation = adaptive.dispatched.get(&version.name);
@@ -306,10 +308,26 @@ pub fn generate(
             symbols: file_symbols,
         });
     }
+    // Changed initial values: written by the module as it is enabled.
+    for unit in units.iter().filter(|u| !u.diff.value_updates.is_empty()) {
+        let update = by_object
+            .entry(unit.kernel_object.clone())
+            .or_insert_with(|| ObjectUpdate {
+                object: unit.kernel_object.clone(),
+                ..ObjectUpdate::default()
+            });
+        refusals.extend(values::add_value_updates(
+            update,
+            unit,
+            &defined_symbols(unit.original),
+            vmlinux_symbols.as_ref(),
+        ));
+    }
     if !refusals.is_empty() {
         return Err(Error::Refused(refusals).into());
     }
-    if tables.is_empty() {
+    let sets_values = by_object.values().any(|o| !o.value_updates.is_empty());
+    if tables.is_empty() && !sets_values {
         return Err(Error::NoChange.into());
     }
 
@@ -347,7 +365,10 @@ pub fn generate(
             global: true,
         });
     }
-    let source = render_livepatch(package, &objects, clear_module_relocs);
+    let source = values::render(
+        &render_livepatch(package, &objects, clear_module_relocs),
+        &objects,
+    );
     std::fs::write(work.join("livepatch.c"), source)?;
     if let Some(dispatchers) = render_dispatchers(package, &objects) {
         std::fs::write(work.join("dispatch.S"), dispatchers)?;
