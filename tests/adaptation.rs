@@ -207,3 +207,36 @@ dmesg | grep -E 'Oops|BUG:|WARNING:' && exit 9 || true
     let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();
     assert_eq!(taint & !MODULE_TAINTS, 0, "unexpected taint {taint:#x}");
 }
+
+/// A module function with a handler: both versions read the module's own
+/// static `enabled` through livepatch relocations, across a reload of the
+/// module and when the module loads only after the package.
+#[test]
+fn a_module_function_chosen_per_call_across_reloads() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("canary.dynpkg");
+    let built = build(&keys, "binfmt-misc-status-canary.diff", &pkg);
+    assert!(built.status.success(), "{}", stderr(&built));
+    let script = r#"
+B=/proc/sys/fs/binfmt_misc
+up() { modprobe binfmt_misc && mount -t binfmt_misc none $B; }
+down() { umount $B && rmmod binfmt_misc; }
+s() { echo "@@ $1: cat=$(cat $B/status) head=$(head $B/status) @@"; }
+up; dynamos apply /packages/canary.dynpkg; s applied
+echo 0 > $B/status; s disabled; echo 1 > $B/status
+down; up; s reloaded; down
+dynamos revert binfmt-misc-status-canary; dynamos apply /packages/canary.dynpkg
+up; s loaded-after
+dynamos promote bm_status_read; s promoted
+dynamos revert binfmt-misc-status-canary; s reverted; down
+"#;
+    let text = vm_with_modules(&keys, &["binfmt_misc"], &[&pkg], script);
+    let expect = |line: &str| expect_line(&text, line);
+    expect("@@ applied: cat=enabled head=enabled (canary) @@");
+    expect("@@ disabled: cat=disabled head=disabled (canary) @@");
+    expect("@@ reloaded: cat=enabled head=enabled (canary) @@");
+    expect("@@ loaded-after: cat=enabled head=enabled (canary) @@");
+    expect("@@ promoted: cat=enabled (canary) head=enabled (canary) @@");
+    expect("@@ reverted: cat=enabled head=enabled @@");
+}
