@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 4;
+pub const FORMAT_VERSION: u32 = 5;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.
@@ -44,7 +44,7 @@ pub struct PatchDigest {
 }
 
 /// The changes to one kernel object (`vmlinux` or a module).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectUpdate {
     /// `vmlinux` or the module name as in /proc/modules.
     pub object: String,
@@ -67,6 +67,41 @@ pub struct ObjectUpdate {
     /// of the changed files the new code calls: `dynamos apply` checks the
     /// running kernel has exactly this code before it redirects anything.
     pub expected_code: Vec<ExpectedCode>,
+    /// Variables whose initial value the patch changes: the update writes
+    /// the new value as it is applied and the old one back on revert.
+    /// (Defaulted so records written before value updates still read.)
+    #[serde(default)]
+    pub value_updates: Vec<ValueUpdate>,
+}
+
+/// A running variable the update sets to its new initial value, provided
+/// it still holds the old one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValueUpdate {
+    /// Name in /proc/kallsyms.
+    pub name: String,
+    /// Source file defining it.
+    pub file: String,
+    /// The undefined symbol of the module (listed in `externals`) that
+    /// `apply` gives the variable's address.
+    pub module_symbol: String,
+    /// The old initial value: what the running variable must hold.
+    pub old: Vec<u8>,
+    /// The new initial value, of the same size.
+    pub new: Vec<u8>,
+}
+
+impl ValueUpdate {
+    /// `name (object, file): old -> new`, as the commands print it.
+    pub fn summary(&self, object: &str) -> String {
+        format!(
+            "{} ({object}, {}): {} -> {}",
+            self.name,
+            self.file,
+            crate::diff::values::describe_value(&self.old),
+            crate::diff::values::describe_value(&self.new)
+        )
+    }
 }
 
 /// A function's code as the package expects to find it in the running
@@ -135,8 +170,27 @@ pub struct ReplacedFunction {
     pub sympos: Option<u32>,
     /// Source file that defines it, relative to the tree root.
     pub file: String,
-    /// Name of the new version inside the package's module.
+    /// Name of the new version inside the package's module: what the
+    /// livepatch core redirects to (the dispatcher, for an adaptive one).
     pub new_symbol: String,
+    /// Set when an adaptation handler chooses the version per call.
+    #[serde(default)]
+    pub adaptation: Option<Adaptation>,
+}
+
+/// Both versions of an adaptively replaced function, inside the package's
+/// module, and the handler that chooses between them on each call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Adaptation {
+    /// The handler, as the patch names it.
+    pub handler: String,
+    /// The handler inside the package's module.
+    pub handler_symbol: String,
+    /// Compiled from the patched source.
+    pub new_version: String,
+    /// Compiled from the original source: what a false choice runs unless
+    /// an earlier package's version of the function ran before this one.
+    pub old_version: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -380,6 +434,12 @@ pub fn read_file(path: &std::path::Path) -> Result<Vec<u8>> {
         .and_then(|_| file.read_exact(&mut trailer))
         .with_context(context)?;
     let (key, signature) = signer(&trailer).with_context(|| path.display().to_string())?;
+    // The streaming check is not strict: a small-order key verifies some
+    // messages with any signature, so it is refused here as the strict
+    // in-memory check would.
+    if key.is_weak() {
+        return Err(bad_signature(&key)).with_context(|| path.display().to_string());
+    }
     let mut verifier = key
         .verify_stream(&signature)
         .map_err(|_| bad_signature(&key))
@@ -425,6 +485,11 @@ pub fn inspect_json(pkg: &Package, key_id: &KeyId) -> serde_json::Value {
                 .map(move |f| format!("{}:{}", o.object, f.name))
         })
         .collect();
+    let values: Vec<String> = m
+        .objects
+        .iter()
+        .flat_map(|o| o.value_updates.iter().map(move |v| v.summary(&o.object)))
+        .collect();
     serde_json::json!({
         "format_version": FORMAT_VERSION,
         "name": m.name,
@@ -433,6 +498,7 @@ pub fn inspect_json(pkg: &Package, key_id: &KeyId) -> serde_json::Value {
         "tool_version": m.tool_version,
         "key_id": key_id.to_string(),
         "functions_replaced": replaced,
+        "values_updated": values,
         "module": {
             "size": pkg.module.len(),
             "sha256": hex::encode(Sha256::digest(&pkg.module)),
@@ -806,6 +872,7 @@ mod tests {
                         sympos: None,
                         file: "fs/proc/cmdline.c".into(),
                         new_symbol: "livepatch_cmdline_proc_show".into(),
+                        adaptation: None,
                     }],
                     added: vec![],
                     externals: vec![ExternalSymbol {
@@ -827,6 +894,13 @@ mod tests {
                             symbol: "seq_printf".into(),
                             addend: -4,
                         }],
+                    }],
+                    value_updates: vec![ValueUpdate {
+                        name: "lease_break_time".into(),
+                        file: "fs/locks.c".into(),
+                        module_symbol: "__dynamos_value_0".into(),
+                        old: 45i32.to_le_bytes().to_vec(),
+                        new: 30i32.to_le_bytes().to_vec(),
                     }],
                 }],
                 replaces: vec![],

@@ -227,7 +227,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         return Err(Error::Refused(missing).into());
     }
     // Files a header change rebuilt can come out the same: nothing to carry.
-    objects.retain(|(_, _, _, d)| !d.functions.is_empty());
+    objects.retain(|(_, _, _, d)| !d.functions.is_empty() || !d.value_updates.is_empty());
     if objects.is_empty() {
         return Err(Error::NoChange.into());
     }

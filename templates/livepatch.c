@@ -48,6 +48,179 @@ __used struct static_call_key __dynamos_dormant_call = { .func = NULL, .type = 1
 /* New versions, defined in the extracted objects. */
 {{declarations}}
 
+/*
+ * Adaptation handlers (docs/adaptation-handlers.md). An adaptively replaced
+ * function is redirected to its dispatcher (dispatch.S), which calls the
+ * chooser below on every call and then the version it returns: the one
+ * compiled from the patched source, or `previous`, what ran before this
+ * update (this package's clone of the original, or the version of an
+ * earlier update that `dynamos apply` names through the `previous`
+ * parameter; this module holds a reference to that update's module).
+ */
+#define ADAPTIVE_COUNT {{adaptive_count}}
+#if ADAPTIVE_COUNT
+#include <linux/percpu.h>
+#include <linux/sysfs.h>
+
+/* Calls served since the update was applied, per CPU. */
+struct served_calls {
+	unsigned long previous;
+	unsigned long new;
+};
+
+struct adaptive_function {
+	const char *name;
+	const char *handler;
+	void *new_version;
+	void *previous;
+	/* Set by `dynamos promote`: the new version serves every call. */
+	bool promoted;
+	struct served_calls __percpu *served;
+	/* The earlier update `previous` belongs to, pinned while we are loaded. */
+	struct module *previous_owner;
+};
+
+{{adaptive_declarations}}
+
+static struct adaptive_function adaptive[ADAPTIVE_COUNT] = {
+{{adaptive_entries}}
+};
+
+/* Not exported; `dynamos apply` resolves it from kallsyms. */
+extern struct module *__dynamos_module_text_address(unsigned long addr);
+
+static unsigned long previous[ADAPTIVE_COUNT];
+static int previous_count;
+module_param_array(previous, ulong, &previous_count, 0400);
+MODULE_PARM_DESC(previous, "address of what ran before, per adaptive function (0: the original)");
+
+/*
+ * The chooser of one dispatcher. The handler's own prototype has the
+ * replaced function's parameters, all integers or pointers (checked at
+ * build time): on x86-64 each travels in the same register whatever its
+ * C type, so handing the six argument registers on hands the arguments on.
+ */
+#define DEFINE_CHOOSER(dispatcher, index, handler)				\
+	extern bool handler(unsigned long, unsigned long, unsigned long,	\
+			    unsigned long, unsigned long, unsigned long);	\
+	extern char dispatcher[];						\
+	__visible void *dispatcher##_choose(unsigned long a0, unsigned long a1, \
+					    unsigned long a2, unsigned long a3, \
+					    unsigned long a4, unsigned long a5); \
+	__visible notrace void *dispatcher##_choose(unsigned long a0, unsigned long a1, \
+					    unsigned long a2, unsigned long a3, \
+					    unsigned long a4, unsigned long a5) \
+	{									\
+		struct adaptive_function *f = &adaptive[index];			\
+										\
+		if (READ_ONCE(f->promoted) || handler(a0, a1, a2, a3, a4, a5)) { \
+			this_cpu_inc(f->served->new);				\
+			return f->new_version;					\
+		}								\
+		this_cpu_inc(f->served->previous);				\
+		return f->previous;						\
+	}
+
+{{choosers}}
+
+/* One line per adaptive function: name handler previous-calls new-calls state. */
+static int adaptive_get(char *buffer, const struct kernel_param *kp)
+{
+	int i, len = 0;
+
+	for (i = 0; i < ADAPTIVE_COUNT; i++) {
+		const struct adaptive_function *f = &adaptive[i];
+		unsigned long previous_calls = 0, new_calls = 0;
+		int cpu;
+
+		if (f->served) {
+			for_each_possible_cpu(cpu) {
+				const struct served_calls *s = per_cpu_ptr(f->served, cpu);
+
+				previous_calls += READ_ONCE(s->previous);
+				new_calls += READ_ONCE(s->new);
+			}
+		}
+		len += scnprintf(buffer + len, PAGE_SIZE - len, "%s %s %lu %lu %s\n",
+				 f->name, f->handler, previous_calls, new_calls,
+				 READ_ONCE(f->promoted) ? "promoted" : "adaptive");
+	}
+	return len;
+}
+
+/* `dynamos promote NAME`: end the rollout of NAME (every same-named one). */
+static int promote_set(const char *value, const struct kernel_param *kp)
+{
+	int i, found = 0;
+
+	for (i = 0; i < ADAPTIVE_COUNT; i++) {
+		if (sysfs_streq(value, adaptive[i].name)) {
+			WRITE_ONCE(adaptive[i].promoted, true);
+			found = 1;
+		}
+	}
+	return found ? 0 : -ENOENT;
+}
+
+static const struct kernel_param_ops adaptive_ops = { .get = adaptive_get };
+static const struct kernel_param_ops promote_ops = { .set = promote_set };
+module_param_cb(adaptive, &adaptive_ops, NULL, 0444);
+MODULE_PARM_DESC(adaptive, "calls each version served, per adaptive function");
+module_param_cb(promote, &promote_ops, NULL, 0200);
+MODULE_PARM_DESC(promote, "write a function's name: its new version serves every call");
+
+static void release_adaptive(void)
+{
+	int i;
+
+	for (i = 0; i < ADAPTIVE_COUNT; i++) {
+		free_percpu(adaptive[i].served);
+		adaptive[i].served = NULL;
+		if (adaptive[i].previous_owner)
+			module_put(adaptive[i].previous_owner);
+		adaptive[i].previous_owner = NULL;
+	}
+}
+
+/* Counters, and what each dispatcher falls back to, before any call comes. */
+static int prepare_adaptive(void)
+{
+	int i;
+
+	for (i = 0; i < ADAPTIVE_COUNT; i++) {
+		struct adaptive_function *f = &adaptive[i];
+		struct module *owner;
+
+		f->served = alloc_percpu(struct served_calls);
+		if (!f->served)
+			goto fail;
+		if (i >= previous_count || !previous[i])
+			continue;
+		/* Only the code of a live patch module may stand for what ran before. */
+		preempt_disable();
+		owner = __dynamos_module_text_address(previous[i]);
+		if (owner && (!owner->klp || !try_module_get(owner)))
+			owner = NULL;
+		preempt_enable();
+		if (!owner) {
+			pr_err("%s: previous version %px of %s is not live patch code\n",
+			       THIS_MODULE->name, (void *)previous[i], f->name);
+			release_adaptive();
+			return -EINVAL;
+		}
+		f->previous_owner = owner;
+		f->previous = (void *)previous[i];
+	}
+	return 0;
+fail:
+	release_adaptive();
+	return -ENOMEM;
+}
+#else
+static int prepare_adaptive(void) { return 0; }
+static void release_adaptive(void) { }
+#endif
+
 static unsigned long sympos[{{function_count}}];
 static int sympos_count;
 module_param_array(sympos, ulong, &sympos_count, 0400);
@@ -128,30 +301,139 @@ static int module_going(struct notifier_block *nb, unsigned long action, void *d
 static struct notifier_block going_notifier = { .notifier_call = module_going };
 #endif
 
+/*
+ * Value updates: variables of the running kernel whose initial value the
+ * patch changed. The new value is written by the vmlinux object's
+ * pre_patch callback, which the livepatch core runs before the transition
+ * starts, so no task ever runs a new function while the old value is in
+ * place; tasks still in old functions during the transition see the new
+ * value, as every unchanged reader of the variable does from then on.
+ * The old value is written back by post_unpatch, after the last task has
+ * left the new functions. Each write happens only if the variable still
+ * holds what the update expects (an administrator may have changed it),
+ * with one compare-and-exchange for a naturally aligned 1, 2, 4 or 8 byte
+ * variable, so a concurrent writer is never overwritten.
+ */
+#define VALUE_UPDATES {{value_update_count}}
+#define VALUE_UPDATE_OBJECT {{value_update_object}}
+
+#if VALUE_UPDATES
+struct value_update {
+	const char *name;		/* kernel symbol, for messages */
+	void *running;			/* the variable, resolved by `dynamos apply` */
+	size_t size;
+	const void *old_value;		/* what it holds while the update is off */
+	const void *new_value;		/* what it holds while the update is on */
+};
+
+{{value_update_table}}
+
+/* One sized compare-and-exchange of *running from *from to *to. */
+#define CMPXCHG_SIZED(type)						\
+	({								\
+		type expected, wanted;					\
+									\
+		memcpy(&expected, from, sizeof(type));			\
+		memcpy(&wanted, to, sizeof(type));			\
+		cmpxchg((type *)running, expected, wanted) == expected;	\
+	})
+
+/* Set a variable from `from` to `to` if it holds `from`; false if not. */
+static bool swap_value(void *running, size_t size, const void *from, const void *to)
+{
+	if (IS_ALIGNED((unsigned long)running, size)) {
+		switch (size) {
+		case 1:
+			return CMPXCHG_SIZED(u8);
+		case 2:
+			return CMPXCHG_SIZED(u16);
+		case 4:
+			return CMPXCHG_SIZED(u32);
+		case 8:
+			return CMPXCHG_SIZED(u64);
+		}
+	}
+	/* Larger variables: no single instruction covers them. */
+	if (memcmp(running, from, size))
+		return false;
+	memcpy(running, to, size);
+	return true;
+}
+
+/* pre_patch: every variable takes its new value, or none does. */
+static int set_new_values(struct klp_object *obj)
+{
+	int i;
+
+	for (i = 0; i < VALUE_UPDATES; i++) {
+		const struct value_update *v = &value_updates[i];
+
+		if (swap_value(v->running, v->size, v->old_value, v->new_value))
+			continue;
+		pr_err("%s: %s no longer holds its old initial value; update not applied\n",
+		       THIS_MODULE->name, v->name);
+		while (--i >= 0) {
+			v = &value_updates[i];
+			swap_value(v->running, v->size, v->new_value, v->old_value);
+		}
+		/* Its own error number: `dynamos apply` reports it as a refusal. */
+		return -ECANCELED;
+	}
+	return 0;
+}
+
+/* post_unpatch: back to the old values, unless changed since. */
+static void restore_old_values(struct klp_object *obj)
+{
+	int i;
+
+	for (i = 0; i < VALUE_UPDATES; i++) {
+		const struct value_update *v = &value_updates[i];
+
+		if (!swap_value(v->running, v->size, v->new_value, v->old_value))
+			pr_warn("%s: %s was changed while the update was applied; keeping its current value\n",
+				THIS_MODULE->name, v->name);
+	}
+}
+#endif
+
 static int __init dynamos_update_init(void)
 {
 	int ret;
 
 	set_positions();
 	patch.replace = replace;
-#if CLEAR_MODULE_RELOCS
-	ret = register_module_notifier(&going_notifier);
+#if VALUE_UPDATES
+	objects[VALUE_UPDATE_OBJECT].callbacks.pre_patch = set_new_values;
+	objects[VALUE_UPDATE_OBJECT].callbacks.post_unpatch = restore_old_values;
+#endif
+	ret = prepare_adaptive();
 	if (ret)
 		return ret;
+#if CLEAR_MODULE_RELOCS
+	ret = register_module_notifier(&going_notifier);
+	if (ret) {
+		release_adaptive();
+		return ret;
+	}
 #endif
 	ret = klp_enable_patch(&patch);
+	if (ret) {
 #if CLEAR_MODULE_RELOCS
-	if (ret)
 		unregister_module_notifier(&going_notifier);
 #endif
+		release_adaptive();
+	}
 	return ret;
 }
 
+/* The livepatch core lets the module go only once no task can be in it. */
 static void __exit dynamos_update_exit(void)
 {
 #if CLEAR_MODULE_RELOCS
 	unregister_module_notifier(&going_notifier);
 #endif
+	release_adaptive();
 }
 
 module_init(dynamos_update_init);

@@ -185,13 +185,156 @@ fn a_changed_init_function_is_refused_by_name() {
     assert_eq!(refused_symbols(&run.json), ["setup_level"]);
 }
 
+// Changed initial values of variables: value updates, or refusals.
+
+/// The value updates of a diff as (name, old bytes, new bytes).
+fn value_updates(v: &serde_json::Value) -> Vec<(String, Vec<u8>, Vec<u8>)> {
+    let bytes = |b: &serde_json::Value| -> Vec<u8> {
+        b.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u8)
+            .collect()
+    };
+    v["value_updates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|u| {
+            (
+                u["name"].as_str().unwrap().to_string(),
+                bytes(&u["old"]),
+                bytes(&u["new"]),
+            )
+        })
+        .collect()
+}
+
+/// The refusal reasons of a diff, one string each.
+fn refusal_reasons(v: &serde_json::Value) -> String {
+    v["refused"].to_string()
+}
+
+/// A sysctl-like variable: its address is taken, so it stays a variable.
+const TUNABLE: &str = "static int limit = 10;\nint *limit_ptr(void) { return &limit; }\nint get_limit(void) { return limit; }\n";
+
 #[test]
-fn changed_initialised_data_is_refused() {
-    let orig = "int limit = 10;\nint get_limit(void) { return limit; }\n";
-    let patched = orig.replace("= 10", "= 20");
-    let run = diff(orig, &patched);
-    assert_eq!(run.code, 2);
-    assert_eq!(refused_symbols(&run.json), ["limit"]);
+fn a_changed_initial_value_is_a_value_update() {
+    let run = diff(TUNABLE, &TUNABLE.replace("= 10", "= 20"));
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert!(names(&run.json, "changed").is_empty(), "{}", run.json);
+    assert_eq!(
+        value_updates(&run.json),
+        [("limit".to_string(), vec![10, 0, 0, 0], vec![20, 0, 0, 0])]
+    );
+}
+
+#[test]
+fn a_zero_variable_given_a_value_is_a_value_update_from_zero() {
+    let orig = TUNABLE.replace(" = 10", "");
+    let run = diff(&orig, TUNABLE);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(
+        value_updates(&run.json),
+        [("limit".to_string(), vec![0; 4], vec![10, 0, 0, 0])]
+    );
+}
+
+#[test]
+fn a_changed_variable_size_is_refused() {
+    let orig = "long sizes[2] = { 1, 2 };\nlong get(int i) { return sizes[i]; }\n";
+    let run = diff(orig, &orig.replace("[2] = { 1, 2 }", "[3] = { 1, 2, 3 }"));
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["sizes"]);
+    assert!(
+        refusal_reasons(&run.json).contains("changed size of initialised data (16 to 24 bytes)"),
+        "{}",
+        run.json
+    );
+}
+
+#[test]
+fn a_huge_variable_is_refused() {
+    let orig = "char big[100000] = { 1 };\nchar get(int i) { return big[i]; }\n";
+    let run = diff(orig, &orig.replace("{ 1 }", "{ 2 }"));
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["big"]);
+    assert!(
+        refusal_reasons(&run.json).contains("up to 65536 bytes"),
+        "{}",
+        run.json
+    );
+}
+
+#[test]
+fn a_changed_pointer_initialiser_is_refused() {
+    let orig = "int a, b;\nint *which = &a;\nint get(void) { return *which; }\n";
+    let run = diff(orig, &orig.replace("&a;", "&b;"));
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["which"]);
+    assert!(
+        refusal_reasons(&run.json).contains("holding addresses"),
+        "{}",
+        run.json
+    );
+}
+
+#[test]
+fn per_cpu_and_read_only_after_init_variables_are_refused() {
+    for (section, why) in [
+        (".data..percpu", "per-CPU"),
+        (".data..ro_after_init", "__ro_after_init"),
+    ] {
+        let orig = format!(
+            "__attribute__((section(\"{section}\"))) int mode = 1;\nint *mode_ptr(void) {{ return &mode; }}\n"
+        );
+        let run = diff(&orig, &orig.replace("= 1;", "= 2;"));
+        assert_eq!(run.code, 2, "{section}: {}", run.json);
+        assert_eq!(refused_symbols(&run.json), ["mode"], "{section}");
+        assert!(
+            refusal_reasons(&run.json).contains(why),
+            "{section}: {}",
+            run.json
+        );
+    }
+}
+
+#[test]
+fn changed_init_data_is_refused() {
+    let orig = format!(
+        "{INIT}__attribute__((section(\".init.data\"))) int boot_level = 1;\nint __init setup(void) {{ return boot_level; }}\nint *level_ptr(void) {{ return &boot_level; }}\n"
+    );
+    let run = diff(&orig, &orig.replace("= 1;", "= 2;"));
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["boot_level"]);
+    assert!(
+        refusal_reasons(&run.json).contains("freed it"),
+        "{}",
+        run.json
+    );
+}
+
+#[test]
+fn changed_read_only_data_used_by_unchanged_data_is_refused() {
+    // A table another variable points at: that user is not replaced.
+    let orig = "const int limits[2] = { 1, 2 };\nconst int *table = limits;\nint get(int i) { return limits[i]; }\n";
+    let run = diff(orig, &orig.replace("{ 1, 2 }", "{ 1, 3 }"));
+    assert_eq!(run.code, 2, "{}", run.json);
+    assert_eq!(refused_symbols(&run.json), ["limits"]);
+    assert!(
+        refusal_reasons(&run.json).contains("also used by section .data.table"),
+        "{}",
+        run.json
+    );
+}
+
+#[test]
+fn changed_read_only_data_only_replaced_code_reads_is_carried_privately() {
+    let orig = "static const int limits[2] = { 1, 2 };\nint get(int i) { return limits[i & 1]; }\n";
+    let run = diff(orig, &orig.replace("{ 1, 2 }", "{ 1, 3 }"));
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(names(&run.json, "changed"), ["get"]);
+    assert!(value_updates(&run.json).is_empty(), "{}", run.json);
 }
 
 #[test]
@@ -464,11 +607,15 @@ int unrelated(int z) { return z - 1; }
 }
 
 #[test]
-fn changed_read_mostly_data_is_refused() {
+fn changed_read_mostly_data_is_a_value_update() {
+    // `__read_mostly` only places a variable; it stays writable.
     let orig = "__attribute__((section(\".data..read_mostly\"))) int tunable = 5;\nint get_tunable(void) { return tunable; }\n";
     let run = diff(orig, &orig.replace("= 5", "= 6"));
-    assert_eq!(run.code, 2, "{}", run.json);
-    assert_eq!(refused_symbols(&run.json), ["tunable"]);
+    assert_eq!(run.code, 0, "{}", run.json);
+    assert_eq!(
+        value_updates(&run.json),
+        [("tunable".to_string(), vec![5, 0, 0, 0], vec![6, 0, 0, 0])]
+    );
 }
 
 #[test]

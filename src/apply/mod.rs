@@ -8,9 +8,11 @@
 //! applies every relocation. The position (`sympos`) of each replaced
 //! function among same-named kernel symbols is passed as a module parameter.
 
+pub mod adaptive;
 mod image;
 pub mod kcore;
 mod resolve;
+pub mod values;
 
 pub use image::{make_symbols_absolute, modinfo_name};
 pub use resolve::{
@@ -111,6 +113,10 @@ pub struct AppliedRecord {
     pub sympos: Vec<u32>,
     /// Nanoseconds since the Unix epoch; orders `revert` of everything.
     pub applied_at_ns: u64,
+    /// Modules of earlier updates whose versions this one's dispatchers
+    /// fall back to: they stay until this one is reverted.
+    #[serde(default)]
+    pub falls_back_to: Vec<String>,
 }
 
 // ---------------------------------------------------------------------------
@@ -430,12 +436,15 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     } else {
         retired_by(paths, manifest)?
     };
+    let records = read_records(paths)?;
+    values::refuse_retiring_value_updates(manifest, &records, &retiring)?;
 
     let text = fs::read_to_string(&paths.kallsyms)
         .with_context(|| format!("cannot read {}", paths.kallsyms.display()))?;
     let kallsyms = parse_kallsyms(&text)?;
     let memory = kcore::Kcore::open(&paths.kcore)?;
     let resolution = resolve(manifest, &kallsyms, &memory)?;
+    values::check_running_values(manifest, &resolution.externals, &memory, &records)?;
     let mut image = pkg.module.clone();
     let values: Vec<(String, u64)> = resolution
         .externals
@@ -444,11 +453,28 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         .collect();
     make_symbols_absolute(&mut image, &values)?;
 
+    let fallbacks = adaptive::fallbacks(
+        manifest,
+        &read_records(paths)?,
+        &live_patch_names(paths)?,
+        &kallsyms,
+    )?;
     let mut params = sympos_param(&resolution.sympos);
     if !manifest.replaces.is_empty() {
         params = format!("{params} replace=1").trim_start().to_string();
     }
+    let previous = adaptive::previous_param(&fallbacks);
+    if !previous.is_empty() {
+        params = format!("{params} {previous}").trim_start().to_string();
+    }
+    let mut falls_back_to: Vec<String> = fallbacks
+        .iter()
+        .filter_map(|f| f.package_module.clone())
+        .collect();
+    falls_back_to.sort();
+    falls_back_to.dedup();
     if let Err(e) = init_module(&image, &params) {
+        values::refuse_changed_before_write(manifest, &e)?;
         let hint = match e.raw_os_error() {
             Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) | Some(libc::EPERM) => {
                 " (module signature enforcement or kernel lockdown forbids loading it)"
@@ -486,6 +512,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
             applied_at_ns: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
+            falls_back_to: falls_back_to.clone(),
         };
         let json = serde_json::to_vec_pretty(&record)?;
         crate::cache::write_atomic(&record_path(paths, name), &json)?;
@@ -680,6 +707,22 @@ pub fn revert_at(
     let mut done = Vec::new();
     for module in modules {
         check_name(&module)?;
+        let remaining: Vec<AppliedRecord> = records
+            .iter()
+            .filter(|r| !done.contains(&r.manifest.module_name))
+            .cloned()
+            .collect();
+        let dependents = adaptive::dependents(&remaining, &module);
+        if !dependents.is_empty() {
+            return Err(Error::refused(
+                &module,
+                format!(
+                    "revert {} first: its adaptation handlers fall back to this update's versions",
+                    dependents.join(", ")
+                ),
+            )
+            .into());
+        }
         disable_and_unload(paths, &module, timeout, true).with_context(|| {
             if done.is_empty() {
                 format!("reverting {module}")
@@ -726,6 +769,10 @@ pub struct LiveUpdate {
     pub enabled: bool,
     pub transition: bool,
     pub objects: Vec<LiveObject>,
+    /// Calls each version of an adaptive function served since apply.
+    pub adaptive: Vec<adaptive::ServedCalls>,
+    /// Variables the update set to a new initial value (from its record).
+    pub value_updates: Vec<values::LiveValue>,
 }
 
 /// Every livepatch of the running kernel, and every dynamos update recorded.
@@ -753,6 +800,8 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
             enabled: read_trimmed(&dir.join("enabled")).as_deref() == Some("1"),
             transition: read_trimmed(&dir.join("transition")).as_deref() == Some("1"),
             objects,
+            adaptive: adaptive::served_calls(paths, name),
+            value_updates: record.map(values::live_values).unwrap_or_default(),
         });
     }
     for r in &records {
@@ -764,6 +813,8 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 enabled: false,
                 transition: false,
                 objects: record_objects(r),
+                adaptive: Vec::new(),
+                value_updates: values::live_values(r),
             });
         }
     }
@@ -949,6 +1000,7 @@ mod tests {
                 module_sha256: "00".into(),
                 sympos: vec![0, 2],
                 applied_at_ns: at,
+                falls_back_to: Vec::new(),
             };
             crate::cache::write_atomic(
                 &record_path(&paths, module),

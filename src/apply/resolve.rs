@@ -773,12 +773,14 @@ pub(crate) mod tests {
                         sympos: None,
                         file: "a.c".into(),
                         new_symbol: "n1".into(),
+                        adaptation: None,
                     },
                     ReplacedFunction {
                         name: "show".into(),
                         sympos: None,
                         file: "b.c".into(),
                         new_symbol: "n2".into(),
+                        adaptation: None,
                     },
                 ],
                 added: vec![],
@@ -809,6 +811,7 @@ pub(crate) mod tests {
                     },
                 ],
                 expected_code: vec![],
+                value_updates: vec![],
             }],
             replaces: vec![],
         }

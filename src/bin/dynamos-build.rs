@@ -77,10 +77,19 @@ fn main() {
         Ok(report) => {
             for object in &report.manifest.objects {
                 for f in &object.replaced {
-                    println!("replace  {} ({}, {})", f.name, object.object, f.file);
+                    match &f.adaptation {
+                        Some(a) => println!(
+                            "replace  {} ({}, {}) chosen by {}",
+                            f.name, object.object, f.file, a.handler
+                        ),
+                        None => println!("replace  {} ({}, {})", f.name, object.object, f.file),
+                    }
                 }
                 for f in &object.added {
                     println!("add      {} ({})", f, object.object);
+                }
+                for v in &object.value_updates {
+                    println!("value    {}", v.summary(&object.object));
                 }
             }
             for note in &report.notes {

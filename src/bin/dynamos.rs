@@ -4,6 +4,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use dynamos::apply::{self, ApplyOptions};
+use dynamos::diff::values::describe_value;
 use dynamos::error::{exit, exit_code_of};
 use dynamos::package::{self, keys};
 use std::path::{Path, PathBuf};
@@ -65,6 +66,12 @@ enum Command {
         all: bool,
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+    },
+    /// End the rollout of an adaptively replaced function: its new version
+    /// serves every call from now on, its handler is no longer asked (root).
+    Promote {
+        /// Function name, as `dynamos list` shows it.
+        function: String,
     },
     /// Show the live updates of the running kernel.
     List {
@@ -170,6 +177,14 @@ fn run(cli: Cli) -> Result<i32> {
             };
             let applied = apply::apply(&package, &opts)?;
             for object in &applied.manifest.objects {
+                for v in &object.value_updates {
+                    println!(
+                        "value    {} = {} (was {})",
+                        v.name,
+                        describe_value(&v.new),
+                        describe_value(&v.old)
+                    );
+                }
                 let later = applied.not_loaded.contains(&object.object);
                 for f in &object.replaced {
                     if later {
@@ -203,6 +218,11 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+        Command::Promote { function } => {
+            let module = apply::adaptive::promote(&apply::SystemPaths::default(), &function)?;
+            println!("promoted {function} in {module}: the new version serves every call");
+            Ok(exit::OK)
+        }
         Command::List { json } => {
             let updates = apply::list()?;
             if json {
@@ -226,8 +246,22 @@ fn run(cli: Cli) -> Result<i32> {
                     );
                     for o in &u.objects {
                         for f in &o.functions {
-                            println!("    {}: {}", o.object, f.name);
+                            match u.adaptive.iter().find(|a| a.function == f.name) {
+                                Some(a) => println!(
+                                    "    {}: {}  {} by {}: {} calls previous version, {} new",
+                                    o.object,
+                                    f.name,
+                                    if a.promoted { "promoted" } else { "chosen" },
+                                    a.handler,
+                                    a.previous,
+                                    a.new
+                                ),
+                                None => println!("    {}: {}", o.object, f.name),
+                            }
                         }
+                    }
+                    for v in &u.value_updates {
+                        println!("    {}: {} = {} (was {})", v.object, v.name, v.new, v.old);
                     }
                 }
             }
@@ -301,10 +335,19 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
     }
     for object in &m.objects {
         for f in &object.replaced {
-            println!("replace  {} ({}, {})", f.name, object.object, f.file);
+            match &f.adaptation {
+                Some(a) => println!(
+                    "replace  {} ({}, {}) chosen by {}",
+                    f.name, object.object, f.file, a.handler
+                ),
+                None => println!("replace  {} ({}, {})", f.name, object.object, f.file),
+            }
         }
         for f in &object.added {
             println!("add      {} ({})", f, object.object);
+        }
+        for v in &object.value_updates {
+            println!("value    {}", v.summary(&object.object));
         }
     }
     Ok(exit::OK)
@@ -318,6 +361,7 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
         let value = serde_json::json!({
             "changed": result.changed(),
             "new": result.new_functions(),
+            "value_updates": result.value_updates,
             "refused": result.refused,
         });
         println!("{}", serde_json::to_string_pretty(&value)?);
@@ -328,13 +372,21 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
         for name in result.new_functions() {
             println!("new      {name}");
         }
+        for v in &result.value_updates {
+            println!(
+                "value    {}: {} -> {}",
+                v.name,
+                describe_value(&v.old),
+                describe_value(&v.new)
+            );
+        }
         for r in &result.refused {
             println!("refused  {}: {}", r.symbol, r.reason);
         }
     }
     Ok(if !result.refused.is_empty() {
         exit::REFUSED
-    } else if result.functions.is_empty() {
+    } else if result.functions.is_empty() && result.value_updates.is_empty() {
         exit::NO_CHANGE
     } else {
         exit::OK

@@ -92,6 +92,10 @@ fn kcflags(source: &Path, out: &Path) -> String {
     )
 }
 
+/// The header patch authors include for adaptation handlers.
+const AUTHOR_HEADER: &str = include_str!("../../templates/dynamos.h");
+const AUTHOR_HEADER_NAME: &str = "dynamos.h";
+
 /// Parallel jobs of each `make`.
 const JOBS: &str = "-j2";
 
@@ -327,6 +331,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     }
     let objects: Vec<PathBuf> = units.iter().map(|u| u.object.clone()).collect();
     let written: Vec<PathBuf> = sources.iter().chain(&headers).cloned().collect();
+    trees.provide_author_header()?;
 
     // In the patched tree a restored file keeps its old pristine mtime,
     // which may be older than an object built from a patched version:
@@ -1260,6 +1265,17 @@ impl Trees {
             started.elapsed()
         ));
         Ok(())
+    }
+
+    /// Put `dynamos.h` (the adaptation-handler macros) where the patched
+    /// build finds `#include <dynamos.h>`: the farm's `include/`. The
+    /// original build reads the pristine tree, which never has it.
+    fn provide_author_header(&self) -> Result<()> {
+        let path = self.src.join("include").join(AUTHOR_HEADER_NAME);
+        if fs::read(&path).is_ok_and(|current| current == AUTHOR_HEADER.as_bytes()) {
+            return Ok(());
+        }
+        cache::write_atomic(&path, AUTHOR_HEADER.as_bytes())
     }
 
     /// A user's tree may have changed since the farm was made (a checkout

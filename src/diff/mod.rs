@@ -8,11 +8,14 @@
 //! as changes. Anything whose live effect the engine cannot vouch for is
 //! refused with a reason.
 
+pub mod adaptation;
 mod correlate;
 pub mod lines;
 pub mod object;
+pub mod signature;
 pub mod special;
 pub mod types;
+pub mod values;
 
 pub use correlate::{is_bookkeeping, is_message_limiter, Correlation};
 pub use object::ObjectFile;
@@ -63,6 +66,11 @@ pub struct ObjectDiff {
     /// Changed read-only objects only carried functions use: the package
     /// carries its own copy instead of using the kernel's.
     pub private_copies: BTreeSet<String>,
+    /// Replaced functions whose version an adaptation handler chooses per call.
+    pub adaptations: Vec<adaptation::AdaptationHandler>,
+    /// Writable variables whose changed initial value the package writes
+    /// into the running kernel as it is applied (see `values`).
+    pub value_updates: Vec<values::ValueUpdate>,
 }
 
 impl ObjectDiff {
@@ -80,7 +88,7 @@ impl ObjectDiff {
             .collect()
     }
     pub fn is_empty(&self) -> bool {
-        self.functions.is_empty() && self.refused.is_empty()
+        self.functions.is_empty() && self.refused.is_empty() && self.value_updates.is_empty()
     }
 }
 
@@ -129,6 +137,8 @@ pub fn diff_objects_replacing(
             refused,
             correlation,
             private_copies: BTreeSet::new(),
+            adaptations: Vec::new(),
+            value_updates: Vec::new(),
         });
     }
 
@@ -249,7 +259,18 @@ pub fn diff_objects_replacing(
         &correlation,
         &mut refused,
     );
-    let private_copies = compare_data(patched, &changed_data, &functions, &mut refused);
+    let (adaptations, mut bad_handlers) = adaptation::declared_handlers(orig, patched, &functions);
+    refused.append(&mut bad_handlers);
+    // Changed writable variables become value updates or refusals.
+    let (written, read_only): (Vec<usize>, Vec<usize>) = changed_data.iter().partition(|&&i| {
+        let section = patched.symbols[i]
+            .section()
+            .expect("data symbols are defined");
+        patched.sections[section].is_write()
+    });
+    let value_updates = values::value_updates(orig, patched, &correlation, &written, &mut refused);
+    values::refuse_changed_init_data(orig, patched, &correlation, &mut refused);
+    let private_copies = compare_data(patched, &read_only, &functions, &mut refused);
     for change in types::layout_changes(orig, patched)? {
         refused.push(Refusal {
             symbol: match &change.member {
@@ -275,7 +296,45 @@ pub fn diff_objects_replacing(
         refused,
         correlation,
         private_copies,
+        adaptations,
+        value_updates,
     })
+}
+
+impl ObjectDiff {
+    /// What carrying the original versions of `names` from `orig` takes:
+    /// each as a function of its own (with its `.cold` parts), every other
+    /// symbol the kernel's. The old clones beside an adaptation handler's
+    /// new versions are extracted with it.
+    pub fn original_versions(orig: &ObjectFile, names: &[&str]) -> ObjectDiff {
+        let units = function_units(orig);
+        let parents = cold_parents(orig, &units);
+        let functions = names
+            .iter()
+            .filter_map(|&name| {
+                let unit = units.iter().find(|u| orig.symbols[u.symbol].name == name)?;
+                let parts = units
+                    .iter()
+                    .filter(|u| parents.get(orig.symbols[u.symbol].name.as_str()) == Some(&name))
+                    .copied()
+                    .collect();
+                Some(FunctionChange {
+                    name: name.to_string(),
+                    kind: ChangeKind::New,
+                    unit: *unit,
+                    parts,
+                })
+            })
+            .collect();
+        ObjectDiff {
+            functions,
+            refused: Vec::new(),
+            correlation: Correlation::new(orig, orig),
+            private_copies: BTreeSet::new(),
+            adaptations: Vec::new(),
+            value_updates: Vec::new(),
+        }
+    }
 }
 
 fn check_relocation_types(obj: &ObjectFile, refused: &mut Vec<Refusal>) {
@@ -814,9 +873,8 @@ fn ftrace_sites(obj: &ObjectFile) -> Option<BTreeSet<(usize, u64)>> {
     Some(sites)
 }
 
-/// Data objects: new ones are carried; changed ones are refused, except
-/// read-only data that only carried functions use, of which new code gets
-/// its own copy (returned by name).
+/// Changed read-only data objects: refused, except those only carried
+/// functions use, of which new code gets its own copy (returned by name).
 fn compare_data(
     patched: &ObjectFile,
     changed_data: &[usize],
@@ -831,28 +889,19 @@ fn compare_data(
         if copied_readonly(patched, index) {
             continue;
         }
-        if !section.is_write() {
-            let users = referrers(patched, index);
-            match users.iter().find(|u| !carried.contains(u.as_str())) {
-                None => {
-                    private_copies.insert(sym.name.clone());
-                }
-                Some(user) => refused.push(Refusal {
-                    symbol: sym.name.clone(),
-                    reason: format!(
-                        "changed read-only data also used by {user}, which the update does not replace"
-                    ),
-                }),
+        debug_assert!(!section.is_write());
+        let users = referrers(patched, index);
+        match users.iter().find(|u| !carried.contains(u.as_str())) {
+            None => {
+                private_copies.insert(sym.name.clone());
             }
-            continue;
+            Some(user) => refused.push(Refusal {
+                symbol: sym.name.clone(),
+                reason: format!(
+                    "changed read-only data also used by {user}, which the update does not replace"
+                ),
+            }),
         }
-        refused.push(Refusal {
-            symbol: sym.name.clone(),
-            reason: format!(
-                "changed initialised data in {}: existing kernel objects keep their old contents",
-                section.name
-            ),
-        });
     }
     private_copies
 }

@@ -150,12 +150,12 @@ fn load_section(obj: &ObjectFile, name: &str) -> Result<(Vec<u8>, Parts)> {
 }
 
 /// All needed sections, loaded and relocated.
-struct Sections {
+pub(super) struct Sections {
     data: HashMap<SectionId, Vec<u8>>,
 }
 
 impl Sections {
-    fn load(obj: &ObjectFile) -> Result<Sections> {
+    pub(super) fn load(obj: &ObjectFile) -> Result<Sections> {
         let mut loaded = HashMap::new();
         let mut starts: HashMap<usize, u64> = HashMap::new();
         for id in NEEDED {
@@ -174,7 +174,7 @@ impl Sections {
         Ok(Sections { data })
     }
 
-    fn get(&self, id: SectionId) -> &[u8] {
+    pub(super) fn get(&self, id: SectionId) -> &[u8] {
         self.data.get(&id).map_or(&[], Vec::as_slice)
     }
 }

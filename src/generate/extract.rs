@@ -141,6 +141,8 @@ struct Extractor<'a> {
     kernel_object: &'a str,
     /// Bookkeeping statics that start afresh in the package.
     fresh: &'a BTreeSet<String>,
+    /// Global names the generated registration code uses for carried functions.
+    aliases: &'a BTreeMap<String, String>,
     names: &'a mut PackageNames,
     refused: Vec<Refusal>,
     instructions: InstructionIndex,
@@ -152,6 +154,7 @@ pub fn extract(
     source_file: &str,
     kernel_object: &str,
     fresh: &BTreeSet<String>,
+    aliases: &BTreeMap<String, String>,
     names: &mut PackageNames,
 ) -> Result<Extracted, Vec<Refusal>> {
     let mut x = Extractor {
@@ -160,6 +163,7 @@ pub fn extract(
         source_file,
         kernel_object,
         fresh,
+        aliases,
         shared_references: HashMap::new(),
         out: Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little),
         carried: HashMap::new(),
@@ -217,21 +221,15 @@ impl Extractor<'_> {
                     main_place = Some((place.out, value, sym.size));
                 }
             }
+            let (section, value, size) = main_place.expect("main unit carried");
+            if let Some(alias) = self.aliases.get(&f.name) {
+                self.add_global_alias(alias, section, value, size);
+            }
             match f.kind {
                 ChangeKind::Changed => {
-                    let (section, value, size) = main_place.expect("main unit carried");
                     let alias = format!("__dynamos_v2_{}", self.names.next_alias);
                     self.names.next_alias += 1;
-                    self.out.add_symbol(write::Symbol {
-                        name: alias.as_bytes().to_vec(),
-                        value,
-                        size,
-                        kind: object::SymbolKind::Text,
-                        scope: SymbolScope::Linkage,
-                        weak: false,
-                        section: write::SymbolSection::Section(section),
-                        flags: SymbolFlags::None,
-                    });
+                    self.add_global_alias(&alias, section, value, size);
                     replaced.push(NewVersion {
                         name: self
                             .diff
@@ -246,6 +244,19 @@ impl Extractor<'_> {
             }
         }
         (replaced, added)
+    }
+
+    fn add_global_alias(&mut self, alias: &str, section: SectionId, value: u64, size: u64) {
+        self.out.add_symbol(write::Symbol {
+            name: alias.as_bytes().to_vec(),
+            value,
+            size,
+            kind: object::SymbolKind::Text,
+            scope: SymbolScope::Linkage,
+            weak: false,
+            section: write::SymbolSection::Section(section),
+            flags: SymbolFlags::None,
+        });
     }
 
     /// Copy `[start, end)` of an input section (once) and queue its

@@ -11,20 +11,23 @@ pub mod extract;
 pub mod klp;
 pub mod module_symbols;
 pub mod target_symbols;
+pub mod values;
 
 use crate::diff::{ObjectDiff, ObjectFile};
 use crate::error::Error;
 use crate::package::{
-    ExpectedCode, ExternalSymbol, ObjectUpdate, ReplacedFunction, SourceObject, SymbolKind,
+    Adaptation, ExpectedCode, ExternalSymbol, ObjectUpdate, ReplacedFunction, SourceObject,
+    SymbolKind,
 };
 use anyhow::{bail, Context, Result};
 use extract::{Extracted, PackageNames};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
 
 const LIVEPATCH_TEMPLATE: &str = include_str!("../../templates/livepatch.c");
 const KBUILD_TEMPLATE: &str = include_str!("../../templates/Kbuild");
+const DISPATCH_TEMPLATE: &str = include_str!("../../templates/dispatch.S");
 
 /// One translation unit's contribution to the package.
 pub struct TranslationUnit<'a> {
@@ -64,6 +67,7 @@ pub fn generate(
     let mut load_time = Vec::new();
     let mut notes = Vec::new();
     let mut shipped: BTreeMap<String, Option<module_symbols::ShippedModule>> = BTreeMap::new();
+    let mut next_adaptive = 0;
 
     // New globals one unit defines and another uses link inside the package.
     for unit in units {
@@ -82,7 +86,7 @@ pub fn generate(
         Some(image)
             if units
                 .iter()
-                .any(|u| u.kernel_object == "vmlinux" && !u.diff.functions.is_empty()) =>
+                .any(|u| u.kernel_object == "vmlinux" && !u.diff.is_empty()) =>
         {
             Some(target_symbols::read_vmlinuz(image)?)
         }
@@ -142,12 +146,14 @@ pub fn generate(
                 unit.source_file
             )
         }));
+        let adaptive = AdaptiveNames::new(unit, &mut next_adaptive);
         let extracted: Extracted = match extract::extract(
             unit.patched,
             unit.diff,
             &unit.source_file,
             &unit.kernel_object,
             &fresh,
+            &adaptive.handler_aliases,
             &mut names,
         ) {
             Ok(e) => e,
@@ -156,18 +162,41 @@ pub fn generate(
                 continue;
             }
         };
-        let file_name = format!("extracted_{index}.o");
-        std::fs::write(work.join(&file_name), &extracted.object)?;
-        // Kbuild's modpost reads a command record for every object it links.
-        std::fs::write(
-            work.join(format!(".{file_name}.cmd")),
-            format!(
-                "cmd_{0} := dynamos extract {1}\nsource_{0} := \ndeps_{0} := \n",
-                work.join(&file_name).display(),
-                unit.source_file
-            ),
-        )?;
-        object_files.push(file_name);
+        write_extracted(work, &format!("extracted_{index}.o"), &extracted, unit)?;
+        object_files.push(format!("extracted_{index}.o"));
+        // An adaptive function's version from before the update travels as
+        // a clone of its own: the original would re-enter the redirect.
+        let old_clones = if adaptive.old_aliases.is_empty() {
+            None
+        } else {
+            let wanted: Vec<&str> = adaptive.old_aliases.keys().map(String::as_str).collect();
+            let originals = crate::diff::ObjectDiff::original_versions(unit.original, &wanted);
+            let old_fresh: BTreeSet<String> = fresh
+                .iter()
+                .filter_map(|n| unit.diff.correlation.orig_name(n))
+                .map(str::to_string)
+                .collect();
+            match extract::extract(
+                unit.original,
+                &originals,
+                &unit.source_file,
+                &unit.kernel_object,
+                &old_fresh,
+                &adaptive.old_aliases,
+                &mut names,
+            ) {
+                Ok(e) => {
+                    let file_name = format!("extracted_{index}_original.o");
+                    write_extracted(work, &file_name, &e, unit)?;
+                    object_files.push(file_name);
+                    Some(e)
+                }
+                Err(mut r) => {
+                    refusals.append(&mut r);
+                    continue;
+                }
+            }
+        };
 
         let update = by_object
             .entry(unit.kernel_object.clone())
@@ -179,8 +208,10 @@ pub fn generate(
                 files: Vec::new(),
                 load_time: Vec::new(),
                 expected_code: Vec::new(),
+                value_updates: Vec::new(),
             });
         for version in &extracted.replaced {
+            let adaptation = adaptive.dispatched.get(&version.name);
             let replaced = ReplacedFunction {
                 name: version.name.clone(),
                 sympos: module.flatten().and_then(|m| {
@@ -188,7 +219,14 @@ pub fn generate(
                         .ok()
                 }),
                 file: unit.source_file.clone(),
-                new_symbol: version.alias.clone(),
+                new_symbol: adaptation
+                    .map_or_else(|| version.alias.clone(), |a| a.dispatcher.clone()),
+                adaptation: adaptation.map(|a| Adaptation {
+                    handler: a.handler.clone(),
+                    handler_symbol: a.handler_symbol.clone(),
+                    new_version: version.alias.clone(),
+                    old_version: a.old_version.clone(),
+                }),
             };
             update.replaced.push(replaced.clone());
             tables
@@ -197,69 +235,71 @@ pub fn generate(
                 .push((replaced, version.alias.clone()));
         }
         update.added.extend(extracted.added.iter().cloned());
-        match module {
-            None => {
-                if let Some(symbols) = &vmlinux_symbols {
-                    refusals.extend(target_symbols::unbound_references(
-                        &extracted.externals,
-                        symbols,
-                        &file_symbols,
-                    ));
+        for extracted in std::iter::once(&extracted).chain(&old_clones) {
+            match module {
+                None => {
+                    if let Some(symbols) = &vmlinux_symbols {
+                        refusals.extend(target_symbols::unbound_references(
+                            &extracted.externals,
+                            symbols,
+                            &file_symbols,
+                        ));
+                    }
+                    update.externals.extend(extracted.externals.iter().cloned())
                 }
-                update.externals.extend(extracted.externals.iter().cloned())
+                Some(m) => match module_symbols::split_externals(
+                    &unit.kernel_object,
+                    extracted.externals.clone(),
+                    m,
+                    &unit_locals,
+                    &modules.exporters,
+                ) {
+                    Ok((kept, later)) => {
+                        update.externals.extend(kept);
+                        update
+                            .load_time
+                            .extend(later.iter().map(|(_, s)| s.clone()));
+                        load_time.extend(later.into_iter().map(|(module_symbol, symbol)| {
+                            klp::KlpReference {
+                                module_symbol,
+                                patched: unit.kernel_object.clone(),
+                                symbol,
+                            }
+                        }));
+                    }
+                    Err(mut r) => refusals.append(&mut r),
+                },
             }
-            Some(m) => match module_symbols::split_externals(
-                &unit.kernel_object,
-                extracted.externals.clone(),
-                m,
-                &unit_locals,
-                &modules.exporters,
-            ) {
-                Ok((kept, later)) => {
-                    update.externals.extend(kept);
-                    update
-                        .load_time
-                        .extend(later.iter().map(|(_, s)| s.clone()));
-                    load_time.extend(later.into_iter().map(|(module_symbol, symbol)| {
-                        klp::KlpReference {
-                            module_symbol,
-                            patched: unit.kernel_object.clone(),
-                            symbol,
-                        }
-                    }));
-                }
-                Err(mut r) => refusals.append(&mut r),
-            },
-        }
-        // Run-pre covers what is replaced and the old functions of this file
-        // the new code calls: both must be the code it was compiled against.
-        let called = extracted
-            .externals
-            .iter()
-            .filter(|e| e.kind == SymbolKind::Function)
-            .map(|e| e.name.as_str());
-        // A weak definition another file's overrides never runs: the new
-        // code's call reaches the running one, which has no expected code.
-        let overridden = |name: &str| {
-            unit.kernel_object == "vmlinux"
-                && vmlinux_symbols
-                    .as_ref()
-                    .is_some_and(|s| target_symbols::overridden_weak(unit.original, name, s))
-        };
-        for name in extracted
-            .replaced
-            .iter()
-            .map(|v| v.name.as_str())
-            .chain(called)
-            .filter(|name| !overridden(name))
-        {
-            let known = update
-                .expected_code
+            // Run-pre covers what is replaced and the old functions of this file
+            // the new code calls: both must be the code it was compiled against.
+            let called = extracted
+                .externals
                 .iter()
-                .any(|c| c.name == name && c.file == unit.source_file);
-            if !known {
-                if let Some(code) = expected_code_of(unit.original, name, &unit.source_file) {
-                    update.expected_code.push(code);
+                .filter(|e| e.kind == SymbolKind::Function)
+                .map(|e| e.name.as_str());
+            // A weak definition another file's overrides never runs: the new
+            // code's call reaches the running one, which has no expected code.
+            let overridden = |name: &str| {
+                unit.kernel_object == "vmlinux"
+                    && vmlinux_symbols
+                        .as_ref()
+                        .is_some_and(|s| target_symbols::overridden_weak(unit.original, name, s))
+            };
+            for name in extracted
+                .replaced
+                .iter()
+                .map(|v| v.name.as_str())
+                .chain(called)
+                .filter(|name| !overridden(name))
+            {
+                let known = update
+                    .expected_code
+                    .iter()
+                    .any(|c| c.name == name && c.file == unit.source_file);
+                if !known {
+                    if let Some(code) = expected_code_of(unit.original, name, &unit.source_file) {
+                        update.expected_code.push(code);
+                    }
                 }
             }
         }
@@ -268,10 +308,26 @@ pub fn generate(
             symbols: file_symbols,
         });
     }
+    // Changed initial values: written by the module as it is enabled.
+    for unit in units.iter().filter(|u| !u.diff.value_updates.is_empty()) {
+        let update = by_object
+            .entry(unit.kernel_object.clone())
+            .or_insert_with(|| ObjectUpdate {
+                object: unit.kernel_object.clone(),
+                ..ObjectUpdate::default()
+            });
+        refusals.extend(values::add_value_updates(
+            update,
+            unit,
+            &defined_symbols(unit.original),
+            vmlinux_symbols.as_ref(),
+        ));
+    }
     if !refusals.is_empty() {
         return Err(Error::Refused(refusals).into());
     }
-    if tables.is_empty() {
+    let sets_values = by_object.values().any(|o| !o.value_updates.is_empty());
+    if tables.is_empty() && !sets_values {
         return Err(Error::NoChange.into());
     }
 
@@ -296,8 +352,28 @@ pub fn generate(
             }
         }
     }
-    let source = render_livepatch(package, &objects, clear_module_relocs);
+    if objects
+        .iter()
+        .any(|o| o.replaced.iter().any(|f| f.adaptation.is_some()))
+    {
+        // The template checks what a dispatcher falls back to with it.
+        objects[0].externals.push(ExternalSymbol {
+            module_symbol: MODULE_TEXT_ADDRESS.into(),
+            name: "__module_text_address".into(),
+            kind: SymbolKind::Function,
+            file: None,
+            global: true,
+        });
+    }
+    let source = values::render(
+        &render_livepatch(package, &objects, clear_module_relocs),
+        &objects,
+    );
     std::fs::write(work.join("livepatch.c"), source)?;
+    if let Some(dispatchers) = render_dispatchers(package, &objects) {
+        std::fs::write(work.join("dispatch.S"), dispatchers)?;
+        object_files.push("dispatch.o".to_string());
+    }
     std::fs::write(
         work.join("Kbuild"),
         KBUILD_TEMPLATE
@@ -314,6 +390,82 @@ pub fn generate(
         objects,
         notes,
     })
+}
+
+/// Package-wide names of one unit's adaptively replaced functions.
+struct AdaptiveNames {
+    /// Patched handler name → the global name the dispatcher calls.
+    handler_aliases: BTreeMap<String, String>,
+    /// Original function name → the global name of its old clone.
+    old_aliases: BTreeMap<String, String>,
+    /// Original function name → its dispatcher.
+    dispatched: BTreeMap<String, Dispatched>,
+}
+
+struct Dispatched {
+    dispatcher: String,
+    handler: String,
+    handler_symbol: String,
+    old_version: String,
+}
+
+impl AdaptiveNames {
+    fn new(unit: &TranslationUnit, next: &mut usize) -> AdaptiveNames {
+        let mut names = AdaptiveNames {
+            handler_aliases: BTreeMap::new(),
+            old_aliases: BTreeMap::new(),
+            dispatched: BTreeMap::new(),
+        };
+        for a in &unit.diff.adaptations {
+            let n = *next;
+            *next += 1;
+            let function = unit
+                .diff
+                .correlation
+                .orig_name(&a.function)
+                .unwrap_or(&a.function)
+                .to_string();
+            let handler_symbol = names
+                .handler_aliases
+                .entry(a.handler.clone())
+                .or_insert_with(|| format!("__dynamos_handler_{n}"))
+                .clone();
+            let old_version = format!("__dynamos_v1_{n}");
+            names
+                .old_aliases
+                .insert(function.clone(), old_version.clone());
+            names.dispatched.insert(
+                function,
+                Dispatched {
+                    dispatcher: format!("__dynamos_dispatch_{n}"),
+                    handler: a.handler.clone(),
+                    handler_symbol,
+                    old_version,
+                },
+            );
+        }
+        names
+    }
+}
+
+/// Write one extracted object and the command record kbuild's modpost
+/// reads for every object it links.
+fn write_extracted(
+    work: &Path,
+    file_name: &str,
+    extracted: &Extracted,
+    unit: &TranslationUnit,
+) -> Result<()> {
+    std::fs::write(work.join(file_name), &extracted.object)?;
+    std::fs::write(
+        work.join(format!(".{file_name}.cmd")),
+        format!(
+            "cmd_{0} := dynamos extract {1}\nsource_{0} := \ndeps_{0} := \n",
+            work.join(file_name).display(),
+            unit.source_file
+        ),
+    )?;
+    Ok(())
 }
 
 /// Patched names of the bookkeeping statics (message limiters, lockdep
@@ -375,6 +527,55 @@ fn c_identifier(object: &str) -> String {
 /// Names the template uses for the kernel internals it needs.
 const TEXT_POKE: &str = "__dynamos_text_poke";
 const TEXT_MUTEX: &str = "__dynamos_text_mutex";
+const MODULE_TEXT_ADDRESS: &str = "__dynamos_module_text_address";
+
+/// The dispatchers of adaptively replaced functions (`templates/dispatch.S`),
+/// or `None` when the package has none.
+fn render_dispatchers(package: &str, objects: &[ObjectUpdate]) -> Option<String> {
+    let lines: Vec<String> = objects
+        .iter()
+        .flat_map(|o| &o.replaced)
+        .filter(|f| f.adaptation.is_some())
+        .map(|f| {
+            format!(
+                "DISPATCHER {}\t/* {} in {} */",
+                f.new_symbol, f.name, f.file
+            )
+        })
+        .collect();
+    (!lines.is_empty()).then(|| {
+        DISPATCH_TEMPLATE
+            .replace("{{package}}", package)
+            .replace("{{tool_version}}", crate::TOOL_VERSION)
+            .replace("{{dispatchers}}", &lines.join("\n"))
+    })
+}
+
+/// The adaptive functions' part of `templates/livepatch.c`: declarations,
+/// table entries and choosers, in table order.
+fn render_adaptive(objects: &[ObjectUpdate]) -> (usize, String, String, String) {
+    let mut declarations = String::new();
+    let mut entries = String::new();
+    let mut choosers = String::new();
+    let mut count = 0;
+    for f in objects.iter().flat_map(|o| &o.replaced) {
+        let Some(a) = &f.adaptation else { continue };
+        declarations.push_str(&format!(
+            "extern char {}[], {}[]; /* {} in {}: new, original */\n",
+            a.new_version, a.old_version, f.name, f.file
+        ));
+        entries.push_str(&format!(
+            "\t{{ .name = \"{}\", .handler = \"{}\", .new_version = {}, .previous = {} }},\n",
+            f.name, a.handler, a.new_version, a.old_version
+        ));
+        choosers.push_str(&format!(
+            "DEFINE_CHOOSER({}, {count}, {}) /* {} chosen by {} */\n",
+            f.new_symbol, a.handler_symbol, f.name, a.handler
+        ));
+        count += 1;
+    }
+    (count, declarations, entries, choosers)
+}
 
 fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs: bool) -> String {
     let mut declarations = String::new();
@@ -386,8 +587,15 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs
         tables.push_str(&format!("static struct klp_func {table}[] = {{\n"));
         for f in &object.replaced {
             declarations.push_str(&format!(
-                "extern char {}[]; /* {} in {} */\n",
-                f.new_symbol, f.name, f.file
+                "extern char {}[]; /* {} in {}{} */\n",
+                f.new_symbol,
+                f.name,
+                f.file,
+                if f.adaptation.is_some() {
+                    ", its dispatcher"
+                } else {
+                    ""
+                }
             ));
             tables.push_str(&format!(
                 "\t{{ .old_name = \"{}\", .new_func = {} }},\n",
@@ -403,7 +611,16 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs
         };
         entries.push_str(&format!("\t{{ .name = {name}, .funcs = {table} }},\n"));
     }
+    let (adaptive_count, adaptive_declarations, adaptive_entries, choosers) =
+        render_adaptive(objects);
     LIVEPATCH_TEMPLATE
+        .replace("{{adaptive_count}}", &adaptive_count.to_string())
+        .replace(
+            "{{adaptive_declarations}}",
+            adaptive_declarations.trim_end(),
+        )
+        .replace("{{adaptive_entries}}", adaptive_entries.trim_end())
+        .replace("{{choosers}}", choosers.trim_end())
         .replace("{{package}}", package)
         .replace("{{tool_version}}", crate::TOOL_VERSION)
         .replace("{{declarations}}", declarations.trim_end())
