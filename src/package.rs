@@ -176,6 +176,24 @@ pub struct ReplacedFunction {
     /// Set when an adaptation handler chooses the version per call.
     #[serde(default)]
     pub adaptation: Option<Adaptation>,
+    /// Set when the object starts kernel threads that run this function as
+    /// their main function: it never returns while such a thread runs.
+    #[serde(default)]
+    pub kthread: Option<ThreadFunction>,
+}
+
+/// How the original object starts the kernel threads whose main function
+/// a replaced function is, found from its relocations.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadFunction {
+    /// The functions that pass it to a thread-creating call.
+    pub started_by: Vec<String>,
+    /// Started per CPU (kthread_create_on_cpu, smpboot): the CPU hotplug
+    /// code parks and stops these threads itself.
+    pub per_cpu: bool,
+    /// The object stops threads with kthread_stop(), which needs the very
+    /// task it started.
+    pub stopped_by_kthread_stop: bool,
 }
 
 /// Both versions of an adaptively replaced function, inside the package's
@@ -873,6 +891,7 @@ mod tests {
                         file: "fs/proc/cmdline.c".into(),
                         new_symbol: "livepatch_cmdline_proc_show".into(),
                         adaptation: None,
+                        kthread: None,
                     }],
                     added: vec![],
                     externals: vec![ExternalSymbol {

@@ -209,7 +209,7 @@ mod tests {
             address: 0,
             package_module: None,
         };
-        assert_eq!(previous_param(&[own.clone()]), "");
+        assert_eq!(previous_param(std::slice::from_ref(&own)), "");
         let earlier = Fallback {
             address: 0xffffffffc0001000,
             package_module: Some("dynamos_a".into()),

@@ -11,6 +11,7 @@
 pub mod adaptive;
 mod image;
 pub mod kcore;
+pub mod kthreads;
 mod resolve;
 pub mod values;
 
@@ -429,6 +430,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         )
         .into());
     }
+    kthreads::refuse_replaced_thread_functions(manifest, &paths.proc)?;
     // A cumulative update retires every live patch: each must be one it
     // says it supersedes, or applying it would silently undo another fix.
     let retiring = if manifest.replaces.is_empty() {

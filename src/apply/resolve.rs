@@ -774,6 +774,7 @@ pub(crate) mod tests {
                         file: "a.c".into(),
                         new_symbol: "n1".into(),
                         adaptation: None,
+                        kthread: None,
                     },
                     ReplacedFunction {
                         name: "show".into(),
@@ -781,6 +782,7 @@ pub(crate) mod tests {
                         file: "b.c".into(),
                         new_symbol: "n2".into(),
                         adaptation: None,
+                        kthread: None,
                     },
                 ],
                 added: vec![],

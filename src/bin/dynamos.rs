@@ -342,6 +342,13 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
                 ),
                 None => println!("replace  {} ({}, {})", f.name, object.object, f.file),
             }
+            if let Some(t) = &f.kthread {
+                println!(
+                    "thread   {} is the main function of kernel threads started by {}",
+                    f.name,
+                    t.started_by.join(", ")
+                );
+            }
         }
         for f in &object.added {
             println!("add      {} ({})", f, object.object);

@@ -9,6 +9,7 @@
 
 pub mod extract;
 pub mod klp;
+pub mod kthreads;
 pub mod module_symbols;
 pub mod target_symbols;
 pub mod values;
@@ -227,7 +228,11 @@ pub fn generate(
                     new_version: version.alias.clone(),
                     old_version: a.old_version.clone(),
                 }),
+                kthread: kthreads::thread_function(unit.original, &version.name),
             };
+            if let Some(thread) = &replaced.kthread {
+                notes.push(kthreads::note(&version.name, thread));
+            }
             update.replaced.push(replaced.clone());
             tables
                 .entry(unit.kernel_object.clone())

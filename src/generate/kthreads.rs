@@ -1,0 +1,91 @@
+//! Thread functions: a replaced function that the original object passes to
+//! a thread-creating call is the main function of kernel threads. It never
+//! returns while such a thread runs, so the livepatch transition cannot
+//! finish for that thread; `dynamos apply` looks for those threads.
+
+use crate::diff::object::{ObjectFile, SymbolPlace};
+use crate::package::ThreadFunction;
+
+/// Calls that create a kernel thread running the function passed to them
+/// (`kthread_run` and `kthread_create` expand to the first).
+const THREAD_CREATORS: &[&str] = &["kthread_create_on_node", "kthread_create_on_cpu"];
+
+/// Calls after which a created thread is bound to one CPU.
+const PER_CPU_MARKERS: &[&str] = &["kthread_create_on_cpu", "kthread_bind", "kthread_bind_mask"];
+
+/// Calls that stop a kernel thread by its task pointer.
+const THREAD_STOPPERS: &[&str] = &["kthread_stop", "kthread_stop_put"];
+
+/// How `original` starts threads running `function`, if it does.
+pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFunction> {
+    let target = original
+        .symbols
+        .iter()
+        .position(|s| s.is_function() && s.name == function && s.section().is_some())?;
+    let target_section = original.symbols[target].section()?;
+    let refers_to_target = |symbol: usize| {
+        let s = &original.symbols[symbol];
+        symbol == target || (s.is_section() && s.section() == Some(target_section))
+    };
+    let mut started_by = Vec::new();
+    let mut per_cpu = false;
+    for (index, section) in original.sections.iter().enumerate() {
+        if !section.is_exec() || !section.relocs.iter().any(|r| refers_to_target(r.symbol)) {
+            continue;
+        }
+        // Functions of this section that take the address of `function`.
+        for r in section.relocs.iter().filter(|r| refers_to_target(r.symbol)) {
+            let Some(caller) = crate::diff::covering_symbol(original, index, r.offset as i64)
+            else {
+                continue;
+            };
+            let caller = &original.symbols[caller];
+            if caller.name == function || started_by.contains(&caller.name) {
+                continue;
+            }
+            let (start, end) = (caller.value, caller.value + caller.size.max(1));
+            let calls: Vec<&str> = section
+                .relocs
+                .iter()
+                .filter(|c| c.offset >= start && c.offset < end)
+                .map(|c| original.symbols[c.symbol].name.as_str())
+                .collect();
+            if calls.iter().any(|c| THREAD_CREATORS.contains(c)) {
+                started_by.push(caller.name.clone());
+                per_cpu |= calls.iter().any(|c| PER_CPU_MARKERS.contains(c));
+            }
+        }
+    }
+    if started_by.is_empty() {
+        return None;
+    }
+    started_by.sort();
+    let undefined_calls = |section: usize| {
+        original.sections[section]
+            .relocs
+            .iter()
+            .map(|r| &original.symbols[r.symbol])
+            .filter(|s| s.place == SymbolPlace::Undefined)
+            .map(|s| s.name.clone())
+            .collect::<Vec<_>>()
+    };
+    let stopped_by_kthread_stop = (0..original.sections.len())
+        .filter(|&i| original.sections[i].is_exec())
+        .flat_map(undefined_calls)
+        .any(|n| THREAD_STOPPERS.contains(&n.as_str()));
+    Some(ThreadFunction {
+        started_by,
+        per_cpu,
+        stopped_by_kthread_stop,
+    })
+}
+
+/// The build-time note for a replaced thread function.
+pub fn note(function: &str, thread: &ThreadFunction) -> String {
+    format!(
+        "{function} is the main function of kernel threads started by {}: \
+         `dynamos apply` refuses this update while such a thread runs \
+         (a running thread cannot be moved to the new version)",
+        thread.started_by.join(", ")
+    )
+}
