@@ -206,6 +206,8 @@ pub struct Adaptation {
     pub handler_symbol: String,
     /// Compiled from the patched source.
     pub new_version: String,
+    /// Argument registers the dispatcher keeps for the chosen version.
+    pub arguments: u8,
     /// Compiled from the original source: what a false choice runs unless
     /// an earlier package's version of the function ran before this one.
     pub old_version: String,

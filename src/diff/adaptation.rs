@@ -26,6 +26,8 @@ pub struct AdaptationHandler {
     pub function: String,
     /// The handler, a function new in the patched object.
     pub handler: String,
+    /// How many argument registers the function takes (at most six).
+    pub arguments: usize,
 }
 
 /// The handlers declared in `patched`, checked against what the patch
@@ -59,9 +61,10 @@ pub fn declared_handlers(
             }
         };
         match check(orig, patched, functions, function, &handler) {
-            Ok(()) => handlers.push(AdaptationHandler {
+            Ok(arguments) => handlers.push(AdaptationHandler {
                 function: function.to_string(),
                 handler,
+                arguments,
             }),
             Err(reason) => refused.push(refuse(reason)),
         }
@@ -94,7 +97,7 @@ fn check(
     functions: &[FunctionChange],
     function: &str,
     handler: &str,
-) -> Result<(), String> {
+) -> Result<usize, String> {
     let defines = |obj: &ObjectFile| {
         obj.symbols
             .iter()
@@ -136,7 +139,7 @@ fn check(
             "cannot check its adaptation handler {handler}: the debug info does not describe both functions"
         ));
     };
-    check_signatures(target, handler, chooser)
+    check_signatures(target, handler, chooser).map(|()| target.parameters.len())
 }
 
 /// The handler takes exactly the function's parameters and returns bool;

@@ -225,6 +225,7 @@ pub fn generate(
                 adaptation: adaptation.map(|a| Adaptation {
                     handler: a.handler.clone(),
                     handler_symbol: a.handler_symbol.clone(),
+                    arguments: a.arguments as u8,
                     new_version: version.alias.clone(),
                     old_version: a.old_version.clone(),
                 }),
@@ -409,6 +410,7 @@ struct AdaptiveNames {
 
 struct Dispatched {
     dispatcher: String,
+    arguments: usize,
     handler: String,
     handler_symbol: String,
     old_version: String,
@@ -443,6 +445,7 @@ impl AdaptiveNames {
                 function,
                 Dispatched {
                     dispatcher: format!("__dynamos_dispatch_{n}"),
+                    arguments: a.arguments,
                     handler: a.handler.clone(),
                     handler_symbol,
                     old_version,
@@ -540,11 +543,11 @@ fn render_dispatchers(package: &str, objects: &[ObjectUpdate]) -> Option<String>
     let lines: Vec<String> = objects
         .iter()
         .flat_map(|o| &o.replaced)
-        .filter(|f| f.adaptation.is_some())
-        .map(|f| {
+        .filter_map(|f| Some((f, f.adaptation.as_ref()?)))
+        .map(|(f, a)| {
             format!(
-                "DISPATCHER {}\t/* {} in {} */",
-                f.new_symbol, f.name, f.file
+                "DISPATCHER {}, {}\t/* {} in {} */",
+                f.new_symbol, a.arguments, f.name, f.file
             )
         })
         .collect();
