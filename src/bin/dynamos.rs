@@ -55,6 +55,9 @@ enum Command {
         /// Seconds to wait for every task to switch to the new functions.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Print one JSON object on standard output (docs/user-guide.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Undo an applied package (root).
     Revert {
@@ -66,6 +69,9 @@ enum Command {
         all: bool,
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Print one JSON object on standard output (docs/user-guide.md).
+        #[arg(long)]
+        json: bool,
     },
     /// End the rollout of an adaptively replaced function: its new version
     /// serves every call from now on, its handler is no longer asked (root).
@@ -169,12 +175,16 @@ fn run(cli: Cli) -> Result<i32> {
             package,
             trust,
             timeout,
+            json,
         } => {
             let opts = ApplyOptions {
                 extra_trust: trust.trust,
                 transition_timeout: Duration::from_secs(timeout),
                 ..ApplyOptions::default()
             };
+            if json {
+                return print_json(apply::apply(&package, &opts).map(|a| applied_json(&a)));
+            }
             let applied = apply::apply(&package, &opts)?;
             for object in &applied.manifest.objects {
                 for v in &object.value_updates {
@@ -211,8 +221,18 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        Command::Revert { name, all, timeout } => {
+        Command::Revert {
+            name,
+            all,
+            timeout,
+            json,
+        } => {
             let name = if all { None } else { name.as_deref() };
+            if json {
+                return print_json(apply::revert(name, Duration::from_secs(timeout)).map(
+                    |reverted| serde_json::json!({ "status": "reverted", "reverted": reverted }),
+                ));
+            }
             for reverted in apply::revert(name, Duration::from_secs(timeout))? {
                 println!("reverted {reverted}");
             }
@@ -397,5 +417,71 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
         exit::NO_CHANGE
     } else {
         exit::OK
+    })
+}
+
+/// `--json` output of a command: its result, or on failure
+/// `{status: refused|error, message, refused}`, with the usual exit code.
+fn print_json(result: Result<serde_json::Value>) -> Result<i32> {
+    let (value, code) = match result {
+        Ok(value) => (value, exit::OK),
+        Err(err) => {
+            let refused = err
+                .chain()
+                .find_map(|e| e.downcast_ref::<dynamos::error::Error>())
+                .and_then(|e| match e {
+                    dynamos::error::Error::Refused(r) => Some(r.clone()),
+                    _ => None,
+                });
+            let status = if refused.is_some() {
+                "refused"
+            } else {
+                "error"
+            };
+            let value = serde_json::json!({
+                "status": status,
+                "message": format!("{err:#}"),
+                "refused": refused.unwrap_or_default(),
+            });
+            (value, exit_code_of(&err))
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(code)
+}
+
+/// What `dynamos apply --json` prints for an applied package.
+fn applied_json(applied: &apply::AppliedPackage) -> serde_json::Value {
+    let mut live = Vec::new();
+    let mut pending = Vec::new();
+    let mut values = Vec::new();
+    for object in &applied.manifest.objects {
+        let later = applied.not_loaded.contains(&object.object);
+        for f in &object.replaced {
+            let entry = serde_json::json!({ "function": f.name, "object": object.object });
+            if later {
+                pending.push(entry);
+            } else {
+                live.push(entry);
+            }
+        }
+        values.extend(
+            object
+                .value_updates
+                .iter()
+                .map(|v| v.summary(&object.object)),
+        );
+    }
+    serde_json::json!({
+        "status": "applied",
+        "package": applied.manifest.name,
+        "module": applied.manifest.module_name,
+        "live": live,
+        "pending": pending,
+        "value_updates": values,
+        "retired": applied.retired,
+        "retire_problems": applied.retire_problems,
+        "transition_seconds": applied.transition.as_secs_f64(),
+        "verified_functions": applied.verified_functions,
     })
 }

@@ -1,5 +1,6 @@
-//! `dynamos-build --json`: one JSON object on standard output, with the
-//! documented exit code, for a package written, refused and unchanged.
+//! `--json` output: one JSON object on standard output, with the
+//! documented exit code, from `dynamos-build` (a package written, refused
+//! and unchanged) and from `dynamos apply` and `revert` in the VM.
 
 mod common;
 
@@ -67,4 +68,49 @@ fn build_results_are_one_json_object_with_the_exit_code() {
     let (unchanged, code) = json_build(&keys, "no-change-comment.diff", &refused_out);
     assert_eq!(code, Some(3), "{unchanged}");
     assert_eq!(unchanged["status"], "no_change", "{unchanged}");
+}
+
+#[test]
+fn apply_and_revert_print_one_json_object_each() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("banner.dynpkg");
+    let built = build(&keys, "proc-version-banner.diff", &pkg);
+    assert!(built.status.success(), "{}", stderr(&built));
+    let script = r#"
+dynamos apply --json /packages/banner.dynpkg > /tmp/apply.json; echo "@@ apply exit $? @@"
+dynamos apply --json /packages/banner.dynpkg > /tmp/again.json; echo "@@ again exit $? @@"
+dynamos revert --json proc-version-banner > /tmp/revert.json; echo "@@ revert exit $? @@"
+for f in apply again revert; do echo "@@ $f"; cat /tmp/$f.json; echo "@@ end"; done
+"#;
+    let text = vm_with_modules(&keys, &[], &[&pkg], script);
+    expect_line(&text, "@@ apply exit 0 @@");
+    expect_line(&text, "@@ again exit 2 @@");
+    expect_line(&text, "@@ revert exit 0 @@");
+    let parsed = |name: &str| -> serde_json::Value {
+        let body = section(&text, &format!("@@ {name}\n"), "@@ end");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}: {body}"))
+    };
+    let applied = parsed("apply");
+    assert_eq!(applied["status"], "applied", "{applied}");
+    assert_eq!(applied["package"], "proc-version-banner", "{applied}");
+    assert_eq!(
+        applied["live"][0]["function"], "version_proc_show",
+        "{applied}"
+    );
+    assert_eq!(applied["verified_functions"], 1, "{applied}");
+    let again = parsed("again");
+    assert_eq!(again["status"], "refused", "{again}");
+    assert!(
+        again["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("already loaded")),
+        "{again}"
+    );
+    let reverted = parsed("revert");
+    assert_eq!(reverted["status"], "reverted", "{reverted}");
+    assert_eq!(
+        reverted["reverted"][0], "dynamos_proc_version_banner",
+        "{reverted}"
+    );
 }
