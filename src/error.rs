@@ -55,6 +55,15 @@ impl Error {
     }
 }
 
+/// `Ok` when nothing was refused, else one error carrying every refusal.
+pub fn refuse_any(refusals: Vec<Refusal>) -> anyhow::Result<()> {
+    if refusals.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Refused(refusals).into())
+    }
+}
+
 /// Exit code for any error that reached the CLI: typed pipeline errors keep
 /// their meaning, everything else is a plain failure.
 pub fn exit_code_of(err: &anyhow::Error) -> i32 {

@@ -6,7 +6,6 @@
 //! the transition never finishes. Such an update is refused before anything
 //! is loaded, naming the threads, instead of timing out.
 
-use crate::error::Error;
 use crate::package::Manifest;
 use anyhow::Result;
 use std::fs;
@@ -146,11 +145,7 @@ pub fn refuse_replaced_thread_functions(manifest: &Manifest, proc: &Path) -> Res
             ),
         });
     }
-    if refusals.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Refused(refusals).into())
-    }
+    crate::error::refuse_any(refusals)
 }
 
 #[cfg(test)]

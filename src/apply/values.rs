@@ -53,11 +53,7 @@ pub fn check_running_values(
             refusals.push(Refusal { symbol, reason });
         }
     }
-    if refusals.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Refused(refusals).into())
-    }
+    crate::error::refuse_any(refusals)
 }
 
 /// A variable an applied update set, as `dynamos list` shows it.
@@ -158,11 +154,7 @@ pub fn refuse_retiring_value_updates(
             })
         })
         .collect();
-    if refusals.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Refused(refusals).into())
-    }
+    crate::error::refuse_any(refusals)
 }
 
 #[cfg(test)]
