@@ -50,37 +50,31 @@ dynamos revert --all || exit 4
     expect_line(&text, "@@ same text @@");
 }
 
-#[test]
-fn replace_unchanged_of_a_function_the_patch_does_not_build_exits_2() {
+/// `--replace-unchanged FUNCTION` on a patch that only touches a comment:
+/// exit 2, one line naming the function, no package.
+fn assert_replacing_is_refused(function: &str) {
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let pkg = work.path().join("x.dynpkg");
     let out = build_with(
         &keys,
         &["no-change-comment.diff"],
-        ["--replace-unchanged", "no_such_function"],
+        ["--replace-unchanged", function],
         &pkg,
     );
     assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
     let message = stderr(&out);
     assert_eq!(message.trim().lines().count(), 1, "{message}");
-    assert!(message.contains("no_such_function"), "{message}");
+    assert!(message.contains(function), "{message}");
     assert!(!pkg.exists());
 }
 
 #[test]
+fn replace_unchanged_of_a_function_the_patch_does_not_build_exits_2() {
+    assert_replacing_is_refused("no_such_function");
+}
+
+#[test]
 fn replace_unchanged_of_init_code_exits_2() {
-    let keys = Keys::new();
-    let work = tempfile::tempdir().unwrap();
-    let pkg = work.path().join("x.dynpkg");
-    let out = build_with(
-        &keys,
-        &["no-change-comment.diff"],
-        ["--replace-unchanged", "proc_version_init"],
-        &pkg,
-    );
-    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
-    let message = stderr(&out);
-    assert_eq!(message.trim().lines().count(), 1, "{message}");
-    assert!(message.contains("proc_version_init"), "{message}");
+    assert_replacing_is_refused("proc_version_init");
 }
