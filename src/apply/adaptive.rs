@@ -32,11 +32,7 @@ pub fn fallbacks(
     live: &[String],
     kallsyms: &[Ksym],
 ) -> Result<Vec<Fallback>> {
-    let mut earlier: Vec<&AppliedRecord> = records
-        .iter()
-        .filter(|r| live.contains(&r.manifest.module_name))
-        .collect();
-    earlier.sort_by_key(|r| std::cmp::Reverse(r.applied_at_ns));
+    let earlier = live_newest_first(records, live);
     let mut out = Vec::new();
     for object in &manifest.objects {
         for f in object.replaced.iter().filter(|f| f.adaptation.is_some()) {
@@ -82,6 +78,17 @@ pub fn fallbacks(
         }
     }
     Ok(out)
+}
+
+/// The records of the updates still registered with the kernel, the most
+/// recently applied (the top of the livepatch stack) first.
+fn live_newest_first<'a>(records: &'a [AppliedRecord], live: &[String]) -> Vec<&'a AppliedRecord> {
+    let mut found: Vec<&AppliedRecord> = records
+        .iter()
+        .filter(|r| live.contains(&r.manifest.module_name))
+        .collect();
+    found.sort_by_key(|r| std::cmp::Reverse(r.applied_at_ns));
+    found
 }
 
 /// The module parameter naming what each dispatcher falls back to; empty
@@ -146,13 +153,9 @@ fn parse_served_line(line: &str) -> Option<ServedCalls> {
 /// update's module name.
 pub fn promote(paths: &SystemPaths, function: &str) -> Result<String> {
     let _lock = super::lock(paths)?;
-    let mut records = super::read_records(paths)?;
-    records.sort_by_key(|r| std::cmp::Reverse(r.applied_at_ns));
+    let records = super::read_records(paths)?;
     let live = super::live_patch_names(paths)?;
-    for record in records
-        .iter()
-        .filter(|r| live.contains(&r.manifest.module_name))
-    {
+    for record in live_newest_first(&records, &live) {
         let module = &record.manifest.module_name;
         if !served_calls(paths, module)
             .iter()
