@@ -103,7 +103,6 @@ MODULE_PARM_DESC(previous, "address of what ran before, per adaptive function (0
 #define DEFINE_CHOOSER(dispatcher, index, handler)				\
 	extern bool handler(unsigned long, unsigned long, unsigned long,	\
 			    unsigned long, unsigned long, unsigned long);	\
-	extern char dispatcher[];						\
 	__visible void *dispatcher##_choose(unsigned long a0, unsigned long a1, \
 					    unsigned long a2, unsigned long a3, \
 					    unsigned long a4, unsigned long a5); \
