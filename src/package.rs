@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 5;
+pub const FORMAT_VERSION: u32 = 6;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.
@@ -180,6 +180,24 @@ pub struct ReplacedFunction {
     /// their main function: it never returns while such a thread runs.
     #[serde(default)]
     pub kthread: Option<ThreadFunction>,
+    /// Set when the function is updated through a transitional clone
+    /// instead of the livepatch core (docs/synchronized-updates.md).
+    #[serde(default)]
+    pub synchronized: Option<Synchronization>,
+}
+
+/// A function whose sleepers move between its versions at their sleep
+/// points: the module redirects its calls to the clone with ftrace itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Synchronization {
+    /// The clone's entry point in the module.
+    pub entry: String,
+    /// Module function returning the clone's `struct dynamos_sync`.
+    pub control: String,
+    /// Module symbol apply resolves to the running original.
+    pub original: String,
+    /// The clone's sleep points, one line each, for the user.
+    pub sleep_points: Vec<String>,
 }
 
 /// How the original object starts the kernel threads whose main function
@@ -894,6 +912,7 @@ mod tests {
                         new_symbol: "livepatch_cmdline_proc_show".into(),
                         adaptation: None,
                         kthread: None,
+                        synchronized: None,
                     }],
                     added: vec![],
                     externals: vec![ExternalSymbol {

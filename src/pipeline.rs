@@ -185,8 +185,14 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     for note in &applied.notes {
         eprintln!("note: {note}");
     }
-    let changes = applied.changes;
     lap("apply patches", &mut timings);
+
+    let source = target.source.clone();
+    let synchronized = crate::synchronize::add_transitional_clones(applied.changes, |path| {
+        std::fs::read(source.join(path)).ok()
+    })?;
+    let changes = synchronized.changes;
+    lap("transitional clones", &mut timings);
 
     let built = crate::build::build(&target, &changes)?;
     lap("compile", &mut timings);
@@ -268,7 +274,15 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             None => None,
         },
     };
-    let generated = generate::generate(&name, &module, &units, &kbuild_dir, &work, &modules);
+    let generated = generate::generate(
+        &name,
+        &module,
+        &units,
+        &synchronized.functions,
+        &kbuild_dir,
+        &work,
+        &modules,
+    );
     let _ = std::fs::remove_dir_all(&work);
     let generated = generated?;
     lap("generate module", &mut timings);

@@ -15,6 +15,8 @@
 
 #include <linux/compiler.h>
 #include <linux/types.h>
+#include <linux/atomic.h>
+#include <linux/rcupdate.h>
 
 /*
  * DYNAMOS_ADAPTATION_HANDLER(function, handler)
@@ -39,5 +41,62 @@
 	_Static_assert(sizeof(&(function)) != 0, "declared: " #function);	\
 	static void *const __dynamos_adaptation__##function			\
 	__used __section(".discard.dynamos.adaptation") = (void *)(handler)
+
+/*
+ * DYNAMOS_SYNCHRONIZED(function)
+ *
+ * Update `function` without waiting for the tasks asleep in it and without
+ * signalling them (docs/synchronized-updates.md). dynamos-build writes a
+ * transitional clone holding the original and the patched code; after each
+ * wait_event*() statement found in both, a task asleep there continues at
+ * the same statement of the other code, with the locals in scope carried
+ * over. The update then runs in phases driven by `dynamos apply`: calls go
+ * to the clone's original code, sleepers move to the patched code, calls
+ * start in the patched code. `dynamos revert` runs them backwards.
+ *
+ * Place it after `function` in the patched file. dynamos-build refuses,
+ * naming the function and the sleep point, what it cannot carry over.
+ */
+#define DYNAMOS_SYNCHRONIZED(function)						\
+	_Static_assert(sizeof(&(function)) != 0, "synchronized: " #function)
+
+/*
+ * Shared by a transitional clone and the update module that drives it.
+ * Body 0 is the original code, body 1 the patched code.
+ */
+struct dynamos_sync {
+	int entry;		/* the body new calls start in */
+	int leave;		/* 0, or 1 + the body sleepers leave */
+	atomic_t running[2];	/* tasks in each body */
+	atomic_t moved[2];	/* tasks that left each body at a sleep point */
+};
+
+#define DYNAMOS_SYNC_LEAVING(sync, body) (READ_ONCE((sync)->leave) == (body) + 1)
+
+/*
+ * The read of `entry` and the count it selects form one RCU read-side
+ * section: once the module has changed `entry` and waited for a grace
+ * period, every call counted in the old body is in `running`.
+ */
+static __always_inline int dynamos_sync_enter(struct dynamos_sync *sync)
+{
+	int body;
+
+	rcu_read_lock();
+	body = READ_ONCE(sync->entry) ? 1 : 0;
+	atomic_inc(&sync->running[body]);
+	rcu_read_unlock();
+	return body;
+}
+
+#define DYNAMOS_SYNC_ENTER(sync) dynamos_sync_enter(sync)
+#define DYNAMOS_SYNC_EXIT(sync, body) atomic_dec(&(sync)->running[body])
+#define DYNAMOS_SYNC_MOVE(sync, body_ptr, from, to)				\
+	do {									\
+		*(body_ptr) = (to);						\
+		atomic_inc(&(sync)->running[to]);				\
+		atomic_dec(&(sync)->running[from]);				\
+		atomic_inc(&(sync)->moved[from]);				\
+	} while (0)
 
 #endif /* _DYNAMOS_H */

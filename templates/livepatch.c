@@ -220,6 +220,228 @@ static int prepare_adaptive(void) { return 0; }
 static void release_adaptive(void) { }
 #endif
 
+/*
+ * Synchronized updates (docs/synchronized-updates.md). A function cloned
+ * transitionally is not in the livepatch tables: its calls are redirected
+ * here, with an ftrace handler of this module, to the clone's entry, at
+ * once and for every task, because until sleepers are asked to move the
+ * clone runs the original code. `dynamos apply` and `dynamos revert` drive
+ * the phases through the `phase` parameter:
+ *
+ *   1  redirect calls to the clone, which starts them in the original body
+ *   2  tasks leave the original body at their next sleep point
+ *   3  calls start in the patched body (the update is complete once no
+ *      task is left in the original body)
+ *   4  tasks leave the patched body at their next sleep point
+ *   5  calls start in the original body
+ *   0  stop redirecting; succeeds (and lets the module go) only once no
+ *      task is in the clone
+ *
+ * and wake the tasks asleep in the clone through `wake` (a task id): a
+ * wake-up without a signal, after which the wait condition, extended with
+ * the request to leave, is checked again. While calls are redirected the
+ * module holds a reference to itself, so it cannot be unloaded under a
+ * task in its code.
+ */
+#define SYNC_COUNT {{sync_count}}
+#if SYNC_COUNT
+#include <linux/ftrace.h>
+#include <linux/sched.h>
+#include <linux/sched/task.h>
+#include <linux/pid.h>
+#include "dynamos.h"
+
+{{sync_declarations}}
+
+struct sync_function {
+	const char *name;
+	void *original;			/* the running function, resolved by apply */
+	void *entry;			/* the clone's entry */
+	struct dynamos_sync *(*control)(void);
+	struct ftrace_ops ops;
+	bool redirected;
+};
+
+static struct sync_function sync_functions[SYNC_COUNT] = {
+{{sync_entries}}
+};
+
+static DEFINE_MUTEX(sync_lock);
+static int sync_phase;
+static bool sync_holds_module;
+
+static void notrace sync_redirect(unsigned long ip, unsigned long parent_ip,
+				  struct ftrace_ops *ops, struct ftrace_regs *fregs)
+{
+	struct sync_function *f = container_of(ops, struct sync_function, ops);
+
+	ftrace_instruction_pointer_set(fregs, (unsigned long)f->entry);
+}
+
+static void sync_unredirect_all(void)
+{
+	int i;
+
+	for (i = 0; i < SYNC_COUNT; i++) {
+		struct sync_function *f = &sync_functions[i];
+
+		if (!f->redirected)
+			continue;
+		unregister_ftrace_function(&f->ops);
+		ftrace_set_filter_ip(&f->ops, (unsigned long)f->original, 1, 0);
+		f->redirected = false;
+	}
+}
+
+/* Phase 1: every call of each function goes to its clone, or none does. */
+static int sync_redirect_all(void)
+{
+	int i, ret;
+
+	for (i = 0; i < SYNC_COUNT; i++) {
+		struct sync_function *f = &sync_functions[i];
+
+		if (f->redirected)
+			continue;
+		f->ops.func = sync_redirect;
+		f->ops.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY;
+		ret = ftrace_set_filter_ip(&f->ops, (unsigned long)f->original, 0, 0);
+		if (!ret) {
+			ret = register_ftrace_function(&f->ops);
+			if (ret)
+				ftrace_set_filter_ip(&f->ops, (unsigned long)f->original, 1, 0);
+		}
+		if (ret) {
+			pr_err("%s: cannot redirect %s: %d\n", THIS_MODULE->name, f->name, ret);
+			sync_unredirect_all();
+			return ret;
+		}
+		f->redirected = true;
+	}
+	if (!sync_holds_module) {
+		__module_get(THIS_MODULE);
+		sync_holds_module = true;
+	}
+	return 0;
+}
+
+static int sync_running(void)
+{
+	int i, n = 0;
+
+	for (i = 0; i < SYNC_COUNT; i++) {
+		struct dynamos_sync *c = sync_functions[i].control();
+
+		n += atomic_read(&c->running[0]) + atomic_read(&c->running[1]);
+	}
+	return n;
+}
+
+static void sync_set(int entry, int leave)
+{
+	int i;
+
+	for (i = 0; i < SYNC_COUNT; i++) {
+		struct dynamos_sync *c = sync_functions[i].control();
+
+		WRITE_ONCE(c->leave, leave);
+		WRITE_ONCE(c->entry, entry);
+	}
+	/* Calls that read the old entry are counted once this returns. */
+	synchronize_rcu();
+}
+
+static int phase_set(const char *value, const struct kernel_param *kp)
+{
+	int phase, ret = 0;
+
+	if (kstrtoint(value, 10, &phase) || phase < 0 || phase > 5)
+		return -EINVAL;
+	mutex_lock(&sync_lock);
+	switch (phase) {
+	case 1:
+		sync_set(0, 0);
+		ret = sync_redirect_all();
+		break;
+	case 2:
+		sync_set(0, 1);
+		break;
+	case 3:
+		sync_set(1, 1);
+		break;
+	case 4:
+		sync_set(1, 2);
+		break;
+	case 5:
+		sync_set(0, 2);
+		break;
+	case 0:
+		sync_unredirect_all();
+		if (sync_running()) {
+			ret = -EBUSY;
+			break;
+		}
+		sync_set(0, 0);
+		/* A task that just left a clone may still be on its last instructions. */
+		synchronize_rcu_tasks();
+		if (sync_holds_module) {
+			sync_holds_module = false;
+			module_put(THIS_MODULE);
+		}
+		break;
+	}
+	if (!ret)
+		sync_phase = phase;
+	mutex_unlock(&sync_lock);
+	return ret;
+}
+
+/* "PHASE" then one line per function: name, tasks in the original and the
+ * patched body, tasks that left each body at a sleep point. */
+static int phase_get(char *buffer, const struct kernel_param *kp)
+{
+	int i, len;
+
+	len = scnprintf(buffer, PAGE_SIZE, "%d\n", READ_ONCE(sync_phase));
+	for (i = 0; i < SYNC_COUNT; i++) {
+		struct dynamos_sync *c = sync_functions[i].control();
+
+		len += scnprintf(buffer + len, PAGE_SIZE - len, "%s %d %d %d %d\n",
+				 sync_functions[i].name,
+				 atomic_read(&c->running[0]), atomic_read(&c->running[1]),
+				 atomic_read(&c->moved[0]), atomic_read(&c->moved[1]));
+	}
+	return len;
+}
+
+/* Wake one task (a spurious wake-up: it checks its wait condition again). */
+static int wake_set(const char *value, const struct kernel_param *kp)
+{
+	struct task_struct *task;
+	struct pid *pid;
+	int nr;
+
+	if (kstrtoint(value, 10, &nr) || nr <= 0)
+		return -EINVAL;
+	pid = find_get_pid(nr);
+	task = pid ? get_pid_task(pid, PIDTYPE_PID) : NULL;
+	put_pid(pid);
+	if (!task)
+		return -ESRCH;
+	wake_up_process(task);
+	put_task_struct(task);
+	return 0;
+}
+
+static const struct kernel_param_ops phase_ops = { .set = phase_set, .get = phase_get };
+static const struct kernel_param_ops wake_ops = { .set = wake_set };
+module_param_cb(phase, &phase_ops, NULL, 0600);
+MODULE_PARM_DESC(phase, "synchronized update phase (0-5) and, per function, tasks in each body");
+module_param_cb(wake, &wake_ops, NULL, 0200);
+MODULE_PARM_DESC(wake, "wake the task with this id so it checks its wait condition again");
+
+#endif
+
 static unsigned long sympos[{{function_count}}];
 static int sympos_count;
 module_param_array(sympos, ulong, &sympos_count, 0400);

@@ -13,6 +13,7 @@ mod image;
 pub mod kcore;
 pub mod kthreads;
 mod resolve;
+pub mod synchronized;
 pub mod values;
 
 pub use image::{make_symbols_absolute, modinfo_name};
@@ -103,6 +104,8 @@ pub struct AppliedPackage {
     /// Superseded updates that could not be unloaded or forgotten (they are
     /// no longer live; only their modules or records remain).
     pub retire_problems: Vec<String>,
+    /// The phases of the synchronized functions, when the package has any.
+    pub synchronized: Option<synchronized::Report>,
 }
 
 /// The record kept in the state folder for each applied package.
@@ -490,7 +493,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     // From here on, any failure must leave no module behind.
     let timeout = opts.transition_timeout;
     let started = Instant::now();
-    let result = (|| -> Result<Duration> {
+    let result = (|| -> Result<(Duration, Option<synchronized::Report>)> {
         if !paths.livepatch.join(name).is_dir() {
             bail!("module {name} loaded but registered no livepatch {name}");
         }
@@ -506,6 +509,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
             bail!("livepatch {name} is not enabled after loading");
         }
         let took = started.elapsed();
+        let phases = synchronized::forward(paths, manifest, name, timeout)?;
         let record = AppliedRecord {
             manifest: manifest.clone(),
             key_id: signer.to_string(),
@@ -518,10 +522,10 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         };
         let json = serde_json::to_vec_pretty(&record)?;
         crate::cache::write_atomic(&record_path(paths, name), &json)?;
-        Ok(took)
+        Ok((took, phases))
     })();
     match result {
-        Ok(transition) => {
+        Ok((transition, synchronized)) => {
             let (retired, retire_problems) = unload_retired(paths, &retiring, timeout);
             Ok(AppliedPackage {
                 manifest: manifest.clone(),
@@ -533,6 +537,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
                 transition,
                 retired,
                 retire_problems,
+                synchronized,
             })
         }
         Err(err) => {
@@ -725,6 +730,14 @@ pub fn revert_at(
             )
             .into());
         }
+        let manifest = records
+            .iter()
+            .find(|r| r.manifest.module_name == module)
+            .map(|r| &r.manifest);
+        if let Some(manifest) = manifest {
+            synchronized::backward(paths, manifest, &module, timeout)
+                .with_context(|| format!("reverting {module}"))?;
+        }
         disable_and_unload(paths, &module, timeout, true).with_context(|| {
             if done.is_empty() {
                 format!("reverting {module}")
@@ -775,6 +788,10 @@ pub struct LiveUpdate {
     pub adaptive: Vec<adaptive::ServedCalls>,
     /// Variables the update set to a new initial value (from its record).
     pub value_updates: Vec<values::LiveValue>,
+    /// Phase and counters of the synchronized functions, if any.
+    pub synchronized: Option<synchronized::Status>,
+    /// Tasks in the transitional clones or the originals they replace.
+    pub synchronized_tasks: Vec<String>,
 }
 
 /// Every livepatch of the running kernel, and every dynamos update recorded.
@@ -804,6 +821,10 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
             objects,
             adaptive: adaptive::served_calls(paths, name),
             value_updates: record.map(values::live_values).unwrap_or_default(),
+            synchronized: synchronized::status(paths, name).filter(|s| !s.functions.is_empty()),
+            synchronized_tasks: record
+                .map(|r| synchronized::tasks(paths, &r.manifest, name))
+                .unwrap_or_default(),
         });
     }
     for r in &records {
@@ -817,6 +838,8 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 objects: record_objects(r),
                 adaptive: Vec::new(),
                 value_updates: values::live_values(r),
+                synchronized: None,
+                synchronized_tasks: Vec::new(),
             });
         }
     }

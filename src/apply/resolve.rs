@@ -325,7 +325,12 @@ pub fn resolve(
         if syms.is_empty() {
             // A module loaded later is patched by the livepatch core as it
             // loads, before its code runs; its code cannot be checked now.
-            sympos.extend(obj.replaced.iter().map(|f| f.sympos.unwrap_or(0)));
+            sympos.extend(
+                obj.replaced
+                    .iter()
+                    .filter(|f| f.synchronized.is_none())
+                    .map(|f| f.sympos.unwrap_or(0)),
+            );
             resolve_externals(
                 obj,
                 external_syms,
@@ -350,7 +355,11 @@ pub fn resolve(
                 matches.as_ref().map(|m| m as &dyn Fn(u64) -> bool),
             ) {
                 Ok(c) => {
-                    sympos.push(c.sympos);
+                    // A synchronized function is redirected by address, not
+                    // by the livepatch tables `sympos` indexes.
+                    if f.synchronized.is_none() {
+                        sympos.push(c.sympos);
+                    }
                     chosen.extend(expected.map(|e| (e, c.address)));
                 }
                 Err(reason) => refusals.push(crate::Refusal {
@@ -775,6 +784,7 @@ pub(crate) mod tests {
                         new_symbol: "n1".into(),
                         adaptation: None,
                         kthread: None,
+                        synchronized: None,
                     },
                     ReplacedFunction {
                         name: "show".into(),
@@ -783,6 +793,7 @@ pub(crate) mod tests {
                         new_symbol: "n2".into(),
                         adaptation: None,
                         kthread: None,
+                        synchronized: None,
                     },
                 ],
                 added: vec![],

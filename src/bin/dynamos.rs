@@ -210,6 +210,14 @@ fn run(cli: Cli) -> Result<i32> {
             for module in &applied.retired {
                 println!("retired  {module}");
             }
+            if let Some(phases) = &applied.synchronized {
+                println!(
+                    "synchronized: original code inactive after {:.1} s; {} sleeping task(s) moved to the new code, complete {:.1} s later",
+                    phases.original_inactive.as_secs_f64(),
+                    phases.tasks_moved,
+                    phases.moved.as_secs_f64()
+                );
+            }
             println!(
                 "applied {} in {:.1} s (running code verified: {} functions)",
                 applied.manifest.name,
@@ -282,6 +290,22 @@ fn run(cli: Cli) -> Result<i32> {
                     }
                     for v in &u.value_updates {
                         println!("    {}: {} = {} (was {})", v.object, v.name, v.new, v.old);
+                    }
+                    if let Some(sync) = &u.synchronized {
+                        for f in &sync.functions {
+                            println!(
+                                "    synchronized {}: {}; tasks in its original code {}, new code {}; moved at sleep points: {} to the new code, {} back",
+                                f.name,
+                                sync.describe_phase(),
+                                f.in_original,
+                                f.in_patched,
+                                f.moved_to_patched,
+                                f.moved_to_original
+                            );
+                        }
+                        for t in &u.synchronized_tasks {
+                            println!("      {t}");
+                        }
                     }
                 }
             }
@@ -483,5 +507,6 @@ fn applied_json(applied: &apply::AppliedPackage) -> serde_json::Value {
         "retire_problems": applied.retire_problems,
         "transition_seconds": applied.transition.as_secs_f64(),
         "verified_functions": applied.verified_functions,
+        "synchronized": applied.synchronized,
     })
 }

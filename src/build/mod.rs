@@ -93,7 +93,9 @@ fn kcflags(source: &Path, out: &Path) -> String {
 }
 
 /// The header patch authors include for adaptation handlers.
-const AUTHOR_HEADER: &str = include_str!("../../templates/dynamos.h");
+/// `templates/dynamos.h`: the patch author's macros, also included by the
+/// generated module for what it shares with transitional clones.
+pub const AUTHOR_HEADER: &str = include_str!("../../templates/dynamos.h");
 const AUTHOR_HEADER_NAME: &str = "dynamos.h";
 
 /// Parallel jobs of each `make`.

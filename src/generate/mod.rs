@@ -18,8 +18,9 @@ use crate::diff::{ObjectDiff, ObjectFile};
 use crate::error::Error;
 use crate::package::{
     Adaptation, ExpectedCode, ExternalSymbol, ObjectUpdate, ReplacedFunction, SourceObject,
-    SymbolKind,
+    SymbolKind, Synchronization,
 };
+use crate::synchronize::SynchronizedFunction;
 use anyhow::{bail, Context, Result};
 use extract::{Extracted, PackageNames};
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,6 +57,7 @@ pub fn generate(
     package: &str,
     module_name: &str,
     units: &[TranslationUnit],
+    synchronized: &[SynchronizedFunction],
     kbuild_dir: &Path,
     work: &Path,
     modules: &module_symbols::ModuleContext,
@@ -69,6 +71,7 @@ pub fn generate(
     let mut notes = Vec::new();
     let mut shipped: BTreeMap<String, Option<module_symbols::ShippedModule>> = BTreeMap::new();
     let mut next_adaptive = 0;
+    let mut next_synchronized = 0;
 
     // New globals one unit defines and another uses link inside the package.
     for unit in units {
@@ -148,13 +151,20 @@ pub fn generate(
             )
         }));
         let adaptive = AdaptiveNames::new(unit, &mut next_adaptive);
+        let clones = SynchronizedNames::new(unit, synchronized, &mut next_synchronized);
+        if let Some(r) = clones.refusal(unit) {
+            refusals.push(r);
+            continue;
+        }
+        let mut aliases = adaptive.handler_aliases.clone();
+        aliases.extend(clones.aliases.clone());
         let extracted: Extracted = match extract::extract(
             unit.patched,
             unit.diff,
             &unit.source_file,
             &unit.kernel_object,
             &fresh,
-            &adaptive.handler_aliases,
+            &aliases,
             &mut names,
         ) {
             Ok(e) => e,
@@ -230,7 +240,27 @@ pub fn generate(
                     old_version: a.old_version.clone(),
                 }),
                 kthread: kthreads::thread_function(unit.original, &version.name),
+                synchronized: clones.by_function.get(&version.name).cloned(),
             };
+            if let Some(sync) = &replaced.synchronized {
+                update.externals.push(ExternalSymbol {
+                    module_symbol: sync.original.clone(),
+                    name: version.name.clone(),
+                    kind: SymbolKind::Function,
+                    file: Some(unit.source_file.clone()),
+                    global: unit
+                        .original
+                        .symbols
+                        .iter()
+                        .any(|s| s.name == version.name && s.is_function() && !s.is_local()),
+                });
+                notes.push(format!(
+                    "{} of {}: synchronized update; sleepers move between versions at {}",
+                    version.name,
+                    unit.source_file,
+                    sync.sleep_points.join("; ")
+                ));
+            }
             if let Some(thread) = &replaced.kthread {
                 notes.push(kthreads::note(&version.name, thread));
             }
@@ -376,6 +406,8 @@ pub fn generate(
         &objects,
     );
     std::fs::write(work.join("livepatch.c"), source)?;
+    // The synchronized functions' control block, shared with the clones.
+    std::fs::write(work.join("dynamos.h"), crate::build::AUTHOR_HEADER)?;
     if let Some(dispatchers) = render_dispatchers(package, &objects) {
         std::fs::write(work.join("dispatch.S"), dispatchers)?;
         object_files.push("dispatch.o".to_string());
@@ -396,6 +428,71 @@ pub fn generate(
         objects,
         notes,
     })
+}
+
+/// Package-wide names of one unit's transitionally cloned functions.
+struct SynchronizedNames {
+    /// Clone entry and control functions → the global names the module uses.
+    aliases: BTreeMap<String, String>,
+    /// Original function name → how it is updated.
+    by_function: BTreeMap<String, Synchronization>,
+}
+
+impl SynchronizedNames {
+    fn new(
+        unit: &TranslationUnit,
+        synchronized: &[SynchronizedFunction],
+        next: &mut usize,
+    ) -> SynchronizedNames {
+        let mut names = SynchronizedNames {
+            aliases: BTreeMap::new(),
+            by_function: BTreeMap::new(),
+        };
+        for f in synchronized.iter().filter(|f| f.file == unit.source_file) {
+            let n = *next;
+            *next += 1;
+            let entry = format!("__dynamos_sync_entry_{n}");
+            let control = format!("__dynamos_sync_control_{n}");
+            names.aliases.insert(f.entry.clone(), entry.clone());
+            names.aliases.insert(f.control.clone(), control.clone());
+            names.by_function.insert(
+                f.name.clone(),
+                Synchronization {
+                    entry,
+                    control,
+                    original: format!("__dynamos_sync_original_{n}"),
+                    sleep_points: f.sleep_points.iter().map(|p| p.describe()).collect(),
+                },
+            );
+        }
+        names
+    }
+
+    /// A cloned function must be one the diff replaces, out of line, and
+    /// cannot also have an adaptation handler.
+    fn refusal(&self, unit: &TranslationUnit) -> Option<crate::error::Refusal> {
+        let changed = unit.diff.changed();
+        for name in self.by_function.keys() {
+            let reason = if !changed.contains(name) {
+                "DYNAMOS_SYNCHRONIZED names a function whose compiled code the patch does not change"
+            } else if unit.diff.adaptations.iter().any(|a| {
+                unit.diff
+                    .correlation
+                    .orig_name(&a.function)
+                    .unwrap_or(&a.function)
+                    == name
+            }) {
+                "has both an adaptation handler and DYNAMOS_SYNCHRONIZED: choose one"
+            } else {
+                continue;
+            };
+            return Some(crate::error::Refusal {
+                symbol: name.clone(),
+                reason: format!("{reason} ({})", unit.source_file),
+            });
+        }
+        None
+    }
 }
 
 /// Package-wide names of one unit's adaptively replaced functions.
@@ -585,6 +682,27 @@ fn render_adaptive(objects: &[ObjectUpdate]) -> (usize, String, String, String) 
     (count, declarations, entries, choosers)
 }
 
+/// The synchronized functions' part of `templates/livepatch.c`.
+fn render_synchronized(objects: &[ObjectUpdate]) -> (usize, String, String) {
+    let mut declarations = String::new();
+    let mut entries = String::new();
+    let mut count = 0;
+    for f in objects.iter().flat_map(|o| &o.replaced) {
+        let Some(s) = &f.synchronized else { continue };
+        declarations.push_str(&format!(
+            "extern char {}[], {}[]; /* {} in {}: clone entry, running original */\n\
+             extern struct dynamos_sync *{}(void);\n",
+            s.entry, s.original, f.name, f.file, s.control
+        ));
+        entries.push_str(&format!(
+            "\t{{ .name = \"{}\", .original = {}, .entry = {}, .control = {} }},\n",
+            f.name, s.original, s.entry, s.control
+        ));
+        count += 1;
+    }
+    (count, declarations, entries)
+}
+
 fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs: bool) -> String {
     let mut declarations = String::new();
     let mut tables = String::new();
@@ -593,7 +711,7 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs
     for object in objects {
         let table = format!("funcs_{}", c_identifier(&object.object));
         tables.push_str(&format!("static struct klp_func {table}[] = {{\n"));
-        for f in &object.replaced {
+        for f in object.replaced.iter().filter(|f| f.synchronized.is_none()) {
             declarations.push_str(&format!(
                 "extern char {}[]; /* {} in {}{} */\n",
                 f.new_symbol,
@@ -621,7 +739,11 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs
     }
     let (adaptive_count, adaptive_declarations, adaptive_entries, choosers) =
         render_adaptive(objects);
+    let (sync_count, sync_declarations, sync_entries) = render_synchronized(objects);
     LIVEPATCH_TEMPLATE
+        .replace("{{sync_count}}", &sync_count.to_string())
+        .replace("{{sync_declarations}}", sync_declarations.trim_end())
+        .replace("{{sync_entries}}", sync_entries.trim_end())
         .replace("{{adaptive_count}}", &adaptive_count.to_string())
         .replace(
             "{{adaptive_declarations}}",

@@ -1,0 +1,109 @@
+//! Synchronized updates (docs/synchronized-updates.md): functions in which
+//! tasks sleep are updated through a transitional clone, without waiting
+//! for every sleeper to leave and without signalling anyone. The control
+//! experiment, today's livepatch switch cutting a write short, is
+//! tests/livepatch_signal.rs.
+
+mod common;
+
+use common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// The pipefs example: a writer asleep in the original pipe_write when the
+/// update starts finishes there; a writer that entered the clone and sleeps
+/// in its original code continues in the new code when asked, where its
+/// pipe grows to 1 MiB; nobody gets a short write or a signal.
+#[test]
+fn sleeping_writers_finish_their_writes_across_the_update() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("pipe-adaptive-ring.dynpkg");
+    let out = build(&keys, "pipe-adaptive-ring.diff", &pkg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let notes = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        notes.contains("pipe_write of fs/pipe.c: synchronized update; sleepers move between versions at wait_event_interruptible_exclusive()"),
+        "{notes}"
+    );
+    let writer = work.path().join("pipe-sync-writer");
+    compile_static_probe("pipe_sync_writer.c", &writer);
+
+    let script = r#"
+cp /packages/pipe-sync-writer /tmp/; chmod +x /tmp/pipe-sync-writer
+phase=/sys/module/dynamos_pipe_adaptive_ring/parameters/phase
+wait_stack() { i=0; while ! grep -q "$2" /proc/$1/stack 2>/dev/null && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done; }
+/tmp/pipe-sync-writer early /tmp/go-early > /tmp/early.log 2>&1 &
+early=$!
+wait_stack $early pipe_write
+echo "@@ early writer asleep in: $(grep -o 'pipe_write+' /proc/$early/stack | head -1) @@"
+dynamos apply --timeout 60 /packages/pipe-adaptive-ring.dynpkg > /tmp/apply.log 2>&1 &
+apply=$!
+i=0; while [ "$(head -1 $phase 2>/dev/null)" != 1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+/tmp/pipe-sync-writer late /tmp/go-late > /tmp/late.log 2>&1 &
+late=$!
+wait_stack $late __dynamos_sync_
+echo "@@ late writer in the clone: $(grep -q '__dynamos_sync_' /proc/$late/stack && echo yes || echo no) @@"
+sleep 2
+echo "@@ phase while the early writer sleeps: $(head -1 $phase), apply waiting: $(kill -0 $apply 2>/dev/null && echo yes || echo no) @@"
+touch /tmp/go-early
+wait $early; echo "@@ early exit $?: $(tr '\n' ' ' < /tmp/early.log)@@"
+wait $apply; echo "@@ apply exit $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+i=0; while ! grep -q wrote /tmp/late.log && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
+echo "@@ status $(tr '\n' ' ' < $phase)@@"
+touch /tmp/go-late
+wait $late; echo "@@ late exit $?: $(tr '\n' ' ' < /tmp/late.log)@@"
+dynamos list > /tmp/list.log 2>&1; echo "@@ list: $(grep synchronized /tmp/list.log) @@"
+(sleep 2; touch /tmp/go-after) &
+/tmp/pipe-sync-writer after /tmp/go-after > /tmp/after.log 2>&1; echo "@@ after exit $?: $(tr '\n' ' ' < /tmp/after.log)@@"
+dynamos revert --all > /tmp/revert.log 2>&1; echo "@@ reverted exit $?: $(tr '\n' ' ' < /tmp/revert.log)@@"
+(sleep 2; touch /tmp/go-reverted) &
+/tmp/pipe-sync-writer reverted /tmp/go-reverted > /tmp/reverted.log 2>&1; echo "@@ reverted writer exit $?: $(tr '\n' ' ' < /tmp/reverted.log)@@"
+echo "@@ signalled $(dmesg | grep -c 'signaling remaining tasks') modules $(grep -c '^dynamos' /proc/modules) @@"
+"#;
+    let text = vm_with_modules(&keys, &[], &[&pkg, &writer], script);
+    expect_line(&text, "@@ early writer asleep in: pipe_write+ @@");
+    expect_line(&text, "@@ late writer in the clone: yes @@");
+    // Phase 1 holds while a task sleeps in the original, without signalling it.
+    expect_line(
+        &text,
+        "@@ phase while the early writer sleeps: 1, apply waiting: yes @@",
+    );
+    // The early writer finished in the original code: the ring never grew.
+    let early = section(&text, "@@ early exit 0: early: wrote ", "@@");
+    assert!(
+        early.starts_with(&format!("{MIB} bytes")) && early.contains("pipe size 65536"),
+        "{text}"
+    );
+    assert!(
+        early.contains("early: reader read 1048576 bytes, checksum ok"),
+        "{text}"
+    );
+    let apply = section(&text, "@@ apply exit 0: ", "@@");
+    assert!(
+        apply.contains("1 sleeping task(s) moved to the new code"),
+        "{text}"
+    );
+    // The late writer continued in the new code: its pipe grew and the
+    // whole megabyte went in without a reader.
+    let late = section(&text, "@@ late exit 0: late: wrote ", "@@");
+    assert!(
+        late.starts_with(&format!("{MIB} bytes")) && late.contains(&format!("pipe size {MIB}")),
+        "{text}"
+    );
+    assert!(
+        late.contains("late: reader read 1048576 bytes, checksum ok"),
+        "{text}"
+    );
+    let status = section(&text, "@@ status ", "@@");
+    assert!(status.starts_with("3 pipe_write 0 0 1 0"), "{text}");
+    let list = section(&text, "@@ list: ", " @@");
+    assert!(list.contains("phase 3: complete"), "{text}");
+    // New calls start in the new code.
+    let after = section(&text, "@@ after exit 0: after: wrote ", "@@");
+    assert!(after.contains(&format!("pipe size {MIB}")), "{text}");
+    assert!(text.contains("@@ reverted exit 0: "), "{text}");
+    let reverted = section(&text, "@@ reverted writer exit 0: reverted: wrote ", "@@");
+    assert!(reverted.contains("pipe size 65536"), "{text}");
+    expect_line(&text, "@@ signalled 0 modules 0 @@");
+}
