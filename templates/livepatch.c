@@ -304,7 +304,14 @@ static int sync_redirect_all(void)
 		if (f->redirected)
 			continue;
 		f->ops.func = sync_redirect;
-		f->ops.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY;
+		/*
+		 * RECURSION: the handler calls nothing, so it needs no guard
+		 * (ftrace would otherwise wrap it in one on every call);
+		 * PERMANENT: turning ftrace off must not bring the original
+		 * back while tasks sleep in the clone, as for livepatches.
+		 */
+		f->ops.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY |
+			       FTRACE_OPS_FL_RECURSION | FTRACE_OPS_FL_PERMANENT;
 		ret = ftrace_set_filter_ip(&f->ops, (unsigned long)f->original, 0, 0);
 		if (!ret) {
 			ret = register_ftrace_function(&f->ops);

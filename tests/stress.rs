@@ -5,6 +5,10 @@
 //! any taint beyond what loading live-update modules sets. Prints the
 //! cycles per minute reached under the VM's software emulation.
 //!
+//! The same runs with the synchronized version of the update
+//! (docs/synchronized-updates.md), where no write may come back short and
+//! no call may be interrupted.
+//!
 //! The suite runs a short soak (`DEFAULT_CYCLES`); the 200-cycle run is the
 //! benchmark `scripts/stress.sh`, which sets `DYNAMOS_STRESS_CYCLES`.
 
@@ -25,13 +29,22 @@ fn cycles() -> u32 {
 
 #[test]
 fn pipes_carry_every_byte_through_live_update_cycles() {
+    stress("pipe-read-write", false);
+}
+
+#[test]
+fn pipes_carry_every_byte_through_synchronized_update_cycles() {
+    stress("pipe-read-write-synchronized", true);
+}
+
+fn stress(package: &str, synchronized: bool) {
     let cycles = cycles();
     // Under TCG a cycle takes about 11 s; the rest is boot and the build.
     let timeout = (120 + cycles * 30).to_string();
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
-    let pkg = work.path().join("pipe-read-write.dynpkg");
-    let out = build(&keys, "pipe-read-write.diff", &pkg);
+    let pkg = work.path().join(format!("{package}.dynpkg"));
+    let out = build(&keys, &format!("{package}.diff"), &pkg);
     assert!(out.status.success(), "{}", stderr(&out));
     let replaced = stdout(&out);
     assert!(replaced.contains("replace  pipe_read"), "{replaced}");
@@ -47,7 +60,7 @@ stress=$!
 sleep 1
 start=$(date +%s); done_cycles=0
 for i in $(seq {cycles}); do
-  dynamos apply /packages/pipe-read-write.dynpkg > /tmp/apply.log 2>&1 || {{ echo "@@ apply $i failed: $(cat /tmp/apply.log)"; break; }}
+  dynamos apply /packages/{package}.dynpkg > /tmp/apply.log 2>&1 || {{ echo "@@ apply $i failed: $(cat /tmp/apply.log)"; break; }}
   dynamos revert --all > /tmp/revert.log 2>&1 || {{ echo "@@ revert $i failed: $(cat /tmp/revert.log)"; break; }}
   done_cycles=$i
 done
@@ -83,7 +96,7 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|pipe-stress' && exit 9 || true
     assert_eq!(done, cycles.to_string(), "{text}");
     let seconds: f64 = seconds.parse().unwrap();
     eprintln!(
-        "stress: {cycles} apply/revert cycles in {seconds} s under TCG: {:.1} cycles per minute",
+        "stress ({package}): {cycles} apply/revert cycles in {seconds} s under TCG: {:.1} cycles per minute",
         f64::from(cycles) * 60.0 / seconds.max(1.0)
     );
 
@@ -93,6 +106,10 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|pipe-stress' && exit 9 || true
         "{text}"
     );
     assert!(stress.ends_with(" mismatches 0"), "{text}");
+    if synchronized {
+        // Nobody was signalled: no write came back short, nothing was interrupted.
+        assert!(stress.contains(" short-writes 0 interrupted 0 "), "{text}");
+    }
     let bytes: u64 = stress
         .split(" bytes ")
         .nth(1)
@@ -100,7 +117,7 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|pipe-stress' && exit 9 || true
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
     assert!(bytes > 0, "{text}");
-    eprintln!("stress: {bytes} bytes checked");
+    eprintln!("stress ({package}): {bytes} bytes checked");
 
     expect("@@ livepatches 0 modules 0 @@");
     let taint: u64 = section(&text, "@@ tainted ", " @@").trim().parse().unwrap();

@@ -107,3 +107,83 @@ echo "@@ signalled $(dmesg | grep -c 'signaling remaining tasks') modules $(grep
     assert!(reverted.contains("pipe size 65536"), "{text}");
     expect_line(&text, "@@ signalled 0 modules 0 @@");
 }
+
+/// A reader asleep in pipe_read through the whole update: it moves from the
+/// clone's original code to the new code without a signal and goes on
+/// sleeping there; a revert that cannot move it out of the clone in time
+/// leaves the update applied; once it has read, the revert succeeds. The
+/// update replaces pipe_read and pipe_write (`pipe-read-write-synchronized`).
+#[test]
+fn a_reader_sleeps_through_the_update_without_a_signal() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("pipe-read-write-synchronized.dynpkg");
+    let out = build(&keys, "pipe-read-write-synchronized.diff", &pkg);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let notes = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        notes.contains("pipe_read of fs/pipe.c: synchronized update"),
+        "{notes}"
+    );
+    assert!(
+        notes.contains("pipe_write of fs/pipe.c: synchronized update"),
+        "{notes}"
+    );
+
+    let script = r#"
+phase=/sys/module/dynamos_pipe_read_write_synchronized/parameters/phase
+mkfifo /tmp/fifo
+dd if=/tmp/fifo of=/tmp/got bs=1 count=2 2>/dev/null &
+reader=$!
+exec 3>/tmp/fifo
+i=0; while ! grep -q pipe_read /proc/$reader/stack 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "@@ reader asleep in: $(grep -o 'pipe_read+' /proc/$reader/stack | head -1) @@"
+dynamos apply --timeout 60 /packages/pipe-read-write-synchronized.dynpkg > /tmp/apply.log 2>&1 &
+apply=$!
+i=0; while [ "$(head -1 $phase 2>/dev/null)" != 1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+sleep 1
+printf a >&3
+wait $apply; echo "@@ apply exit $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+echo "@@ reader still asleep in the clone: $(grep -q __dynamos_sync_ /proc/$reader/stack && echo yes || echo no) @@"
+tr '\n' ' ' < $phase > /tmp/status; echo "@@ status $(cat /tmp/status)@@"
+dynamos revert --timeout 3 --all > /tmp/revert.log 2>&1; echo "@@ revert while asleep exit $?: $(tr '\n' ' ' < /tmp/revert.log)@@"
+echo "@@ after the failed revert: $(head -1 $phase), reader alive: $(kill -0 $reader 2>/dev/null && echo yes || echo no) @@"
+printf b >&3
+wait $reader; echo "@@ reader exit $?: read $(cat /tmp/got) @@"
+exec 3>&-
+dynamos revert --all > /tmp/revert.log 2>&1; echo "@@ reverted exit $?: $(tr '\n' ' ' < /tmp/revert.log)@@"
+echo "@@ signalled $(dmesg | grep -c 'signaling remaining tasks') modules $(grep -c '^dynamos' /proc/modules) @@"
+"#;
+    let text = vm_with_modules(&keys, &[], &[&pkg], script);
+    expect_line(&text, "@@ reader asleep in: pipe_read+ @@");
+    let apply = section(&text, "@@ apply exit 0: ", "@@");
+    assert!(
+        apply.contains("sleeping task(s) moved to the new code"),
+        "{text}"
+    );
+    expect_line(&text, "@@ reader still asleep in the clone: yes @@");
+    // pipe_read: the reader asleep in the new body, moved there once.
+    let status = section(&text, "@@ status ", "@@");
+    let read_line = status
+        .split("pipe_read ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{text}"));
+    let counts: Vec<u32> = read_line
+        .split_whitespace()
+        .take(4)
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert_eq!(&counts[..3], &[0, 1, 1], "{text}");
+    assert!(status.starts_with("3 "), "{text}");
+    let failed = section(&text, "@@ revert while asleep exit 1: ", "@@");
+    assert!(
+        failed.contains("tasks still sleep in the transitional clone of pipe_read, pipe_write")
+            && failed.contains("(dd) in __dynamos_sync_bodies_pipe_read")
+            && failed.contains("the update stays applied"),
+        "{text}"
+    );
+    expect_line(&text, "@@ after the failed revert: 3, reader alive: yes @@");
+    expect_line(&text, "@@ reader exit 0: read ab @@");
+    assert!(text.contains("@@ reverted exit 0: "), "{text}");
+    expect_line(&text, "@@ signalled 0 modules 0 @@");
+}

@@ -360,6 +360,15 @@ pub fn backward(
     });
     let withdrawn = emptied && withdraw(paths, module, timeout).is_ok();
     if !withdrawn {
+        let names = functions(manifest).join(", ");
+        let what = if emptied {
+            format!("tasks still sleep in the transitional clone of {names} (its module cannot go while they do) after {}s", timeout.as_secs())
+        } else {
+            format!(
+                "tasks did not leave the new code of {names} within {}s",
+                timeout.as_secs()
+            )
+        };
         let busy = in_clones(paths, module);
         // Back to where we started: the new code complete.
         let redo = set_phase(paths, module, 1)
@@ -369,8 +378,7 @@ pub fn backward(
                 set_phase(paths, module, 3)
             });
         bail!(
-            "tasks did not leave the new code of {module} within {}s: {}; {}",
-            timeout.as_secs(),
+            "{what}: {}; {}",
             describe(&busy),
             match redo {
                 Ok(()) => "the update stays applied".to_string(),

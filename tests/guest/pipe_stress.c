@@ -10,9 +10,11 @@
  * same stream. Both keep an FNV-1a 64 checksum and report it to the parent,
  * which prints one line per pair and
  *
- *     pipe-stress: pairs N bytes B mismatches M
+ *     pipe-stress: pairs N bytes B short-writes S interrupted I mismatches M
  *
- * and exits 0 only if no pair went wrong. Tasks in the guest get livepatch
+ * (S: write()s that returned less than asked, I: calls that failed with
+ * EINTR; both are what a signal does to a sleeper) and exits 0 only if no
+ * pair went wrong. Tasks in the guest get livepatch
  * fake signals, so every syscall here copes with EINTR and short transfers.
  */
 #include <errno.h>
@@ -39,6 +41,8 @@ struct report {
 	uint64_t bytes;         /* bytes written or read */
 	uint64_t checksum;      /* FNV-1a 64 of those bytes */
 	uint64_t mismatches;    /* bytes that differed from the expected stream */
+	uint64_t short_writes;  /* write()s that returned less than asked */
+	uint64_t interrupted;   /* calls that failed with EINTR */
 };
 
 struct pair {
@@ -120,6 +124,9 @@ static uint64_t pair_seed(int pair, uint64_t salt)
 	return (0x9e3779b97f4a7c15ULL * (uint64_t)(pair + 1)) ^ salt;
 }
 
+/* Signal effects seen by this process, for its report. */
+static uint64_t short_writes, interrupted;
+
 static int write_all(int fd, const void *buf, size_t n)
 {
 	const unsigned char *p = buf;
@@ -128,10 +135,14 @@ static int write_all(int fd, const void *buf, size_t n)
 		ssize_t w = write(fd, p, n);
 
 		if (w < 0) {
-			if (errno == EINTR)
+			if (errno == EINTR) {
+				interrupted++;
 				continue;       /* interrupted before any byte: retry */
+			}
 			return -1;
 		}
+		if ((size_t)w < n)
+			short_writes++;
 		p += w;                 /* a short write leaves the rest to send */
 		n -= (size_t)w;
 	}
@@ -188,6 +199,8 @@ static void run_writer(int pair, int fd, int report_fd, const char *stopfile)
 		rep.bytes += n;
 	}
 	close(fd);              /* EOF tells the reader the stream is complete */
+	rep.short_writes = short_writes;
+	rep.interrupted = interrupted;
 	send_report(report_fd, &rep);
 	_exit(rep.error ? 1 : 0);
 }
@@ -205,8 +218,10 @@ static void run_reader(int pair, int fd, int report_fd)
 		ssize_t r = read(fd, buf, n);
 
 		if (r < 0) {
-			if (errno == EINTR)
+			if (errno == EINTR) {
+				rep.interrupted++;
 				continue;
+			}
 			rep.error = errno;
 			break;
 		}
@@ -269,7 +284,7 @@ int main(int argc, char **argv)
 	const char *stopfile;
 	char *end;
 	long npairs;
-	uint64_t total = 0;
+	uint64_t total = 0, short_total = 0, interrupted_total = 0;
 	int bad_pairs = 0;
 
 	if (argc != 3) {
@@ -371,9 +386,12 @@ int main(int argc, char **argv)
 		       p->r.error ? " " : "", p->r.error ? strerror(p->r.error) : "",
 		       bad ? "BAD" : "ok");
 		total += p->r.bytes;
+		short_total += p->w.short_writes;
+		interrupted_total += p->w.interrupted + p->r.interrupted;
 		bad_pairs += bad;
 	}
-	printf("pipe-stress: pairs %ld bytes %llu mismatches %d\n", npairs,
-	       (unsigned long long)total, bad_pairs);
+	printf("pipe-stress: pairs %ld bytes %llu short-writes %llu interrupted %llu mismatches %d\n",
+	       npairs, (unsigned long long)total, (unsigned long long)short_total,
+	       (unsigned long long)interrupted_total, bad_pairs);
 	return bad_pairs ? 1 : 0;
 }
