@@ -192,14 +192,28 @@ impl<'a> Source<'a> {
         std::str::from_utf8(&self.text[node.byte_range()]).unwrap_or("")
     }
 
-    /// Top-level function definitions by name.
+    /// Function definitions by name: top level, or inside a stretch the
+    /// parser could not read (a macro it does not know, before them).
     fn definitions(&self) -> BTreeMap<String, Node<'_>> {
-        let root = self.tree.root_node();
-        let mut cursor = root.walk();
-        root.named_children(&mut cursor)
-            .filter(|n| n.kind() == "function_definition")
-            .filter_map(|n| Some((self.text_of(function_name(n)?).to_string(), n)))
-            .collect()
+        let mut out = BTreeMap::new();
+        let mut stack = vec![self.tree.root_node()];
+        while let Some(node) = stack.pop() {
+            let mut cursor = node.walk();
+            for child in node.named_children(&mut cursor) {
+                match child.kind() {
+                    "function_definition" => {
+                        if let Some(name) = function_name(child) {
+                            out.entry(self.text_of(name).to_string()).or_insert(child);
+                        }
+                    }
+                    "ERROR" | "preproc_if" | "preproc_ifdef" | "preproc_else" | "preproc_elif" => {
+                        stack.push(child)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
     }
 }
 
@@ -301,12 +315,14 @@ impl<'s, 'a> Body<'s, 'a> {
             if !is_conditional_wait(name) {
                 continue;
             }
-            let statement = enclosing_statement(n).ok_or_else(|| {
-                format!(
-                    "cannot place the sleep point {name}() at line {}",
-                    line_of(n)
-                )
-            })?;
+            let statement = enclosing_statement(n)
+                .filter(|s| s.kind() != "ERROR")
+                .ok_or_else(|| {
+                    format!(
+                        "cannot place the sleep point {name}() at line {}",
+                        line_of(n)
+                    )
+                })?;
             let locals = locals_in_scope(source, statement, node)?;
             points.push(Point {
                 call: n,
@@ -375,10 +391,25 @@ fn locals_in_scope(
     let mut child = statement;
     while child.id() != body.id() {
         let Some(parent) = child.parent() else { break };
+        if parent.kind() == "ERROR" {
+            return Err(format!(
+                "cannot read the code around its sleep point at line {} as C",
+                line_of(statement)
+            ));
+        }
         let mut cursor = parent.walk();
         for sibling in parent.children(&mut cursor) {
             if sibling.id() == child.id() {
                 break;
+            }
+            // A declaration the parser could not read may hide a local.
+            if sibling.kind() == "ERROR" || (sibling.kind() == "declaration" && sibling.has_error())
+            {
+                return Err(format!(
+                    "cannot read line {} as C, so the locals in scope at its sleep point at line {} are not known",
+                    line_of(sibling),
+                    line_of(statement)
+                ));
             }
             if sibling.kind() == "declaration" {
                 for (name, member) in members(source, sibling)? {
@@ -586,10 +617,16 @@ fn transitional_clone(
     let new_def = *new_definitions
         .get(name)
         .ok_or_else(|| format!("{MACRO} names a function the patch removes from {file}"))?;
+    // Kernel macros with type arguments (min_t, container_of) do not parse
+    // as C; the body is copied as text, so only what the clone reads from
+    // the tree must parse: the signature and the code around sleep points.
     for (def, which) in [(old_def, "original"), (new_def, "patched")] {
-        if def.has_error() {
+        if def
+            .child_by_field_name("declarator")
+            .is_none_or(|d| d.has_error())
+        {
             return Err(format!(
-                "cannot parse its {which} definition (line {}) as C",
+                "cannot parse its {which} signature (line {}) as C",
                 line_of(def)
             ));
         }

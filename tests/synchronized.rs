@@ -187,3 +187,27 @@ echo "@@ signalled $(dmesg | grep -c 'signaling remaining tasks') modules $(grep
     assert!(text.contains("@@ reverted exit 0: "), "{text}");
     expect_line(&text, "@@ signalled 0 modules 0 @@");
 }
+
+/// What a transitional clone cannot carry is refused before anything
+/// compiles, naming the function and the sleep point.
+#[test]
+fn unclonable_sleep_points_are_refused() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    for (patch, reason) in [
+        (
+            "refused-synchronized-schedule.diff",
+            "refused: watchdog: sleeps in schedule_timeout_interruptible() at line 383, which has no wait condition a transitional clone can extend",
+        ),
+        (
+            "refused-synchronized-changed-sleep.diff",
+            "refused: pipe_write: its sleep point wait_event_interruptible_exclusive() at line 576 changes in the patched code (line 591)",
+        ),
+    ] {
+        let pkg = work.path().join("refused.dynpkg");
+        let out = build(&keys, patch, &pkg);
+        assert_eq!(out.status.code(), Some(2), "{patch}: {}", stderr(&out));
+        assert!(stderr(&out).contains(reason), "{patch}: {}", stderr(&out));
+        assert!(!pkg.exists(), "{patch}");
+    }
+}
