@@ -198,6 +198,9 @@ pub struct Synchronization {
     pub original: String,
     /// The clone's sleep points, one line each, for the user.
     pub sleep_points: Vec<String>,
+    /// The adaptation handler choosing per call and per sleeper, if any.
+    #[serde(default)]
+    pub handler: Option<String>,
 }
 
 /// How the original object starts the kernel threads whose main function

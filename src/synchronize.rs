@@ -62,6 +62,9 @@ pub struct SynchronizedFunction {
     /// Function returning the clone's `struct dynamos_sync`.
     pub control: String,
     pub sleep_points: Vec<SleepPoint>,
+    /// The adaptation handler that chooses which calls start, and which
+    /// sleepers continue, in the patched code.
+    pub handler: Option<String>,
 }
 
 /// A statement where tasks sleep, found in both versions.
@@ -105,6 +108,11 @@ pub fn add_transitional_clones(
 ) -> Result<Synchronized> {
     let mut functions = Vec::new();
     let mut refusals = Vec::new();
+    let headers: Vec<String> = changes
+        .keys()
+        .filter(|p| p.extension().is_some_and(|e| e != "c"))
+        .map(|p| p.display().to_string())
+        .collect();
     for (path, content) in changes.iter_mut() {
         let Some(patched) = content else { continue };
         if path.extension().is_none_or(|e| e != "c") {
@@ -122,9 +130,19 @@ pub fn add_transitional_clones(
             }));
             continue;
         };
+        if let Some(header) = headers.first() {
+            refusals.extend(names.iter().map(|n| Refusal {
+                symbol: n.clone(),
+                reason: format!(
+                    "the patch also changes {header}, which the transitional clone's original code would be compiled with"
+                ),
+            }));
+            continue;
+        }
         let mut appended = String::new();
         for name in &names {
-            match transitional_clone(&file, name, &old, patched) {
+            let handler = declared_handler(patched, name);
+            match transitional_clone(&file, name, handler.as_deref(), &old, patched) {
                 Ok((text, function)) => {
                     appended.push_str(&text);
                     functions.push(function);
@@ -143,29 +161,46 @@ pub fn add_transitional_clones(
     Ok(Synchronized { changes, functions })
 }
 
-/// Functions named by `DYNAMOS_SYNCHRONIZED(name);` lines of a file.
-fn declared_names(text: &[u8]) -> Vec<String> {
+/// The identifier arguments of every `MACRO(a, b, ...)` line of a file.
+fn macro_arguments(text: &[u8], macro_name: &str) -> Vec<Vec<String>> {
     let text = String::from_utf8_lossy(text);
-    let mut names = Vec::new();
+    let mut out = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.trim_start().strip_prefix(MACRO) else {
+        let Some(rest) = line.trim_start().strip_prefix(macro_name) else {
             continue;
         };
         let Some(inner) = rest.trim_start().strip_prefix('(') else {
             continue;
         };
-        let Some((name, _)) = inner.split_once(')') else {
+        let Some((inner, _)) = inner.split_once(')') else {
             continue;
         };
-        let name = name.trim();
-        if !name.is_empty()
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-            && !names.iter().any(|n| n == name)
-        {
-            names.push(name.to_string());
+        let arguments: Vec<String> = inner.split(',').map(|a| a.trim().to_string()).collect();
+        let identifiers = arguments
+            .iter()
+            .all(|a| !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        if identifiers && !out.contains(&arguments) {
+            out.push(arguments);
         }
     }
-    names
+    out
+}
+
+/// Functions named by `DYNAMOS_SYNCHRONIZED(name);` lines of a file.
+fn declared_names(text: &[u8]) -> Vec<String> {
+    macro_arguments(text, MACRO)
+        .into_iter()
+        .filter(|a| a.len() == 1)
+        .map(|mut a| a.remove(0))
+        .collect()
+}
+
+/// The adaptation handler a file declares for `function`, if any.
+fn declared_handler(text: &[u8], function: &str) -> Option<String> {
+    macro_arguments(text, "DYNAMOS_ADAPTATION_HANDLER")
+        .into_iter()
+        .find(|a| a.len() == 2 && a[0] == function)
+        .map(|a| a[1].clone())
 }
 
 fn parse(text: &[u8]) -> Option<Tree> {
@@ -287,7 +322,53 @@ struct Point<'s> {
     locals: BTreeMap<String, String>,
 }
 
+/// Macro definitions of a file by name, as text.
+fn macros(source: &Source) -> BTreeMap<String, String> {
+    descendants(source.tree.root_node())
+        .into_iter()
+        .filter(|n| matches!(n.kind(), "preproc_def" | "preproc_function_def"))
+        .filter_map(|n| {
+            let name = n.child_by_field_name("name")?;
+            Some((
+                source.text_of(name).to_string(),
+                normalize(source.text_of(n)),
+            ))
+        })
+        .collect()
+}
+
+/// Identifiers a definition uses.
+fn identifiers(source: &Source, definition: Node) -> BTreeSet<String> {
+    descendants(definition)
+        .into_iter()
+        .filter(|n| n.kind() == "identifier")
+        .map(|n| source.text_of(n).to_string())
+        .collect()
+}
+
+/// Locals whose address a body takes (`&name`).
+fn addressed(source: &Source, body: Node) -> BTreeSet<String> {
+    descendants(body)
+        .into_iter()
+        .filter(|n| n.kind() == "pointer_expression" && source.text_of(*n).starts_with('&'))
+        .filter_map(|n| n.child_by_field_name("argument").and_then(expression))
+        .filter(|n| n.kind() == "identifier")
+        .map(|n| source.text_of(n).to_string())
+        .collect()
+}
+
 impl<'s, 'a> Body<'s, 'a> {
+    /// Calls made by the body of `definition`.
+    fn calls_of(source: &Source, definition: Node) -> Result<BTreeSet<String>, ()> {
+        let body = definition.child_by_field_name("body").ok_or(())?;
+        Ok(descendants(body)
+            .into_iter()
+            .filter(|n| n.kind() == "call_expression")
+            .filter_map(|n| called_name(source, n))
+            .map(str::to_string)
+            .collect())
+    }
+
     fn new(source: &'s Source<'a>, definition: Node<'s>, function: &str) -> Result<Self, String> {
         let node = definition
             .child_by_field_name("body")
@@ -323,6 +404,7 @@ impl<'s, 'a> Body<'s, 'a> {
                         line_of(n)
                     )
                 })?;
+            check_statement_shape(source, statement, n, name)?;
             let locals = locals_in_scope(source, statement, node)?;
             points.push(Point {
                 call: n,
@@ -380,6 +462,134 @@ fn enclosing_statement(call: Node) -> Option<Node> {
     }
 }
 
+/// A sleeper asked to leave returns from the wait as if its condition had
+/// come true (0, or the time left for a `_timeout` wait); the statement
+/// holding the wait must do nothing with that but fall through to the leave
+/// check after it. Accepted: the wait alone, an assignment of its value, or
+/// an `if` without `else` whose branch is taken only on failure.
+fn check_statement_shape(
+    source: &Source,
+    statement: Node,
+    call: Node,
+    name: &str,
+) -> Result<(), String> {
+    let refuse = || {
+        Err(format!(
+            "its sleep point {name}() at line {} is used in a way a sleeper asked to leave would misread (only `{name}(...);`, `x = {name}(...);` and `if` on its failure are understood)",
+            line_of(call)
+        ))
+    };
+    if statement
+        .parent()
+        .is_some_and(|p| p.kind() == "case_statement")
+    {
+        return Err(format!(
+            "its sleep point {name}() at line {} is in a `case` of a switch, whose locals cannot be listed",
+            line_of(call)
+        ));
+    }
+    match statement.kind() {
+        "expression_statement" => {
+            let Some(e) = statement.named_child(0).and_then(expression) else {
+                return refuse();
+            };
+            if e.id() == call.id() {
+                return Ok(());
+            }
+            if e.kind() == "assignment_expression"
+                && e.child_by_field_name("right")
+                    .and_then(expression)
+                    .is_some_and(|r| r.id() == call.id())
+            {
+                return Ok(());
+            }
+            refuse()
+        }
+        "if_statement" => {
+            if statement.child_by_field_name("alternative").is_some() {
+                return refuse();
+            }
+            let Some(condition) = statement
+                .child_by_field_name("condition")
+                .and_then(expression)
+            else {
+                return refuse();
+            };
+            let timeout = name.contains("timeout");
+            let is_call =
+                |n: Option<Node>| n.and_then(expression).is_some_and(|n| n.id() == call.id());
+            let is_zero = |n: Option<Node>| n.is_some_and(|n| source.text_of(n).trim() == "0");
+            let failure_only = if condition.id() == call.id() {
+                // nonzero: an error, or for a timeout wait the time left
+                !timeout
+            } else if condition.kind() == "unary_expression" {
+                source.text_of(condition).trim_start().starts_with('!')
+                    && is_call(condition.child_by_field_name("argument"))
+                    && timeout
+            } else if condition.kind() == "binary_expression" {
+                let operator = condition
+                    .child_by_field_name("operator")
+                    .map(|o| source.text_of(o))
+                    .unwrap_or("");
+                is_call(condition.child_by_field_name("left"))
+                    && is_zero(condition.child_by_field_name("right"))
+                    && match operator {
+                        "<" => true,
+                        "!=" => !timeout,
+                        "==" | "<=" => timeout,
+                        _ => false,
+                    }
+            } else {
+                false
+            };
+            if failure_only {
+                Ok(())
+            } else {
+                refuse()
+            }
+        }
+        _ => refuse(),
+    }
+}
+
+/// An expression without the parentheses around it.
+fn expression(mut n: Node) -> Option<Node> {
+    while n.kind() == "parenthesized_expression" {
+        n = n.named_child(0)?;
+    }
+    Some(n)
+}
+
+/// Whether a preprocessor conditional at block level declares locals in
+/// one of its branches.
+fn conditionally_declares(source: &Source, conditional: Node) -> bool {
+    let mut cursor = conditional.walk();
+    let children: Vec<Node> = conditional.named_children(&mut cursor).collect();
+    children.into_iter().any(|c| {
+        c.kind() == "declaration"
+            || declares_through_macro(source, c).is_some()
+            || (c.kind().starts_with("preproc_") && conditionally_declares(source, c))
+    })
+}
+
+/// Calls at block level that declare a variable through a macro
+/// (`DEFINE_WAIT(w);`), which the parser reads as calls.
+fn declares_through_macro(source: &Source, statement: Node) -> Option<String> {
+    if statement.kind() != "expression_statement" {
+        return None;
+    }
+    let call = statement.named_child(0)?;
+    if call.kind() != "call_expression" {
+        return None;
+    }
+    let name = called_name(source, call)?;
+    let declares = name.starts_with("DEFINE_")
+        || name.starts_with("DECLARE_")
+        || name.ends_with("_HEAD")
+        || matches!(name, "guard" | "scoped_guard" | "LIST_HEAD");
+    declares.then(|| name.to_string())
+}
+
 /// Locals declared before `statement` in the blocks around it, up to the
 /// function body.
 fn locals_in_scope(
@@ -402,6 +612,20 @@ fn locals_in_scope(
             if sibling.id() == child.id() {
                 break;
             }
+            if sibling.kind().starts_with("preproc_") && conditionally_declares(source, sibling) {
+                return Err(format!(
+                    "declares locals under a preprocessor conditional at line {} before its sleep point at line {}: they cannot be listed",
+                    line_of(sibling),
+                    line_of(statement)
+                ));
+            }
+            if let Some(macro_name) = declares_through_macro(source, sibling) {
+                return Err(format!(
+                    "declares a local with {macro_name}() at line {} before its sleep point at line {}: it cannot be carried",
+                    line_of(sibling),
+                    line_of(statement)
+                ));
+            }
             // A declaration the parser could not read may hide a local.
             if sibling.kind() == "ERROR" || (sibling.kind() == "declaration" && sibling.has_error())
             {
@@ -412,8 +636,16 @@ fn locals_in_scope(
                 ));
             }
             if sibling.kind() == "declaration" {
+                if is_static(source, sibling) {
+                    continue;
+                }
                 for (name, member) in members(source, sibling)? {
-                    locals.entry(name).or_insert(member);
+                    if locals.insert(name.clone(), member).is_some() {
+                        return Err(format!(
+                            "has two locals named `{name}` in scope at its sleep point at line {}",
+                            line_of(statement)
+                        ));
+                    }
                 }
             }
         }
@@ -421,7 +653,12 @@ fn locals_in_scope(
             if let Some(init) = parent.child_by_field_name("initializer") {
                 if init.kind() == "declaration" && init.id() != child.id() {
                     for (name, member) in members(source, init)? {
-                        locals.entry(name).or_insert(member);
+                        if locals.insert(name.clone(), member).is_some() {
+                            return Err(format!(
+                                "has two locals named `{name}` in scope at its sleep point at line {}",
+                                line_of(statement)
+                            ));
+                        }
                     }
                 }
             }
@@ -466,6 +703,40 @@ fn members(source: &Source, declaration: Node) -> Result<Vec<(String, String)>, 
                     line_of(declaration)
                 )
             })?;
+        let qualified = |n: Node, qualifier: &str| {
+            let mut cursor = n.walk();
+            let found = n
+                .children(&mut cursor)
+                .any(|c| c.kind() == "type_qualifier" && source.text_of(c) == qualifier);
+            found
+        };
+        let storage = |class: &str| {
+            let mut cursor = declaration.walk();
+            let found = declaration
+                .children(&mut cursor)
+                .any(|c| c.kind() == "storage_class_specifier" && source.text_of(c) == class);
+            found
+        };
+        let declaration_text = source.text_of(declaration);
+        let refusal = if storage("extern") {
+            Some("is an extern declaration")
+        } else if (qualified(declaration, "const") && plain.kind() != "pointer_declarator")
+            || (plain.kind() == "pointer_declarator" && qualified(plain, "const"))
+        {
+            Some("is const: the compiler may use its initial value wherever it is read")
+        } else if plain.kind() == "array_declarator" {
+            Some("is an array: pointers into it would not follow it")
+        } else if declaration_text.contains("__free(") || declaration_text.contains("cleanup(") {
+            Some("has a cleanup handler, which leaving its block would run")
+        } else {
+            None
+        };
+        if let Some(why) = refusal {
+            return Err(format!(
+                "its local `{name}` (line {}) {why}",
+                line_of(declaration)
+            ));
+        }
         let member = unqualified(&format!("{specifiers} {}", source.text_of(plain)));
         out.push((name, member));
     }
@@ -493,13 +764,19 @@ struct Edit {
     text: String,
 }
 
-fn apply_edits(text: &str, base: usize, mut edits: Vec<Edit>) -> String {
+/// The text with `edits` made; None when two of them overlap.
+fn apply_edits(text: &str, base: usize, mut edits: Vec<Edit>) -> Option<String> {
     edits.sort_by_key(|e| std::cmp::Reverse((e.start, e.end)));
     let mut out = text.to_string();
+    let mut limit = usize::MAX;
     for e in edits {
+        if e.end > limit || e.start < base || e.end - base > text.len() {
+            return None;
+        }
+        limit = e.start;
         out.replace_range(e.start - base..e.end - base, &e.text);
     }
-    out
+    Some(out)
 }
 
 /// The part of a function definition before its body, with the name
@@ -552,6 +829,7 @@ fn header(
     let text =
         std::str::from_utf8(&source.text[definition.start_byte()..body.start_byte()]).unwrap_or("");
     apply_edits(text, definition.start_byte(), edits)
+        .unwrap_or_default()
         .trim()
         .to_string()
 }
@@ -604,6 +882,7 @@ const BODY: [&str; 2] = ["original", "patched"];
 fn transitional_clone(
     file: &str,
     name: &str,
+    handler: Option<&str>,
     original: &[u8],
     patched: &[u8],
 ) -> Result<(String, SynchronizedFunction), String> {
@@ -654,12 +933,38 @@ fn transitional_clone(
                 .to_string(),
         );
     }
-    // The original body is compiled with the patched file: it must find the
-    // helpers it calls unchanged there.
-    for callee in bodies[0].calls() {
-        if callee == name {
-            continue;
+    if bodies.iter().any(|b| b.calls().contains(name)) {
+        return Err("calls itself: the inner call would start a new clone call".into());
+    }
+    // Calls from other changed code would reach the new version directly.
+    for (other, definition) in &new_definitions {
+        let changed = old_definitions.get(other).is_none_or(|before| {
+            normalize(old.text_of(*before)) != normalize(new.text_of(*definition))
+        });
+        if other != name && changed {
+            if let Ok(body) = Body::calls_of(&new, *definition) {
+                if body.contains(name) {
+                    return Err(format!(
+                        "{other}, which the patch changes or adds, calls it directly: that call would bypass the transitional clone"
+                    ));
+                }
+            }
         }
+    }
+    // The original body is compiled with the patched file: it must find the
+    // macros and helpers it uses unchanged there.
+    let old_macros = macros(&old);
+    let new_macros = macros(&new);
+    for identifier in identifiers(&old, old_def) {
+        if let Some(before) = old_macros.get(&identifier) {
+            if new_macros.get(&identifier) != Some(before) {
+                return Err(format!(
+                    "its original code uses the macro {identifier}, which the patch changes"
+                ));
+            }
+        }
+    }
+    for callee in bodies[0].calls() {
         if let Some(before) = old_definitions.get(&callee) {
             match new_definitions.get(&callee) {
                 None => {
@@ -722,6 +1027,18 @@ fn transitional_clone(
                 line_of(p.call)
             ));
         }
+        for body in &bodies {
+            if let Some(local) = addressed(body.source, body.node)
+                .into_iter()
+                .find(|l| p.locals.contains_key(l) && !parameters.contains(l))
+            {
+                return Err(format!(
+                    "takes the address of `{local}`, which a sleeper at {}() at line {} would carry: pointers to it would not follow",
+                    p.name,
+                    line_of(p.call)
+                ));
+            }
+        }
         sleep_points.push(SleepPoint {
             call: p.name.clone(),
             original_line: line_of(p.call),
@@ -754,13 +1071,21 @@ fn transitional_clone(
         let other = 1 - index;
         let suffix = format!("__dynamos_{}", BODY[index]);
         let mut edits = Vec::new();
+        // Sleepers leave the original body only where the handler agrees;
+        // a revert moves every one back.
+        let leaving = match handler {
+            Some(h) if index == 0 => format!(
+                "(DYNAMOS_SYNC_LEAVING(__dynamos_sync, 0) && {h}({}))",
+                parameters.join(", ")
+            ),
+            _ => format!("DYNAMOS_SYNC_LEAVING(__dynamos_sync, {index})"),
+        };
         // Labels are function-wide: each body keeps its own.
         let labels = body.labels();
-        let locals: BTreeSet<&String> = body.points.iter().flat_map(|p| p.locals.keys()).collect();
         for n in descendants(body.node) {
-            if matches!(n.kind(), "statement_identifier" | "identifier") {
+            if n.kind() == "statement_identifier" {
                 let text = body.source.text_of(n);
-                if labels.contains(text) && !locals.contains(&text.to_string()) {
+                if labels.contains(text) {
                     edits.push(Edit {
                         start: n.start_byte(),
                         end: n.end_byte(),
@@ -777,24 +1102,27 @@ fn transitional_clone(
             edits.push(Edit {
                 start: condition.start_byte(),
                 end: condition.end_byte(),
-                text: format!(
-                    "({}) || DYNAMOS_SYNC_LEAVING(__dynamos_sync, {index})",
-                    body.source.text_of(condition)
-                ),
+                text: format!("({}) || {leaving}", body.source.text_of(condition)),
             });
+            // A sleeper arrives *before* the sleep statement and waits
+            // again on its own condition: leaving made its wait return as if
+            // the condition had come true.
             let carried = &sleep_points[k].carried;
-            let mut leave = format!(
-                "\n\t__dynamos_arrive_{k}_{index}: if (unlikely(__dynamos_arriving == {})) {{\n\t\t__dynamos_arriving = -1;\n",
-                k
+            let mut arrive = format!(
+                "__dynamos_arrive_{k}_{index}: if (unlikely(__dynamos_arriving == {k})) {{\n\t\t__dynamos_arriving = -1;\n"
             );
             for local in carried {
-                leave.push_str(&format!(
+                arrive.push_str(&format!(
                     "\t\t__builtin_memcpy((void *)&{local}, &__dynamos_point_{k}.{local}, sizeof({local}));\n"
                 ));
             }
-            leave.push_str(&format!(
-                "\t}}\n\tif (unlikely(DYNAMOS_SYNC_LEAVING(__dynamos_sync, {index}))) {{\n"
-            ));
+            arrive.push_str("\t}\n\t");
+            edits.push(Edit {
+                start: p.statement.start_byte(),
+                end: p.statement.start_byte(),
+                text: arrive,
+            });
+            let mut leave = format!("\n\tif (unlikely({leaving})) {{\n");
             for local in carried {
                 leave.push_str(&format!(
                     "\t\t__builtin_memcpy(&__dynamos_point_{k}.{local}, (void *)&{local}, sizeof({local}));\n"
@@ -813,7 +1141,8 @@ fn transitional_clone(
             body.source.text_of(body.node),
             body.node.start_byte(),
             edits,
-        );
+        )
+        .ok_or_else(|| format!("cannot write the clone's {} body", BODY[index]))?;
     }
 
     let mut points_state = String::new();
@@ -891,12 +1220,16 @@ __dynamos_patched_body:
 {entry_header}
 {{
 	struct dynamos_sync *const __dynamos_sync = &{control};
-	int __dynamos_body = DYNAMOS_SYNC_ENTER(__dynamos_sync);
+	int __dynamos_body = DYNAMOS_SYNC_ENTER(__dynamos_sync, {choice});
 
 	{call}
 }}
 "#,
         version = crate::TOOL_VERSION,
+        choice = match handler {
+            Some(h) => format!("{h}({})", parameters.join(", ")),
+            None => "true".to_string(),
+        },
         points = point_list.concat(),
         original_body = rendered[0],
         patched_body = rendered[1],
@@ -909,6 +1242,7 @@ __dynamos_patched_body:
             entry,
             control: control_of,
             sleep_points,
+            handler: handler.map(str::to_string),
         },
     ))
 }

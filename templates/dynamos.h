@@ -56,6 +56,12 @@
  *
  * Place it after `function` in the patched file. dynamos-build refuses,
  * naming the function and the sleep point, what it cannot carry over.
+ *
+ * With DYNAMOS_ADAPTATION_HANDLER(function, handler) as well, the handler
+ * chooses, per call, whether a call starts in the patched code, and, per
+ * sleeper, whether it moves there: the others stay in the original code.
+ * It is then also called inside the wait condition, in the sleeper's
+ * context: it may not sleep.
  */
 #define DYNAMOS_SYNCHRONIZED(function)						\
 	_Static_assert(sizeof(&(function)) != 0, "synchronized: " #function)
@@ -78,18 +84,23 @@ struct dynamos_sync {
  * section: once the module has changed `entry` and waited for a grace
  * period, every call counted in the old body is in `running`.
  */
-static __always_inline int dynamos_sync_enter(struct dynamos_sync *sync)
+static __always_inline int dynamos_sync_enter(struct dynamos_sync *sync, bool new_code)
 {
 	int body;
 
 	rcu_read_lock();
-	body = READ_ONCE(sync->entry) ? 1 : 0;
+	body = READ_ONCE(sync->entry) && new_code ? 1 : 0;
 	atomic_inc(&sync->running[body]);
 	rcu_read_unlock();
 	return body;
 }
 
-#define DYNAMOS_SYNC_ENTER(sync) dynamos_sync_enter(sync)
+/*
+ * With an adaptation handler, it chooses (outside the RCU section: it may
+ * take locks) whether a call that may start in the patched body does.
+ */
+#define DYNAMOS_SYNC_ENTER(sync, choice)					\
+	dynamos_sync_enter(sync, READ_ONCE((sync)->entry) ? (choice) : false)
 #define DYNAMOS_SYNC_EXIT(sync, body) atomic_dec(&(sync)->running[body])
 #define DYNAMOS_SYNC_MOVE(sync, body_ptr, from, to)				\
 	do {									\

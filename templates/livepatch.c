@@ -303,15 +303,18 @@ static int sync_redirect_all(void)
 
 		if (f->redirected)
 			continue;
-		f->ops.func = sync_redirect;
 		/*
-		 * RECURSION: the handler calls nothing, so it needs no guard
-		 * (ftrace would otherwise wrap it in one on every call);
-		 * PERMANENT: turning ftrace off must not bring the original
-		 * back while tasks sleep in the clone, as for livepatches.
+		 * Set once: registering marks the ops initialized. No
+		 * FTRACE_OPS_FL_RECURSION: the handler calls nothing, so it
+		 * needs no guard (and a guard that tripped would let the call
+		 * run the original). PERMANENT: turning ftrace off must not
+		 * bring the original back while tasks sleep in the clone.
 		 */
-		f->ops.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY |
-			       FTRACE_OPS_FL_RECURSION | FTRACE_OPS_FL_PERMANENT;
+		if (!f->ops.func) {
+			f->ops.func = sync_redirect;
+			f->ops.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY |
+				       FTRACE_OPS_FL_PERMANENT;
+		}
 		ret = ftrace_set_filter_ip(&f->ops, (unsigned long)f->original, 0, 0);
 		if (!ret) {
 			ret = register_ftrace_function(&f->ops);
@@ -385,7 +388,9 @@ static int phase_set(const char *value, const struct kernel_param *kp)
 	case 0:
 		sync_unredirect_all();
 		if (sync_running()) {
-			ret = -EBUSY;
+			/* Tasks sleep in a clone: keep redirecting, so that no
+			 * call reaches the original meanwhile. */
+			ret = sync_redirect_all() ?: -EBUSY;
 			break;
 		}
 		sync_set(0, 0);

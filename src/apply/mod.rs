@@ -568,7 +568,22 @@ fn retired_by(paths: &SystemPaths, manifest: &Manifest) -> Result<Vec<String>> {
             .replaces
             .iter()
             .any(|r| *r == live || Some(r) == package.as_ref());
-        if covered {
+        let synchronized = records
+            .iter()
+            .find(|r| r.manifest.module_name == live)
+            .map(|r| synchronized::functions(&r.manifest))
+            .unwrap_or_default();
+        if covered && !synchronized.is_empty() {
+            // The livepatch core retires livepatches, not the clones' redirects.
+            refusals.push(crate::Refusal {
+                symbol: manifest.name.clone(),
+                reason: format!(
+                    "cumulative update would retire {} whose synchronized functions ({}) only `dynamos revert` moves back; revert it first",
+                    package.as_deref().unwrap_or(&live),
+                    synchronized.join(", ")
+                ),
+            });
+        } else if covered {
             retiring.push(live);
         } else {
             let other = package.as_deref().unwrap_or(&live);
@@ -738,7 +753,14 @@ pub fn revert_at(
             synchronized::backward(paths, manifest, &module, timeout)
                 .with_context(|| format!("reverting {module}"))?;
         }
-        disable_and_unload(paths, &module, timeout, true).with_context(|| {
+        let unloaded = disable_and_unload(paths, &module, timeout, true);
+        if unloaded.is_err() {
+            // Switched back on: its synchronized functions follow.
+            if let Some(manifest) = manifest {
+                let _ = synchronized::forward(paths, manifest, &module, timeout);
+            }
+        }
+        unloaded.with_context(|| {
             if done.is_empty() {
                 format!("reverting {module}")
             } else {

@@ -217,6 +217,12 @@ fn run(cli: Cli) -> Result<i32> {
                     phases.tasks_moved,
                     phases.moved.as_secs_f64()
                 );
+                for task in &phases.left_in_original {
+                    eprintln!("dynamos: warning: still in the original function, finishing its call in the old code: {task}");
+                }
+                for task in &phases.left_in_old_code {
+                    eprintln!("dynamos: warning: still in the clone's original code, finishing its call there: {task}");
+                }
             }
             println!(
                 "applied {} in {:.1} s (running code verified: {} functions)",

@@ -150,8 +150,8 @@ pub fn generate(
                 unit.source_file
             )
         }));
-        let adaptive = AdaptiveNames::new(unit, &mut next_adaptive);
         let clones = SynchronizedNames::new(unit, synchronized, &mut next_synchronized);
+        let adaptive = AdaptiveNames::new(unit, &clones.by_function, &mut next_adaptive);
         if let Some(r) = clones.refusal(unit) {
             refusals.push(r);
             continue;
@@ -255,10 +255,16 @@ pub fn generate(
                         .any(|s| s.name == version.name && s.is_function() && !s.is_local()),
                 });
                 notes.push(format!(
-                    "{} of {}: synchronized update; sleepers move between versions at {}",
+                    "{} of {}: synchronized update; sleepers move between versions at {}{}",
                     version.name,
                     unit.source_file,
-                    sync.sleep_points.join("; ")
+                    sync.sleep_points.join("; "),
+                    sync.handler
+                        .as_ref()
+                        .map(|h| format!(
+                            "; {h} chooses the calls and sleepers that run the new code"
+                        ))
+                        .unwrap_or_default()
                 ));
             }
             if let Some(thread) = &replaced.kthread {
@@ -462,6 +468,7 @@ impl SynchronizedNames {
                     control,
                     original: format!("__dynamos_sync_original_{n}"),
                     sleep_points: f.sleep_points.iter().map(|p| p.describe()).collect(),
+                    handler: f.handler.clone(),
                 },
             );
         }
@@ -475,14 +482,8 @@ impl SynchronizedNames {
         for name in self.by_function.keys() {
             let reason = if !changed.contains(name) {
                 "DYNAMOS_SYNCHRONIZED names a function whose compiled code the patch does not change"
-            } else if unit.diff.adaptations.iter().any(|a| {
-                unit.diff
-                    .correlation
-                    .orig_name(&a.function)
-                    .unwrap_or(&a.function)
-                    == name
-            }) {
-                "has both an adaptation handler and DYNAMOS_SYNCHRONIZED: choose one"
+            } else if unit.kernel_object != "vmlinux" {
+                "is module code: transitional clones redirect vmlinux functions only"
             } else {
                 continue;
             };
@@ -514,21 +515,30 @@ struct Dispatched {
 }
 
 impl AdaptiveNames {
-    fn new(unit: &TranslationUnit, next: &mut usize) -> AdaptiveNames {
+    /// `synchronized`: functions whose transitional clone calls the
+    /// handler itself, and so get no dispatcher.
+    fn new(
+        unit: &TranslationUnit,
+        synchronized: &BTreeMap<String, Synchronization>,
+        next: &mut usize,
+    ) -> AdaptiveNames {
         let mut names = AdaptiveNames {
             handler_aliases: BTreeMap::new(),
             old_aliases: BTreeMap::new(),
             dispatched: BTreeMap::new(),
         };
         for a in &unit.diff.adaptations {
-            let n = *next;
-            *next += 1;
             let function = unit
                 .diff
                 .correlation
                 .orig_name(&a.function)
                 .unwrap_or(&a.function)
                 .to_string();
+            if synchronized.contains_key(&function) {
+                continue;
+            }
+            let n = *next;
+            *next += 1;
             let handler_symbol = names
                 .handler_aliases
                 .entry(a.handler.clone())
