@@ -184,6 +184,29 @@ pub struct ReplacedFunction {
     /// instead of the livepatch core (docs/synchronized-updates.md).
     #[serde(default)]
     pub synchronized: Option<Synchronization>,
+    /// Set when the kernel threads running the function are restarted into
+    /// the new version instead of being switched by the livepatch core.
+    #[serde(default)]
+    pub restart: Option<ThreadRestart>,
+}
+
+impl ReplacedFunction {
+    /// Whether the livepatch core redirects it (its `klp_func` table entry
+    /// and `sympos`); the module redirects the others itself.
+    pub fn in_livepatch_tables(&self) -> bool {
+        self.synchronized.is_none() && self.restart.is_none()
+    }
+}
+
+/// How the module restarts the kernel threads of a thread function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadRestart {
+    /// Module symbol apply resolves to the running original.
+    pub original: String,
+    /// Variables of the file that hold the thread's task pointer (what its
+    /// starter stores `kthread_run`'s result in), as module symbols apply
+    /// resolves, and by name.
+    pub task_pointers: Vec<(String, String)>,
 }
 
 /// A function whose sleepers move between its versions at their sleep
@@ -916,6 +939,7 @@ mod tests {
                         adaptation: None,
                         kthread: None,
                         synchronized: None,
+                        restart: None,
                     }],
                     added: vec![],
                     externals: vec![ExternalSymbol {

@@ -454,6 +454,234 @@ MODULE_PARM_DESC(wake, "wake the task with this id so it checks its wait conditi
 
 #endif
 
+/*
+ * Kernel threads (docs/architecture.md, "Kernel threads"). A thread
+ * function is not in the livepatch tables: its threads never leave it. On
+ * a write to `restart` ("INDEX new|original SLEEP OFFSET"), every thread
+ * running the other version of function INDEX is replaced by a new thread
+ * running the named version, one at a time:
+ *
+ *   - the new thread is created (not yet running) with the old one's name,
+ *     data, nice value, policy and CPU affinity;
+ *   - the file's task pointers are switched to it, and a tasks-RCU grace
+ *     period lets code that read the old pointer finish with it;
+ *   - the old thread is woken; at its next call of SLEEP from OFFSET in its
+ *     main function, the place it was asleep at, so a point of its loop
+ *     where it holds no lock, an ftrace handler sends it to an exit stub;
+ *   - once it has exited, the new thread runs.
+ *
+ * If the old thread does not get there within 10 s, the pointers are
+ * switched back and the new thread is stopped before it ran. Locals of the
+ * old thread are not carried: the new one starts its function afresh.
+ */
+#define THREAD_COUNT {{thread_count}}
+#if THREAD_COUNT
+#include <linux/ftrace.h>
+#include <linux/kthread.h>
+#include <linux/completion.h>
+#include <linux/sched/signal.h>
+#include <linux/sched/task.h>
+#include <uapi/linux/sched/types.h>
+
+{{thread_declarations}}
+
+#define MAX_TASK_POINTERS 4
+#define MAX_RESTARTED 16
+
+struct thread_function {
+	const char *name;
+	void *original;				/* resolved by apply */
+	void *new_version;
+	struct task_struct **task_pointers[MAX_TASK_POINTERS];
+};
+
+static struct thread_function thread_functions[THREAD_COUNT] = {
+{{thread_entries}}
+};
+
+/* What the last restarts did, for `dynamos apply` and `dynamos list`. */
+static struct restarted_thread {
+	int function;
+	pid_t old_pid, new_pid;
+	char comm[TASK_COMM_LEN];
+} restarted[MAX_RESTARTED];
+static int restarted_count;
+
+static DEFINE_MUTEX(thread_lock);
+static DECLARE_COMPLETION(thread_exited);
+static struct task_struct *thread_stopping;
+static unsigned long thread_stop_return;
+
+static void notrace thread_exit_stub(void)
+{
+	/* Called in place of the sleep: the state may already be a sleeping one. */
+	__set_current_state(TASK_RUNNING);
+	kthread_complete_and_exit(&thread_exited, 0);
+}
+
+static void notrace thread_stop_handler(unsigned long ip, unsigned long parent_ip,
+					struct ftrace_ops *ops, struct ftrace_regs *fregs)
+{
+	if (current == READ_ONCE(thread_stopping) &&
+	    parent_ip == READ_ONCE(thread_stop_return))
+		ftrace_instruction_pointer_set(fregs, (unsigned long)thread_exit_stub);
+}
+
+static struct ftrace_ops thread_stop_ops = {
+	.func = thread_stop_handler,
+	.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY,
+};
+
+static void switch_task_pointers(struct thread_function *f, struct task_struct *from,
+				 struct task_struct *to)
+{
+	int i;
+
+	for (i = 0; i < MAX_TASK_POINTERS && f->task_pointers[i]; i++)
+		cmpxchg(f->task_pointers[i], from, to);
+}
+
+static int restart_thread(int index, struct task_struct *old, void *to,
+			  unsigned long sleep, unsigned long offset)
+{
+	struct thread_function *f = &thread_functions[index];
+	void *from = kthread_func(old);
+	struct sched_attr attr = { .size = sizeof(attr) };
+	struct task_struct *new;
+	int ret;
+
+	new = kthread_create_on_node(to, kthread_data(old), NUMA_NO_NODE, "%s", old->comm);
+	if (IS_ERR(new))
+		return PTR_ERR(new);
+	set_user_nice(new, task_nice(old));
+	if (old->policy != SCHED_NORMAL) {
+		attr.sched_policy = old->policy;
+		attr.sched_priority = old->rt_priority;
+		sched_setattr_nocheck(new, &attr);
+	}
+	set_cpus_allowed_ptr(new, old->cpus_ptr);
+
+	switch_task_pointers(f, old, new);
+	synchronize_rcu_tasks();
+
+	reinit_completion(&thread_exited);
+	WRITE_ONCE(thread_stop_return, (unsigned long)from + offset);
+	WRITE_ONCE(thread_stopping, old);
+	ret = ftrace_set_filter_ip(&thread_stop_ops, sleep, 0, 0);
+	if (!ret) {
+		ret = register_ftrace_function(&thread_stop_ops);
+		if (ret)
+			ftrace_set_filter_ip(&thread_stop_ops, sleep, 1, 0);
+	}
+	if (!ret) {
+		wake_up_process(old);
+		if (!wait_for_completion_timeout(&thread_exited, 10 * HZ))
+			ret = -ETIMEDOUT;
+		unregister_ftrace_function(&thread_stop_ops);
+		ftrace_set_filter_ip(&thread_stop_ops, sleep, 1, 0);
+	}
+	WRITE_ONCE(thread_stopping, NULL);
+	if (ret) {
+		/* Not stopped: it keeps running; the new thread never ran. */
+		switch_task_pointers(f, new, old);
+		kthread_stop(new);
+		pr_err("%s: %s (pid %d) did not reach its sleep point: %d\n",
+		       THIS_MODULE->name, old->comm, task_pid_nr(old), ret);
+		return ret;
+	}
+	/* A thread running this module's code holds the module. */
+	if (to == f->new_version)
+		__module_get(THIS_MODULE);
+	else
+		module_put(THIS_MODULE);
+	if (restarted_count < MAX_RESTARTED) {
+		struct restarted_thread *r = &restarted[restarted_count++];
+
+		r->function = index;
+		r->old_pid = task_pid_nr(old);
+		r->new_pid = task_pid_nr(new);
+		get_task_comm(r->comm, new);
+	}
+	wake_up_process(new);
+	return 0;
+}
+
+static int restart_set(const char *value, const struct kernel_param *kp)
+{
+	struct task_struct *g, *p, *found[MAX_RESTARTED];
+	unsigned long sleep, offset;
+	char version[16];
+	int index, n = 0, i, ret = 0;
+	void *from, *to;
+
+	if (sscanf(value, "%d %15s %lx %lx", &index, version, &sleep, &offset) != 4 ||
+	    index < 0 || index >= THREAD_COUNT)
+		return -EINVAL;
+	if (!strcmp(version, "new")) {
+		from = thread_functions[index].original;
+		to = thread_functions[index].new_version;
+	} else if (!strcmp(version, "original")) {
+		from = thread_functions[index].new_version;
+		to = thread_functions[index].original;
+	} else {
+		return -EINVAL;
+	}
+	mutex_lock(&thread_lock);
+	restarted_count = 0;
+	rcu_read_lock();
+	for_each_process_thread(g, p) {
+		if ((p->flags & PF_KTHREAD) && !(p->flags & PF_EXITING) &&
+		    kthread_func(p) == from && n < MAX_RESTARTED) {
+			get_task_struct(p);
+			found[n++] = p;
+		}
+	}
+	rcu_read_unlock();
+	for (i = 0; i < n; i++) {
+		if (!ret)
+			ret = restart_thread(index, found[i], to, sleep, offset);
+		put_task_struct(found[i]);
+	}
+	mutex_unlock(&thread_lock);
+	return ret;
+}
+
+/* One line per thread the last restart replaced: function name old-pid new-pid. */
+static int restart_get(char *buffer, const struct kernel_param *kp)
+{
+	int i, len = 0;
+
+	mutex_lock(&thread_lock);
+	for (i = 0; i < restarted_count; i++)
+		len += scnprintf(buffer + len, PAGE_SIZE - len, "%s %s %d %d\n",
+				 thread_functions[restarted[i].function].name,
+				 restarted[i].comm, restarted[i].old_pid, restarted[i].new_pid);
+	mutex_unlock(&thread_lock);
+	return len;
+}
+
+/* One line per thread function: index name original-address new-address. */
+static int thread_functions_get(char *buffer, const struct kernel_param *kp)
+{
+	int i, len = 0;
+
+	for (i = 0; i < THREAD_COUNT; i++)
+		len += scnprintf(buffer + len, PAGE_SIZE - len, "%d %s %lx %lx\n", i,
+				 thread_functions[i].name,
+				 (unsigned long)thread_functions[i].original,
+				 (unsigned long)thread_functions[i].new_version);
+	return len;
+}
+
+static const struct kernel_param_ops thread_functions_ops = { .get = thread_functions_get };
+module_param_cb(thread_functions, &thread_functions_ops, NULL, 0400);
+MODULE_PARM_DESC(thread_functions, "each thread function's running original and new version");
+
+static const struct kernel_param_ops restart_ops = { .set = restart_set, .get = restart_get };
+module_param_cb(restart, &restart_ops, NULL, 0600);
+MODULE_PARM_DESC(restart, "restart the kernel threads of a thread function into a version");
+#endif
+
 static unsigned long sympos[{{function_count}}];
 static int sympos_count;
 module_param_array(sympos, ulong, &sympos_count, 0400);

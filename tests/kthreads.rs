@@ -71,28 +71,25 @@ fn thread_functions_are_found_from_the_original_object() {
     assert_eq!(thread_function(&object, "start_loop"), None);
 }
 
+/// khungtaskd, whose loop `watchdog()` never returns, is restarted into
+/// the new loop: a new thread under the same name, which the sysctl handler
+/// wakes through the file's `watchdog_task` and which still reports a task
+/// blocked in D state; revert restarts the original loop the same way.
 #[test]
-fn thread_main_functions_are_found_and_refused_before_loading() {
+fn khungtaskd_is_restarted_into_its_new_loop_and_back() {
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let khungtaskd = work.path().join("khungtaskd.dynpkg");
-    let smpboot = work.path().join("smpboot.dynpkg");
-    for (patch, out, note) in [
-        (
-            "khungtaskd-loop.diff",
-            &khungtaskd,
-            "note: watchdog is the main function of kernel threads started by hung_task_init",
+    let built = build(&keys, "khungtaskd-loop.diff", &khungtaskd);
+    assert!(built.status.success(), "{}", stderr(&built));
+    assert!(
+        stdout(&built).contains(
+            "note: watchdog is the main function of kernel threads started by hung_task_init: \
+             `dynamos apply` restarts them into the new version at their sleep point and points watchdog_task at the new thread"
         ),
-        (
-            "refused-smpboot-thread.diff",
-            &smpboot,
-            "note: smpboot_thread_fn is the main function of kernel threads started by __smpboot_create_thread",
-        ),
-    ] {
-        let built = build(&keys, patch, out);
-        assert!(built.status.success(), "{patch}: {}", stderr(&built));
-        assert!(stdout(&built).contains(note), "{patch}: {}", stdout(&built));
-    }
+        "{}",
+        stdout(&built)
+    );
     let inspected = dynamos(&keys.dir, &["inspect", khungtaskd.to_str().unwrap()]);
     assert!(
         stdout(&inspected).contains(
@@ -101,41 +98,123 @@ fn thread_main_functions_are_found_and_refused_before_loading() {
         "{}",
         stdout(&inspected)
     );
+    let d_state = work.path().join("d-state");
+    compile_static_probe("d_state.c", &d_state);
 
     let script = r#"
+cp /packages/d-state /tmp/; chmod +x /tmp/d-state
 pid_of() { for d in /proc/[0-9]*; do [ "$(cat $d/comm 2>/dev/null)" = "$1" ] && echo ${d#/proc/}; done; }
 before=$(pid_of khungtaskd)
-echo "@@ khungtaskd $before @@"
+echo "@@ khungtaskd $before nice $(cut -d' ' -f19 /proc/$before/stat) @@"
 start=$(date +%s)
-dynamos apply /packages/khungtaskd.dynpkg 2>/tmp/khungtaskd.err; echo "@@ khungtaskd exit $? @@"
-echo "@@ khungtaskd took $(( $(date +%s) - start )) s @@"
-echo "@@ khungtaskd-err $(cat /tmp/khungtaskd.err) @@"
+dynamos apply /packages/khungtaskd.dynpkg > /tmp/apply.log 2>&1; echo "@@ apply exit $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+echo "@@ apply took $(( $(date +%s) - start )) s @@"
+after=$(pid_of khungtaskd)
+echo "@@ khungtaskd now $after nice $(cut -d' ' -f19 /proc/$after/stat) runs $(grep -o 'watchdog+[^ ]* \[dynamos_khungtaskd_loop\]' /proc/$after/stack | cut -d+ -f1) @@"
+echo "@@ old alive: $([ -d /proc/$before ] && echo yes || echo no) @@"
+echo "@@ list: $(dynamos list | grep thread) @@"
+echo 3 > /proc/sys/kernel/hung_task_timeout_secs
+i=0; while ! dmesg | grep -q 'live-updated loop checks (timeout 3s)' && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+echo "@@ new loop checked with the new timeout after $i tenths @@"
+/tmp/d-state > /tmp/d-state.log 2>&1 &
+i=0; while ! dmesg | grep -q 'INFO: task d-state:.* blocked for more than 3 seconds' && [ $i -lt 150 ]; do sleep 0.1; i=$((i + 1)); done
+echo "@@ blocked task reported: $(dmesg | grep -c 'INFO: task d-state:.* blocked for more than 3 seconds') @@"
+kill -9 $(sed -n 's/d-state: child \([0-9]*\),.*/\1/p' /tmp/d-state.log); wait
+dmesg -c > /dev/null
+dynamos revert --all > /tmp/revert.log 2>&1; echo "@@ revert exit $?: $(tr '\n' ' ' < /tmp/revert.log)@@"
+reverted=$(pid_of khungtaskd)
+echo "@@ khungtaskd reverted $reverted runs $(grep -o 'watchdog+[^ ]*' /proc/$reverted/stack | grep -c dynamos) module frames @@"
+echo 4 > /proc/sys/kernel/hung_task_timeout_secs; sleep 6
+echo "@@ new loop messages after revert: $(dmesg | grep -c 'live-updated loop') modules $(grep -c '^dynamos' /proc/modules) @@"
+echo 0 > /proc/sys/kernel/hung_task_timeout_secs
+"#;
+    let text = vm_with_modules(&keys, &[], &[&khungtaskd, &d_state], script);
+    let first = section(&text, "@@ khungtaskd ", " nice");
+    let before: u32 = first.trim().parse().unwrap_or_else(|_| panic!("{text}"));
+    let apply = section(&text, "@@ apply exit 0: ", "@@");
+    assert!(
+        apply.contains(&format!("restarted khungtaskd (pid {before}) as pid ")),
+        "{text}"
+    );
+    let took: u64 = section(&text, "@@ apply took ", " s @@")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(took <= 10, "apply took {took} s:\n{text}");
+    let now = section(&text, "@@ khungtaskd now ", "@@");
+    let after: u32 = now.split(' ').next().unwrap().parse().unwrap();
+    assert_ne!(after, before, "{text}");
+    assert!(now.ends_with("runs watchdog "), "{text}");
+    assert_eq!(
+        section(&text, &format!("@@ khungtaskd {before} nice "), " @@"),
+        section(&text, "@@ khungtaskd now ", " runs")
+            .split(" nice ")
+            .nth(1)
+            .unwrap(),
+        "nice value not carried:\n{text}"
+    );
+    expect_line(&text, "@@ old alive: no @@");
+    let list = section(&text, "@@ list: ", " @@");
+    assert!(
+        list.contains(&format!(
+            "thread khungtaskd: restarted into the new watchdog, pid {after} (was {before})"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("@@ new loop checked with the new timeout after "),
+        "{text}"
+    );
+    let tenths: u32 = section(
+        &text,
+        "@@ new loop checked with the new timeout after ",
+        " tenths",
+    )
+    .parse()
+    .unwrap();
+    assert!(
+        tenths < 100,
+        "the new thread missed the sysctl write:\n{text}"
+    );
+    expect_line(&text, "@@ blocked task reported: 1 @@");
+    assert!(text.contains("@@ revert exit 0: "), "{text}");
+    assert!(
+        section(&text, "@@ khungtaskd reverted ", " runs").trim() != after.to_string(),
+        "{text}"
+    );
+    assert!(text.contains(" runs 0 module frames @@"), "{text}");
+    expect_line(&text, "@@ new loop messages after revert: 0 modules 0 @@");
+}
+
+/// Per-CPU threads (smpboot) are refused at once, naming them.
+#[test]
+fn per_cpu_thread_functions_are_refused_before_loading() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let smpboot = work.path().join("smpboot.dynpkg");
+    let built = build(&keys, "refused-smpboot-thread.diff", &smpboot);
+    assert!(built.status.success(), "{}", stderr(&built));
+    assert!(
+        stdout(&built).contains(
+            "note: smpboot_thread_fn is the main function of kernel threads started by __smpboot_create_thread"
+        ),
+        "{}",
+        stdout(&built)
+    );
+    let script = r#"
+start=$(date +%s)
 dynamos apply /packages/smpboot.dynpkg 2>/tmp/smpboot.err; echo "@@ smpboot exit $? @@"
+echo "@@ smpboot took $(( $(date +%s) - start )) s @@"
 echo "@@ smpboot-err $(cat /tmp/smpboot.err) @@"
 echo "@@ livepatches [$(ls /sys/kernel/livepatch)] @@"
-echo "@@ list"; dynamos list; echo "@@ end-list"
-echo "@@ khungtaskd after $(pid_of khungtaskd) @@"
 "#;
-    let text = vm_with_modules(&keys, &[], &[&khungtaskd, &smpboot], script);
-    eprintln!("{}", section(&text, "@@ khungtaskd ", "@@ livepatches"));
-    let pid = section(&text, "@@ khungtaskd ", " @@").trim().to_string();
-    assert!(pid.parse::<u32>().is_ok(), "no khungtaskd in:\n{text}");
-    expect_line(&text, "@@ khungtaskd exit 2 @@");
-    let took: u64 = section(&text, "@@ khungtaskd took ", " s @@")
+    let text = vm_with_modules(&keys, &[], &[&smpboot], script);
+    expect_line(&text, "@@ smpboot exit 2 @@");
+    let took: u64 = section(&text, "@@ smpboot took ", " s @@")
         .trim()
         .parse()
         .unwrap();
     assert!(took <= 10, "the refusal took {took} s");
-    let err = section(&text, "@@ khungtaskd-err ", " @@");
-    assert!(
-        err.contains(&format!(
-            "watchdog: is the main function of the running kernel thread khungtaskd (pid {pid}), \
-             which never returns from it, so the update could never finish; \
-             restarting kernel threads is not supported"
-        )),
-        "{err}"
-    );
-    expect_line(&text, "@@ smpboot exit 2 @@");
     let err = section(&text, "@@ smpboot-err ", " @@");
     assert!(
         err.contains("smpboot_thread_fn: is the main function of the running kernel threads ")
@@ -143,12 +222,5 @@ echo "@@ khungtaskd after $(pid_of khungtaskd) @@"
             && err.contains("they are per-CPU threads, parked and stopped by CPU hotplug"),
         "{err}"
     );
-    // Nothing was loaded, and khungtaskd runs on as it was.
     expect_line(&text, "@@ livepatches [] @@");
-    let listed = section(&text, "@@ list", "@@ end-list");
-    assert!(
-        !listed.contains("khungtaskd") && !listed.contains("smpboot"),
-        "{listed}"
-    );
-    expect_line(&text, &format!("@@ khungtaskd after {pid} @@"));
 }

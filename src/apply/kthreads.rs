@@ -6,8 +6,10 @@
 //! the transition never finishes. Such an update is refused before anything
 //! is loaded, naming the threads, instead of timing out.
 
+use super::kcore::KernelMemory;
 use crate::package::Manifest;
-use anyhow::Result;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
 use std::fs;
 use std::path::Path;
 
@@ -100,8 +102,204 @@ fn stat_flags(stat: &str) -> Option<u64> {
     rest.split_whitespace().nth(6)?.parse().ok()
 }
 
+/// A kernel thread the update replaced by a new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartedThread {
+    pub function: String,
+    pub comm: String,
+    pub old_pid: u32,
+    pub new_pid: u32,
+}
+
+/// One frame of /proc/PID/stack: `function+0xoffset/0xsize [module]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Frame {
+    function: String,
+    offset: u64,
+    module: Option<String>,
+}
+
+fn frames(stack: &str) -> Vec<Frame> {
+    stack
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once("] ").map_or(l, |(_, r)| r).trim();
+            let mut words = rest.split_whitespace();
+            let location = words.next()?;
+            let module = words
+                .next()
+                .map(|m| m.trim_matches(|c| c == '[' || c == ']').to_string());
+            let (function, place) = location.split_once('+')?;
+            let offset = place.split('/').next()?.trim_start_matches("0x");
+            Some(Frame {
+                function: function.to_string(),
+                offset: u64::from_str_radix(offset, 16).ok()?,
+                module,
+            })
+        })
+        .collect()
+}
+
+/// The main function's frame of a kernel thread: the frame just above
+/// `kthread` (the scheduler's own frames are not listed for a sleeping
+/// task, so the function it sleeps in may not show).
+fn main_frame(stack: &str) -> Option<Frame> {
+    let frames = frames(stack);
+    let at = frames.iter().position(|f| f.function == "kthread")?;
+    frames.get(at.checked_sub(1)?).cloned()
+}
+
+/// The function a `call` ending at `return_address` calls, read from the
+/// running code: a direct `call rel32` to something other than a
+/// retpoline thunk.
+fn called_before(memory: &dyn KernelMemory, kallsyms: &str, return_address: u64) -> Option<u64> {
+    let bytes = memory.read(return_address.checked_sub(5)?, 5).ok()?;
+    if bytes.len() != 5 || bytes[0] != 0xe8 {
+        return None;
+    }
+    let displacement = i32::from_le_bytes(bytes[1..5].try_into().ok()?);
+    let target = return_address.wrapping_add(displacement as i64 as u64);
+    let thunk = kallsyms.lines().any(|l| {
+        let mut w = l.split_whitespace();
+        w.next().and_then(|a| u64::from_str_radix(a, 16).ok()) == Some(target)
+            && w.nth(1)
+                .is_some_and(|n| n.starts_with("__x86_indirect_thunk"))
+    });
+    (!thunk).then_some(target)
+}
+
+/// Restart the kernel threads of the package's restartable thread
+/// functions into `version` (`new` or `original`) through the module's
+/// `restart` parameter; what was restarted.
+pub fn restart(
+    paths: &super::SystemPaths,
+    manifest: &Manifest,
+    module: &str,
+    version: &str,
+) -> Result<Vec<RestartedThread>> {
+    let functions: Vec<&crate::package::ReplacedFunction> = manifest
+        .objects
+        .iter()
+        .flat_map(|o| &o.replaced)
+        .filter(|f| f.restart.is_some())
+        .collect();
+    if functions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parameters = paths.sys_module.join(module).join("parameters");
+    // Each thread function's two versions, as the module has them.
+    let addresses: Vec<(u64, u64)> = fs::read_to_string(parameters.join("thread_functions"))
+        .context("cannot read the module's thread functions")?
+        .lines()
+        .filter_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            Some((
+                u64::from_str_radix(w.get(2)?, 16).ok()?,
+                u64::from_str_radix(w.get(3)?, 16).ok()?,
+            ))
+        })
+        .collect();
+    let kallsyms = fs::read_to_string(&paths.kallsyms).context("cannot read kallsyms")?;
+    let memory = super::kcore::Kcore::open(&paths.kcore)?;
+    let mut restarted = Vec::new();
+    for (index, f) in functions.iter().enumerate() {
+        let Some(&(original, new_version)) = addresses.get(index) else {
+            bail!("the module does not list thread function {}", f.name);
+        };
+        let base = if version == "new" {
+            original
+        } else {
+            new_version
+        };
+        // The threads running the version being replaced, and where each sleeps.
+        let mut sites = Vec::new();
+        for thread in kernel_threads(&paths.proc) {
+            let Some(main) = main_frame(&thread.stack) else {
+                continue;
+            };
+            let runs = if version == "new" {
+                main.module.is_none() && main.function == f.name
+            } else {
+                main.module.as_deref() == Some(module)
+            };
+            if !runs {
+                continue;
+            }
+            let return_address = base + main.offset;
+            let sleep = called_before(&memory, &kallsyms, return_address).with_context(|| {
+                format!(
+                    "{} (pid {}) waits at {}+{:#x}, after no direct call: its sleep cannot be intercepted",
+                    thread.comm, thread.pid, main.function, main.offset
+                )
+            })?;
+            if !sites.contains(&(sleep, main.offset)) {
+                sites.push((sleep, main.offset));
+            }
+        }
+        for (sleep, offset) in sites {
+            fs::write(
+                parameters.join("restart"),
+                format!("{index} {version} {sleep:x} {offset:x}"),
+            )
+            .with_context(|| {
+                format!(
+                    "restarting the kernel threads of {} into the {version} version failed (see dmesg); they keep running as before",
+                    f.name
+                )
+            })?;
+            let report = fs::read_to_string(parameters.join("restart")).unwrap_or_default();
+            for line in report.lines() {
+                let w: Vec<&str> = line.split_whitespace().collect();
+                if let [function, comm, old, new] = w[..] {
+                    restarted.push(RestartedThread {
+                        function: function.to_string(),
+                        comm: comm.to_string(),
+                        old_pid: old.parse().unwrap_or(0),
+                        new_pid: new.parse().unwrap_or(0),
+                    });
+                }
+            }
+        }
+    }
+    Ok(restarted)
+}
+
+/// A kernel thread and its stack listing.
+struct ThreadStack {
+    pid: u32,
+    comm: String,
+    stack: String,
+}
+
+fn kernel_threads(proc: &Path) -> Vec<ThreadStack> {
+    let mut out = Vec::new();
+    let Ok(entries) = fs::read_dir(proc) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let is_kthread = fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|s| stat_flags(&s))
+            .is_some_and(|f| f & PF_KTHREAD != 0);
+        if !is_kthread {
+            continue;
+        }
+        let Ok(stack) = fs::read_to_string(entry.path().join("stack")) else {
+            continue;
+        };
+        let comm = fs::read_to_string(entry.path().join("comm"))
+            .map(|c| c.trim().to_string())
+            .unwrap_or_default();
+        out.push(ThreadStack { pid, comm, stack });
+    }
+    out
+}
+
 /// Refuse `manifest` when a running kernel thread's main function is one
-/// of the functions it replaces.
+/// of the functions it replaces and cannot restart.
 pub fn refuse_replaced_thread_functions(manifest: &Manifest, proc: &Path) -> Result<()> {
     let threads = running_threads(proc);
     let mut refusals = Vec::new();
@@ -109,6 +307,7 @@ pub fn refuse_replaced_thread_functions(manifest: &Manifest, proc: &Path) -> Res
         .objects
         .iter()
         .flat_map(|o| o.replaced.iter().map(move |f| (o, f)))
+        .filter(|(_, f)| f.restart.is_none())
     {
         // Same-named functions of other files differ in size, mostly.
         let code_size = object
@@ -138,7 +337,7 @@ pub fn refuse_replaced_thread_functions(manifest: &Manifest, proc: &Path) -> Res
             symbol: function.name.clone(),
             reason: format!(
                 "is the main function of the running kernel thread{} {}, which never return{} from it, \
-                 so the update could never finish; restarting kernel threads is not supported{why}",
+                 so the update could never finish{why}",
                 if hits.len() == 1 { "" } else { "s" },
                 named.join(", "),
                 if hits.len() == 1 { "s" } else { "" },

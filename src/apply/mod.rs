@@ -106,6 +106,8 @@ pub struct AppliedPackage {
     pub retire_problems: Vec<String>,
     /// The phases of the synchronized functions, when the package has any.
     pub synchronized: Option<synchronized::Report>,
+    /// Kernel threads restarted into the new version.
+    pub restarted: Vec<kthreads::RestartedThread>,
 }
 
 /// The record kept in the state folder for each applied package.
@@ -121,6 +123,9 @@ pub struct AppliedRecord {
     /// fall back to: they stay until this one is reverted.
     #[serde(default)]
     pub falls_back_to: Vec<String>,
+    /// Kernel threads restarted into the new version.
+    #[serde(default)]
+    pub restarted: Vec<kthreads::RestartedThread>,
 }
 
 // ---------------------------------------------------------------------------
@@ -493,7 +498,12 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     // From here on, any failure must leave no module behind.
     let timeout = opts.transition_timeout;
     let started = Instant::now();
-    let result = (|| -> Result<(Duration, Option<synchronized::Report>)> {
+    #[allow(clippy::type_complexity)]
+    let result = (|| -> Result<(
+        Duration,
+        Option<synchronized::Report>,
+        Vec<kthreads::RestartedThread>,
+    )> {
         if !paths.livepatch.join(name).is_dir() {
             bail!("module {name} loaded but registered no livepatch {name}");
         }
@@ -510,6 +520,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
         }
         let took = started.elapsed();
         let phases = synchronized::forward(paths, manifest, name, timeout)?;
+        let restarted = kthreads::restart(paths, manifest, name, "new")?;
         let record = AppliedRecord {
             manifest: manifest.clone(),
             key_id: signer.to_string(),
@@ -519,13 +530,14 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_nanos() as u64),
             falls_back_to: falls_back_to.clone(),
+            restarted: restarted.clone(),
         };
         let json = serde_json::to_vec_pretty(&record)?;
         crate::cache::write_atomic(&record_path(paths, name), &json)?;
-        Ok((took, phases))
+        Ok((took, phases, restarted))
     })();
     match result {
-        Ok((transition, synchronized)) => {
+        Ok((transition, synchronized, restarted)) => {
             let (retired, retire_problems) = unload_retired(paths, &retiring, timeout);
             Ok(AppliedPackage {
                 manifest: manifest.clone(),
@@ -538,6 +550,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
                 retired,
                 retire_problems,
                 synchronized,
+                restarted,
             })
         }
         Err(err) => {
@@ -750,6 +763,8 @@ pub fn revert_at(
             .find(|r| r.manifest.module_name == module)
             .map(|r| &r.manifest);
         if let Some(manifest) = manifest {
+            kthreads::restart(paths, manifest, &module, "original")
+                .with_context(|| format!("reverting {module}"))?;
             synchronized::backward(paths, manifest, &module, timeout)
                 .with_context(|| format!("reverting {module}"))?;
         }
@@ -814,6 +829,8 @@ pub struct LiveUpdate {
     pub synchronized: Option<synchronized::Status>,
     /// Tasks in the transitional clones or the originals they replace.
     pub synchronized_tasks: Vec<String>,
+    /// Kernel threads restarted into the new version (from its record).
+    pub restarted: Vec<kthreads::RestartedThread>,
 }
 
 /// Every livepatch of the running kernel, and every dynamos update recorded.
@@ -847,6 +864,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
             synchronized_tasks: record
                 .map(|r| synchronized::tasks(paths, &r.manifest, name))
                 .unwrap_or_default(),
+            restarted: record.map(|r| r.restarted.clone()).unwrap_or_default(),
         });
     }
     for r in &records {
@@ -862,6 +880,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 value_updates: values::live_values(r),
                 synchronized: None,
                 synchronized_tasks: Vec::new(),
+                restarted: r.restarted.clone(),
             });
         }
     }
@@ -1048,6 +1067,7 @@ mod tests {
                 sympos: vec![0, 2],
                 applied_at_ns: at,
                 falls_back_to: Vec::new(),
+                restarted: Vec::new(),
             };
             crate::cache::write_atomic(
                 &record_path(&paths, module),

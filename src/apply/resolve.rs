@@ -328,7 +328,7 @@ pub fn resolve(
             sympos.extend(
                 obj.replaced
                     .iter()
-                    .filter(|f| f.synchronized.is_none())
+                    .filter(|f| f.in_livepatch_tables())
                     .map(|f| f.sympos.unwrap_or(0)),
             );
             resolve_externals(
@@ -357,7 +357,7 @@ pub fn resolve(
                 Ok(c) => {
                     // A synchronized function is redirected by address, not
                     // by the livepatch tables `sympos` indexes.
-                    if f.synchronized.is_none() {
+                    if f.in_livepatch_tables() {
                         sympos.push(c.sympos);
                     }
                     chosen.extend(expected.map(|e| (e, c.address)));
@@ -785,6 +785,7 @@ pub(crate) mod tests {
                         adaptation: None,
                         kthread: None,
                         synchronized: None,
+                        restart: None,
                     },
                     ReplacedFunction {
                         name: "show".into(),
@@ -794,6 +795,7 @@ pub(crate) mod tests {
                         adaptation: None,
                         kthread: None,
                         synchronized: None,
+                        restart: None,
                     },
                 ],
                 added: vec![],

@@ -256,6 +256,7 @@ mod tests {
             sympos: vec![],
             applied_at_ns: 1,
             falls_back_to: Vec::new(),
+            restarted: Vec::new(),
         }
     }
 

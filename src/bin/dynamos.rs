@@ -210,6 +210,12 @@ fn run(cli: Cli) -> Result<i32> {
             for module in &applied.retired {
                 println!("retired  {module}");
             }
+            for t in &applied.restarted {
+                println!(
+                    "restarted {} (pid {}) as pid {}, running the new {}",
+                    t.comm, t.old_pid, t.new_pid, t.function
+                );
+            }
             if let Some(phases) = &applied.synchronized {
                 println!(
                     "synchronized: original code inactive after {:.1} s; {} sleeping task(s) moved to the new code, complete {:.1} s later",
@@ -296,6 +302,12 @@ fn run(cli: Cli) -> Result<i32> {
                     }
                     for v in &u.value_updates {
                         println!("    {}: {} = {} (was {})", v.object, v.name, v.new, v.old);
+                    }
+                    for t in &u.restarted {
+                        println!(
+                            "    thread {}: restarted into the new {}, pid {} (was {})",
+                            t.comm, t.function, t.new_pid, t.old_pid
+                        );
                     }
                     if let Some(sync) = &u.synchronized {
                         for f in &sync.functions {
@@ -514,5 +526,6 @@ fn applied_json(applied: &apply::AppliedPackage) -> serde_json::Value {
         "transition_seconds": applied.transition.as_secs_f64(),
         "verified_functions": applied.verified_functions,
         "synchronized": applied.synchronized,
+        "restarted": applied.restarted,
     })
 }

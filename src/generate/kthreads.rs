@@ -80,12 +80,85 @@ pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFu
     })
 }
 
+/// Whether `dynamos apply` can restart the threads of `thread` into a new
+/// version: not per-CPU threads (CPU hotplug parks and stops them by their
+/// task) nor threads their file stops with kthread_stop().
+pub fn restartable(thread: &ThreadFunction) -> bool {
+    !thread.per_cpu && !thread.stopped_by_kthread_stop
+}
+
+/// Variables of `original` a thread's starters store a task pointer in:
+/// 8-byte data symbols written by the functions in `started_by`, as
+/// (name, is global).
+pub fn task_pointers(original: &ObjectFile, started_by: &[String]) -> Vec<(String, bool)> {
+    let mut out: Vec<(String, bool)> = Vec::new();
+    for starter in started_by {
+        let Some(s) = original
+            .symbols
+            .iter()
+            .find(|s| s.is_function() && &s.name == starter && s.section().is_some())
+        else {
+            continue;
+        };
+        let Some(section) = s.section() else { continue };
+        let (start, end) = (s.value, s.value + s.size.max(1));
+        for r in original.sections[section]
+            .relocs
+            .iter()
+            .filter(|r| r.offset >= start && r.offset < end)
+        {
+            // A static is often reached through its section's symbol.
+            let mut target = &original.symbols[r.symbol];
+            if target.is_section() {
+                let place = r.addend
+                    + if r.r_type == object::elf::R_X86_64_PC32 {
+                        4
+                    } else {
+                        0
+                    };
+                let Some(covering) = target
+                    .section()
+                    .and_then(|sec| crate::diff::covering_symbol(original, sec, place))
+                else {
+                    continue;
+                };
+                target = &original.symbols[covering];
+            }
+            if target.is_object()
+                && target.size == 8
+                && target.section().is_some()
+                && !out.iter().any(|(n, _)| n == &target.name)
+            {
+                out.push((target.name.clone(), !target.is_local()));
+            }
+        }
+    }
+    out
+}
+
 /// The build-time note for a replaced thread function.
-pub fn note(function: &str, thread: &ThreadFunction) -> String {
-    format!(
-        "{function} is the main function of kernel threads started by {}: \
-         `dynamos apply` refuses this update while such a thread runs \
-         (a running thread cannot be moved to the new version)",
-        thread.started_by.join(", ")
-    )
+pub fn note(function: &str, thread: &ThreadFunction, task_pointers: &[String]) -> String {
+    if restartable(thread) {
+        format!(
+            "{function} is the main function of kernel threads started by {}: \
+             `dynamos apply` restarts them into the new version at their sleep point{}",
+            thread.started_by.join(", "),
+            if task_pointers.is_empty() {
+                String::new()
+            } else {
+                format!(" and points {} at the new thread", task_pointers.join(", "))
+            }
+        )
+    } else {
+        format!(
+            "{function} is the main function of kernel threads started by {}: \
+             `dynamos apply` refuses this update while such a thread runs ({})",
+            thread.started_by.join(", "),
+            if thread.per_cpu {
+                "per-CPU threads are parked and stopped by CPU hotplug"
+            } else {
+                "its file stops them with kthread_stop(), which needs the very task it started"
+            }
+        )
+    }
 }

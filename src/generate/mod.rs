@@ -72,6 +72,7 @@ pub fn generate(
     let mut shipped: BTreeMap<String, Option<module_symbols::ShippedModule>> = BTreeMap::new();
     let mut next_adaptive = 0;
     let mut next_synchronized = 0;
+    let mut next_thread = 0;
 
     // New globals one unit defines and another uses link inside the package.
     for unit in units {
@@ -241,7 +242,46 @@ pub fn generate(
                 }),
                 kthread: kthreads::thread_function(unit.original, &version.name),
                 synchronized: clones.by_function.get(&version.name).cloned(),
+                restart: None,
             };
+            let mut replaced = replaced;
+            if let Some(thread) = replaced.kthread.clone() {
+                let pointers = kthreads::task_pointers(unit.original, &thread.started_by);
+                if kthreads::restartable(&thread) && replaced.synchronized.is_none() {
+                    let n = next_thread;
+                    next_thread += 1;
+                    let original = format!("__dynamos_thread_original_{n}");
+                    update.externals.push(ExternalSymbol {
+                        module_symbol: original.clone(),
+                        name: version.name.clone(),
+                        kind: SymbolKind::Function,
+                        file: Some(unit.source_file.clone()),
+                        global: unit
+                            .original
+                            .symbols
+                            .iter()
+                            .any(|s| s.name == version.name && s.is_function() && !s.is_local()),
+                    });
+                    let mut task_pointers = Vec::new();
+                    for (k, (name, global)) in pointers.iter().enumerate() {
+                        let module_symbol = format!("__dynamos_thread_task_{n}_{k}");
+                        update.externals.push(ExternalSymbol {
+                            module_symbol: module_symbol.clone(),
+                            name: name.clone(),
+                            kind: SymbolKind::Data,
+                            file: Some(unit.source_file.clone()),
+                            global: *global,
+                        });
+                        task_pointers.push((module_symbol, name.clone()));
+                    }
+                    replaced.restart = Some(crate::package::ThreadRestart {
+                        original,
+                        task_pointers,
+                    });
+                }
+                let names: Vec<String> = pointers.into_iter().map(|(n, _)| n).collect();
+                notes.push(kthreads::note(&version.name, &thread, &names));
+            }
             if let Some(sync) = &replaced.synchronized {
                 update.externals.push(ExternalSymbol {
                     module_symbol: sync.original.clone(),
@@ -266,9 +306,6 @@ pub fn generate(
                         ))
                         .unwrap_or_default()
                 ));
-            }
-            if let Some(thread) = &replaced.kthread {
-                notes.push(kthreads::note(&version.name, thread));
             }
             update.replaced.push(replaced.clone());
             tables
@@ -713,6 +750,35 @@ fn render_synchronized(objects: &[ObjectUpdate]) -> (usize, String, String) {
     (count, declarations, entries)
 }
 
+/// The restartable thread functions' part of `templates/livepatch.c`, in
+/// the order `dynamos apply` indexes them.
+fn render_threads(objects: &[ObjectUpdate]) -> (usize, String, String) {
+    let mut declarations = String::new();
+    let mut entries = String::new();
+    let mut count = 0;
+    for f in objects.iter().flat_map(|o| &o.replaced) {
+        let Some(r) = &f.restart else { continue };
+        declarations.push_str(&format!(
+            "extern char {}[], {}[]; /* {} in {}: running original, new version */\n",
+            r.original, f.new_symbol, f.name, f.file
+        ));
+        let mut pointers = String::new();
+        for (symbol, name) in &r.task_pointers {
+            declarations.push_str(&format!(
+                "extern struct task_struct *{symbol}; /* {name} in {} */\n",
+                f.file
+            ));
+            pointers.push_str(&format!("&{symbol}, "));
+        }
+        entries.push_str(&format!(
+            "\t{{ .name = \"{}\", .original = {}, .new_version = {}, .task_pointers = {{ {}}} }},\n",
+            f.name, r.original, f.new_symbol, pointers
+        ));
+        count += 1;
+    }
+    (count, declarations, entries)
+}
+
 fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs: bool) -> String {
     let mut declarations = String::new();
     let mut tables = String::new();
@@ -721,7 +787,7 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs
     for object in objects {
         let table = format!("funcs_{}", c_identifier(&object.object));
         tables.push_str(&format!("static struct klp_func {table}[] = {{\n"));
-        for f in object.replaced.iter().filter(|f| f.synchronized.is_none()) {
+        for f in object.replaced.iter().filter(|f| f.in_livepatch_tables()) {
             declarations.push_str(&format!(
                 "extern char {}[]; /* {} in {}{} */\n",
                 f.new_symbol,
@@ -750,7 +816,11 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs
     let (adaptive_count, adaptive_declarations, adaptive_entries, choosers) =
         render_adaptive(objects);
     let (sync_count, sync_declarations, sync_entries) = render_synchronized(objects);
+    let (thread_count, thread_declarations, thread_entries) = render_threads(objects);
     LIVEPATCH_TEMPLATE
+        .replace("{{thread_count}}", &thread_count.to_string())
+        .replace("{{thread_declarations}}", thread_declarations.trim_end())
+        .replace("{{thread_entries}}", thread_entries.trim_end())
         .replace("{{sync_count}}", &sync_count.to_string())
         .replace("{{sync_declarations}}", sync_declarations.trim_end())
         .replace("{{sync_entries}}", sync_entries.trim_end())
