@@ -172,20 +172,27 @@ fn main() {
     } else {
         "emulated wall clock"
     };
-    let sizes = |label: &str| -> Vec<String> {
+    let field = |label: &str, name: &str| -> Vec<String> {
         let prefix = format!("@@ throughput {label} bulk ");
         output
             .lines()
             .filter_map(|l| l.trim().strip_prefix(&prefix))
-            .filter_map(|l| l.split_once("pipe size ")?.1.split_once(' '))
-            .map(|(size, _)| size.to_string())
+            .filter_map(|l| l.split_once(&format!("{name} "))?.1.split_once([',', ' ']))
+            .map(|(value, _)| value.to_string())
             .collect()
     };
+    let sizes = |label: &str| field(label, "pipe size");
+    let switches = |label: &str| field(label, "switches");
     println!("pipe throughput, {passes} passes, median, {clock}:");
     println!(
         "pipe size after the bulk write: without {}; with {}",
         sizes("without").join(", "),
         sizes("with").join(", ")
+    );
+    println!(
+        "voluntary context switches of writer and reader in the bulk transfer: without {}; with {}",
+        switches("without").join(", "),
+        switches("with").join(", ")
     );
     println!(
         "bulk {bulk_mib} MiB: without {:.1} MiB/s, with {:.1} MiB/s: {:+.1}%",

@@ -284,7 +284,27 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         &modules,
     );
     let _ = std::fs::remove_dir_all(&work);
-    let generated = generated?;
+    let mut generated = generated?;
+    // A restarted kernel thread starts its function afresh.
+    for f in generated
+        .objects
+        .iter()
+        .flat_map(|o| &o.replaced)
+        .filter(|f| f.restart.is_some())
+    {
+        let locals = std::fs::read(target.source.join(&f.file))
+            .ok()
+            .and_then(|text| crate::synchronize::locals_of(&text, &f.name))
+            .unwrap_or_default();
+        if !locals.is_empty() {
+            generated.notes.push(format!(
+                "{} of {}: a restarted thread runs the new version from its start; its locals are not carried: {}",
+                f.name,
+                f.file,
+                locals.join(", ")
+            ));
+        }
+    }
     lap("generate module", &mut timings);
 
     let manifest = Manifest {

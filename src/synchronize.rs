@@ -186,6 +186,38 @@ fn macro_arguments(text: &[u8], macro_name: &str) -> Vec<Vec<String>> {
     out
 }
 
+/// The locals `function` of a C file declares (statics excepted), in
+/// order; None when the file does not define it.
+pub fn locals_of(text: &[u8], function: &str) -> Option<Vec<String>> {
+    let source = Source::new(text)?;
+    let definitions = source.definitions();
+    let body = definitions.get(function)?.child_by_field_name("body")?;
+    let mut out = Vec::new();
+    for n in descendants(body) {
+        if n.kind() != "declaration" || is_static(&source, n) {
+            continue;
+        }
+        let mut cursor = n.walk();
+        let declarators: Vec<Node> = n
+            .children_by_field_name("declarator", &mut cursor)
+            .collect();
+        for d in declarators {
+            let plain = if d.kind() == "init_declarator" {
+                d.child_by_field_name("declarator").unwrap_or(d)
+            } else {
+                d
+            };
+            if let Some(id) = declared_identifier(plain) {
+                let name = source.text_of(id).to_string();
+                if plain.kind() != "function_declarator" && !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+    }
+    Some(out)
+}
+
 /// Functions named by `DYNAMOS_SYNCHRONIZED(name);` lines of a file.
 fn declared_names(text: &[u8]) -> Vec<String> {
     macro_arguments(text, MACRO)

@@ -3,8 +3,10 @@
 //! A kernel thread calls its main function from `kthread()` and, for the
 //! threads that loop forever, never returns from it: the function stays on
 //! the thread's stack, so the livepatch core never switches that thread and
-//! the transition never finishes. Such an update is refused before anything
-//! is loaded, naming the threads, instead of timing out.
+//! the transition never finishes. Threads the package can restart are
+//! restarted into the new version through its module (docs/architecture.md,
+//! "Kernel threads"); the others are refused before anything is loaded,
+//! naming the threads, instead of timing out.
 
 use super::kcore::KernelMemory;
 use crate::package::Manifest;

@@ -1,7 +1,8 @@
 //! Thread functions: a replaced function that the original object passes to
 //! a thread-creating call is the main function of kernel threads. It never
 //! returns while such a thread runs, so the livepatch transition cannot
-//! finish for that thread; `dynamos apply` looks for those threads.
+//! finish for that thread; `dynamos apply` restarts those threads, or
+//! refuses the update when it cannot.
 
 use crate::diff::object::{ObjectFile, SymbolPlace};
 use crate::package::ThreadFunction;
