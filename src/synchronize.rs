@@ -19,6 +19,8 @@ use tree_sitter::{Node, Parser, Tree};
 
 /// The macro a patch uses to name a synchronized function (`dynamos.h`).
 const MACRO: &str = "DYNAMOS_SYNCHRONIZED";
+/// The macro that pairs sleep points by order where their text differs.
+const MATCH_MACRO: &str = "DYNAMOS_SLEEP_POINTS_MATCH";
 
 /// Sleeping calls with a wait condition the clone can extend: the
 /// condition is always their second argument.
@@ -920,6 +922,11 @@ fn transitional_clone(
 ) -> Result<(String, SynchronizedFunction), String> {
     let old = Source::new(original).ok_or("cannot parse the original file")?;
     let new = Source::new(patched).ok_or("cannot parse the patched file")?;
+    // The author may say that the k-th sleep point of one version is the
+    // k-th of the other even where their statements differ.
+    let points_match = macro_arguments(patched, MATCH_MACRO)
+        .iter()
+        .any(|a| a.len() == 1 && a[0] == name);
     let old_definitions = old.definitions();
     let new_definitions = new.definitions();
     let old_def = *old_definitions
@@ -1025,9 +1032,10 @@ fn transitional_clone(
                 line_of(p.call)
             ));
         };
-        if statement_text(&bodies[0], p) != statement_text(&bodies[1], q) {
+        if statement_text(&bodies[0], p) != statement_text(&bodies[1], q) && !points_match {
             return Err(format!(
-                "its sleep point {}() at line {} changes in the patched code (line {}): cannot tell where a sleeper continues",
+                "its sleep point {}() at line {} changes in the patched code (line {}): cannot tell where a sleeper continues \
+                 (if the sleep points of both versions correspond in order, say so with {MATCH_MACRO}({name}))",
                 p.name,
                 line_of(p.call),
                 line_of(q.call)
@@ -1345,6 +1353,19 @@ out:
         );
         let err = format!("{:#}", clone(&p).err().unwrap());
         assert!(err.contains("changes in the patched code"), "{err}");
+    }
+
+    #[test]
+    fn the_author_may_pair_changed_sleep_points() {
+        let p = patched("ret += helper(i);").replace(
+            "wait_event_interruptible(d->wait, !d->full);",
+            "wait_event_interruptible(d->wait, !d->full && !d->frozen);",
+        ) + "DYNAMOS_SLEEP_POINTS_MATCH(demo_write);\n";
+        let done = clone(&p).unwrap();
+        let text = String::from_utf8(done.changes[Path::new("demo.c")].clone().unwrap()).unwrap();
+        assert!(
+            text.contains("(!d->full && !d->frozen) || DYNAMOS_SYNC_LEAVING(__dynamos_sync, 1)")
+        );
     }
 
     #[test]

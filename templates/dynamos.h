@@ -67,6 +67,18 @@
 	_Static_assert(sizeof(&(function)) != 0, "synchronized: " #function)
 
 /*
+ * DYNAMOS_SLEEP_POINTS_MATCH(function)
+ *
+ * The sleep points of the original and the patched `function` correspond
+ * in order even where the patch changed their statements (a new wait
+ * condition, say): a sleeper at the k-th of one version continues at the
+ * k-th of the other. Without it dynamos-build pairs only identical
+ * statements and refuses the others.
+ */
+#define DYNAMOS_SLEEP_POINTS_MATCH(function)					\
+	_Static_assert(sizeof(&(function)) != 0, "sleep points match: " #function)
+
+/*
  * Shared by a transitional clone and the update module that drives it.
  * Body 0 is the original code, body 1 the patched code.
  */

@@ -40,6 +40,8 @@ wait_stack() { i=0; while ! grep -q "$2" /proc/$1/stack 2>/dev/null && [ $i -lt 
 early=$!
 wait_stack $early pipe_write
 echo "@@ early writer asleep in: $(grep -o 'pipe_write+' /proc/$early/stack | head -1) @@"
+dynamos apply --timeout 3 /packages/pipe-adaptive-ring.dynpkg > /tmp/timeout.log 2>&1; echo "@@ timed out exit $?: $(tr '\n' ' ' < /tmp/timeout.log)@@"
+echo "@@ after the timeout: modules $(grep -c '^dynamos' /proc/modules), early writer in $(grep -o 'pipe_write+' /proc/$early/stack | head -1) @@"
 dynamos apply --timeout 60 /packages/pipe-adaptive-ring.dynpkg > /tmp/apply.log 2>&1 &
 apply=$!
 i=0; while [ "$(head -1 $phase 2>/dev/null)" != 1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
@@ -66,6 +68,18 @@ echo "@@ signalled $(dmesg | grep -c 'signaling remaining tasks') modules $(grep
 "#;
     let text = vm_with_modules(&keys, &[], &[&pkg, &writer], script);
     expect_line(&text, "@@ early writer asleep in: pipe_write+ @@");
+    // Phase 1 timed out with nobody in the clone: withdrawn, as before.
+    let timed_out = section(&text, "@@ timed out exit 1: ", "@@");
+    assert!(
+        timed_out
+            .contains("the original pipe_write did not become inactive within 3s; tasks in it: ")
+            && timed_out.contains("(pipe-sync-write) in pipe_write+"),
+        "{text}"
+    );
+    expect_line(
+        &text,
+        "@@ after the timeout: modules 0, early writer in pipe_write+ @@",
+    );
     expect_line(&text, "@@ late writer in the clone: yes @@");
     // Phase 1 holds while a task sleeps in the original, without signalling it.
     expect_line(

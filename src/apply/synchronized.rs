@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 /// How often a phase's condition is checked, and sleepers woken again.
 const POLL: Duration = Duration::from_millis(100);
+/// How long a timed-out phase 1 waits for the clone to empty before it
+/// completes the update instead of withdrawing it.
+const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(2);
 /// Scans in a row that must find no task in the original function: a task
 /// running on another CPU shows the stack of its last switch.
 const CLEAN_SCANS: usize = 3;
@@ -280,10 +283,11 @@ fn withdraw(paths: &SystemPaths, module: &str, timeout: Duration) -> Result<()> 
 /// Phases 1 to 3, after the livepatch transition of `module` completed.
 ///
 /// A task asleep in the original function cannot be moved (it has no leave
-/// checks), and rolling back cannot be promised either once tasks sleep in
-/// the clone; so apply waits up to `timeout` for each phase and then
-/// completes the update around the tasks still in old code, naming them:
-/// they finish their call there, as with the livepatch core.
+/// checks). When it holds phase 1 past `timeout`, the update is withdrawn
+/// (an error, as for a livepatch transition that times out) if no task
+/// sleeps in the clone yet; otherwise the clone cannot go, and the update
+/// is completed around the tasks still in old code, which are named: they
+/// finish their call there. Phase 3 likewise.
 pub fn forward(
     paths: &SystemPaths,
     manifest: &Manifest,
@@ -315,10 +319,20 @@ pub fn forward(
     });
     report.original_inactive = start.elapsed();
     if !inactive {
-        report.left_in_original = in_originals(paths, &names)
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect();
+        let busy = in_originals(paths, &names);
+        // As for a livepatch transition that times out: back to where we
+        // were, when no task sleeps in the clone yet.
+        if withdraw(paths, module, WITHDRAW_TIMEOUT).is_ok() {
+            bail!(
+                "the original {} did not become inactive within {}s; tasks in it: {}",
+                names.join(", "),
+                timeout.as_secs(),
+                describe(&busy)
+            );
+        }
+        // Tasks sleep in the clone's original code: it cannot go. Complete
+        // around the tasks in the original function instead.
+        report.left_in_original = busy.into_iter().map(|(_, t)| t).collect();
     }
     // Phase 2: sleepers leave the original body; phase 3: calls start in
     // the new one, and the update is complete once the original body is
