@@ -7,12 +7,17 @@ use dynamos::patch::{apply_all, parse, tree_reader};
 use dynamos::target::{Target, TargetSpec};
 use dynamos::Error;
 use std::path::Path;
-use std::sync::Mutex;
 use std::time::Instant;
 
 /// Builds of one target serialize on a lock anyway; running the tests one
 /// after the other keeps their timings meaningful.
-static SERIAL: Mutex<()> = Mutex::new(());
+/// One test of this file at a time, across processes (nextest runs each
+/// test in its own): some fake what a killed build leaves in the shared
+/// work tree, which the others' checks of that tree would see.
+fn serial() -> dynamos::cache::Lock {
+    let lock = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("build_tests.lock");
+    dynamos::cache::Lock::acquire(&lock).unwrap()
+}
 
 /// The lock every build takes on the work tree: tests in other processes
 /// (nextest runs each test in its own) build in the same tree, so a test
@@ -62,7 +67,7 @@ fn section_names(path: &Path) -> Vec<String> {
 
 #[test]
 fn builds_original_and_patched_object() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     let pristine_path = target.source.join("fs/proc/version.c");
     let pristine = std::fs::read(&pristine_path).unwrap();
@@ -133,7 +138,7 @@ fn builds_original_and_patched_object() {
 
 #[test]
 fn refuses_a_header_too_many_files_include() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     let patch = append_after_first_line(&target, &["include/linux/seq_file.h"], "/* changed */");
     let err = build_patch(&target, &patch).unwrap_err();
@@ -150,7 +155,7 @@ fn refuses_a_header_too_many_files_include() {
 
 #[test]
 fn refuses_files_not_in_the_config() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     // The Debian amd64 config does not build this board driver.
     let file = "drivers/net/ethernet/ti/davinci_emac.c";
@@ -179,7 +184,7 @@ fn refuses_files_not_in_the_config() {
 
 #[test]
 fn unchanged_source_compiles_to_identical_objects() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     let file = Path::new("fs/proc/version.c");
     let mut changes = std::collections::BTreeMap::new();
@@ -213,7 +218,7 @@ fn append_after_first_line(target: &Target, files: &[&str], text: &str) -> Strin
 
 #[test]
 fn module_and_builtin_objects_in_one_build() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     let patch = append_after_first_line(
         &target,
@@ -248,7 +253,7 @@ fn module_and_builtin_objects_in_one_build() {
 
 #[test]
 fn compile_errors_name_the_file() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     let patch = append_after_first_line(&target, &["fs/proc/cmdline.c"], "this is not C;");
     let err = build_patch(&target, &patch).unwrap_err();
@@ -280,7 +285,7 @@ fn compile_errors_name_the_file() {
 #[test]
 fn interrupted_build_is_undone_by_the_next() {
     use std::os::unix::fs::MetadataExt;
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     // What a build killed mid-way leaves: a journal and a patched file
     // renamed over its link in the work tree.
@@ -312,7 +317,7 @@ fn interrupted_build_is_undone_by_the_next() {
 
 #[test]
 fn builds_files_included_by_others_through_their_includer() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     let patch = append_after_first_line(
         &target,
@@ -342,7 +347,7 @@ fn builds_files_included_by_others_through_their_includer() {
 
 #[test]
 fn documentation_only_is_no_change() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     let target = target();
     let patch = append_after_first_line(
         &target,
@@ -358,7 +363,7 @@ fn documentation_only_is_no_change() {
 
 #[test]
 fn builds_from_a_user_tree() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _serial = serial();
     // The Debian source used as if it were the user's own tree: its farm is
     // synced before every build and its original objects left to make.
     let debian = target();
