@@ -32,6 +32,9 @@
 //! `DYNAMOS_OVERHEAD_PASSES` (3), `DYNAMOS_OVERHEAD_ROUNDS` (5) and
 //! `DYNAMOS_OVERHEAD_ROUND_MS` (50, of guest time) set the effort.
 
+mod common;
+
+use common::text;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -85,29 +88,11 @@ const HANDLER: Column = Column {
     patch: "overhead-adaptation-false.diff",
 };
 
-fn env_number(name: &str, default: u32) -> u32 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| fail(&format!("{name}={v:?} is not a number"))),
-        Err(_) => default,
-    }
-}
-
 fn fail(message: &str) -> ! {
     eprintln!("overhead: {message}");
     std::process::exit(1);
 }
 
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-/// The last line `dynamos-build` printed: its one-line reason on failure.
 fn last_line(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr);
     stderr
@@ -231,48 +216,15 @@ fn build_direct_module(root: &Path, work: &Path) -> Result<PathBuf, String> {
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let passes = env_number("DYNAMOS_OVERHEAD_PASSES", 3).max(1);
-    let rounds = env_number("DYNAMOS_OVERHEAD_ROUNDS", 5).clamp(1, 64);
-    let round_ms = env_number("DYNAMOS_OVERHEAD_ROUND_MS", 50).max(1);
-    let instruction_clock = match std::env::var("DYNAMOS_OVERHEAD_CLOCK").as_deref() {
-        Ok("icount") | Err(_) => true,
-        Ok("host") => false,
-        Ok(other) => fail(&format!(
-            "DYNAMOS_OVERHEAD_CLOCK={other:?}: use icount (the default) or host"
-        )),
-    };
-
-    // Release builds: `dynamos apply` runs inside the emulated guest.
-    let status = Command::new("cargo")
-        .args(["build", "--release", "--quiet", "--bins"])
-        .current_dir(root)
-        .status()
-        .expect("cargo runs");
-    if !status.success() {
-        fail("cargo build --release failed");
-    }
-    let work = tempfile::tempdir().expect("temporary folder");
-    let keys = work.path().join("keys");
-    std::fs::create_dir(&keys).unwrap();
-    let keygen = Command::new(root.join("target/release/dynamos"))
-        .arg("keygen")
-        .env("DYNAMOS_CONFIG", &keys)
-        .output()
-        .expect("dynamos runs");
-    if !keygen.status.success() {
-        fail(&format!("keygen: {}", text(&keygen)));
-    }
-
+    let number = |name, default| common::env_number(name, default).unwrap_or_else(|e| fail(&e));
+    let passes = number("DYNAMOS_OVERHEAD_PASSES", 3).max(1);
+    let rounds = number("DYNAMOS_OVERHEAD_ROUNDS", 5).clamp(1, 64);
+    let round_ms = number("DYNAMOS_OVERHEAD_ROUND_MS", 50).max(1);
+    let instruction_clock =
+        common::instruction_clock("DYNAMOS_OVERHEAD_CLOCK").unwrap_or_else(|e| fail(&e));
+    let (work, keys) = common::prepare(root).unwrap_or_else(|e| fail(&e));
     let probe = work.path().join("overhead");
-    let cc = Command::new("cc")
-        .args(["-static", "-O2", "-Wall", "-Wextra", "-o"])
-        .arg(&probe)
-        .arg(root.join("tests/guest/overhead.c"))
-        .status()
-        .expect("cc runs");
-    if !cc.success() {
-        fail("cannot compile tests/guest/overhead.c");
-    }
+    common::compile_probe(root, "overhead.c", &probe).unwrap_or_else(|e| fail(&e));
 
     let mut packages: Vec<PathBuf> = vec![probe];
     let mut columns: Vec<&Column> = Vec::new();

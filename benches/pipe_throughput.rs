@@ -14,31 +14,17 @@
 //! `DYNAMOS_PIPE_BULK_MIB` (256) and `DYNAMOS_PIPE_SMALL` (20000 round
 //! trips) set the effort.
 
+mod common;
+
+use common::text;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 const PACKAGE: &str = "pipe-adaptive-ring";
-
-fn env_number(name: &str, default: u32) -> u32 {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|_| fail(&format!("{name}={v:?} is not a number"))),
-        Err(_) => default,
-    }
-}
 
 fn fail(message: &str) -> ! {
     eprintln!("pipe_throughput: {message}");
     std::process::exit(1);
-}
-
-fn text(out: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 fn median(values: &mut [f64]) -> f64 {
@@ -58,46 +44,15 @@ fn seconds(output: &str, label: &str, kind: &str) -> Vec<f64> {
 
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let passes = env_number("DYNAMOS_PIPE_PASSES", 3).max(1);
-    let bulk_mib = env_number("DYNAMOS_PIPE_BULK_MIB", 256).max(1);
-    let small = env_number("DYNAMOS_PIPE_SMALL", 20000).max(1);
-    let instruction_clock = match std::env::var("DYNAMOS_PIPE_CLOCK").as_deref() {
-        Ok("icount") | Err(_) => true,
-        Ok("host") => false,
-        Ok(other) => fail(&format!(
-            "DYNAMOS_PIPE_CLOCK={other:?}: use icount (the default) or host"
-        )),
-    };
-
-    let status = Command::new("cargo")
-        .args(["build", "--release", "--quiet", "--bins"])
-        .current_dir(root)
-        .status()
-        .expect("cargo runs");
-    if !status.success() {
-        fail("cargo build --release failed");
-    }
-    let work = tempfile::tempdir().expect("temporary folder");
-    let keys = work.path().join("keys");
-    std::fs::create_dir(&keys).unwrap();
-    let keygen = Command::new(root.join("target/release/dynamos"))
-        .arg("keygen")
-        .env("DYNAMOS_CONFIG", &keys)
-        .output()
-        .expect("dynamos runs");
-    if !keygen.status.success() {
-        fail(&format!("keygen: {}", text(&keygen)));
-    }
+    let number = |name, default| common::env_number(name, default).unwrap_or_else(|e| fail(&e));
+    let passes = number("DYNAMOS_PIPE_PASSES", 3).max(1);
+    let bulk_mib = number("DYNAMOS_PIPE_BULK_MIB", 256).max(1);
+    let small = number("DYNAMOS_PIPE_SMALL", 20000).max(1);
+    let instruction_clock =
+        common::instruction_clock("DYNAMOS_PIPE_CLOCK").unwrap_or_else(|e| fail(&e));
+    let (work, keys) = common::prepare(root).unwrap_or_else(|e| fail(&e));
     let probe = work.path().join("pipe-throughput");
-    let cc = Command::new("cc")
-        .args(["-static", "-O2", "-Wall", "-Wextra", "-o"])
-        .arg(&probe)
-        .arg(root.join("tests/guest/pipe_throughput.c"))
-        .status()
-        .expect("cc runs");
-    if !cc.success() {
-        fail("cannot compile tests/guest/pipe_throughput.c");
-    }
+    common::compile_probe(root, "pipe_throughput.c", &probe).unwrap_or_else(|e| fail(&e));
     let pkg = work.path().join(format!("{PACKAGE}.dynpkg"));
     let out = Command::new(root.join("target/release/dynamos-build"))
         .arg(root.join("patches").join(format!("{PACKAGE}.diff")))

@@ -59,39 +59,18 @@ fn same_size(frame_size: Option<u64>, code_size: Option<usize>) -> bool {
 
 /// Every kernel thread under `proc` whose stack shows its main function.
 pub fn running_threads(proc: &Path) -> Vec<KernelThread> {
-    let mut out = Vec::new();
-    let Ok(entries) = fs::read_dir(proc) else {
-        return out;
-    };
-    for entry in entries.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Some(flags) = fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|s| stat_flags(&s))
-        else {
-            continue;
-        };
-        if flags & PF_KTHREAD == 0 {
-            continue;
-        }
-        let Some((main_function, main_size)) = fs::read_to_string(entry.path().join("stack"))
-            .ok()
-            .and_then(|s| main_function(&s))
-        else {
-            continue;
-        };
-        let comm = fs::read_to_string(entry.path().join("comm"))
-            .map(|c| c.trim().to_string())
-            .unwrap_or_default();
-        out.push(KernelThread {
-            pid,
-            comm,
-            main_function,
-            main_size,
-        });
-    }
+    let mut out: Vec<KernelThread> = kernel_threads(proc)
+        .into_iter()
+        .filter_map(|t| {
+            let (main_function, main_size) = main_function(&t.stack)?;
+            Some(KernelThread {
+                pid: t.pid,
+                comm: t.comm,
+                main_function,
+                main_size,
+            })
+        })
+        .collect();
     out.sort_by_key(|t| t.pid);
     out
 }

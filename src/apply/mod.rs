@@ -222,7 +222,37 @@ fn blocking_tasks(paths: &SystemPaths, name: &str) -> Vec<String> {
     };
     let patched = patched_functions(&paths.livepatch.join(name));
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir(&paths.proc) else {
+    for task in each_task(&paths.proc) {
+        let state = read_trimmed(&task.dir.join("patch_state"));
+        match state.as_deref() {
+            Some(s) if s != target && s != "-1" => {}
+            _ => continue,
+        }
+        let comm = read_trimmed(&task.dir.join("comm")).unwrap_or_default();
+        let top = fs::read_to_string(task.dir.join("stack"))
+            .ok()
+            .and_then(|s| blocking_frame(&s, &patched))
+            .map(|f| format!(" in {f}"))
+            .unwrap_or_default();
+        out.push(format!("{}/{} ({comm}){top}", task.pid, task.tid));
+        if out.len() >= 10 {
+            break;
+        }
+    }
+    out
+}
+
+/// A task (thread) of the running system and its /proc folder.
+pub(crate) struct TaskDir {
+    pub pid: String,
+    pub tid: String,
+    pub dir: PathBuf,
+}
+
+/// Every task under `proc`: /proc/PID/task/TID.
+pub(crate) fn each_task(proc: &Path) -> Vec<TaskDir> {
+    let mut out = Vec::new();
+    let Ok(procs) = fs::read_dir(proc) else {
         return out;
     };
     for p in procs.flatten() {
@@ -234,24 +264,11 @@ fn blocking_tasks(paths: &SystemPaths, name: &str) -> Vec<String> {
             continue;
         };
         for t in tasks.flatten() {
-            let state = read_trimmed(&t.path().join("patch_state"));
-            match state.as_deref() {
-                Some(s) if s != target && s != "-1" => {}
-                _ => continue,
-            }
-            let comm = read_trimmed(&t.path().join("comm")).unwrap_or_default();
-            let top = fs::read_to_string(t.path().join("stack"))
-                .ok()
-                .and_then(|s| blocking_frame(&s, &patched))
-                .map(|f| format!(" in {f}"))
-                .unwrap_or_default();
-            out.push(format!(
-                "{pid}/{} ({comm}){top}",
-                t.file_name().to_string_lossy()
-            ));
-            if out.len() >= 10 {
-                return out;
-            }
+            out.push(TaskDir {
+                pid: pid.clone(),
+                tid: t.file_name().to_string_lossy().into_owned(),
+                dir: t.path(),
+            });
         }
     }
     out

@@ -113,30 +113,21 @@ fn task_name(pid: &str, tid: &str, comm: &str) -> String {
 /// (thread id, description with the frame).
 fn tasks_with_frame(paths: &SystemPaths, accept: impl Fn(&Frame) -> bool) -> Vec<(u32, String)> {
     let mut out = Vec::new();
-    let Ok(procs) = fs::read_dir(&paths.proc) else {
-        return out;
-    };
-    for p in procs.flatten() {
-        let pid = p.file_name().to_string_lossy().into_owned();
-        if !pid.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        let Ok(tasks) = fs::read_dir(p.path().join("task")) else {
+    for task in super::each_task(&paths.proc) {
+        let Ok(stack) = fs::read_to_string(task.dir.join("stack")) else {
             continue;
         };
-        for t in tasks.flatten() {
-            let tid = t.file_name().to_string_lossy().into_owned();
-            let Ok(stack) = fs::read_to_string(t.path().join("stack")) else {
-                continue;
-            };
-            if let Some(frame) = stack.lines().filter_map(Frame::parse).find(|f| accept(f)) {
-                let comm = read_trimmed(&t.path().join("comm")).unwrap_or_default();
-                if let Ok(id) = tid.parse() {
-                    out.push((
-                        id,
-                        format!("{} in {}", task_name(&pid, &tid, &comm), frame.text),
-                    ));
-                }
+        if let Some(frame) = stack.lines().filter_map(Frame::parse).find(|f| accept(f)) {
+            let comm = read_trimmed(&task.dir.join("comm")).unwrap_or_default();
+            if let Ok(id) = task.tid.parse() {
+                out.push((
+                    id,
+                    format!(
+                        "{} in {}",
+                        task_name(&task.pid, &task.tid, &comm),
+                        frame.text
+                    ),
+                ));
             }
         }
     }

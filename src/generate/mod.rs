@@ -251,17 +251,9 @@ pub fn generate(
                     let n = next_thread;
                     next_thread += 1;
                     let original = format!("__dynamos_thread_original_{n}");
-                    update.externals.push(ExternalSymbol {
-                        module_symbol: original.clone(),
-                        name: version.name.clone(),
-                        kind: SymbolKind::Function,
-                        file: Some(unit.source_file.clone()),
-                        global: unit
-                            .original
-                            .symbols
-                            .iter()
-                            .any(|s| s.name == version.name && s.is_function() && !s.is_local()),
-                    });
+                    update
+                        .externals
+                        .push(running_original(unit, &version.name, &original));
                     let mut task_pointers = Vec::new();
                     for (k, (name, global)) in pointers.iter().enumerate() {
                         let module_symbol = format!("__dynamos_thread_task_{n}_{k}");
@@ -283,17 +275,9 @@ pub fn generate(
                 notes.push(kthreads::note(&version.name, &thread, &names));
             }
             if let Some(sync) = &replaced.synchronized {
-                update.externals.push(ExternalSymbol {
-                    module_symbol: sync.original.clone(),
-                    name: version.name.clone(),
-                    kind: SymbolKind::Function,
-                    file: Some(unit.source_file.clone()),
-                    global: unit
-                        .original
-                        .symbols
-                        .iter()
-                        .any(|s| s.name == version.name && s.is_function() && !s.is_local()),
-                });
+                update
+                    .externals
+                    .push(running_original(unit, &version.name, &sync.original));
                 notes.push(format!(
                     "{} of {}: synchronized update; sleepers move between versions at {}{}",
                     version.name,
@@ -471,6 +455,22 @@ pub fn generate(
         objects,
         notes,
     })
+}
+
+/// The external through which the module learns where the running
+/// original of `function` is (it redirects or restarts it itself).
+fn running_original(unit: &TranslationUnit, function: &str, module_symbol: &str) -> ExternalSymbol {
+    ExternalSymbol {
+        module_symbol: module_symbol.to_string(),
+        name: function.to_string(),
+        kind: SymbolKind::Function,
+        file: Some(unit.source_file.clone()),
+        global: unit
+            .original
+            .symbols
+            .iter()
+            .any(|s| s.name == function && s.is_function() && !s.is_local()),
+    }
 }
 
 /// Package-wide names of one unit's transitionally cloned functions.
