@@ -93,7 +93,8 @@ fn khungtaskd_is_restarted_into_its_new_loop_and_back() {
     let inspected = dynamos(&keys.dir, &["inspect", khungtaskd.to_str().unwrap()]);
     assert!(
         stdout(&inspected).contains(
-            "thread   watchdog is the main function of kernel threads started by hung_task_init"
+            "thread   watchdog is the main function of kernel threads started by hung_task_init\n\
+             restart  watchdog: its threads restart into the new version"
         ),
         "{}",
         stdout(&inspected)

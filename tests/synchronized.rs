@@ -29,6 +29,12 @@ fn sleeping_writers_finish_their_writes_across_the_update() {
             && notes.contains("; pipe_write_is_bulk chooses the calls and sleepers that run the new code"),
         "{notes}"
     );
+    let inspected = stdout(&dynamos(&keys.dir, &["inspect", pkg.to_str().unwrap()]));
+    assert!(
+        inspected.contains("sleep    pipe_write: sleepers move at wait_event_interruptible_exclusive() at line 576 (carries ")
+            && inspected.contains("sleep    pipe_write: pipe_write_is_bulk chooses who moves"),
+        "{inspected}"
+    );
     let writer = work.path().join("pipe-sync-writer");
     compile_static_probe("pipe_sync_writer.c", &writer);
 

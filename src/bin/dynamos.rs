@@ -410,6 +410,20 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
                     f.name,
                     t.started_by.join(", ")
                 );
+                if f.restart.is_some() {
+                    println!(
+                        "restart  {}: its threads restart into the new version",
+                        f.name
+                    );
+                }
+            }
+            if let Some(sync) = &f.synchronized {
+                for point in &sync.sleep_points {
+                    println!("sleep    {}: sleepers move at {point}", f.name);
+                }
+                if let Some(handler) = &sync.handler {
+                    println!("sleep    {}: {handler} chooses who moves", f.name);
+                }
             }
         }
         for f in &object.added {
