@@ -9,6 +9,7 @@
 //! naming the threads, instead of timing out.
 
 use super::kcore::KernelMemory;
+use super::stack::{frames, Frame};
 use crate::package::Manifest;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -90,35 +91,6 @@ pub struct RestartedThread {
     pub comm: String,
     pub old_pid: u32,
     pub new_pid: u32,
-}
-
-/// One frame of /proc/PID/stack: `function+0xoffset/0xsize [module]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Frame {
-    function: String,
-    offset: u64,
-    module: Option<String>,
-}
-
-fn frames(stack: &str) -> Vec<Frame> {
-    stack
-        .lines()
-        .filter_map(|l| {
-            let rest = l.split_once("] ").map_or(l, |(_, r)| r).trim();
-            let mut words = rest.split_whitespace();
-            let location = words.next()?;
-            let module = words
-                .next()
-                .map(|m| m.trim_matches(|c| c == '[' || c == ']').to_string());
-            let (function, place) = location.split_once('+')?;
-            let offset = place.split('/').next()?.trim_start_matches("0x");
-            Some(Frame {
-                function: function.to_string(),
-                offset: u64::from_str_radix(offset, 16).ok()?,
-                module,
-            })
-        })
-        .collect()
 }
 
 /// The main function's frame of a kernel thread: the frame just above

@@ -13,6 +13,7 @@ mod image;
 pub mod kcore;
 pub mod kthreads;
 mod resolve;
+mod stack;
 pub mod synchronized;
 pub mod values;
 

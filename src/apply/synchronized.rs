@@ -3,6 +3,7 @@
 //! `phase` and `wake` parameters, with the tasks that hold each phase
 //! found on their kernel stacks.
 
+use super::stack::Frame;
 use super::{read_trimmed, SystemPaths};
 use crate::package::Manifest;
 use anyhow::{bail, Context, Result};
@@ -132,29 +133,6 @@ fn tasks_with_frame(paths: &SystemPaths, accept: impl Fn(&Frame) -> bool) -> Vec
         }
     }
     out
-}
-
-/// One line of /proc/PID/stack: `[<0>] function+0xoff/0xsize [module]`.
-struct Frame {
-    function: String,
-    module: Option<String>,
-    text: String,
-}
-
-impl Frame {
-    fn parse(line: &str) -> Option<Frame> {
-        let rest = line.split_once("] ").map_or(line, |(_, r)| r).trim();
-        let mut words = rest.split_whitespace();
-        let location = words.next()?;
-        let module = words
-            .next()
-            .map(|m| m.trim_matches(|c| c == '[' || c == ']').to_string());
-        Some(Frame {
-            function: location.split('+').next()?.to_string(),
-            module,
-            text: rest.to_string(),
-        })
-    }
 }
 
 /// Names of the package's synchronized functions.
@@ -418,21 +396,4 @@ pub fn backward(
         );
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_stack_frames() {
-        let f = Frame::parse("[<0>] pipe_write+0x1a3/0x4b0").unwrap();
-        assert_eq!(f.function, "pipe_write");
-        assert!(f.module.is_none());
-        let f =
-            Frame::parse("[<0>] __dynamos_sync_bodies_pipe_write.isra.0+0x2f/0x700 [dynamos_x]")
-                .unwrap();
-        assert_eq!(f.function, "__dynamos_sync_bodies_pipe_write.isra.0");
-        assert_eq!(f.module.as_deref(), Some("dynamos_x"));
-    }
 }
