@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 6;
+pub const FORMAT_VERSION: u32 = 7;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.
@@ -207,6 +207,63 @@ pub struct ThreadRestart {
     /// starter stores `kthread_run`'s result in), as module symbols apply
     /// resolves, and by name.
     pub task_pointers: Vec<(String, String)>,
+    /// What a restarted thread carries into the new version, when the new
+    /// version has a restore point.
+    pub state: Option<ThreadState>,
+}
+
+/// The state a thread restarted into the new version carries: the
+/// original's top-level locals, read where the old thread stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadState {
+    /// Module symbol of the function returning the new version's
+    /// `struct dynamos_thread`.
+    pub state_of: String,
+    /// The original's locals, in the order the module saves them.
+    pub locals: Vec<String>,
+    /// Those the new version restores by name and type.
+    pub restored: Vec<String>,
+    /// The patch's state-transfer function, if any.
+    pub transfer: Option<String>,
+    /// Where each local is at each direct call of the original, by the
+    /// call's return offset in the function: where a thread can stop.
+    pub sites: Vec<ThreadStateSite>,
+}
+
+/// Where the original's locals are at one call it makes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadStateSite {
+    pub return_offset: u64,
+    /// The function called there.
+    pub callee: String,
+    /// One per local of [`ThreadState::locals`]; None: not readable there.
+    pub locations: Vec<Option<LocalLocation>>,
+}
+
+/// A place the update module reads a local from, in the old thread's
+/// context at the call (DWARF register numbers; the stack pointer is the
+/// caller's, before the call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LocalLocation {
+    Register { register: u16, size: u8 },
+    Memory { base: u16, offset: i64, size: u8 },
+    Constant { value: u64, size: u8 },
+}
+
+impl LocalLocation {
+    /// `index,kind,register,offset,size`: how the module's `restart`
+    /// parameter takes it.
+    pub fn parameter(&self, index: usize) -> String {
+        match *self {
+            LocalLocation::Register { register, size } => format!("{index},r,{register},0,{size}"),
+            LocalLocation::Memory { base, offset, size } => {
+                format!("{index},m,{base},{offset},{size}")
+            }
+            LocalLocation::Constant { value, size } => {
+                format!("{index},c,0,{},{size}", value as i64)
+            }
+        }
+    }
 }
 
 /// A function whose sleepers move between its versions at their sleep

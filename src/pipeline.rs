@@ -191,10 +191,9 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let synchronized = crate::synchronize::add_transitional_clones(applied.changes, |path| {
         std::fs::read(source.join(path)).ok()
     })?;
-    let changes = synchronized.changes;
-    lap("transitional clones", &mut timings);
+    lap("transitional clones and restore points", &mut timings);
 
-    let built = crate::build::build(&target, &changes)?;
+    let built = crate::build::build(&target, &synchronized.changes)?;
     lap("compile", &mut timings);
 
     let replace_unchanged: BTreeSet<String> = request.replace_unchanged.iter().cloned().collect();
@@ -278,29 +277,30 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         &name,
         &module,
         &units,
-        &synchronized.functions,
+        &synchronized,
         &kbuild_dir,
         &work,
         &modules,
     );
     let _ = std::fs::remove_dir_all(&work);
     let mut generated = generated?;
-    // A restarted kernel thread starts its function afresh.
-    for f in generated
-        .objects
-        .iter()
-        .flat_map(|o| &o.replaced)
-        .filter(|f| f.restart.is_some())
-    {
-        let locals = std::fs::read(target.source.join(&f.file))
+    // A restarted thread of a function without a restore point starts afresh.
+    for without in &synchronized.restore_points.without {
+        let restarted = generated
+            .objects
+            .iter()
+            .flat_map(|o| &o.replaced)
+            .any(|f| f.restart.is_some() && f.name == without.name && f.file == without.file);
+        let locals = std::fs::read(target.source.join(&without.file))
             .ok()
-            .and_then(|text| crate::synchronize::locals_of(&text, &f.name))
+            .and_then(|text| crate::synchronize::locals_of(&text, &without.name))
             .unwrap_or_default();
-        if !locals.is_empty() {
+        if restarted && !locals.is_empty() {
             generated.notes.push(format!(
-                "{} of {}: a restarted thread runs the new version from its start; its locals are not carried: {}",
-                f.name,
-                f.file,
+                "{} of {}: a restarted thread runs the new version from its start; its locals are not carried ({}): {}",
+                without.name,
+                without.file,
+                without.reason,
                 locals.join(", ")
             ));
         }

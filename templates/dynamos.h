@@ -122,4 +122,58 @@ static __always_inline int dynamos_sync_enter(struct dynamos_sync *sync, bool ne
 		atomic_inc(&(sync)->moved[from]);				\
 	} while (0)
 
+/*
+ * Kernel threads restarted into a new version of their main function
+ * (docs/architecture.md, "Kernel threads"). dynamos-build gives a changed
+ * main function one of these and a restore point just before its main
+ * loop; the update module fills it from the old thread's locals where that
+ * thread stops (their places at each call come from the original build's
+ * debug info) and names the new thread in `restoring`. At the restore
+ * point the new thread copies each carried local it declares with the same
+ * name and type, then runs the patch's state-transfer function, if any.
+ */
+#define DYNAMOS_THREAD_LOCALS 16
+
+struct dynamos_thread {
+	struct task_struct *restoring;		/* the thread that restores next */
+	unsigned long carried;			/* bit i: value[i] was carried */
+	unsigned long long value[DYNAMOS_THREAD_LOCALS];
+	const char *const *names;		/* the original's locals, by index */
+	unsigned int count;
+};
+
+/* The old thread's local `name`, if it was carried, in *value. */
+static inline bool dynamos_thread_old(const struct dynamos_thread *old, const char *name,
+				      unsigned long long *value)
+{
+	unsigned int i;
+
+	for (i = 0; i < old->count && i < DYNAMOS_THREAD_LOCALS; i++) {
+		if (__builtin_strcmp(old->names[i], name) || !(old->carried & (1UL << i)))
+			continue;
+		*value = old->value[i];
+		return true;
+	}
+	return false;
+}
+
+/*
+ * DYNAMOS_THREAD_STATE(function, transfer)
+ *
+ * `function` is the main function of kernel threads; when `dynamos apply`
+ * restarts them, `transfer` runs in each new thread just before its main
+ * loop, after the locals carried by name and type are restored. It is
+ * called as
+ *
+ *	transfer(old, &local1, &local2, ...)
+ *
+ * with `old` the saved state (read it with dynamos_thread_old()) and the
+ * addresses of the locals the patched `function` declares at the top of
+ * its body, in order. It sets what the new version needs that the old one
+ * did not have, or had under another name or type.
+ */
+#define DYNAMOS_THREAD_STATE(function, transfer)				\
+	_Static_assert(sizeof(&(function)) + sizeof(&(transfer)) != 0,		\
+		       "thread state: " #function)
+
 #endif /* _DYNAMOS_H */

@@ -457,7 +457,7 @@ MODULE_PARM_DESC(wake, "wake the task with this id so it checks its wait conditi
 /*
  * Kernel threads (docs/architecture.md, "Kernel threads"). A thread
  * function is not in the livepatch tables: its threads never leave it. On
- * a write to `restart` ("INDEX new|original SLEEP OFFSET"), every thread
+ * a write to `restart` ("INDEX new|original SLEEP OFFSET [LOCAL...]"), every thread
  * running the other version of function INDEX is replaced by a new thread
  * running the named version, one at a time:
  *
@@ -468,11 +468,18 @@ MODULE_PARM_DESC(wake, "wake the task with this id so it checks its wait conditi
  *   - the old thread is woken; at its next call of SLEEP from OFFSET in its
  *     main function, the place it was asleep at, so a point of its loop
  *     where it holds no lock, an ftrace handler sends it to an exit stub;
- *   - once it has exited, the new thread runs.
+ *   - there, before it leaves, the handler copies the old thread's locals
+ *     into the new version's `struct dynamos_thread` (each LOCAL is
+ *     "I,KIND,REG,OFFSET,SIZE": local I is in DWARF register REG, in
+ *     memory at REG + OFFSET, or the constant OFFSET; the stack pointer
+ *     is the caller's) and names the new thread as the one to restore it;
+ *   - once it has exited, the new thread runs; before its main loop it
+ *     restores what was carried (dynamos.h).
  *
  * If the old thread does not get there within 10 s, the pointers are
- * switched back and the new thread is stopped before it ran. Locals of the
- * old thread are not carried: the new one starts its function afresh.
+ * switched back and the new thread is stopped before it ran. A restart
+ * into the original version carries nothing: the original code has no
+ * restore point.
  */
 #define THREAD_COUNT {{thread_count}}
 #if THREAD_COUNT
@@ -482,6 +489,8 @@ MODULE_PARM_DESC(wake, "wake the task with this id so it checks its wait conditi
 #include <linux/sched/signal.h>
 #include <linux/sched/task.h>
 #include <uapi/linux/sched/types.h>
+#include <linux/uaccess.h>
+#include "dynamos.h"
 
 {{thread_declarations}}
 
@@ -493,6 +502,17 @@ struct thread_function {
 	void *original;				/* resolved by apply */
 	void *new_version;
 	struct task_struct **task_pointers[MAX_TASK_POINTERS];
+	/* The new version's restore state; NULL without a restore point. */
+	struct dynamos_thread *(*state_of)(void);
+};
+
+/* Where the old thread's local `index` is at its stop, from `restart`. */
+struct local_place {
+	int index;
+	char kind;			/* r: register, m: memory, c: constant */
+	int reg;			/* DWARF register number */
+	long long offset;
+	int size;
 };
 
 static struct thread_function thread_functions[THREAD_COUNT] = {
@@ -504,6 +524,7 @@ static struct restarted_thread {
 	int function;
 	pid_t old_pid, new_pid;
 	char comm[TASK_COMM_LEN];
+	unsigned long carried;
 } restarted[MAX_RESTARTED];
 static int restarted_count;
 
@@ -511,6 +532,79 @@ static DEFINE_MUTEX(thread_lock);
 static DECLARE_COMPLETION(thread_exited);
 static struct task_struct *thread_stopping;
 static unsigned long thread_stop_return;
+/* Set under thread_lock while a thread is restarted into the new version. */
+static struct dynamos_thread *thread_state;
+static struct task_struct *thread_successor;
+static struct local_place thread_places[DYNAMOS_THREAD_LOCALS];
+static int thread_place_count;
+
+/* The value of DWARF register `reg` in `regs` at a call: the stack pointer is the caller's. */
+static bool notrace register_value(struct pt_regs *regs, int reg, unsigned long *value)
+{
+	switch (reg) {
+	case 0: *value = regs->ax; return true;
+	case 1: *value = regs->dx; return true;
+	case 2: *value = regs->cx; return true;
+	case 3: *value = regs->bx; return true;
+	case 4: *value = regs->si; return true;
+	case 5: *value = regs->di; return true;
+	case 6: *value = regs->bp; return true;
+	case 7: *value = regs->sp + sizeof(long); return true;
+	case 8: *value = regs->r8; return true;
+	case 9: *value = regs->r9; return true;
+	case 10: *value = regs->r10; return true;
+	case 11: *value = regs->r11; return true;
+	case 12: *value = regs->r12; return true;
+	case 13: *value = regs->r13; return true;
+	case 14: *value = regs->r14; return true;
+	case 15: *value = regs->r15; return true;
+	}
+	return false;
+}
+
+/*
+ * Save the stopping thread's locals for its successor. Runs in the old
+ * thread at its call of SLEEP: `regs` are its registers at the call and
+ * the stack it reads is its own.
+ */
+static void notrace save_thread_state(struct pt_regs *regs, unsigned long parent_ip)
+{
+	struct dynamos_thread *state = thread_state;
+	unsigned long carried = 0, base;
+	int i;
+
+	/* regs->sp must hold the return address into the main function. */
+	if (!state || !regs || *(unsigned long *)regs->sp != parent_ip)
+		return;
+	for (i = 0; i < thread_place_count; i++) {
+		const struct local_place *p = &thread_places[i];
+		unsigned long long value = 0;
+
+		switch (p->kind) {
+		case 'r':
+			if (!register_value(regs, p->reg, &base))
+				continue;
+			value = base;
+			break;
+		case 'm':
+			if (!register_value(regs, p->reg, &base) ||
+			    copy_from_kernel_nofault(&value, (void *)(base + p->offset), p->size))
+				continue;
+			break;
+		case 'c':
+			value = p->offset;
+			break;
+		default:
+			continue;
+		}
+		if (p->size < 8)
+			value &= (1ULL << (p->size * 8)) - 1;
+		state->value[p->index] = value;
+		carried |= 1UL << p->index;
+	}
+	state->carried = carried;
+	smp_store_release(&state->restoring, thread_successor);
+}
 
 static void notrace thread_exit_stub(void)
 {
@@ -523,8 +617,10 @@ static void notrace thread_stop_handler(unsigned long ip, unsigned long parent_i
 					struct ftrace_ops *ops, struct ftrace_regs *fregs)
 {
 	if (current == READ_ONCE(thread_stopping) &&
-	    parent_ip == READ_ONCE(thread_stop_return))
+	    parent_ip == READ_ONCE(thread_stop_return)) {
+		save_thread_state(ftrace_get_regs(fregs), parent_ip);
 		ftrace_instruction_pointer_set(fregs, (unsigned long)thread_exit_stub);
+	}
 }
 
 static struct ftrace_ops thread_stop_ops = {
@@ -548,6 +644,7 @@ static int restart_thread(int index, struct task_struct *old, void *to,
 	void *from = kthread_func(old);
 	struct sched_attr attr = { .size = sizeof(attr) };
 	struct task_struct *new;
+	unsigned long carried;
 	int ret;
 
 	new = kthread_create_on_node(to, kthread_data(old), NUMA_NO_NODE, "%s", old->comm);
@@ -565,6 +662,12 @@ static int restart_thread(int index, struct task_struct *old, void *to,
 	synchronize_rcu_tasks();
 
 	reinit_completion(&thread_exited);
+	thread_state = to == f->new_version && f->state_of ? f->state_of() : NULL;
+	thread_successor = new;
+	if (thread_state) {
+		thread_state->carried = 0;
+		WRITE_ONCE(thread_state->restoring, NULL);
+	}
 	WRITE_ONCE(thread_stop_return, (unsigned long)from + offset);
 	WRITE_ONCE(thread_stopping, old);
 	ret = ftrace_set_filter_ip(&thread_stop_ops, sleep, 0, 0);
@@ -583,6 +686,8 @@ static int restart_thread(int index, struct task_struct *old, void *to,
 	WRITE_ONCE(thread_stopping, NULL);
 	if (ret) {
 		/* Not stopped: it keeps running; the new thread never ran. */
+		if (thread_state)
+			WRITE_ONCE(thread_state->restoring, NULL);
 		switch_task_pointers(f, new, old);
 		kthread_stop(new);
 		pr_err("%s: %s (pid %d) did not reach its sleep point: %d\n",
@@ -594,29 +699,63 @@ static int restart_thread(int index, struct task_struct *old, void *to,
 		__module_get(THIS_MODULE);
 	else
 		module_put(THIS_MODULE);
+	carried = thread_state && READ_ONCE(thread_state->restoring) == new ?
+		thread_state->carried : 0;
+	get_task_struct(new);
+	wake_up_process(new);
+	/*
+	 * The state is the function's, not the thread's: the next restart may
+	 * only refill it once this thread has restored from it.
+	 */
+	if (carried) {
+		unsigned long until = jiffies + 10 * HZ;
+
+		while (READ_ONCE(thread_state->restoring) == new && time_before(jiffies, until))
+			schedule_timeout_uninterruptible(1);
+		if (cmpxchg(&thread_state->restoring, new, NULL) == new) {
+			pr_warn("%s: %s (pid %d) did not reach its restore point: it runs without the old thread's locals\n",
+				THIS_MODULE->name, new->comm, task_pid_nr(new));
+			carried = 0;
+		}
+	}
 	if (restarted_count < MAX_RESTARTED) {
 		struct restarted_thread *r = &restarted[restarted_count++];
 
 		r->function = index;
 		r->old_pid = task_pid_nr(old);
 		r->new_pid = task_pid_nr(new);
+		r->carried = carried;
 		get_task_comm(r->comm, new);
 	}
-	wake_up_process(new);
+	put_task_struct(new);
 	return 0;
 }
 
 static int restart_set(const char *value, const struct kernel_param *kp)
 {
 	struct task_struct *g, *p, *found[MAX_RESTARTED];
+	struct local_place places[DYNAMOS_THREAD_LOCALS];
 	unsigned long sleep, offset;
 	char version[16];
-	int index, n = 0, i, ret = 0;
+	int index, n = 0, i, ret = 0, consumed = 0, place_count = 0;
+	const char *rest;
 	void *from, *to;
 
-	if (sscanf(value, "%d %15s %lx %lx", &index, version, &sleep, &offset) != 4 ||
+	if (sscanf(value, "%d %15s %lx %lx%n", &index, version, &sleep, &offset, &consumed) != 4 ||
 	    index < 0 || index >= THREAD_COUNT)
 		return -EINVAL;
+	for (rest = value + consumed; *(rest = skip_spaces(rest)); ) {
+		struct local_place *q = &places[place_count];
+		int used = 0;
+
+		if (place_count == DYNAMOS_THREAD_LOCALS ||
+		    sscanf(rest, "%d,%c,%d,%lld,%d%n", &q->index, &q->kind, &q->reg, &q->offset,
+			   &q->size, &used) != 5 ||
+		    q->index < 0 || q->index >= DYNAMOS_THREAD_LOCALS || q->size < 1 || q->size > 8)
+			return -EINVAL;
+		place_count++;
+		rest += used;
+	}
 	if (!strcmp(version, "new")) {
 		from = thread_functions[index].original;
 		to = thread_functions[index].new_version;
@@ -627,6 +766,8 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 		return -EINVAL;
 	}
 	mutex_lock(&thread_lock);
+	memcpy(thread_places, places, sizeof(places));
+	thread_place_count = place_count;
 	restarted_count = 0;
 	rcu_read_lock();
 	for_each_process_thread(g, p) {
@@ -646,16 +787,17 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 	return ret;
 }
 
-/* One line per thread the last restart replaced: function name old-pid new-pid. */
+/* One line per thread the last restart replaced: function name old-pid new-pid carried-mask. */
 static int restart_get(char *buffer, const struct kernel_param *kp)
 {
 	int i, len = 0;
 
 	mutex_lock(&thread_lock);
 	for (i = 0; i < restarted_count; i++)
-		len += scnprintf(buffer + len, PAGE_SIZE - len, "%s %s %d %d\n",
+		len += scnprintf(buffer + len, PAGE_SIZE - len, "%s %s %d %d %lx\n",
 				 thread_functions[restarted[i].function].name,
-				 restarted[i].comm, restarted[i].old_pid, restarted[i].new_pid);
+				 restarted[i].comm, restarted[i].old_pid, restarted[i].new_pid,
+				 restarted[i].carried);
 	mutex_unlock(&thread_lock);
 	return len;
 }

@@ -91,6 +91,9 @@ pub struct RestartedThread {
     pub comm: String,
     pub old_pid: u32,
     pub new_pid: u32,
+    /// Locals of the old thread the new one restored.
+    #[serde(default)]
+    pub carried: Vec<String>,
 }
 
 /// The main function's frame of a kernel thread: the frame just above
@@ -189,10 +192,23 @@ pub fn restart(
                 sites.push((sleep, main.offset));
             }
         }
+        let state = f.restart.as_ref().and_then(|r| r.state.as_ref());
         for (sleep, offset) in sites {
+            // Where the old thread's locals are at this call, for the new version.
+            let places: String = state
+                .filter(|_| version == "new")
+                .and_then(|s| s.sites.iter().find(|site| site.return_offset == offset))
+                .map(|site| {
+                    site.locations
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(i, l)| l.map(|l| format!(" {}", l.parameter(i))))
+                        .collect()
+                })
+                .unwrap_or_default();
             fs::write(
                 parameters.join("restart"),
-                format!("{index} {version} {sleep:x} {offset:x}"),
+                format!("{index} {version} {sleep:x} {offset:x}{places}"),
             )
             .with_context(|| {
                 format!(
@@ -203,12 +219,25 @@ pub fn restart(
             let report = fs::read_to_string(parameters.join("restart")).unwrap_or_default();
             for line in report.lines() {
                 let w: Vec<&str> = line.split_whitespace().collect();
-                if let [function, comm, old, new] = w[..] {
+                if let [function, comm, old, new, carried] = w[..] {
+                    let mask = u64::from_str_radix(carried, 16).unwrap_or(0);
+                    let carried = state
+                        .map(|s| {
+                            (s.locals.iter().enumerate())
+                                .filter(|(i, n)| {
+                                    mask & (1 << i) != 0
+                                        && (s.restored.contains(n) || s.transfer.is_some())
+                                })
+                                .map(|(_, n)| n.clone())
+                                .collect()
+                        })
+                        .unwrap_or_default();
                     restarted.push(RestartedThread {
                         function: function.to_string(),
                         comm: comm.to_string(),
                         old_pid: old.parse().unwrap_or(0),
                         new_pid: new.parse().unwrap_or(0),
+                        carried,
                     });
                 }
             }

@@ -212,8 +212,12 @@ fn run(cli: Cli) -> Result<i32> {
             }
             for t in &applied.restarted {
                 println!(
-                    "restarted {} (pid {}) as pid {}, running the new {}",
-                    t.comm, t.old_pid, t.new_pid, t.function
+                    "restarted {} (pid {}) as pid {}, running the new {}{}",
+                    t.comm,
+                    t.old_pid,
+                    t.new_pid,
+                    t.function,
+                    carried_suffix(&t.carried)
                 );
             }
             if let Some(phases) = &applied.synchronized {
@@ -305,8 +309,12 @@ fn run(cli: Cli) -> Result<i32> {
                     }
                     for t in &u.restarted {
                         println!(
-                            "    thread {}: restarted into the new {}, pid {} (was {})",
-                            t.comm, t.function, t.new_pid, t.old_pid
+                            "    thread {}: restarted into the new {}, pid {} (was {}){}",
+                            t.comm,
+                            t.function,
+                            t.new_pid,
+                            t.old_pid,
+                            carried_suffix(&t.carried)
                         );
                     }
                     if let Some(sync) = &u.synchronized {
@@ -410,9 +418,22 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
                     f.name,
                     t.started_by.join(", ")
                 );
-                if f.restart.is_some() {
+                if let Some(restart) = &f.restart {
+                    let carries = match &restart.state {
+                        Some(state) if !state.restored.is_empty() || state.transfer.is_some() => {
+                            let mut what = state.restored.join(", ");
+                            if let Some(t) = &state.transfer {
+                                if !what.is_empty() {
+                                    what.push_str(", ");
+                                }
+                                what.push_str(&format!("what {t} sets"));
+                            }
+                            format!(", carrying {what}")
+                        }
+                        _ => String::new(),
+                    };
                     println!(
-                        "restart  {}: its threads restart into the new version",
+                        "restart  {}: its threads restart into the new version{carries}",
                         f.name
                     );
                 }
@@ -542,4 +563,13 @@ fn applied_json(applied: &apply::AppliedPackage) -> serde_json::Value {
         "synchronized": applied.synchronized,
         "restarted": applied.restarted,
     })
+}
+
+/// `, carrying a, b` for a restarted thread's carried locals.
+fn carried_suffix(carried: &[String]) -> String {
+    if carried.is_empty() {
+        String::new()
+    } else {
+        format!(", carrying {}", carried.join(", "))
+    }
 }

@@ -10,6 +10,7 @@
 
 pub mod adaptation;
 mod correlate;
+pub mod frame_locals;
 pub mod lines;
 pub mod object;
 pub mod signature;

@@ -156,9 +156,23 @@ pub(super) struct Sections {
 
 impl Sections {
     pub(super) fn load(obj: &ObjectFile) -> Result<Sections> {
+        Self::load_placed(obj, &NEEDED, None)
+    }
+
+    /// Sections `ids`, relocated with code section `placed.0` at address
+    /// `placed.1` (every other non-debug section is at 0), so addresses of
+    /// that section's code cannot be mistaken for another's.
+    pub(super) fn load_placed(
+        obj: &ObjectFile,
+        ids: &[SectionId],
+        placed: Option<(usize, u64)>,
+    ) -> Result<Sections> {
         let mut loaded = HashMap::new();
         let mut starts: HashMap<usize, u64> = HashMap::new();
-        for id in NEEDED {
+        if let Some((section, base)) = placed {
+            starts.insert(section, base);
+        }
+        for &id in ids {
             let (data, parts) = load_section(obj, id.name())?;
             starts.extend(parts.iter().copied());
             loaded.insert(id, (data, parts));

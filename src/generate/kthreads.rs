@@ -4,8 +4,10 @@
 //! finish for that thread; `dynamos apply` restarts those threads, or
 //! refuses the update when it cannot.
 
+use crate::diff::frame_locals;
 use crate::diff::object::{ObjectFile, SymbolPlace};
-use crate::package::ThreadFunction;
+use crate::package::{ThreadFunction, ThreadState, ThreadStateSite};
+use crate::synchronize::threads::RestorePoint;
 
 /// Calls that create a kernel thread running the function passed to them
 /// (`kthread_run` and `kthread_create` expand to the first).
@@ -162,4 +164,107 @@ pub fn note(function: &str, thread: &ThreadFunction, task_pointers: &[String]) -
             }
         )
     }
+}
+
+/// What a restarted thread of `point`'s function carries, and the note
+/// that says so: where the original's locals are at each call it makes.
+pub fn thread_state(
+    original: &ObjectFile,
+    point: &RestorePoint,
+    state_of: &str,
+) -> (ThreadState, String) {
+    let (sites, unreadable) =
+        match frame_locals::locals_at_calls(original, &point.name, &point.old_locals) {
+            Ok(sites) => (sites, None),
+            Err(e) => (Vec::new(), Some(format!("{e:#}"))),
+        };
+    // Where a thread can be found asleep; every call when none is known.
+    let sleeping: Vec<&ThreadStateSite> = sites
+        .iter()
+        .filter(|s| crate::synchronize::is_sleeping_call(&s.callee))
+        .collect();
+    let candidates: Vec<&ThreadStateSite> = if sleeping.is_empty() {
+        sites.iter().collect()
+    } else {
+        sleeping
+    };
+    let located = |index: usize| {
+        let at = candidates
+            .iter()
+            .filter(|s| s.locations.get(index).is_some_and(Option::is_some))
+            .count();
+        (at, candidates.len())
+    };
+    let mut sleeps: Vec<&str> = candidates.iter().map(|s| s.callee.as_str()).collect();
+    sleeps.dedup();
+    let mut carried = Vec::new();
+    let mut partly = Vec::new();
+    let mut lost = Vec::new();
+    for name in &point.restored {
+        let index = point.old_locals.iter().position(|l| l == name).unwrap_or(0);
+        match located(index) {
+            (0, _) => lost.push(format!(
+                "{name} (in no register or stack slot at its calls of {})",
+                sleeps.join(", ")
+            )),
+            (at, all) if at == all => carried.push(name.clone()),
+            (at, all) => partly.push(format!(
+                "{name} (at {at} of {all} calls of {})",
+                sleeps.join(", ")
+            )),
+        }
+    }
+    let mut fresh: Vec<String> = point
+        .new_locals
+        .iter()
+        .filter(|l| !point.restored.contains(l))
+        .cloned()
+        .collect();
+    fresh.extend(
+        point
+            .not_carriable
+            .iter()
+            .map(|(n, why)| format!("{n} ({why})")),
+    );
+    let mut parts = Vec::new();
+    if !carried.is_empty() {
+        parts.push(format!(
+            "carries {} from where the old thread sleeps ({})",
+            carried.join(", "),
+            sleeps.join(", ")
+        ));
+    }
+    if !partly.is_empty() {
+        parts.push(format!("carries where located {}", partly.join(", ")));
+    }
+    if let Some(t) = &point.transfer {
+        parts.push(format!("runs {t} to set the rest"));
+    }
+    let mut afresh: Vec<String> = lost;
+    if point.transfer.is_none() {
+        afresh.extend(fresh);
+    }
+    if !afresh.is_empty() {
+        parts.push(format!("starts afresh with {}", afresh.join(", ")));
+    }
+    if let Some(e) = unreadable {
+        parts.push(format!(
+            "carries nothing: its locals cannot be located ({e})"
+        ));
+    }
+    let note = format!(
+        "{} of {}: a restarted thread runs the new version from its start and, at line {} before its loop, {}",
+        point.name,
+        point.file,
+        point.line,
+        if parts.is_empty() { "has no locals to carry".to_string() } else { parts.join("; ") }
+    );
+    let state = ThreadState {
+        state_of: state_of.to_string(),
+        locals: point.old_locals.clone(),
+        restored: point.restored.clone(),
+        transfer: point.transfer.clone(),
+        sites,
+    };
+    (state, note)
 }

@@ -20,7 +20,8 @@ use crate::package::{
     Adaptation, ExpectedCode, ExternalSymbol, ObjectUpdate, ReplacedFunction, SourceObject,
     SymbolKind, Synchronization,
 };
-use crate::synchronize::SynchronizedFunction;
+use crate::synchronize::threads::RestorePoint;
+use crate::synchronize::{Synchronized, SynchronizedFunction};
 use anyhow::{bail, Context, Result};
 use extract::{Extracted, PackageNames};
 use std::collections::{BTreeMap, BTreeSet};
@@ -57,11 +58,13 @@ pub fn generate(
     package: &str,
     module_name: &str,
     units: &[TranslationUnit],
-    synchronized: &[SynchronizedFunction],
+    transformed: &Synchronized,
     kbuild_dir: &Path,
     work: &Path,
     modules: &module_symbols::ModuleContext,
 ) -> Result<GeneratedModule> {
+    let synchronized: &[SynchronizedFunction] = &transformed.functions;
+    let restore_points: &[RestorePoint] = &transformed.restore_points.points;
     let mut names = PackageNames::default();
     let mut by_object: BTreeMap<String, ObjectUpdate> = BTreeMap::new();
     let mut tables: BTreeMap<String, Vec<(ReplacedFunction, String)>> = BTreeMap::new();
@@ -73,6 +76,7 @@ pub fn generate(
     let mut next_adaptive = 0;
     let mut next_synchronized = 0;
     let mut next_thread = 0;
+    let mut next_thread_state = 0;
 
     // New globals one unit defines and another uses link inside the package.
     for unit in units {
@@ -159,6 +163,17 @@ pub fn generate(
         }
         let mut aliases = adaptive.handler_aliases.clone();
         aliases.extend(clones.aliases.clone());
+        // The restore state of each changed thread function, for the module.
+        let mut state_aliases: BTreeMap<String, String> = BTreeMap::new();
+        for point in restore_points
+            .iter()
+            .filter(|p| p.file == unit.source_file && unit.diff.changed().contains(&p.name))
+        {
+            let alias = format!("__dynamos_thread_state_{}", next_thread_state);
+            next_thread_state += 1;
+            aliases.insert(point.state_of.clone(), alias.clone());
+            state_aliases.insert(point.name.clone(), alias);
+        }
         let extracted: Extracted = match extract::extract(
             unit.patched,
             unit.diff,
@@ -266,9 +281,22 @@ pub fn generate(
                         });
                         task_pointers.push((module_symbol, name.clone()));
                     }
+                    let point = restore_points
+                        .iter()
+                        .find(|p| p.file == unit.source_file && p.name == version.name);
+                    let state = match (point, state_aliases.get(&version.name)) {
+                        (Some(point), Some(state_of)) => {
+                            let (state, note) =
+                                kthreads::thread_state(unit.original, point, state_of);
+                            notes.push(note);
+                            Some(state)
+                        }
+                        _ => None,
+                    };
                     replaced.restart = Some(crate::package::ThreadRestart {
                         original,
                         task_pointers,
+                        state,
                     });
                 }
                 let names: Vec<String> = pointers.into_iter().map(|(n, _)| n).collect();
@@ -770,9 +798,19 @@ fn render_threads(objects: &[ObjectUpdate]) -> (usize, String, String) {
             ));
             pointers.push_str(&format!("&{symbol}, "));
         }
+        let state_of = match &r.state {
+            Some(state) => {
+                declarations.push_str(&format!(
+                    "extern struct dynamos_thread *{}(void); /* {}'s restore state */\n",
+                    state.state_of, f.name
+                ));
+                format!(", .state_of = {}", state.state_of)
+            }
+            None => String::new(),
+        };
         entries.push_str(&format!(
-            "\t{{ .name = \"{}\", .original = {}, .new_version = {}, .task_pointers = {{ {}}} }},\n",
-            f.name, r.original, f.new_symbol, pointers
+            "\t{{ .name = \"{}\", .original = {}, .new_version = {}, .task_pointers = {{ {}}}{} }},\n",
+            f.name, r.original, f.new_symbol, pointers, state_of
         ));
         count += 1;
     }

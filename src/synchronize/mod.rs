@@ -17,6 +17,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use tree_sitter::{Node, Parser, Tree};
 
+pub mod threads;
+
 /// The macro a patch uses to name a synchronized function (`dynamos.h`).
 const MACRO: &str = "DYNAMOS_SYNCHRONIZED";
 /// The macro that pairs sleep points by order where their text differs.
@@ -51,6 +53,15 @@ fn is_unconditional_sleep(name: &str) -> bool {
     ]
     .contains(&name)
         || name.starts_with("wait_for_completion")
+}
+
+/// Whether a call of `name` is one a task sleeps in.
+pub fn is_sleeping_call(name: &str) -> bool {
+    is_unconditional_sleep(name)
+        || is_conditional_wait(name)
+        || name.starts_with("__wait_event")
+        || name.starts_with("schedule")
+        || name.starts_with("freezable_schedule")
 }
 
 /// One function updated through a transitional clone.
@@ -100,6 +111,8 @@ impl SleepPoint {
 pub struct Synchronized {
     pub changes: BTreeMap<PathBuf, Option<Vec<u8>>>,
     pub functions: Vec<SynchronizedFunction>,
+    /// Restore points written into changed kernel-thread main functions.
+    pub restore_points: threads::RestorePoints,
 }
 
 /// Add the clones of every function the patched files name with
@@ -157,10 +170,22 @@ pub fn add_transitional_clones(
         }
         patched.extend_from_slice(appended.as_bytes());
     }
+    let cloned: Vec<String> = functions.iter().map(|f| f.name.clone()).collect();
+    let restore_points = match threads::add_restore_points(&mut changes, &original, &cloned) {
+        Ok(points) => points,
+        Err(mut r) => {
+            refusals.append(&mut r);
+            threads::RestorePoints::default()
+        }
+    };
     if !refusals.is_empty() {
         return Err(Error::Refused(refusals).into());
     }
-    Ok(Synchronized { changes, functions })
+    Ok(Synchronized {
+        changes,
+        functions,
+        restore_points,
+    })
 }
 
 /// The identifier arguments of every `MACRO(a, b, ...)` line of a file.
