@@ -295,6 +295,10 @@ pub struct ThreadFunction {
     /// The object stops threads with kthread_stop(), which needs the very
     /// task it started.
     pub stopped_by_kthread_stop: bool,
+    /// ... and only through the task pointers its starters store, which a
+    /// restart points at the new thread.
+    #[serde(default)]
+    pub stopped_through_task_pointers: bool,
 }
 
 /// Both versions of an adaptively replaced function, inside the package's

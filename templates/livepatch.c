@@ -457,7 +457,8 @@ MODULE_PARM_DESC(wake, "wake the task with this id so it checks its wait conditi
 /*
  * Kernel threads (docs/architecture.md, "Kernel threads"). A thread
  * function is not in the livepatch tables: its threads never leave it. On
- * a write to `restart` ("INDEX new|original SLEEP OFFSET [LOCAL...]"), every thread
+ * a write to `restart` ("INDEX new|original SLEEP OFFSET [LOCAL...]", or
+ * "release" to let go of new threads that exited on their own), every thread
  * running the other version of function INDEX is replaced by a new thread
  * running the named version, one at a time:
  *
@@ -637,6 +638,50 @@ static void switch_task_pointers(struct thread_function *f, struct task_struct *
 		cmpxchg(f->task_pointers[i], from, to);
 }
 
+/*
+ * New threads running this module's code. Each holds a reference to the
+ * module, so it cannot go while one runs, and to its task, so that one
+ * that exited on its own (kthread_stop() by its subsystem) can be told
+ * and let go.
+ */
+#define MAX_HOLDERS 64
+static struct task_struct *holders[MAX_HOLDERS];
+
+static void hold(struct task_struct *t)
+{
+	int i;
+
+	__module_get(THIS_MODULE);
+	for (i = 0; i < MAX_HOLDERS; i++) {
+		if (!holders[i]) {
+			holders[i] = get_task_struct(t);
+			return;
+		}
+	}
+}
+
+static void release(struct task_struct *t)
+{
+	int i;
+
+	for (i = 0; i < MAX_HOLDERS; i++) {
+		if (holders[i] == t) {
+			holders[i] = NULL;
+			put_task_struct(t);
+			module_put(THIS_MODULE);
+		}
+	}
+}
+
+static void release_exited(void)
+{
+	int i;
+
+	for (i = 0; i < MAX_HOLDERS; i++)
+		if (holders[i] && (READ_ONCE(holders[i]->flags) & PF_EXITING))
+			release(holders[i]);
+}
+
 static int restart_thread(int index, struct task_struct *old, void *to,
 			  unsigned long sleep, unsigned long offset)
 {
@@ -694,11 +739,10 @@ static int restart_thread(int index, struct task_struct *old, void *to,
 		       THIS_MODULE->name, old->comm, task_pid_nr(old), ret);
 		return ret;
 	}
-	/* A thread running this module's code holds the module. */
 	if (to == f->new_version)
-		__module_get(THIS_MODULE);
+		hold(new);
 	else
-		module_put(THIS_MODULE);
+		release(old);
 	carried = thread_state && READ_ONCE(thread_state->restoring) == new ?
 		thread_state->carried : 0;
 	get_task_struct(new);
@@ -741,6 +785,13 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 	const char *rest;
 	void *from, *to;
 
+	if (sysfs_streq(value, "release")) {
+		/* Let go of new threads that have exited on their own. */
+		mutex_lock(&thread_lock);
+		release_exited();
+		mutex_unlock(&thread_lock);
+		return 0;
+	}
 	if (sscanf(value, "%d %15s %lx %lx%n", &index, version, &sleep, &offset, &consumed) != 4 ||
 	    index < 0 || index >= THREAD_COUNT)
 		return -EINVAL;
@@ -766,6 +817,7 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 		return -EINVAL;
 	}
 	mutex_lock(&thread_lock);
+	release_exited();
 	memcpy(thread_places, places, sizeof(places));
 	thread_place_count = place_count;
 	restarted_count = 0;

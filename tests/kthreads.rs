@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use dynamos::diff::frame_locals::locals_at_calls;
 use dynamos::diff::ObjectFile;
-use dynamos::generate::kthreads::thread_function;
+use dynamos::generate::kthreads::{restartable, thread_function};
 use dynamos::package::{LocalLocation, ThreadFunction};
 use std::process::Command;
 
@@ -36,6 +36,10 @@ int start_loop(void)
 int start_per_cpu(unsigned int cpu) { return kthread_create_on_cpu(per_cpu_loop, 0, cpu, "pc/%u") != 0; }
 int stop_loop(void) { return kthread_stop(loop_task); }
 int call_helper(void) { return helper(&loop_task); }
+struct holder { struct task_struct *task; };
+static int held(void *data) { for (;;) schedule_timeout_interruptible(10); return 0; }
+int start_held(struct holder *h) { h->task = kthread_create_on_node(held, h, -1, "held"); return h->task != 0; }
+int stop_held(struct holder *h) { return kthread_stop(h->task); }
 "#;
 
 #[test]
@@ -57,6 +61,8 @@ fn thread_functions_are_found_from_the_original_object() {
             started_by: vec!["start_loop".into()],
             per_cpu: false,
             stopped_by_kthread_stop: true,
+            // stop_loop reads loop_task, but stop_held stops some other thread.
+            stopped_through_task_pointers: false,
         })
     );
     assert_eq!(
@@ -65,6 +71,17 @@ fn thread_functions_are_found_from_the_original_object() {
             started_by: vec!["start_per_cpu".into()],
             per_cpu: true,
             stopped_by_kthread_stop: true,
+            stopped_through_task_pointers: false,
+        })
+    );
+    // Stopped through a structure's field, which a restart cannot switch.
+    assert_eq!(
+        thread_function(&object, "held"),
+        Some(ThreadFunction {
+            started_by: vec!["start_held".into()],
+            per_cpu: false,
+            stopped_by_kthread_stop: true,
+            stopped_through_task_pointers: false,
         })
     );
     // Called, or its neighbour's address taken: not a thread function.
@@ -92,6 +109,12 @@ int counter(void *data)
         }
         return 0;
 }
+struct task_struct;
+struct task_struct *kthread_create_on_node(int (*fn)(void *), void *data, int node, const char *fmt, ...);
+int kthread_stop(struct task_struct *t);
+static struct task_struct *counter_task;
+int start(void) { counter_task = kthread_create_on_node(counter, 0, -1, "counter"); return counter_task != 0; }
+void stop(void) { kthread_stop(counter_task); }
 "#;
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("counter.c"), COUNTER_C).unwrap();
@@ -104,6 +127,10 @@ int counter(void *data)
         .expect("cc runs");
     assert!(status.success());
     let object = ObjectFile::read(&dir.path().join("counter.o")).unwrap();
+    // Stopped only through counter_task, which a restart points at the new thread.
+    let thread = thread_function(&object, "counter").unwrap();
+    assert!(thread.stopped_through_task_pointers, "{thread:?}");
+    assert!(restartable(&thread));
     let locals = [
         "count".to_string(),
         "limit".to_string(),

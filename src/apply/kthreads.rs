@@ -143,6 +143,11 @@ pub fn restart(
         return Ok(Vec::new());
     }
     let parameters = paths.sys_module.join(module).join("parameters");
+    if version == "original" {
+        // New threads their subsystem stopped since no longer hold the module.
+        fs::write(parameters.join("restart"), "release")
+            .context("cannot let the module release exited threads")?;
+    }
     // Each thread function's two versions, as the module has them.
     let addresses: Vec<(u64, u64)> = fs::read_to_string(parameters.join("thread_functions"))
         .context("cannot read the module's thread functions")?
@@ -311,7 +316,8 @@ pub fn refuse_replaced_thread_functions(manifest: &Manifest, proc: &Path) -> Res
         let why = match &function.kthread {
             Some(t) if t.per_cpu => "; they are per-CPU threads, parked and stopped by CPU hotplug",
             Some(t) if t.stopped_by_kthread_stop => {
-                "; its file stops them with kthread_stop(), which needs the very task it started"
+                "; its file stops them with kthread_stop() other than through a task pointer it stores, \
+                 and kthread_stop() needs the very task it started"
             }
             _ => "",
         };

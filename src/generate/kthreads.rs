@@ -76,18 +76,82 @@ pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFu
         .filter(|&i| original.sections[i].is_exec())
         .flat_map(undefined_calls)
         .any(|n| THREAD_STOPPERS.contains(&n.as_str()));
+    let pointers: Vec<String> = task_pointers(original, &started_by)
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    let stopped_through_task_pointers =
+        stopped_by_kthread_stop && stops_through(original, &pointers);
     Some(ThreadFunction {
         started_by,
         per_cpu,
         stopped_by_kthread_stop,
+        stopped_through_task_pointers,
     })
 }
 
 /// Whether `dynamos apply` can restart the threads of `thread` into a new
 /// version: not per-CPU threads (CPU hotplug parks and stops them by their
-/// task) nor threads their file stops with kthread_stop().
+/// task) nor threads their file stops with kthread_stop() other than
+/// through the task pointers a restart switches.
 pub fn restartable(thread: &ThreadFunction) -> bool {
-    !thread.per_cpu && !thread.stopped_by_kthread_stop
+    !thread.per_cpu && (!thread.stopped_by_kthread_stop || thread.stopped_through_task_pointers)
+}
+
+/// The symbol a relocation reaches, through its section's symbol for a
+/// static (often reached that way).
+fn named_target<'o>(
+    original: &'o ObjectFile,
+    r: &crate::diff::object::Reloc,
+) -> Option<&'o crate::diff::object::Symbol> {
+    let target = original.symbols.get(r.symbol)?;
+    if !target.is_section() {
+        return Some(target);
+    }
+    let place = r.addend
+        + if r.r_type == object::elf::R_X86_64_PC32 {
+            4
+        } else {
+            0
+        };
+    let covering = crate::diff::covering_symbol(original, target.section()?, place)?;
+    original.symbols.get(covering)
+}
+
+/// Whether every function of `original` that calls kthread_stop() also
+/// reads one of `task_pointers`: then it stops the thread those point to,
+/// which a restart points at the new thread.
+pub fn stops_through(original: &ObjectFile, task_pointers: &[String]) -> bool {
+    if task_pointers.is_empty() {
+        return false;
+    }
+    for (index, section) in original.sections.iter().enumerate() {
+        if !section.is_exec() {
+            continue;
+        }
+        for r in &section.relocs {
+            let called = &original.symbols[r.symbol].name;
+            if !THREAD_STOPPERS.contains(&called.as_str()) {
+                continue;
+            }
+            let Some(caller) = crate::diff::covering_symbol(original, index, r.offset as i64)
+            else {
+                return false;
+            };
+            let caller = &original.symbols[caller];
+            let (start, end) = (caller.value, caller.value + caller.size.max(1));
+            let reads_pointer = section
+                .relocs
+                .iter()
+                .filter(|p| p.offset >= start && p.offset < end)
+                .filter_map(|p| named_target(original, p))
+                .any(|t| task_pointers.contains(&t.name));
+            if !reads_pointer {
+                return false;
+            }
+        }
+    }
+    true
 }
 
 /// Variables of `original` a thread's starters store a task pointer in:
@@ -110,23 +174,9 @@ pub fn task_pointers(original: &ObjectFile, started_by: &[String]) -> Vec<(Strin
             .iter()
             .filter(|r| r.offset >= start && r.offset < end)
         {
-            // A static is often reached through its section's symbol.
-            let mut target = &original.symbols[r.symbol];
-            if target.is_section() {
-                let place = r.addend
-                    + if r.r_type == object::elf::R_X86_64_PC32 {
-                        4
-                    } else {
-                        0
-                    };
-                let Some(covering) = target
-                    .section()
-                    .and_then(|sec| crate::diff::covering_symbol(original, sec, place))
-                else {
-                    continue;
-                };
-                target = &original.symbols[covering];
-            }
+            let Some(target) = named_target(original, r) else {
+                continue;
+            };
             if target.is_object()
                 && target.size == 8
                 && target.section().is_some()
@@ -160,7 +210,8 @@ pub fn note(function: &str, thread: &ThreadFunction, task_pointers: &[String]) -
             if thread.per_cpu {
                 "per-CPU threads are parked and stopped by CPU hotplug"
             } else {
-                "its file stops them with kthread_stop(), which needs the very task it started"
+                "its file stops them with kthread_stop() other than through a task pointer it stores, \
+                 and kthread_stop() needs the very task it started"
             }
         )
     }

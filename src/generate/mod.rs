@@ -237,6 +237,7 @@ pub fn generate(
                 expected_code: Vec::new(),
                 value_updates: Vec::new(),
             });
+        let mut thread_externals: Vec<ExternalSymbol> = Vec::new();
         for version in &extracted.replaced {
             let adaptation = adaptive.dispatched.get(&version.name);
             let replaced = ReplacedFunction {
@@ -266,13 +267,11 @@ pub fn generate(
                     let n = next_thread;
                     next_thread += 1;
                     let original = format!("__dynamos_thread_original_{n}");
-                    update
-                        .externals
-                        .push(running_original(unit, &version.name, &original));
+                    thread_externals.push(running_original(unit, &version.name, &original));
                     let mut task_pointers = Vec::new();
                     for (k, (name, global)) in pointers.iter().enumerate() {
                         let module_symbol = format!("__dynamos_thread_task_{n}_{k}");
-                        update.externals.push(ExternalSymbol {
+                        thread_externals.push(ExternalSymbol {
                             module_symbol: module_symbol.clone(),
                             name: name.clone(),
                             kind: SymbolKind::Data,
@@ -326,6 +325,33 @@ pub fn generate(
                 .push((replaced, version.alias.clone()));
         }
         update.added.extend(extracted.added.iter().cloned());
+        // A module's thread function and task pointers are bound whenever
+        // the module loads, as its new code's references to it are.
+        match module {
+            None => update.externals.append(&mut thread_externals),
+            Some(m) => match module_symbols::split_externals(
+                &unit.kernel_object,
+                std::mem::take(&mut thread_externals),
+                m,
+                &unit_locals,
+                &modules.exporters,
+            ) {
+                Ok((kept, later)) => {
+                    update.externals.extend(kept);
+                    update
+                        .load_time
+                        .extend(later.iter().map(|(_, s)| s.clone()));
+                    load_time.extend(later.into_iter().map(|(module_symbol, symbol)| {
+                        klp::KlpReference {
+                            module_symbol,
+                            patched: unit.kernel_object.clone(),
+                            symbol,
+                        }
+                    }));
+                }
+                Err(mut r) => refusals.append(&mut r),
+            },
+        }
         for extracted in std::iter::once(&extracted).chain(&old_clones) {
             match module {
                 None => {
