@@ -35,6 +35,16 @@ int start_loop(void)
 int start_per_cpu(unsigned int cpu) { return kthread_create_on_cpu(per_cpu_loop, 0, cpu, "pc/%u") != 0; }
 int stop_loop(void) { return kthread_stop(loop_task); }
 int call_helper(void) { return helper(&loop_task); }
+/* A starter that hands another function to another call (a /proc show
+   function next to its kthread_run()): that one is no thread function. */
+int register_show(const char *name, int mode, void *parent, int (*show)(void *));
+static int show(void *m) { return m != 0; }
+int start_with_show(void)
+{
+        register_show("x", 0444, 0, show);
+        loop_task = kthread_create_on_node(per_cpu_loop, 0, -1, "other");
+        return wake_up_process(loop_task);
+}
 "#;
 
 #[test]
@@ -61,13 +71,14 @@ fn thread_functions_are_found_from_the_original_object() {
     assert_eq!(
         thread_function(&object, "per_cpu_loop"),
         Some(ThreadFunction {
-            started_by: vec!["start_per_cpu".into()],
+            started_by: vec!["start_per_cpu".into(), "start_with_show".into()],
             per_cpu: true,
             stopped_by_kthread_stop: true,
         })
     );
     // Called, or its neighbour's address taken: not a thread function.
     assert_eq!(thread_function(&object, "helper"), None);
+    assert_eq!(thread_function(&object, "show"), None);
     assert_eq!(thread_function(&object, "start_loop"), None);
 }
 
