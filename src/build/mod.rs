@@ -24,6 +24,7 @@
 //! kbuild's own makefiles for every folder on the way to it.
 
 mod child;
+pub mod external;
 mod includers;
 
 use crate::cache::{self, Lock};
@@ -134,6 +135,11 @@ pub struct BuildOutput {
     pub pairs: Vec<ObjectPair>,
     /// Touched files that do not go into the kernel (documentation, tools…).
     pub ignored: Vec<PathBuf>,
+    /// Modules the target does not ship, linked here from their pristine
+    /// source (external modules): name as the kernel knows it → `.ko`.
+    /// They stand in for the shipped module wherever the build needs the
+    /// running module's symbol table.
+    pub original_modules: BTreeMap<String, PathBuf>,
     /// Folder holding `orig/…` and `patched/…` copies of the objects.
     pub dir: PathBuf,
     keep: bool,
@@ -409,6 +415,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     let mut output = BuildOutput {
         pairs: Vec::new(),
         ignored,
+        original_modules: BTreeMap::new(),
         dir: dir.clone(),
         keep: false,
     };
