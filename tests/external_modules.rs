@@ -147,6 +147,10 @@ fn patch_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
+/// Exit codes of what `--module-src` cannot build: 1 for a folder that is
+/// not a module's source, 2 for a Kbuild change or a C file no module is
+/// built from, 3 for a header that changes no object; one line each, and
+/// the folder untouched.
 #[test]
 fn a_folder_that_is_no_module_source_is_an_error_and_build_changes_are_refused() {
     let keys = Keys::new();
@@ -209,6 +213,22 @@ fn a_folder_that_is_no_module_source_is_an_error_and_build_changes_are_refused()
         err.contains("stray.c: not built into any module of"),
         "{err}"
     );
+
+    // A header of the module folder: every object of the module is
+    // compared, and none changes.
+    let header = patch_file(
+        work.path(),
+        "header.diff",
+        "--- /dev/null\n+++ b/counter.h\n@@ -0,0 +1,2 @@\n+/* SPDX-License-Identifier: GPL-2.0 */\n+#define DYNAMOS_COUNTER_UNUSED 1\n",
+    );
+    let out = run(&header, &fixture());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no binary change"),
+        "{}",
+        stderr(&out)
+    );
+
     assert_eq!(snapshot(&fixture()), before, "--module-src folder changed");
     assert!(!pkg.exists());
 }

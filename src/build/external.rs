@@ -10,7 +10,7 @@
 //! the running module's kallsyms will list.
 
 use super::{child, classify, kernel_object, new_result_dir, tail, BuildOutput, Kind, JOBS};
-use super::{ObjectPair, KCFLAGS, LOG_TAIL, MAKE_ENV_REMOVE};
+use super::{ObjectPair, AUTHOR_HEADER, AUTHOR_HEADER_NAME, KCFLAGS, LOG_TAIL, MAKE_ENV_REMOVE};
 use crate::target::Target;
 use crate::{Error, Refusal};
 use anyhow::{anyhow, bail, Context, Result};
@@ -182,13 +182,19 @@ pub fn build(
         }
     }
 
+    // `#include <dynamos.h>` (adaptation handlers, synchronized functions)
+    // finds the author's header in the patched build only, as in a tree build.
+    let author_include = dir.join("include");
+    fs::create_dir_all(&author_include)?;
+    fs::write(author_include.join(AUTHOR_HEADER_NAME), AUTHOR_HEADER)?;
+
     let progress = super::spinner(format!(
         "compiling module source {}, original and patched",
         module.root.display()
     ));
     let (orig_run, patched_run) = std::thread::scope(|scope| {
-        let first = scope.spawn(|| make_modules(kbuild_dir, &orig));
-        let second = make_modules(kbuild_dir, &patched);
+        let first = scope.spawn(|| make_modules(kbuild_dir, &orig, None));
+        let second = make_modules(kbuild_dir, &patched, Some(&author_include));
         (
             first
                 .join()
@@ -285,8 +291,9 @@ pub fn build(
     Ok(output)
 }
 
-/// `make -C kbuild M=copy modules`; success and the interleaved output.
-fn make_modules(kbuild_dir: &Path, copy: &Path) -> Result<(bool, String)> {
+/// `make -C kbuild M=copy modules`, with `include` searched for `<...>`
+/// includes too; success and the interleaved output.
+fn make_modules(kbuild_dir: &Path, copy: &Path, include: Option<&Path>) -> Result<(bool, String)> {
     let log = copy.join(".dynamos-make.log");
     let file =
         fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
@@ -298,8 +305,11 @@ fn make_modules(kbuild_dir: &Path, copy: &Path) -> Result<(bool, String)> {
         // The copy's folder (named after this process) is mapped out of
         // the debug info: both copies compile to the same bytes.
         .arg(format!(
-            "KCFLAGS={KCFLAGS} -ffile-prefix-map={}/=",
-            copy.display()
+            "KCFLAGS={KCFLAGS} -ffile-prefix-map={}/={}",
+            copy.display(),
+            include
+                .map(|dir| format!(" -idirafter {}", dir.display()))
+                .unwrap_or_default()
         ))
         .arg("modules");
     for var in MAKE_ENV_REMOVE {
