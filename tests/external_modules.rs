@@ -148,8 +148,8 @@ fn patch_file(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 /// Exit codes of what `--module-src` cannot build: 1 for a folder that is
-/// not a module's source, 2 for a Kbuild change or a C file no module is
-/// built from, 3 for a header that changes no object; one line each, and
+/// not a module's source, 2 for a Kbuild change, a C file no module is
+/// built from or an export whose version changes, 3 for a header that changes no object; one line each, and
 /// the folder untouched.
 #[test]
 fn a_folder_that_is_no_module_source_is_an_error_and_build_changes_are_refused() {
@@ -211,6 +211,31 @@ fn a_folder_that_is_no_module_source_is_an_error_and_build_changes_are_refused()
     let err = one_line(&out);
     assert!(
         err.contains("stray.c: not built into any module of"),
+        "{err}"
+    );
+
+    // An exported function's interface (its MODVERSIONS CRC) changes.
+    let exporting = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture().join("Kbuild"), exporting.path().join("Kbuild")).unwrap();
+    let mut source = std::fs::read_to_string(fixture().join("dynamos_counter.c")).unwrap();
+    let lines = source.lines().count();
+    source.push_str(
+        "\nint dynamos_counter_value(int x)\n{\n\treturn x + 1;\n}\nEXPORT_SYMBOL_GPL(dynamos_counter_value);\n",
+    );
+    std::fs::write(exporting.path().join("dynamos_counter.c"), source).unwrap();
+    let export = patch_file(
+        work.path(),
+        "export.diff",
+        &format!(
+            "--- a/dynamos_counter.c\n+++ b/dynamos_counter.c\n@@ -{0},4 +{0},4 @@\n \n-int dynamos_counter_value(int x)\n+long dynamos_counter_value(long x)\n {{\n \treturn x + 1;\n",
+            lines + 1
+        ),
+    );
+    let out = run(&export, exporting.path());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = one_line(&out);
+    assert!(
+        err.contains("dynamos_counter_value: exported symbol version changes"),
         "{err}"
     );
 

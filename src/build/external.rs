@@ -9,7 +9,10 @@
 //! for the modules the target does not ship: their symbol tables are what
 //! the running module's kallsyms will list.
 
-use super::{child, classify, kernel_object, new_result_dir, tail, BuildOutput, Kind, JOBS};
+use super::{
+    changed_symbol_versions_in, child, classify, kernel_object, new_result_dir, tail, BuildOutput,
+    Kind, JOBS,
+};
 use super::{ObjectPair, AUTHOR_HEADER, AUTHOR_HEADER_NAME, KCFLAGS, LOG_TAIL, MAKE_ENV_REMOVE};
 use crate::target::Target;
 use crate::{Error, Refusal};
@@ -262,6 +265,13 @@ pub fn build(
         }
     }
 
+    // Other modules were built against the exports' old versions.
+    for object in wanted.keys() {
+        refusals.extend(changed_symbol_versions_in(&orig, &patched, object)?);
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
     for (object, touched) in wanted {
         let built_into = kernel_object(&orig, &object)?;
         let patched_into = kernel_object(&patched, &object)?;

@@ -685,6 +685,12 @@ fn kernel_object(tree: &Path, object: &Path) -> Result<String> {
 /// kernel were checked against the old CRC and call the old interface, so
 /// such a change cannot go live; it is refused naming the symbol.
 fn changed_symbol_versions(trees: &Trees, object: &Path) -> Result<Vec<Refusal>> {
+    changed_symbol_versions_in(&trees.orig, &trees.patched, object)
+}
+
+/// [`changed_symbol_versions`] of `object` built in the folders `orig`
+/// and `patched`.
+fn changed_symbol_versions_in(orig: &Path, patched: &Path, object: &Path) -> Result<Vec<Refusal>> {
     let versions = |tree: &Path| -> Result<BTreeMap<String, String>> {
         let cmd = cmd_file(&tree.join(object));
         let text =
@@ -696,7 +702,7 @@ fn changed_symbol_versions(trees: &Trees, object: &Path) -> Result<Vec<Refusal>>
             .map(|(name, crc)| (name.to_string(), crc.trim().to_string()))
             .collect())
     };
-    let (old, new) = (versions(&trees.orig)?, versions(&trees.patched)?);
+    let (old, new) = (versions(orig)?, versions(patched)?);
     Ok(old
         .iter()
         .filter_map(|(name, crc)| {
