@@ -28,6 +28,9 @@ pub struct BuildRequest {
     /// Functions replaced even when their code does not change (an
     /// identity update, for measuring the redirect).
     pub replace_unchanged: Vec<String>,
+    /// Source folder of an external (out-of-tree) module the patches fix,
+    /// used read-only; the patches' paths are relative to it.
+    pub module_source: Option<PathBuf>,
 }
 
 pub struct BuildReport {
@@ -117,6 +120,15 @@ fn check_output(output: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The kbuild folder modules are built against: the target's headers, or
+/// its prepared original tree.
+fn kbuild_dir(target: &Target) -> Result<PathBuf> {
+    match &target.headers {
+        Some(headers) => Ok(headers.clone()),
+        None => crate::build::module_build_dir(target),
+    }
+}
+
 pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let mut timings = Vec::new();
     let mut clock = Instant::now();
@@ -153,6 +165,11 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         );
     }
     let signing_key = package::keys::load_signing_key(&key_path)?;
+    let module_source = request
+        .module_source
+        .as_deref()
+        .map(crate::build::external::ModuleSource::open)
+        .transpose()?;
 
     let mut patches = Vec::new();
     let mut digests = Vec::new();
@@ -176,9 +193,14 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let target = Target::resolve(&request.target)?;
     lap("prepare target", &mut timings);
 
+    // The tree the patches' paths are relative to.
+    let patch_root = match &module_source {
+        Some(m) => m.root().to_path_buf(),
+        None => target.source.clone(),
+    };
     let applied = crate::patch::apply_with_fuzz(
         &patches,
-        crate::patch::tree_reader(&target.source),
+        crate::patch::tree_reader(&patch_root),
         request.fuzz,
     )?;
     // Shown at once: a misplaced hunk explains a failed or empty build too.
@@ -187,13 +209,18 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     }
     lap("apply patches", &mut timings);
 
-    let source = target.source.clone();
     let synchronized = crate::synchronize::add_transitional_clones(applied.changes, |path| {
-        std::fs::read(source.join(path)).ok()
+        std::fs::read(patch_root.join(path)).ok()
     })?;
     lap("transitional clones and restore points", &mut timings);
 
-    let built = crate::build::build(&target, &synchronized.changes)?;
+    let changes = &synchronized.changes;
+    let built = match &module_source {
+        Some(module) => {
+            crate::build::external::build(&target, module, &kbuild_dir(&target)?, changes)?
+        }
+        None => crate::build::build(&target, changes)?,
+    };
     lap("compile", &mut timings);
 
     let replace_unchanged: BTreeSet<String> = request.replace_unchanged.iter().cloned().collect();
@@ -256,15 +283,13 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             diff,
         })
         .collect();
-    let kbuild_dir = match &target.headers {
-        Some(headers) => headers.clone(),
-        None => crate::build::module_build_dir(&target)?,
-    };
+    let kbuild_dir = kbuild_dir(&target)?;
     let modules = generate::module_symbols::ModuleContext {
         modules_dir: match &target.debian {
             Some(d) => Some(d.modules_dir()?),
             None => None,
         },
+        original_modules: built.original_modules.clone(),
         exporters: std::fs::read_to_string(kbuild_dir.join("Module.symvers"))
             .map(|s| generate::module_symbols::exporters(&s))
             .unwrap_or_default(),
@@ -291,7 +316,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             .iter()
             .flat_map(|o| &o.replaced)
             .any(|f| f.restart.is_some() && f.name == without.name && f.file == without.file);
-        let locals = std::fs::read(target.source.join(&without.file))
+        let locals = std::fs::read(patch_root.join(&without.file))
             .ok()
             .and_then(|text| crate::synchronize::locals_of(&text, &without.name))
             .unwrap_or_default();

@@ -40,6 +40,16 @@ struct holder { struct task_struct *task; };
 static int held(void *data) { for (;;) schedule_timeout_interruptible(10); return 0; }
 int start_held(struct holder *h) { h->task = kthread_create_on_node(held, h, -1, "held"); return h->task != 0; }
 int stop_held(struct holder *h) { return kthread_stop(h->task); }
+/* A starter that hands another function to another call (a /proc show
+   function next to its kthread_run()): that one is no thread function. */
+int register_show(const char *name, int mode, void *parent, int (*show)(void *));
+static int show(void *m) { return m != 0; }
+int start_with_show(void)
+{
+        register_show("x", 0444, 0, show);
+        loop_task = kthread_create_on_node(per_cpu_loop, 0, -1, "other");
+        return wake_up_process(loop_task);
+}
 "#;
 
 #[test]
@@ -68,7 +78,7 @@ fn thread_functions_are_found_from_the_original_object() {
     assert_eq!(
         thread_function(&object, "per_cpu_loop"),
         Some(ThreadFunction {
-            started_by: vec!["start_per_cpu".into()],
+            started_by: vec!["start_per_cpu".into(), "start_with_show".into()],
             per_cpu: true,
             stopped_by_kthread_stop: true,
             stopped_through_task_pointers: false,
@@ -86,6 +96,7 @@ fn thread_functions_are_found_from_the_original_object() {
     );
     // Called, or its neighbour's address taken: not a thread function.
     assert_eq!(thread_function(&object, "helper"), None);
+    assert_eq!(thread_function(&object, "show"), None);
     assert_eq!(thread_function(&object, "start_loop"), None);
 }
 

@@ -33,6 +33,11 @@ struct Args {
     /// Module.symvers of the kernel built from --src (needed with CONFIG_MODVERSIONS).
     #[arg(long, requires = "src")]
     symvers: Option<PathBuf>,
+    /// Source folder of an out-of-tree module built with kbuild (a Kbuild
+    /// or Makefile with obj-m), used read-only: the patches fix it (paths
+    /// relative to DIR) instead of the kernel tree.
+    #[arg(long, value_name = "DIR")]
+    module_src: Option<PathBuf>,
     /// Secret key to sign with (default: the one `dynamos keygen` wrote).
     #[arg(long)]
     key: Option<PathBuf>,
@@ -78,6 +83,7 @@ fn main() {
         replaces: args.replaces,
         fuzz: args.fuzz,
         replace_unchanged: args.replace_unchanged,
+        module_source: args.module_src,
     };
     let result = build_package(&request);
     if args.json {

@@ -125,6 +125,12 @@ pub fn run(cmd: &mut Command, lock_fd: RawFd) -> io::Result<ExitStatus> {
 }
 
 /// Run `cmd` to completion tied to this process the same way, without the
+/// build lock (a build in a folder of its own).
+pub fn run_unlocked(cmd: &mut Command) -> io::Result<ExitStatus> {
+    run_tied(cmd, None, |make| make.wait())
+}
+
+/// Run `cmd` to completion tied to this process the same way, without the
 /// build lock, and collect its output.
 pub fn output(cmd: &mut Command) -> io::Result<Output> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());

@@ -24,6 +24,7 @@
 //! kbuild's own makefiles for every folder on the way to it.
 
 mod child;
+pub mod external;
 mod includers;
 
 use crate::cache::{self, Lock};
@@ -134,6 +135,11 @@ pub struct BuildOutput {
     pub pairs: Vec<ObjectPair>,
     /// Touched files that do not go into the kernel (documentation, tools…).
     pub ignored: Vec<PathBuf>,
+    /// Modules the target does not ship, linked here from their pristine
+    /// source (external modules): name as the kernel knows it → `.ko`.
+    /// They stand in for the shipped module wherever the build needs the
+    /// running module's symbol table.
+    pub original_modules: BTreeMap<String, PathBuf>,
     /// Folder holding `orig/…` and `patched/…` copies of the objects.
     pub dir: PathBuf,
     keep: bool,
@@ -409,6 +415,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     let mut output = BuildOutput {
         pairs: Vec::new(),
         ignored,
+        original_modules: BTreeMap::new(),
         dir: dir.clone(),
         keep: false,
     };
@@ -678,6 +685,12 @@ fn kernel_object(tree: &Path, object: &Path) -> Result<String> {
 /// kernel were checked against the old CRC and call the old interface, so
 /// such a change cannot go live; it is refused naming the symbol.
 fn changed_symbol_versions(trees: &Trees, object: &Path) -> Result<Vec<Refusal>> {
+    changed_symbol_versions_in(&trees.orig, &trees.patched, object)
+}
+
+/// [`changed_symbol_versions`] of `object` built in the folders `orig`
+/// and `patched`.
+fn changed_symbol_versions_in(orig: &Path, patched: &Path, object: &Path) -> Result<Vec<Refusal>> {
     let versions = |tree: &Path| -> Result<BTreeMap<String, String>> {
         let cmd = cmd_file(&tree.join(object));
         let text =
@@ -689,7 +702,7 @@ fn changed_symbol_versions(trees: &Trees, object: &Path) -> Result<Vec<Refusal>>
             .map(|(name, crc)| (name.to_string(), crc.trim().to_string()))
             .collect())
     };
-    let (old, new) = (versions(&trees.orig)?, versions(&trees.patched)?);
+    let (old, new) = (versions(orig)?, versions(patched)?);
     Ok(old
         .iter()
         .filter_map(|(name, crc)| {

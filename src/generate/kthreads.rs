@@ -19,6 +19,33 @@ const PER_CPU_MARKERS: &[&str] = &["kthread_create_on_cpu", "kthread_bind", "kth
 /// Calls that stop a kernel thread by its task pointer.
 const THREAD_STOPPERS: &[&str] = &["kthread_stop", "kthread_stop_put"];
 
+/// Register numbers of the x86-64 argument registers after the first
+/// (rsi, rdx, rcx, r8, r9): a thread creator takes its function in rdi.
+const LATER_ARGUMENT_REGISTERS: &[u8] = &[6, 2, 1, 8, 9];
+
+/// The register an instruction loads with the address whose relocation
+/// field starts at `field`, for the forms compilers load a function's
+/// address with: `mov $imm32, %r64`, `lea rel32(%rip), %r64`, `mov $imm32,
+/// %r32`. `None` for any other instruction (a store, a push, ...).
+fn loaded_into_register(code: &[u8], field: usize) -> Option<u8> {
+    let byte = |back: usize| field.checked_sub(back).and_then(|i| code.get(i)).copied();
+    let (rex, op, modrm) = (byte(3), byte(2), byte(1));
+    if let (Some(rex), Some(op), Some(modrm)) = (rex, op, modrm) {
+        // REX.W, then C7 /0 with a register operand, or 8D with RIP-relative memory.
+        if rex & 0xf8 == 0x48 && op == 0xc7 && modrm & 0xf8 == 0xc0 {
+            return Some((modrm & 7) | ((rex & 1) << 3));
+        }
+        if rex & 0xf8 == 0x48 && op == 0x8d && modrm & 0xc7 == 0x05 {
+            return Some(((modrm >> 3) & 7) | ((rex & 4) << 1));
+        }
+    }
+    match (byte(2), byte(1)) {
+        (Some(0x41), Some(op @ 0xb8..=0xbf)) => Some(op - 0xb8 + 8),
+        (_, Some(op @ 0xb8..=0xbf)) => Some(op - 0xb8),
+        _ => None,
+    }
+}
+
 /// How `original` starts threads running `function`, if it does.
 pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFunction> {
     let target = original
@@ -37,7 +64,16 @@ pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFu
             continue;
         }
         // Functions of this section that take the address of `function`.
+        let code = original.data(index);
         for r in section.relocs.iter().filter(|r| refers_to_target(r.symbol)) {
+            // The address loaded straight into the register of a later
+            // argument goes to some other call (`proc_create_single(...,
+            // show)` next to a `kthread_run()` of another function).
+            if loaded_into_register(code, r.offset as usize)
+                .is_some_and(|reg| LATER_ARGUMENT_REGISTERS.contains(&reg))
+            {
+                continue;
+            }
             let Some(caller) = crate::diff::covering_symbol(original, index, r.offset as i64)
             else {
                 continue;
@@ -318,4 +354,29 @@ pub fn thread_state(
         sites,
     };
     (state, note)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_register_an_address_is_loaded_into() {
+        let field = |prefix: &[u8]| {
+            let mut code = prefix.to_vec();
+            code.extend([0, 0, 0, 0]);
+            loaded_into_register(&code, prefix.len())
+        };
+        assert_eq!(field(&[0x48, 0xc7, 0xc7]), Some(7)); // mov $f, %rdi
+        assert_eq!(field(&[0x48, 0xc7, 0xc1]), Some(1)); // mov $f, %rcx
+        assert_eq!(field(&[0x49, 0xc7, 0xc0]), Some(8)); // mov $f, %r8
+        assert_eq!(field(&[0x48, 0x8d, 0x35]), Some(6)); // lea f(%rip), %rsi
+        assert_eq!(field(&[0x4c, 0x8d, 0x0d]), Some(9)); // lea f(%rip), %r9
+        assert_eq!(field(&[0xbf]), Some(7)); // mov $f, %edi
+        assert_eq!(field(&[0xba]), Some(2)); // mov $f, %edx
+        assert_eq!(field(&[0x41, 0xb9]), Some(9)); // mov $f, %r9d
+        assert_eq!(field(&[0x48, 0xc7, 0x05]), None); // a store
+        assert_eq!(field(&[0x68]), None); // push
+        assert_eq!(field(&[]), None);
+    }
 }

@@ -34,7 +34,7 @@ struct ModuleSymbol {
 impl ShippedModule {
     pub fn read(path: &Path) -> Result<ShippedModule> {
         let obj = ObjectFile::read(path)
-            .with_context(|| format!("cannot read the shipped module {}", path.display()))?;
+            .with_context(|| format!("cannot read the module {}", path.display()))?;
         let mut file: Option<String> = None;
         let mut symbols = Vec::new();
         for s in &obj.symbols {
@@ -162,6 +162,11 @@ pub fn kallsyms_locals(obj: &ObjectFile) -> Vec<String> {
 pub struct ModuleContext {
     /// The distribution's unpacked `lib/modules/<release>` (Debian targets).
     pub modules_dir: Option<std::path::PathBuf>,
+    /// Modules the target does not ship, linked by the build from their
+    /// pristine source (external modules): name → `.ko`
+    /// ([`crate::build::BuildOutput::original_modules`]). Such a module is
+    /// looked up here before the target's own.
+    pub original_modules: std::collections::BTreeMap<String, std::path::PathBuf>,
     /// Symbol → exporting object (`vmlinux` or a module), from Module.symvers.
     pub exporters: HashMap<String, String>,
     /// The target's kernel image (Debian targets), whose kallsyms tables
@@ -170,15 +175,20 @@ pub struct ModuleContext {
 }
 
 impl ModuleContext {
-    /// The shipped module `name`, if the target has one.
+    /// The module `name` as it runs: the one built from its pristine
+    /// source for an external module, else the one the target ships, if any.
     pub fn shipped(&self, name: &str) -> Result<Option<ShippedModule>> {
+        let name = name.replace('-', "_");
+        if let Some(ko) = self.original_modules.get(&name) {
+            return ShippedModule::read(ko).map(Some);
+        }
         let Some(dir) = &self.modules_dir else {
             return Ok(None);
         };
         let Ok(files) = crate::target::module_files(dir) else {
             return Ok(None);
         };
-        match files.get(&name.replace('-', "_")) {
+        match files.get(&name) {
             Some(rel) => ShippedModule::read(&dir.join(rel)).map(Some),
             None => Ok(None),
         }

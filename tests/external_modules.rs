@@ -1,0 +1,259 @@
+//! Updates of an out-of-tree module (`dynamos-build --module-src DIR`):
+//! the fixture module `tests/fixtures/counter-module` (a counting kernel
+//! thread and `/proc/dynamos_counter`) is built against the target's
+//! headers as a vendor would, loaded in the VM, and updated by a package
+//! built from `patches/counter-module-proc.diff`, whose paths are relative
+//! to the module's folder. The module is loaded before the package,
+//! reloaded while it is applied, and loaded only after it. The folder
+//! given to `--module-src` is never written.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Seconds the VM run may take, boot included (about 30 s on TCG).
+const VM_BUDGET: u64 = 240;
+
+fn fixture() -> PathBuf {
+    root().join("tests/fixtures/counter-module")
+}
+
+/// Every file below `dir` with its contents and modification time.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, std::time::SystemTime)> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::metadata(&path).unwrap();
+        if meta.is_dir() {
+            files.extend(snapshot(&path));
+        } else {
+            files.insert(
+                path.clone(),
+                (std::fs::read(&path).unwrap(), meta.modified().unwrap()),
+            );
+        }
+    }
+    files
+}
+
+/// The fixture module built as its vendor ships it: a copy of its folder
+/// compiled with `make -C <headers> M=<copy> modules`.
+fn vendor_build(into: &Path) -> PathBuf {
+    let target = dynamos::target::Target::resolve(&dynamos::target::TargetSpec::default())
+        .expect("default target");
+    let headers = target.headers.expect("a Debian target has headers");
+    let copy = into.join("counter-module");
+    std::fs::create_dir_all(&copy).unwrap();
+    for name in ["Kbuild", "dynamos_counter.c"] {
+        std::fs::copy(fixture().join(name), copy.join(name)).unwrap();
+    }
+    let out = Command::new("make")
+        .arg("-C")
+        .arg(&headers)
+        .arg(format!("M={}", copy.display()))
+        .arg("modules")
+        .env_remove("MAKEFLAGS")
+        .output()
+        .expect("make runs");
+    assert!(
+        out.status.success(),
+        "building the fixture module failed:\n{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    copy.join("dynamos_counter.ko")
+}
+
+#[test]
+fn an_external_module_is_updated_loaded_before_reloaded_and_loaded_after() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let ko = vendor_build(work.path());
+
+    let before = snapshot(&fixture());
+    let pkg = work.path().join("counter-module-proc.dynpkg");
+    let module_src = fixture();
+    let out = build_with(
+        &keys,
+        &["counter-module-proc.diff"],
+        ["--module-src".as_ref(), module_src.as_os_str()],
+        &pkg,
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    expect_line(
+        &stdout(&out),
+        "replace  counter_proc_show (dynamos_counter, dynamos_counter.c)",
+    );
+    assert_eq!(snapshot(&fixture()), before, "--module-src folder changed");
+    let inspect = dynamos(&keys.dir, &["inspect", "--json", pkg.to_str().unwrap()]);
+    let manifest: serde_json::Value = serde_json::from_slice(&inspect.stdout).unwrap();
+    assert_eq!(
+        manifest["manifest"]["objects"][0]["object"], "dynamos_counter",
+        "{manifest}"
+    );
+
+    let script = r#"
+P=/packages/counter-module-proc.dynpkg
+K=/packages/dynamos_counter.ko
+show() { cat /proc/dynamos_counter; }
+insmod $K; sleep 2
+echo "@@ before: $(show) @@"
+echo "@@ counting: $(dmesg | grep -c 'dynamos_counter: iteration') @@"
+dynamos apply $P; echo "@@ applied $? @@"
+echo "@@ applied: $(show) @@"
+rmmod dynamos_counter && insmod $K; echo "@@ reloaded: $(show) @@"
+dynamos revert --all; echo "@@ reverted $? @@"
+echo "@@ reverted: $(show) @@"
+rmmod dynamos_counter
+dynamos apply $P; echo "@@ applied unloaded $? @@"
+insmod $K; echo "@@ loaded after: $(show) @@"
+dynamos revert --all; echo "@@ reverted while loaded: $(show) @@"
+rmmod dynamos_counter
+"#;
+    let started = Instant::now();
+    let text = vm_with_modules(&keys, &[], &[&pkg, &ko], script);
+    assert!(
+        started.elapsed() < Duration::from_secs(VM_BUDGET),
+        "took {:?}",
+        started.elapsed()
+    );
+    let expect = |line: &str| expect_line(&text, line);
+    expect("@@ before: dynamos_counter: original @@");
+    let counted: u32 = section(&text, "@@ counting: ", " @@")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(counted > 0, "the counter thread logged nothing:\n{text}");
+    expect("live     counter_proc_show (dynamos_counter)");
+    expect("@@ applied 0 @@");
+    expect("@@ applied: dynamos_counter: live-updated @@");
+    expect("@@ reloaded: dynamos_counter: live-updated @@");
+    expect("@@ reverted 0 @@");
+    expect("@@ reverted: dynamos_counter: original @@");
+    expect("pending  counter_proc_show (dynamos_counter: patched when it loads)");
+    expect("@@ applied unloaded 0 @@");
+    expect("@@ loaded after: dynamos_counter: live-updated @@");
+    expect("@@ reverted while loaded: dynamos_counter: original @@");
+}
+
+/// A patch written into `dir` under `name`.
+fn patch_file(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Exit codes of what `--module-src` cannot build: 1 for a folder that is
+/// not a module's source, 2 for a Kbuild change, a C file no module is
+/// built from or an export whose version changes, 3 for a header that changes no object; one line each, and
+/// the folder untouched.
+#[test]
+fn a_folder_that_is_no_module_source_is_an_error_and_build_changes_are_refused() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("x.dynpkg");
+    let run = |patch: &Path, module_src: &Path| {
+        build_with(
+            &keys,
+            &[patch.to_str().unwrap()],
+            ["--module-src".as_ref(), module_src.as_os_str()],
+            &pkg,
+        )
+    };
+    let one_line = |out: &std::process::Output| {
+        let err = stderr(out);
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        err
+    };
+
+    // A folder without a Kbuild or Makefile declaring modules.
+    let not_module = tempfile::tempdir().unwrap();
+    std::fs::write(not_module.path().join("dynamos_counter.c"), "int x;\n").unwrap();
+    let proc_patch = root().join("patches/counter-module-proc.diff");
+    let out = run(&proc_patch, not_module.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let err = one_line(&out);
+    assert!(
+        err.contains("is not an external module's source: no Kbuild or Makefile with obj-m"),
+        "{err}"
+    );
+    let out = run(&proc_patch, &work.path().join("missing"));
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    one_line(&out);
+
+    let before = snapshot(&fixture());
+    // The module's Kbuild.
+    let kbuild = patch_file(
+        work.path(),
+        "kbuild.diff",
+        "--- a/Kbuild\n+++ b/Kbuild\n@@ -1,2 +1,2 @@\n # SPDX-License-Identifier: GPL-2.0\n-obj-m := dynamos_counter.o\n+obj-m += dynamos_counter.o\n",
+    );
+    let out = run(&kbuild, &fixture());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = one_line(&out);
+    assert!(
+        err.contains("Kbuild: build system changes (Makefile/Kbuild/Kconfig) are not supported"),
+        "{err}"
+    );
+
+    // A new C file no module is built from.
+    let stray = patch_file(
+        work.path(),
+        "stray.diff",
+        "--- /dev/null\n+++ b/stray.c\n@@ -0,0 +1,2 @@\n+// SPDX-License-Identifier: GPL-2.0\n+int dynamos_stray(void) { return 1; }\n",
+    );
+    let out = run(&stray, &fixture());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = one_line(&out);
+    assert!(
+        err.contains("stray.c: not built into any module of"),
+        "{err}"
+    );
+
+    // An exported function's interface (its MODVERSIONS CRC) changes.
+    let exporting = tempfile::tempdir().unwrap();
+    std::fs::copy(fixture().join("Kbuild"), exporting.path().join("Kbuild")).unwrap();
+    let mut source = std::fs::read_to_string(fixture().join("dynamos_counter.c")).unwrap();
+    let lines = source.lines().count();
+    source.push_str(
+        "\nint dynamos_counter_value(int x)\n{\n\treturn x + 1;\n}\nEXPORT_SYMBOL_GPL(dynamos_counter_value);\n",
+    );
+    std::fs::write(exporting.path().join("dynamos_counter.c"), source).unwrap();
+    let export = patch_file(
+        work.path(),
+        "export.diff",
+        &format!(
+            "--- a/dynamos_counter.c\n+++ b/dynamos_counter.c\n@@ -{0},4 +{0},4 @@\n \n-int dynamos_counter_value(int x)\n+long dynamos_counter_value(long x)\n {{\n \treturn x + 1;\n",
+            lines + 1
+        ),
+    );
+    let out = run(&export, exporting.path());
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    let err = one_line(&out);
+    assert!(
+        err.contains("dynamos_counter_value: exported symbol version changes"),
+        "{err}"
+    );
+
+    // A header of the module folder: every object of the module is
+    // compared, and none changes.
+    let header = patch_file(
+        work.path(),
+        "header.diff",
+        "--- /dev/null\n+++ b/counter.h\n@@ -0,0 +1,2 @@\n+/* SPDX-License-Identifier: GPL-2.0 */\n+#define DYNAMOS_COUNTER_UNUSED 1\n",
+    );
+    let out = run(&header, &fixture());
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no binary change"),
+        "{}",
+        stderr(&out)
+    );
+
+    assert_eq!(snapshot(&fixture()), before, "--module-src folder changed");
+    assert!(!pkg.exists());
+}
