@@ -233,6 +233,9 @@ pub struct ThreadState {
 /// Where the original's locals are at one call it makes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ThreadStateSite {
+    /// The symbol the call is in: the function, or its `.cold` part.
+    pub part: String,
+    /// Offset after the call from the start of `part`.
     pub return_offset: u64,
     /// The function called there.
     pub callee: String,

@@ -140,6 +140,120 @@ rmmod dynamos_counter
     expect("@@ reverted while loaded: dynamos_counter: original @@");
 }
 
+/// The fixture's kernel thread counts in a local; a change to its loop is
+/// applied by restarting the thread into the new version, and the count
+/// carries on where the old thread left it (read from the register the
+/// original's debug info names at its sleep call). The module's exit stops
+/// the new thread through `counter_task`, which the restart switched.
+#[test]
+fn an_external_modules_thread_is_restarted_with_its_count_carried() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let ko = vendor_build(work.path());
+    let pkg = work.path().join("counter-module-loop.dynpkg");
+    let module_src = fixture();
+    let out = build_with(
+        &keys,
+        &["counter-module-loop.diff"],
+        ["--module-src".as_ref(), module_src.as_os_str()],
+        &pkg,
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let built = stdout(&out);
+    assert!(
+        built.contains(
+            "note: counter_thread of dynamos_counter.c: a restarted thread runs the new version from its start and, \
+             at line 22 before its loop, carries count from where the old thread sleeps (schedule_timeout_interruptible)"
+        ),
+        "{built}"
+    );
+    assert!(
+        built.contains("points counter_task at the new thread"),
+        "{built}"
+    );
+
+    let script = r#"
+P=/packages/counter-module-loop.dynpkg
+K=/packages/dynamos_counter.ko
+pid_of() { for d in /proc/[0-9]*; do [ "$(cat $d/comm 2>/dev/null)" = "$1" ] && echo ${d#/proc/}; done; }
+insmod $K; sleep 2
+echo "@@ thread $(pid_of dynamos_counter) @@"
+dynamos apply $P > /tmp/apply.log 2>&1; echo "@@ apply exit $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+sleep 2
+echo "@@ list: $(dynamos list | grep thread) @@"
+dmesg | grep -o 'dynamos_counter: .*iteration [0-9]*' | sed 's/^/@@ log /; s/$/ @@/'
+dmesg -c > /dev/null
+dynamos revert --all > /tmp/revert.log 2>&1; echo "@@ revert exit $?: $(tr '\n' ' ' < /tmp/revert.log)@@"
+sleep 1.5
+dmesg | grep -o 'dynamos_counter: .*iteration [0-9]*' | sed 's/^/@@ rlog /; s/$/ @@/'
+dynamos apply $P > /dev/null 2>&1; echo "@@ applied again $? @@"
+rmmod dynamos_counter; echo "@@ rmmod $? thread $(pid_of dynamos_counter) @@"
+dynamos revert --all > /dev/null 2>&1; echo "@@ reverted after rmmod $?, modules $(grep -c '^dynamos' /proc/modules) @@"
+"#;
+    let started = Instant::now();
+    let text = vm_with_modules(&keys, &[], &[&pkg, &ko], script);
+    assert!(
+        started.elapsed() < Duration::from_secs(VM_BUDGET),
+        "took {:?}",
+        started.elapsed()
+    );
+    let before: u32 = section(&text, "@@ thread ", " @@")
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{text}"));
+    let apply = section(&text, "@@ apply exit 0: ", "@@");
+    assert!(
+        apply.contains(&format!("restarted dynamos_counter (pid {before}) as pid "))
+            && apply.contains(", running the new counter_thread, carrying count"),
+        "{text}"
+    );
+    assert!(
+        section(&text, "@@ list: ", " @@").contains("carrying count"),
+        "{text}"
+    );
+    // The last count of the old loop, then the first of the new one.
+    let log = counts(&text, "@@ log dynamos_counter: ");
+    let first_new = log
+        .iter()
+        .position(|(new, _)| *new)
+        .unwrap_or_else(|| panic!("no line of the new loop:\n{text}"));
+    assert!(first_new > 0, "{text}");
+    let (last_old, first) = (log[first_new - 1].1, log[first_new].1);
+    eprintln!("old loop's last count {last_old}, new loop's first {first}");
+    assert_eq!(first, last_old + 1, "the count did not carry on:\n{text}");
+    assert!(
+        log[first_new..].iter().all(|(new, _)| *new),
+        "the old loop kept running:\n{text}"
+    );
+    assert!(text.contains("@@ revert exit 0: "), "{text}");
+    // The original code has no restore point: its loop starts counting afresh.
+    let reverted = counts(&text, "@@ rlog dynamos_counter: ");
+    let first_original = reverted
+        .iter()
+        .position(|(new, _)| !*new)
+        .unwrap_or_else(|| panic!("no line of the original loop after revert:\n{text}"));
+    assert_eq!(reverted[first_original].1, 1, "{text}");
+    assert!(
+        reverted[first_original..].iter().all(|(new, _)| !*new),
+        "{text}"
+    );
+    expect_line(&text, "@@ applied again 0 @@");
+    expect_line(&text, "@@ rmmod 0 thread  @@");
+    expect_line(&text, "@@ reverted after rmmod 0, modules 0 @@");
+}
+
+/// The counter lines after `prefix`: (from the new loop, count).
+fn counts(text: &str, prefix: &str) -> Vec<(bool, u64)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix(prefix))
+        .filter_map(|l| {
+            let l = l.trim_end_matches(" @@");
+            let (kind, n) = l.rsplit_once(' ')?;
+            Some((kind.starts_with("live-updated"), n.parse().ok()?))
+        })
+        .collect()
+}
+
 /// A patch written into `dir` under `name`.
 fn patch_file(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);

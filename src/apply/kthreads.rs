@@ -45,7 +45,12 @@ pub fn main_function(stack: &str) -> Option<(String, Option<u64>)> {
     let size = frame
         .rsplit_once('/')
         .and_then(|(_, size)| u64::from_str_radix(size.trim_start_matches("0x"), 16).ok());
-    Some((name(frame), size))
+    // A loop GCC deemed unlikely runs in the function's `.cold` part, whose
+    // size says nothing of the function's.
+    match name(frame).strip_suffix(".cold") {
+        Some(function) => Some((function.to_string(), None)),
+        None => Some((name(frame), size)),
+    }
 }
 
 /// Whether a stack frame's function of `frame_size` bytes (the distance to
@@ -133,11 +138,11 @@ pub fn restart(
     module: &str,
     version: &str,
 ) -> Result<Vec<RestartedThread>> {
-    let functions: Vec<&crate::package::ReplacedFunction> = manifest
+    let functions: Vec<(&str, &crate::package::ReplacedFunction)> = manifest
         .objects
         .iter()
-        .flat_map(|o| &o.replaced)
-        .filter(|f| f.restart.is_some())
+        .flat_map(|o| o.replaced.iter().map(move |f| (o.object.as_str(), f)))
+        .filter(|(_, f)| f.restart.is_some())
         .collect();
     if functions.is_empty() {
         return Ok(Vec::new());
@@ -163,7 +168,7 @@ pub fn restart(
     let kallsyms = fs::read_to_string(&paths.kallsyms).context("cannot read kallsyms")?;
     let memory = super::kcore::Kcore::open(&paths.kcore)?;
     let mut restarted = Vec::new();
-    for (index, f) in functions.iter().enumerate() {
+    for (index, &(object, f)) in functions.iter().enumerate() {
         let Some(&(original, new_version)) = addresses.get(index) else {
             bail!("the module does not list thread function {}", f.name);
         };
@@ -172,37 +177,55 @@ pub fn restart(
         } else {
             new_version
         };
+        if base == 0 {
+            continue; // a module's function while that module is not loaded
+        }
+        // The code the threads to restart run: the function's own module, or ours.
+        let home = match version {
+            "new" => (object != "vmlinux").then_some(object),
+            _ => Some(module),
+        };
         // The threads running the version being replaced, and where each sleeps.
         let mut sites = Vec::new();
         for thread in kernel_threads(&paths.proc) {
             let Some(main) = main_frame(&thread.stack) else {
                 continue;
             };
-            let runs = if version == "new" {
-                main.module.is_none() && main.function == f.name
-            } else {
-                main.module.as_deref() == Some(module)
-            };
-            if !runs {
+            let part_of_function = main.function == f.name
+                || main.function.strip_suffix(".cold") == Some(f.name.as_str());
+            if main.module.as_deref() != home || !part_of_function {
                 continue;
             }
-            let return_address = base + main.offset;
+            let Some(part) = part_address(&kallsyms, &main.function, home, base) else {
+                bail!(
+                    "{} (pid {}) waits in {}, which kallsyms does not list",
+                    thread.comm,
+                    thread.pid,
+                    main.text
+                );
+            };
+            let return_address = part + main.offset;
             let sleep = called_before(&memory, &kallsyms, return_address).with_context(|| {
                 format!(
                     "{} (pid {}) waits at {}+{:#x}, after no direct call: its sleep cannot be intercepted",
                     thread.comm, thread.pid, main.function, main.offset
                 )
             })?;
-            if !sites.contains(&(sleep, main.offset)) {
-                sites.push((sleep, main.offset));
+            let site = (sleep, return_address, main.function.clone(), main.offset);
+            if !sites.contains(&site) {
+                sites.push(site);
             }
         }
         let state = f.restart.as_ref().and_then(|r| r.state.as_ref());
-        for (sleep, offset) in sites {
+        for (sleep, return_address, part, offset) in sites {
             // Where the old thread's locals are at this call, for the new version.
             let places: String = state
                 .filter(|_| version == "new")
-                .and_then(|s| s.sites.iter().find(|site| site.return_offset == offset))
+                .and_then(|s| {
+                    s.sites
+                        .iter()
+                        .find(|site| site.part == part && site.return_offset == offset)
+                })
                 .map(|site| {
                     site.locations
                         .iter()
@@ -213,7 +236,11 @@ pub fn restart(
                 .unwrap_or_default();
             fs::write(
                 parameters.join("restart"),
-                format!("{index} {version} {sleep:x} {offset:x}{places}"),
+                // The module stops the thread at `from + OFFSET`, wrapping.
+                format!(
+                    "{index} {version} {sleep:x} {:x}{places}",
+                    return_address.wrapping_sub(base)
+                ),
             )
             .with_context(|| {
                 format!(
@@ -249,6 +276,23 @@ pub fn restart(
         }
     }
     Ok(restarted)
+}
+
+/// The address of `name` in `module` (None: vmlinux) from kallsyms; of
+/// several, the one nearest `near` (a function's `.cold` part lies close
+/// to it).
+fn part_address(kallsyms: &str, name: &str, module: Option<&str>, near: u64) -> Option<u64> {
+    kallsyms
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let address = u64::from_str_radix(w.next()?, 16).ok()?;
+            let _kind = w.next()?;
+            let symbol = w.next()?;
+            let owner = w.next().map(|m| m.trim_matches(|c| c == '[' || c == ']'));
+            (symbol == name && owner == module).then_some(address)
+        })
+        .min_by_key(|a| a.abs_diff(near))
 }
 
 /// A kernel thread and its stack listing.
@@ -348,6 +392,13 @@ mod tests {
         assert_eq!(
             main_function(stack),
             Some(("watchdog".to_string(), Some(0x150)))
+        );
+        let cold = "[<0>] schedule_timeout+0x95/0x150\n\
+                    [<0>] counter_thread.cold+0x2f/0x45 [dynamos_counter]\n\
+                    [<0>] kthread+0xd7/0x100\n";
+        assert_eq!(
+            main_function(cold),
+            Some(("counter_thread".to_string(), None))
         );
         assert_eq!(main_function("[<0>] do_syscall_64+0x1/0x2\n"), None);
         assert_eq!(main_function("[<0>] kthread+0xd7/0x100\n"), None);

@@ -39,50 +39,81 @@ const SECTIONS: [SectionId; 11] = [
     SectionId::DebugAddr,
 ];
 
-/// For each direct call `function` makes in `obj`, where each of `locals`
-/// (top-level locals of the function, by name) is just before the call.
+/// For each direct call `function` makes in `obj`, in its own code and in
+/// its `.cold` part (where GCC moves what it deems unlikely, sometimes a
+/// thread's whole loop), where each of `locals` (top-level locals of the
+/// function, by name) is just before the call.
 pub fn locals_at_calls(
     obj: &ObjectFile,
     function: &str,
     locals: &[String],
 ) -> Result<Vec<ThreadStateSite>> {
-    let symbol = obj
-        .symbols
-        .iter()
-        .find(|s| s.is_function() && s.name == function && s.section().is_some())
-        .ok_or_else(|| anyhow!("{function} is not defined in {}", obj.path.display()))?;
-    let section = symbol.section().expect("checked");
-    let (start, end) = (symbol.value, symbol.value + symbol.size);
-    let calls = direct_calls(obj, section, start, end);
-    if calls.is_empty() {
-        return Ok(Vec::new());
+    let cold = format!("{function}.cold");
+    // (part, its section, start and end in the section, where it is placed)
+    let mut parts = Vec::new();
+    for (k, name) in [function, cold.as_str()].into_iter().enumerate() {
+        let Some(symbol) = obj
+            .symbols
+            .iter()
+            .find(|s| s.is_function() && s.name == name && s.section().is_some())
+        else {
+            continue;
+        };
+        let section = symbol.section().expect("checked");
+        if parts.iter().any(|&(_, s, _, _, _)| s == section) {
+            // Both in one section: one placement serves both.
+            let base = parts[0].4;
+            parts.push((
+                name,
+                section,
+                symbol.value,
+                symbol.value + symbol.size,
+                base,
+            ));
+        } else {
+            let base = PLACED_AT * (k as u64 + 1);
+            parts.push((
+                name,
+                section,
+                symbol.value,
+                symbol.value + symbol.size,
+                base,
+            ));
+        }
     }
-    let sections = Sections::load_placed(obj, &SECTIONS, Some((section, PLACED_AT)))?;
-    let frame = Sections::load_placed(obj, &[SectionId::DebugFrame], Some((section, PLACED_AT)))?;
+    let Some(&(_, _, main_start, _, main_base)) = parts.first().filter(|p| p.0 == function) else {
+        bail!("{function} is not defined in {}", obj.path.display());
+    };
+    let placed: Vec<(usize, u64)> = parts.iter().map(|p| (p.1, p.4)).collect();
+    let sections = Sections::load_placed(obj, &SECTIONS, &placed)?;
+    let frame = Sections::load_placed(obj, &[SectionId::DebugFrame], &placed)?;
     let dwarf = gimli::Dwarf::load(|id| -> Result<R<'_>> {
         Ok(EndianSlice::new(sections.get(id), LittleEndian))
     })?;
     let mut debug_frame = DebugFrame::new(frame.get(SectionId::DebugFrame), LittleEndian);
     debug_frame.set_address_size(8);
-    let subprogram = find_subprogram(&dwarf, PLACED_AT + start)
+    let subprogram = find_subprogram(&dwarf, main_base + main_start)
         .with_context(|| format!("{}: malformed DWARF", obj.path.display()))?
         .ok_or_else(|| anyhow!("{}: no debug info for {function}", obj.path.display()))?;
     let mut sites = Vec::new();
-    for (call, return_address, callee) in calls {
-        let pc = PLACED_AT + call;
-        let cfa = cfa_at(&debug_frame, pc);
-        let locations = locals
-            .iter()
-            .map(|name| {
-                let variable = subprogram.variables.iter().find(|v| &v.name == name)?;
-                variable.location_at(&dwarf, &subprogram, pc, cfa)
-            })
-            .collect();
-        sites.push(ThreadStateSite {
-            return_offset: return_address - start,
-            callee,
-            locations,
-        });
+    for &(part, section, start, end, base) in &parts {
+        for (call, return_address, callee) in direct_calls(obj, section, start, end) {
+            let pc = base + call;
+            let cfa = cfa_at(&debug_frame, pc);
+            let locations = locals
+                .iter()
+                .map(|name| {
+                    let variable = subprogram.variables.iter().find(|v| &v.name == name)?;
+                    variable.location_at(&dwarf, &subprogram, pc, cfa)
+                })
+                .collect();
+            sites.push(ThreadStateSite {
+                part: part.to_string(),
+                return_offset: return_address - start,
+                callee,
+                locations,
+            });
+        }
     }
     Ok(sites)
 }

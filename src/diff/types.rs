@@ -156,22 +156,20 @@ pub(super) struct Sections {
 
 impl Sections {
     pub(super) fn load(obj: &ObjectFile) -> Result<Sections> {
-        Self::load_placed(obj, &NEEDED, None)
+        Self::load_placed(obj, &NEEDED, &[])
     }
 
-    /// Sections `ids`, relocated with code section `placed.0` at address
-    /// `placed.1` (every other non-debug section is at 0), so addresses of
+    /// Sections `ids`, relocated with each code section of `placed` at its
+    /// address (every other non-debug section is at 0), so addresses of
     /// that section's code cannot be mistaken for another's.
     pub(super) fn load_placed(
         obj: &ObjectFile,
         ids: &[SectionId],
-        placed: Option<(usize, u64)>,
+        placed: &[(usize, u64)],
     ) -> Result<Sections> {
         let mut loaded = HashMap::new();
         let mut starts: HashMap<usize, u64> = HashMap::new();
-        if let Some((section, base)) = placed {
-            starts.insert(section, base);
-        }
+        starts.extend(placed.iter().copied());
         for &id in ids {
             let (data, parts) = load_section(obj, id.name())?;
             starts.extend(parts.iter().copied());

@@ -190,9 +190,10 @@ pub fn stops_through(original: &ObjectFile, task_pointers: &[String]) -> bool {
     true
 }
 
-/// Variables of `original` a thread's starters store a task pointer in:
-/// 8-byte data symbols written by the functions in `started_by`, as
-/// (name, is global).
+/// Variables of `original` a thread's starters store the created task in
+/// (what `kthread_run()`/`kthread_create()` returned), as (name, is
+/// global): found by following the call's result through register copies
+/// to a store into a variable.
 pub fn task_pointers(original: &ObjectFile, started_by: &[String]) -> Vec<(String, bool)> {
     let mut out: Vec<(String, bool)> = Vec::new();
     for starter in started_by {
@@ -204,15 +205,7 @@ pub fn task_pointers(original: &ObjectFile, started_by: &[String]) -> Vec<(Strin
             continue;
         };
         let Some(section) = s.section() else { continue };
-        let (start, end) = (s.value, s.value + s.size.max(1));
-        for r in original.sections[section]
-            .relocs
-            .iter()
-            .filter(|r| r.offset >= start && r.offset < end)
-        {
-            let Some(target) = named_target(original, r) else {
-                continue;
-            };
+        for target in stores_of_created_tasks(original, section, s.value, s.value + s.size) {
             if target.is_object()
                 && target.size == 8
                 && target.section().is_some()
@@ -220,6 +213,96 @@ pub fn task_pointers(original: &ObjectFile, started_by: &[String]) -> Vec<(Strin
             {
                 out.push((target.name.clone(), !target.is_local()));
             }
+        }
+    }
+    out
+}
+
+/// Instructions after a thread-creating call within which its result is
+/// stored, if it is.
+const STORE_WINDOW: usize = 32;
+
+/// The variables code in `[start, end)` of `section` stores the result of
+/// a thread-creating call in.
+fn stores_of_created_tasks(
+    original: &ObjectFile,
+    section: usize,
+    start: u64,
+    end: u64,
+) -> Vec<&crate::diff::object::Symbol> {
+    use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
+    let code = original.data(section);
+    let (Some(bytes), relocs) = (
+        code.get(start as usize..(end as usize).min(code.len())),
+        &original.sections[section].relocs,
+    ) else {
+        return Vec::new();
+    };
+    let reloc_at = |offset: u64| relocs.iter().find(|r| r.offset == offset);
+    let calls_creator = |insn: &iced_x86::Instruction| {
+        insn.flow_control() == FlowControl::Call
+            && reloc_at(insn.ip() + insn.len() as u64 - 4).is_some_and(|r| {
+                THREAD_CREATORS.contains(&original.symbols[r.symbol].name.as_str())
+            })
+    };
+    let callee_saved = [
+        Register::RBX,
+        Register::RBP,
+        Register::R12,
+        Register::R13,
+        Register::R14,
+        Register::R15,
+    ];
+    let mut decoder = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
+    let mut out = Vec::new();
+    // Registers holding the created task, and instructions left to watch.
+    let mut holders: Vec<Register> = Vec::new();
+    let mut left = 0;
+    while decoder.can_decode() {
+        let offsets_base = decoder.position();
+        let insn = decoder.decode();
+        if calls_creator(&insn) {
+            holders = vec![Register::RAX];
+            left = STORE_WINDOW;
+            continue;
+        }
+        if left == 0 {
+            continue;
+        }
+        left -= 1;
+        if insn.flow_control() == FlowControl::Call {
+            holders.retain(|r| callee_saved.contains(r));
+        } else if insn.mnemonic() == Mnemonic::Mov && insn.op_count() == 2 {
+            match (insn.op0_kind(), insn.op1_kind()) {
+                (OpKind::Register, OpKind::Register) => {
+                    let (to, from) = (insn.op0_register(), insn.op1_register());
+                    holders.retain(|&r| r != to);
+                    if holders.contains(&from) {
+                        holders.push(to);
+                    }
+                }
+                (OpKind::Memory, OpKind::Register)
+                    if insn.is_ip_rel_memory_operand()
+                        && holders.contains(&insn.op1_register()) =>
+                {
+                    let offsets = decoder.get_constant_offsets(&insn);
+                    let field =
+                        start + (offsets_base as u64) + offsets.displacement_offset() as u64;
+                    if let Some(target) = reloc_at(field).and_then(|r| named_target(original, r)) {
+                        out.push(target);
+                    }
+                }
+                (OpKind::Register, _) => holders.retain(|&r| r != insn.op0_register()),
+                _ => {}
+            }
+        } else if insn.op_count() > 0 && insn.op0_kind() == OpKind::Register {
+            // Most instructions write their first operand; comparisons do not.
+            if !matches!(insn.mnemonic(), Mnemonic::Cmp | Mnemonic::Test) {
+                holders.retain(|&r| r != insn.op0_register());
+            }
+        }
+        if holders.is_empty() {
+            left = 0;
         }
     }
     out
