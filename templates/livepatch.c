@@ -503,6 +503,7 @@ struct thread_function {
 	void *original;				/* resolved by apply */
 	void *new_version;
 	struct task_struct **task_pointers[MAX_TASK_POINTERS];
+	const char *object;			/* its module; NULL: vmlinux */
 	/* The new version's restore state; NULL without a restore point. */
 	struct dynamos_thread *(*state_of)(void);
 };
@@ -646,47 +647,177 @@ static void switch_task_pointers(struct thread_function *f, struct task_struct *
  */
 #define MAX_HOLDERS 64
 static struct task_struct *holders[MAX_HOLDERS];
+static DEFINE_SPINLOCK(holders_lock);	/* also taken in the start handler */
 
-static void hold(struct task_struct *t)
+static void notrace hold(struct task_struct *t)
 {
+	unsigned long flags;
 	int i;
 
 	__module_get(THIS_MODULE);
+	spin_lock_irqsave(&holders_lock, flags);
 	for (i = 0; i < MAX_HOLDERS; i++) {
 		if (!holders[i]) {
 			holders[i] = get_task_struct(t);
-			return;
+			break;
 		}
 	}
+	spin_unlock_irqrestore(&holders_lock, flags);
 }
 
-static void release(struct task_struct *t)
+static bool is_holder(struct task_struct *t)
 {
+	unsigned long flags;
+	bool found = false;
 	int i;
 
+	spin_lock_irqsave(&holders_lock, flags);
+	for (i = 0; i < MAX_HOLDERS; i++)
+		found |= holders[i] == t;
+	spin_unlock_irqrestore(&holders_lock, flags);
+	return found;
+}
+
+/* Let go of `t`, or of every holder that has exited when `t` is NULL. */
+static void release(struct task_struct *t)
+{
+	struct task_struct *gone[MAX_HOLDERS];
+	unsigned long flags;
+	int i, n = 0;
+
+	spin_lock_irqsave(&holders_lock, flags);
 	for (i = 0; i < MAX_HOLDERS; i++) {
-		if (holders[i] == t) {
+		if (holders[i] && (t ? holders[i] == t :
+				   !!(READ_ONCE(holders[i]->flags) & PF_EXITING))) {
+			gone[n++] = holders[i];
 			holders[i] = NULL;
-			put_task_struct(t);
-			module_put(THIS_MODULE);
 		}
+	}
+	spin_unlock_irqrestore(&holders_lock, flags);
+	for (i = 0; i < n; i++) {
+		put_task_struct(gone[i]);
+		module_put(THIS_MODULE);
 	}
 }
 
 static void release_exited(void)
 {
-	int i;
-
-	for (i = 0; i < MAX_HOLDERS; i++)
-		if (holders[i] && (READ_ONCE(holders[i]->flags) & PF_EXITING))
-			release(holders[i]);
+	release(NULL);
 }
 
-static int restart_thread(int index, struct task_struct *old, void *to,
+/*
+ * Threads started after the update run the new version: an ftrace handler
+ * on each thread function's original sends every call of it, which only
+ * kthread() makes, one per new thread, to the new version. Threads already
+ * inside the original never call it again and are restarted instead. For a
+ * module's function this is switched on whenever the module loads (its
+ * address comes from a livepatch relocation, applied before the notifier
+ * runs) and off before it goes.
+ */
+static bool redirect_wanted[THREAD_COUNT], redirecting[THREAD_COUNT];
+static unsigned long redirect_ip[THREAD_COUNT];
+static int redirect_count;
+
+static void notrace thread_start_handler(unsigned long ip, unsigned long parent_ip,
+					 struct ftrace_ops *ops, struct ftrace_regs *fregs)
+{
+	int i;
+
+	for (i = 0; i < THREAD_COUNT; i++) {
+		if (READ_ONCE(redirecting[i]) && ip == READ_ONCE(redirect_ip[i])) {
+			hold(current);
+			ftrace_instruction_pointer_set(fregs,
+				(unsigned long)thread_functions[i].new_version);
+			return;
+		}
+	}
+}
+
+static struct ftrace_ops thread_start_ops = {
+	.func = thread_start_handler,
+	.flags = FTRACE_OPS_FL_SAVE_REGS | FTRACE_OPS_FL_IPMODIFY,
+};
+
+/* Under thread_lock. */
+static int start_redirect(int i)
+{
+	unsigned long ip;
+	int ret;
+
+	redirect_wanted[i] = true;
+	if (redirecting[i] || !thread_functions[i].original)
+		return 0;
+	/* Its ftrace site is its first instruction (no IBT landing pad on this target). */
+	ip = (unsigned long)thread_functions[i].original;
+	ret = ftrace_set_filter_ip(&thread_start_ops, ip, 0, 0);
+	if (ret)
+		return ret;
+	/* Registered only with a filter: an empty one would trace everything. */
+	if (redirect_count == 0) {
+		ret = register_ftrace_function(&thread_start_ops);
+		if (ret) {
+			ftrace_set_filter_ip(&thread_start_ops, ip, 1, 0);
+			return ret;
+		}
+	}
+	redirect_count++;
+	WRITE_ONCE(redirect_ip[i], ip);
+	WRITE_ONCE(redirecting[i], true);
+	return 0;
+}
+
+/* Under thread_lock. */
+static void stop_redirect(int i)
+{
+	if (!redirecting[i])
+		return;
+	WRITE_ONCE(redirecting[i], false);
+	if (--redirect_count == 0)
+		unregister_ftrace_function(&thread_start_ops);
+	ftrace_set_filter_ip(&thread_start_ops, redirect_ip[i], 1, 0);
+}
+
+static int thread_module_notify(struct notifier_block *nb, unsigned long action, void *data)
+{
+	struct module *mod = data;
+	int i;
+
+	mutex_lock(&thread_lock);
+	for (i = 0; i < THREAD_COUNT; i++) {
+		if (!thread_functions[i].object || strcmp(thread_functions[i].object, mod->name))
+			continue;
+		if (action == MODULE_STATE_COMING && redirect_wanted[i] &&
+		    start_redirect(i))
+			pr_warn("%s: threads %s starts run its original %s\n",
+				THIS_MODULE->name, mod->name, thread_functions[i].name);
+		else if (action == MODULE_STATE_GOING)
+			stop_redirect(i);
+	}
+	mutex_unlock(&thread_lock);
+	return NOTIFY_OK;
+}
+
+/* Before the notifier that clears the module's relocations. */
+static struct notifier_block thread_module_notifier = {
+	.notifier_call = thread_module_notify,
+	.priority = 1,
+};
+
+static void threads_exit(void)
+{
+	int i;
+
+	mutex_lock(&thread_lock);
+	for (i = 0; i < THREAD_COUNT; i++)
+		stop_redirect(i);
+	mutex_unlock(&thread_lock);
+	unregister_module_notifier(&thread_module_notifier);
+}
+
+static int restart_thread(int index, struct task_struct *old, void *from, void *to,
 			  unsigned long sleep, unsigned long offset)
 {
 	struct thread_function *f = &thread_functions[index];
-	void *from = kthread_func(old);
 	struct sched_attr attr = { .size = sizeof(attr) };
 	struct task_struct *new;
 	unsigned long carried;
@@ -816,6 +947,18 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 	} else {
 		return -EINVAL;
 	}
+	if (!sleep) {
+		/* "INDEX new|original 0 0": only switch the redirect of new threads. */
+		mutex_lock(&thread_lock);
+		if (to == thread_functions[index].new_version) {
+			ret = start_redirect(index);
+		} else {
+			redirect_wanted[index] = false;
+			stop_redirect(index);
+		}
+		mutex_unlock(&thread_lock);
+		return ret;
+	}
 	mutex_lock(&thread_lock);
 	release_exited();
 	memcpy(thread_places, places, sizeof(places));
@@ -824,7 +967,12 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 	rcu_read_lock();
 	for_each_process_thread(g, p) {
 		if ((p->flags & PF_KTHREAD) && !(p->flags & PF_EXITING) &&
-		    kthread_func(p) == from && n < MAX_RESTARTED) {
+		    n < MAX_RESTARTED &&
+		    (to == thread_functions[index].new_version ?
+		     /* Threads started since run the new version already. */
+		     kthread_func(p) == from && !is_holder(p) :
+		     /* Restarted ones, and those started since (through the original). */
+		     kthread_func(p) == from || (kthread_func(p) == to && is_holder(p)))) {
 			get_task_struct(p);
 			found[n++] = p;
 		}
@@ -832,9 +980,12 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 	rcu_read_unlock();
 	for (i = 0; i < n; i++) {
 		if (!ret)
-			ret = restart_thread(index, found[i], to, sleep, offset);
+			ret = restart_thread(index, found[i], from, to, sleep, offset);
 		put_task_struct(found[i]);
 	}
+	/* A thread left in the new version: later ones start there too. */
+	if (ret && to == thread_functions[index].original)
+		start_redirect(index);
 	mutex_unlock(&thread_lock);
 	return ret;
 }
@@ -1072,8 +1223,21 @@ static int __init dynamos_update_init(void)
 		return ret;
 	}
 #endif
+#if THREAD_COUNT
+	ret = register_module_notifier(&thread_module_notifier);
+	if (ret) {
+#if CLEAR_MODULE_RELOCS
+		unregister_module_notifier(&going_notifier);
+#endif
+		release_adaptive();
+		return ret;
+	}
+#endif
 	ret = klp_enable_patch(&patch);
 	if (ret) {
+#if THREAD_COUNT
+		unregister_module_notifier(&thread_module_notifier);
+#endif
 #if CLEAR_MODULE_RELOCS
 		unregister_module_notifier(&going_notifier);
 #endif
@@ -1085,6 +1249,9 @@ static int __init dynamos_update_init(void)
 /* The livepatch core lets the module go only once no task can be in it. */
 static void __exit dynamos_update_exit(void)
 {
+#if THREAD_COUNT
+	threads_exit();
+#endif
 #if CLEAR_MODULE_RELOCS
 	unregister_module_notifier(&going_notifier);
 #endif

@@ -144,7 +144,9 @@ rmmod dynamos_counter
 /// applied by restarting the thread into the new version, and the count
 /// carries on where the old thread left it (read from the register the
 /// original's debug info names at its sleep call). The module's exit stops
-/// the new thread through `counter_task`, which the restart switched.
+/// the new thread through `counter_task`, which the restart switched; the
+/// thread of the module loaded again while the update is applied runs the
+/// new loop; revert restarts it into the original.
 #[test]
 fn an_external_modules_thread_is_restarted_with_its_count_carried() {
     let keys = Keys::new();
@@ -182,6 +184,9 @@ dynamos apply $P > /tmp/apply.log 2>&1; echo "@@ apply exit $?: $(tr '\n' ' ' < 
 sleep 2
 echo "@@ list: $(dynamos list | grep thread) @@"
 dmesg | grep -o 'dynamos_counter: .*iteration [0-9]*' | sed 's/^/@@ log /; s/$/ @@/'
+dmesg -c > /dev/null
+rmmod dynamos_counter && insmod $K; echo "@@ reloaded $? @@"; sleep 1.5
+dmesg | grep -o 'dynamos_counter: .*iteration [0-9]*' | sed 's/^/@@ relog /; s/$/ @@/'
 dmesg -c > /dev/null
 dynamos revert --all > /tmp/revert.log 2>&1; echo "@@ revert exit $?: $(tr '\n' ' ' < /tmp/revert.log)@@"
 sleep 1.5
@@ -224,6 +229,14 @@ dynamos revert --all > /dev/null 2>&1; echo "@@ reverted after rmmod $?, modules
     assert!(
         log[first_new..].iter().all(|(new, _)| *new),
         "the old loop kept running:\n{text}"
+    );
+    // A thread the module starts while the update is applied runs the new
+    // loop from its start.
+    expect_line(&text, "@@ reloaded 0 @@");
+    let reloaded = counts(&text, "@@ relog dynamos_counter: ");
+    assert!(
+        !reloaded.is_empty() && reloaded[0] == (true, 1) && reloaded.iter().all(|(new, _)| *new),
+        "{text}"
     );
     assert!(text.contains("@@ revert exit 0: "), "{text}");
     // The original code has no restore point: its loop starts counting afresh.

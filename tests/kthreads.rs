@@ -231,7 +231,7 @@ kill -9 $(sed -n 's/d-state: child \([0-9]*\),.*/\1/p' /tmp/d-state.log); wait
 dmesg -c > /dev/null
 dynamos revert --all > /tmp/revert.log 2>&1; echo "@@ revert exit $?: $(tr '\n' ' ' < /tmp/revert.log)@@"
 reverted=$(pid_of khungtaskd)
-echo "@@ khungtaskd reverted $reverted runs $(grep -o 'watchdog+[^ ]*' /proc/$reverted/stack | grep -c dynamos) module frames @@"
+echo "@@ khungtaskd reverted $reverted runs $(grep -c 'watchdog+.*dynamos' /proc/$reverted/stack) module frames @@"
 echo 4 > /proc/sys/kernel/hung_task_timeout_secs; sleep 6
 echo "@@ new loop messages after revert: $(dmesg | grep -c 'live-updated loop') modules $(grep -c '^dynamos' /proc/modules) @@"
 echo 0 > /proc/sys/kernel/hung_task_timeout_secs

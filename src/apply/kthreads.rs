@@ -177,6 +177,10 @@ pub fn restart(
         } else {
             new_version
         };
+        // Threads started from now on run `version` (before any restart into
+        // the original, so that restarted threads are not sent back).
+        fs::write(parameters.join("restart"), format!("{index} {version} 0 0"))
+            .with_context(|| format!("cannot redirect new threads of {}", f.name))?;
         if base == 0 {
             continue; // a module's function while that module is not loaded
         }

@@ -810,7 +810,10 @@ fn render_threads(objects: &[ObjectUpdate]) -> (usize, String, String) {
     let mut declarations = String::new();
     let mut entries = String::new();
     let mut count = 0;
-    for f in objects.iter().flat_map(|o| &o.replaced) {
+    for (object, f) in objects
+        .iter()
+        .flat_map(|o| o.replaced.iter().map(move |f| (o.object.as_str(), f)))
+    {
         let Some(r) = &f.restart else { continue };
         declarations.push_str(&format!(
             "extern char {}[], {}[]; /* {} in {}: running original, new version */\n",
@@ -834,9 +837,14 @@ fn render_threads(objects: &[ObjectUpdate]) -> (usize, String, String) {
             }
             None => String::new(),
         };
+        let module = if object == "vmlinux" {
+            String::new()
+        } else {
+            format!(", .object = \"{object}\"")
+        };
         entries.push_str(&format!(
-            "\t{{ .name = \"{}\", .original = {}, .new_version = {}, .task_pointers = {{ {}}}{} }},\n",
-            f.name, r.original, f.new_symbol, pointers, state_of
+            "\t{{ .name = \"{}\", .original = {}, .new_version = {}, .task_pointers = {{ {}}}{}{} }},\n",
+            f.name, r.original, f.new_symbol, pointers, module, state_of
         ));
         count += 1;
     }
