@@ -173,6 +173,21 @@ fn an_external_modules_thread_is_restarted_with_its_count_carried() {
         built.contains("points counter_task at the new thread"),
         "{built}"
     );
+    // The new version names it `iterations`; the patch's transfer function
+    // takes the old `count` over.
+    let renamed = work.path().join("counter-module-state-transfer.dynpkg");
+    let out = build_with(
+        &keys,
+        &["counter-module-state-transfer.diff"],
+        ["--module-src".as_ref(), module_src.as_os_str()],
+        &renamed,
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("runs counter_state, which may read the old thread's count"),
+        "{}",
+        stdout(&out)
+    );
 
     let script = r#"
 P=/packages/counter-module-loop.dynpkg
@@ -194,9 +209,14 @@ dmesg | grep -o 'dynamos_counter: .*iteration [0-9]*' | sed 's/^/@@ rlog /; s/$/
 dynamos apply $P > /dev/null 2>&1; echo "@@ applied again $? @@"
 rmmod dynamos_counter; echo "@@ rmmod $? thread $(pid_of dynamos_counter) @@"
 dynamos revert --all > /dev/null 2>&1; echo "@@ reverted after rmmod $?, modules $(grep -c '^dynamos' /proc/modules) @@"
+insmod $K; sleep 2
+dynamos apply /packages/counter-module-state-transfer.dynpkg > /tmp/apply.log 2>&1; echo "@@ transfer apply $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+sleep 1.5
+dmesg | grep -o 'dynamos_counter: .*iteration [0-9]*' | sed 's/^/@@ tlog /; s/$/ @@/'
+dynamos revert --all > /dev/null 2>&1; rmmod dynamos_counter; echo "@@ transfer reverted $? @@"
 "#;
     let started = Instant::now();
-    let text = vm_with_modules(&keys, &[], &[&pkg, &ko], script);
+    let text = vm_with_modules(&keys, &[], &[&pkg, &renamed, &ko], script);
     assert!(
         started.elapsed() < Duration::from_secs(VM_BUDGET),
         "took {:?}",
@@ -253,16 +273,38 @@ dynamos revert --all > /dev/null 2>&1; echo "@@ reverted after rmmod $?, modules
     expect_line(&text, "@@ applied again 0 @@");
     expect_line(&text, "@@ rmmod 0 thread  @@");
     expect_line(&text, "@@ reverted after rmmod 0, modules 0 @@");
+
+    assert!(
+        section(&text, "@@ transfer apply 0: ", "@@").contains(", carrying count"),
+        "{text}"
+    );
+    let transferred = counts_of(&text, "@@ tlog dynamos_counter: ", "renamed");
+    let first_renamed = transferred
+        .iter()
+        .position(|(renamed, _)| *renamed)
+        .unwrap_or_else(|| panic!("no line of the renamed loop:\n{text}"));
+    assert!(first_renamed > 0, "{text}");
+    assert_eq!(
+        transferred[first_renamed].1,
+        transferred[first_renamed - 1].1 + 1,
+        "counter_state did not carry count into iterations:\n{text}"
+    );
+    expect_line(&text, "@@ transfer reverted 0 @@");
 }
 
 /// The counter lines after `prefix`: (from the new loop, count).
 fn counts(text: &str, prefix: &str) -> Vec<(bool, u64)> {
+    counts_of(text, prefix, "live-updated")
+}
+
+/// The counter lines after `prefix`: (starts with `new_loop`, count).
+fn counts_of(text: &str, prefix: &str, new_loop: &str) -> Vec<(bool, u64)> {
     text.lines()
         .filter_map(|l| l.strip_prefix(prefix))
         .filter_map(|l| {
             let l = l.trim_end_matches(" @@");
             let (kind, n) = l.rsplit_once(' ')?;
-            Some((kind.starts_with("live-updated"), n.parse().ok()?))
+            Some((kind.starts_with(new_loop), n.parse().ok()?))
         })
         .collect()
 }

@@ -408,7 +408,21 @@ pub fn thread_state(
         parts.push(format!("carries where located {}", partly.join(", ")));
     }
     if let Some(t) = &point.transfer {
-        parts.push(format!("runs {t} to set the rest"));
+        let handed: Vec<&str> = point
+            .old_locals
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| located(i).0 > 0)
+            .map(|(_, n)| n.as_str())
+            .collect();
+        parts.push(if handed.is_empty() {
+            format!("runs {t}, which finds none of the old thread's locals")
+        } else {
+            format!(
+                "runs {t}, which may read the old thread's {}",
+                handed.join(", ")
+            )
+        });
     }
     let mut afresh: Vec<String> = lost;
     if point.transfer.is_none() {
