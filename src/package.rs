@@ -302,6 +302,10 @@ pub struct ThreadFunction {
     /// restart points at the new thread.
     #[serde(default)]
     pub stopped_through_task_pointers: bool,
+    /// Why its threads cannot be stopped where they sleep, if they cannot
+    /// (a lock held there, a wait-queue entry of their stack).
+    #[serde(default)]
+    pub stop_hazard: Option<String>,
 }
 
 /// Both versions of an adaptively replaced function, inside the package's

@@ -129,13 +129,16 @@ static __always_inline int dynamos_sync_enter(struct dynamos_sync *sync, bool ne
  * loop; the update module fills it from the old thread's locals where that
  * thread stops (their places at each call come from the original build's
  * debug info) and names the new thread in `restoring`. At the restore
- * point the new thread copies each carried local it declares with the same
- * name and type, then runs the patch's state-transfer function, if any.
+ * point the new thread waits for `ready` (it may have been woken early,
+ * through a pointer already switched to it), copies each carried local it
+ * declares with the same name, type and initializer, then runs the
+ * patch's state-transfer function, if any.
  */
 #define DYNAMOS_THREAD_LOCALS 16
 
 struct dynamos_thread {
 	struct task_struct *restoring;		/* the thread that restores next */
+	int ready;				/* the old thread has stopped */
 	unsigned long carried;			/* bit i: value[i] was carried */
 	unsigned long long value[DYNAMOS_THREAD_LOCALS];
 	const char *const *names;		/* the original's locals, by index */

@@ -537,6 +537,7 @@ static unsigned long thread_stop_return;
 /* Set under thread_lock while a thread is restarted into the new version. */
 static struct dynamos_thread *thread_state;
 static struct task_struct *thread_successor;
+static bool thread_caught;
 static struct local_place thread_places[DYNAMOS_THREAD_LOCALS];
 static int thread_place_count;
 
@@ -575,9 +576,11 @@ static void notrace save_thread_state(struct pt_regs *regs, unsigned long parent
 	unsigned long carried = 0, base;
 	int i;
 
+	void *stack = task_stack_page(current);
+
 	/* regs->sp must hold the return address into the main function. */
 	if (!state || !regs || *(unsigned long *)regs->sp != parent_ip)
-		return;
+		goto done;
 	for (i = 0; i < thread_place_count; i++) {
 		const struct local_place *p = &thread_places[i];
 		unsigned long long value = 0;
@@ -601,11 +604,17 @@ static void notrace save_thread_state(struct pt_regs *regs, unsigned long parent
 		}
 		if (p->size < 8)
 			value &= (1ULL << (p->size * 8)) - 1;
+		/* A pointer into the old thread's stack would outlive it. */
+		if (p->size == 8 && value >= (unsigned long)stack &&
+		    value < (unsigned long)stack + THREAD_SIZE)
+			continue;
 		state->value[p->index] = value;
 		carried |= 1UL << p->index;
 	}
 	state->carried = carried;
-	smp_store_release(&state->restoring, thread_successor);
+done:
+	if (state)
+		smp_store_release(&state->ready, 1);
 }
 
 static void notrace thread_exit_stub(void)
@@ -619,7 +628,8 @@ static void notrace thread_stop_handler(unsigned long ip, unsigned long parent_i
 					struct ftrace_ops *ops, struct ftrace_regs *fregs)
 {
 	if (current == READ_ONCE(thread_stopping) &&
-	    parent_ip == READ_ONCE(thread_stop_return)) {
+	    parent_ip == READ_ONCE(thread_stop_return) && !READ_ONCE(thread_caught)) {
+		WRITE_ONCE(thread_caught, true);
 		save_thread_state(ftrace_get_regs(fregs), parent_ip);
 		ftrace_instruction_pointer_set(fregs, (unsigned long)thread_exit_stub);
 	}
@@ -649,20 +659,34 @@ static void switch_task_pointers(struct thread_function *f, struct task_struct *
 static struct task_struct *holders[MAX_HOLDERS];
 static DEFINE_SPINLOCK(holders_lock);	/* also taken in the start handler */
 
-static void notrace hold(struct task_struct *t)
+/* Whether `t` now holds the module (false: no room to track it). */
+static bool notrace hold(struct task_struct *t)
 {
 	unsigned long flags;
 	int i;
 
-	__module_get(THIS_MODULE);
 	spin_lock_irqsave(&holders_lock, flags);
 	for (i = 0; i < MAX_HOLDERS; i++) {
 		if (!holders[i]) {
 			holders[i] = get_task_struct(t);
+			__module_get(THIS_MODULE);
 			break;
 		}
 	}
 	spin_unlock_irqrestore(&holders_lock, flags);
+	return i < MAX_HOLDERS;
+}
+
+static bool holders_full(void)
+{
+	unsigned long flags;
+	int i, used = 0;
+
+	spin_lock_irqsave(&holders_lock, flags);
+	for (i = 0; i < MAX_HOLDERS; i++)
+		used += !!holders[i];
+	spin_unlock_irqrestore(&holders_lock, flags);
+	return used == MAX_HOLDERS;
 }
 
 static bool is_holder(struct task_struct *t)
@@ -724,8 +748,9 @@ static void notrace thread_start_handler(unsigned long ip, unsigned long parent_
 	int i;
 
 	for (i = 0; i < THREAD_COUNT; i++) {
-		if (READ_ONCE(redirecting[i]) && ip == READ_ONCE(redirect_ip[i])) {
-			hold(current);
+		/* Untracked, it could outlive the module: it runs the original. */
+		if (READ_ONCE(redirecting[i]) && ip == READ_ONCE(redirect_ip[i]) &&
+		    hold(current)) {
 			ftrace_instruction_pointer_set(fregs,
 				(unsigned long)thread_functions[i].new_version);
 			return;
@@ -807,11 +832,14 @@ static void threads_exit(void)
 {
 	int i;
 
-	mutex_lock(&thread_lock);
-	for (i = 0; i < THREAD_COUNT; i++)
-		stop_redirect(i);
-	mutex_unlock(&thread_lock);
+	/* First, so no module loading now can switch a redirect back on. */
 	unregister_module_notifier(&thread_module_notifier);
+	mutex_lock(&thread_lock);
+	for (i = 0; i < THREAD_COUNT; i++) {
+		redirect_wanted[i] = false;
+		stop_redirect(i);
+	}
+	mutex_unlock(&thread_lock);
 }
 
 static int restart_thread(int index, struct task_struct *old, void *from, void *to,
@@ -823,9 +851,14 @@ static int restart_thread(int index, struct task_struct *old, void *from, void *
 	unsigned long carried;
 	int ret;
 
+	/* A thread running this module's code must hold it. */
+	if (to == f->new_version && holders_full())
+		return -ENOSPC;
 	new = kthread_create_on_node(to, kthread_data(old), NUMA_NO_NODE, "%s", old->comm);
 	if (IS_ERR(new))
 		return PTR_ERR(new);
+	/* Code reaching it through a switched pointer may stop it any time. */
+	get_task_struct(new);
 	set_user_nice(new, task_nice(old));
 	if (old->policy != SCHED_NORMAL) {
 		attr.sched_policy = old->policy;
@@ -840,9 +873,16 @@ static int restart_thread(int index, struct task_struct *old, void *from, void *
 	reinit_completion(&thread_exited);
 	thread_state = to == f->new_version && f->state_of ? f->state_of() : NULL;
 	thread_successor = new;
+	thread_caught = false;
 	if (thread_state) {
+		/*
+		 * Published before the old thread stops: a new thread woken early
+		 * through a switched pointer waits at its restore point until
+		 * `ready`, so the two never both run their loops.
+		 */
 		thread_state->carried = 0;
-		WRITE_ONCE(thread_state->restoring, NULL);
+		thread_state->ready = 0;
+		smp_store_release(&thread_state->restoring, new);
 	}
 	WRITE_ONCE(thread_stop_return, (unsigned long)from + offset);
 	WRITE_ONCE(thread_stopping, old);
@@ -858,36 +898,44 @@ static int restart_thread(int index, struct task_struct *old, void *from, void *
 			ret = -ETIMEDOUT;
 		unregister_ftrace_function(&thread_stop_ops);
 		ftrace_set_filter_ip(&thread_stop_ops, sleep, 1, 0);
+		/* Caught as the time ran out: it is on its way out. */
+		if (ret && READ_ONCE(thread_caught)) {
+			wait_for_completion(&thread_exited);
+			ret = 0;
+		}
 	}
 	WRITE_ONCE(thread_stopping, NULL);
 	if (ret) {
-		/* Not stopped: it keeps running; the new thread never ran. */
-		if (thread_state)
-			WRITE_ONCE(thread_state->restoring, NULL);
+		/* Not stopped: it keeps running; the new thread is stopped unrestored. */
+		if (thread_state) {
+			thread_state->carried = 0;
+			smp_store_release(&thread_state->ready, 1);
+		}
 		switch_task_pointers(f, new, old);
 		kthread_stop(new);
+		if (thread_state)
+			WRITE_ONCE(thread_state->restoring, NULL);
 		pr_err("%s: %s (pid %d) did not reach its sleep point: %d\n",
 		       THIS_MODULE->name, old->comm, task_pid_nr(old), ret);
+		put_task_struct(new);
 		return ret;
 	}
 	if (to == f->new_version)
 		hold(new);
 	else
 		release(old);
-	carried = thread_state && READ_ONCE(thread_state->restoring) == new ?
-		thread_state->carried : 0;
-	get_task_struct(new);
+	carried = thread_state ? thread_state->carried : 0;
 	wake_up_process(new);
 	/*
 	 * The state is the function's, not the thread's: the next restart may
 	 * only refill it once this thread has restored from it.
 	 */
-	if (carried) {
+	if (thread_state) {
 		unsigned long until = jiffies + 10 * HZ;
 
 		while (READ_ONCE(thread_state->restoring) == new && time_before(jiffies, until))
 			schedule_timeout_uninterruptible(1);
-		if (cmpxchg(&thread_state->restoring, new, NULL) == new) {
+		if (cmpxchg(&thread_state->restoring, new, NULL) == new && carried) {
 			pr_warn("%s: %s (pid %d) did not reach its restore point: it runs without the old thread's locals\n",
 				THIS_MODULE->name, new->comm, task_pid_nr(new));
 			carried = 0;

@@ -189,6 +189,27 @@ fn an_external_modules_thread_is_restarted_with_its_count_carried() {
         stdout(&out)
     );
 
+    // A new loop that sleeps holding a mutex: its thread could not be
+    // stopped where it sleeps without exiting with the mutex held.
+    let locked = work
+        .path()
+        .join("refused-counter-module-locked-sleep.dynpkg");
+    let out = build_with(
+        &keys,
+        &["refused-counter-module-locked-sleep.diff"],
+        ["--module-src".as_ref(), module_src.as_os_str()],
+        &locked,
+    );
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(
+            "refuses this update while such a thread runs (in the patched version, it sleeps in \
+             schedule_timeout_interruptible() at line 27 after mutex_lock() at line 24: a thread stopped there would exit holding it)"
+        ),
+        "{}",
+        stdout(&out)
+    );
+
     let script = r#"
 P=/packages/counter-module-loop.dynpkg
 K=/packages/dynamos_counter.ko
@@ -213,10 +234,13 @@ insmod $K; sleep 2
 dynamos apply /packages/counter-module-state-transfer.dynpkg > /tmp/apply.log 2>&1; echo "@@ transfer apply $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
 sleep 1.5
 dmesg | grep -o 'dynamos_counter: .*iteration [0-9]*' | sed 's/^/@@ tlog /; s/$/ @@/'
-dynamos revert --all > /dev/null 2>&1; rmmod dynamos_counter; echo "@@ transfer reverted $? @@"
+dynamos revert --all > /dev/null 2>&1; echo "@@ transfer reverted $? @@"
+dynamos apply /packages/refused-counter-module-locked-sleep.dynpkg > /tmp/apply.log 2>&1; echo "@@ locked apply $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+echo "@@ locked modules $(grep -v '^dynamos_counter ' /proc/modules | grep -c '^dynamos') @@"
+rmmod dynamos_counter
 "#;
     let started = Instant::now();
-    let text = vm_with_modules(&keys, &[], &[&pkg, &renamed, &ko], script);
+    let text = vm_with_modules(&keys, &[], &[&pkg, &renamed, &locked, &ko], script);
     assert!(
         started.elapsed() < Duration::from_secs(VM_BUDGET),
         "took {:?}",
@@ -290,6 +314,13 @@ dynamos revert --all > /dev/null 2>&1; rmmod dynamos_counter; echo "@@ transfer 
         "counter_state did not carry count into iterations:\n{text}"
     );
     expect_line(&text, "@@ transfer reverted 0 @@");
+    let refused = section(&text, "@@ locked apply 2: ", "@@");
+    assert!(
+        refused.contains("counter_thread: is the main function of the running kernel thread dynamos_counter (pid ")
+            && refused.contains("a thread stopped there would exit holding it"),
+        "{text}"
+    );
+    expect_line(&text, "@@ locked modules 0 @@");
 }
 
 /// The counter lines after `prefix`: (from the new loop, count).

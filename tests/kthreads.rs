@@ -73,6 +73,7 @@ fn thread_functions_are_found_from_the_original_object() {
             stopped_by_kthread_stop: true,
             // stop_loop reads loop_task, but stop_held stops some other thread.
             stopped_through_task_pointers: false,
+            stop_hazard: None,
         })
     );
     assert_eq!(
@@ -82,6 +83,7 @@ fn thread_functions_are_found_from_the_original_object() {
             per_cpu: true,
             stopped_by_kthread_stop: true,
             stopped_through_task_pointers: false,
+            stop_hazard: None,
         })
     );
     // Stopped through a structure's field, which a restart cannot switch.
@@ -92,6 +94,7 @@ fn thread_functions_are_found_from_the_original_object() {
             per_cpu: false,
             stopped_by_kthread_stop: true,
             stopped_through_task_pointers: false,
+            stop_hazard: None,
         })
     );
     // Called, or its neighbour's address taken: not a thread function.

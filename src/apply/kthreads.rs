@@ -10,7 +10,7 @@
 
 use super::kcore::KernelMemory;
 use super::stack::{frames, Frame};
-use crate::package::Manifest;
+use crate::package::{Manifest, ThreadFunction};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs;
@@ -248,7 +248,7 @@ pub fn restart(
             )
             .with_context(|| {
                 format!(
-                    "restarting the kernel threads of {} into the {version} version failed (see dmesg); they keep running as before",
+                    "restarting the kernel threads of {} into the {version} version failed (see dmesg); the thread that failed keeps running its version",
                     f.name
                 )
             })?;
@@ -297,6 +297,49 @@ fn part_address(kallsyms: &str, name: &str, module: Option<&str>, near: u64) -> 
             (symbol == name && owner == module).then_some(address)
         })
         .min_by_key(|a| a.abs_diff(near))
+}
+
+/// The thread functions whose threads `manifest` restarts.
+pub fn restarted_functions(manifest: &Manifest) -> Vec<String> {
+    manifest
+        .objects
+        .iter()
+        .flat_map(|o| &o.replaced)
+        .filter(|f| f.restart.is_some())
+        .map(|f| f.name.clone())
+        .collect()
+}
+
+/// Refuse restarting the threads of a function an applied update already
+/// restarted: its threads run that update's module, and only its own
+/// revert brings them back.
+pub fn refuse_stacked_restarts(
+    manifest: &Manifest,
+    records: &[super::AppliedRecord],
+) -> Result<()> {
+    let mut refusals = Vec::new();
+    for f in manifest.objects.iter().flat_map(|o| &o.replaced) {
+        if f.restart.is_none() && f.kthread.is_none() {
+            continue;
+        }
+        let earlier = records.iter().find(|r| {
+            r.manifest
+                .objects
+                .iter()
+                .flat_map(|o| &o.replaced)
+                .any(|g| g.restart.is_some() && g.name == f.name && g.file == f.file)
+        });
+        if let Some(r) = earlier {
+            refusals.push(crate::error::Refusal {
+                symbol: f.name.clone(),
+                reason: format!(
+                    "live update {} already restarted its threads into its own version; revert it first",
+                    r.manifest.name
+                ),
+            });
+        }
+    }
+    crate::error::refuse_any(refusals)
 }
 
 /// A kernel thread and its stack listing.
@@ -362,12 +405,19 @@ pub fn refuse_replaced_thread_functions(manifest: &Manifest, proc: &Path) -> Res
             .map(|t| format!("{} (pid {})", t.comm, t.pid))
             .collect();
         let why = match &function.kthread {
-            Some(t) if t.per_cpu => "; they are per-CPU threads, parked and stopped by CPU hotplug",
+            Some(ThreadFunction {
+                stop_hazard: Some(hazard),
+                ..
+            }) => format!("; {hazard}"),
+            Some(t) if t.per_cpu => {
+                "; they are per-CPU threads, parked and stopped by CPU hotplug".to_string()
+            }
             Some(t) if t.stopped_by_kthread_stop => {
                 "; its file stops them with kthread_stop() other than through a task pointer it stores, \
                  and kthread_stop() needs the very task it started"
+                    .to_string()
             }
-            _ => "",
+            _ => String::new(),
         };
         refusals.push(crate::error::Refusal {
             symbol: function.name.clone(),

@@ -466,6 +466,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     };
     let records = read_records(paths)?;
     values::refuse_retiring_value_updates(manifest, &records, &retiring)?;
+    kthreads::refuse_stacked_restarts(manifest, &records)?;
 
     let text = fs::read_to_string(&paths.kallsyms)
         .with_context(|| format!("cannot read {}", paths.kallsyms.display()))?;
@@ -572,7 +573,10 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
             })
         }
         Err(err) => {
-            let cleanup = disable_and_unload(paths, name, timeout, false);
+            // Threads restarted before the failure run the module's code.
+            let back = kthreads::restart(paths, manifest, name, "original");
+            let cleanup =
+                disable_and_unload(paths, name, timeout, false).and_then(|()| back.map(|_| ()));
             match cleanup {
                 Ok(()) => Err(anyhow!(
                     "{err:#}; update {} was reverted and unloaded",
@@ -599,19 +603,23 @@ fn retired_by(paths: &SystemPaths, manifest: &Manifest) -> Result<Vec<String>> {
             .replaces
             .iter()
             .any(|r| *r == live || Some(r) == package.as_ref());
-        let synchronized = records
+        let own_redirects = records
             .iter()
             .find(|r| r.manifest.module_name == live)
-            .map(|r| synchronized::functions(&r.manifest))
+            .map(|r| {
+                let mut functions = synchronized::functions(&r.manifest);
+                functions.extend(kthreads::restarted_functions(&r.manifest));
+                functions
+            })
             .unwrap_or_default();
-        if covered && !synchronized.is_empty() {
-            // The livepatch core retires livepatches, not the clones' redirects.
+        if covered && !own_redirects.is_empty() {
+            // The livepatch core retires livepatches, not the module's own redirects.
             refusals.push(crate::Refusal {
                 symbol: manifest.name.clone(),
                 reason: format!(
-                    "cumulative update would retire {} whose synchronized functions ({}) only `dynamos revert` moves back; revert it first",
+                    "cumulative update would retire {} whose synchronized or restarted thread functions ({}) only `dynamos revert` moves back; revert it first",
                     package.as_deref().unwrap_or(&live),
-                    synchronized.join(", ")
+                    own_redirects.join(", ")
                 ),
             });
         } else if covered {

@@ -188,7 +188,17 @@ fn find_subprogram<'d>(
                 }
                 if depth == at + 1 && entry.tag() == dw::DW_TAG_variable {
                     let name = name_of(dwarf, &unit, entry)?.unwrap_or_default();
-                    let size = match entry.attr_value(dw::DW_AT_type) {
+                    // A concrete copy of a function inlined elsewhere types
+                    // its locals in the abstract instance.
+                    let typed = match entry.attr_value(dw::DW_AT_abstract_origin) {
+                        Some(AttributeValue::UnitRef(origin))
+                            if entry.attr_value(dw::DW_AT_type).is_none() =>
+                        {
+                            unit.entry(origin)?.attr_value(dw::DW_AT_type)
+                        }
+                        _ => entry.attr_value(dw::DW_AT_type),
+                    };
+                    let size = match typed {
                         Some(AttributeValue::UnitRef(t)) => type_size(&unit, t, 0)?,
                         _ => None,
                     };

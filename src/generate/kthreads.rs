@@ -123,6 +123,7 @@ pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFu
         per_cpu,
         stopped_by_kthread_stop,
         stopped_through_task_pointers,
+        stop_hazard: None,
     })
 }
 
@@ -131,7 +132,9 @@ pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFu
 /// task) nor threads their file stops with kthread_stop() other than
 /// through the task pointers a restart switches.
 pub fn restartable(thread: &ThreadFunction) -> bool {
-    !thread.per_cpu && (!thread.stopped_by_kthread_stop || thread.stopped_through_task_pointers)
+    !thread.per_cpu
+        && (!thread.stopped_by_kthread_stop || thread.stopped_through_task_pointers)
+        && thread.stop_hazard.is_none()
 }
 
 /// The symbol a relocation reaches, through its section's symbol for a
@@ -326,7 +329,9 @@ pub fn note(function: &str, thread: &ThreadFunction, task_pointers: &[String]) -
             "{function} is the main function of kernel threads started by {}: \
              `dynamos apply` refuses this update while such a thread runs ({})",
             thread.started_by.join(", "),
-            if thread.per_cpu {
+            if let Some(hazard) = &thread.stop_hazard {
+                hazard.as_str()
+            } else if thread.per_cpu {
                 "per-CPU threads are parked and stopped by CPU hotplug"
             } else {
                 "its file stops them with kthread_stop() other than through a task pointer it stores, \

@@ -256,7 +256,15 @@ pub fn generate(
                     new_version: version.alias.clone(),
                     old_version: a.old_version.clone(),
                 }),
-                kthread: kthreads::thread_function(unit.original, &version.name),
+                kthread: kthreads::thread_function(unit.original, &version.name).map(|mut t| {
+                    t.stop_hazard = transformed
+                        .restore_points
+                        .hazards
+                        .iter()
+                        .find(|h| h.file == unit.source_file && h.name == version.name)
+                        .map(|h| h.reason.clone());
+                    t
+                }),
                 synchronized: clones.by_function.get(&version.name).cloned(),
                 restart: None,
             };

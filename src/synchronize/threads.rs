@@ -66,6 +66,19 @@ pub struct WithoutRestorePoint {
 pub struct RestorePoints {
     pub points: Vec<RestorePoint>,
     pub without: Vec<WithoutRestorePoint>,
+    /// Changed thread functions whose threads cannot be stopped safely
+    /// where they sleep, with why.
+    pub hazards: Vec<StopHazard>,
+}
+
+/// Why a thread of a changed thread function cannot be stopped where it
+/// sleeps: it would exit holding a lock, or with an entry of its stack
+/// still on a wait queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StopHazard {
+    pub file: String,
+    pub name: String,
+    pub reason: String,
 }
 
 /// Write a restore point into every changed thread main function of the
@@ -99,10 +112,11 @@ pub fn add_restore_points(
             continue;
         };
         match restore_points_of(&file, &old, patched, &transfers, skip) {
-            Ok((text, points, without)) => {
+            Ok((text, points, without, hazards)) => {
                 *patched = text.into_bytes();
                 out.points.extend(points);
                 out.without.extend(without);
+                out.hazards.extend(hazards);
             }
             Err(mut r) => refusals.append(&mut r),
         }
@@ -114,7 +128,12 @@ pub fn add_restore_points(
     }
 }
 
-type FileResult = (String, Vec<RestorePoint>, Vec<WithoutRestorePoint>);
+type FileResult = (
+    String,
+    Vec<RestorePoint>,
+    Vec<WithoutRestorePoint>,
+    Vec<StopHazard>,
+);
 
 fn restore_points_of(
     file: &str,
@@ -126,6 +145,7 @@ fn restore_points_of(
     let unchanged = || {
         (
             String::from_utf8_lossy(patched).into_owned(),
+            vec![],
             vec![],
             vec![],
         )
@@ -151,7 +171,8 @@ fn restore_points_of(
     let mut appended = String::new();
     let mut points = Vec::new();
     let mut without = Vec::new();
-    let mut defined_struct = false;
+    let mut hazards = Vec::new();
+    let mut first_definition: Option<usize> = None;
     for name in &started {
         let (Some(&old_def), Some(&new_def)) =
             (old_definitions.get(name), new_definitions.get(name))
@@ -161,6 +182,18 @@ fn restore_points_of(
         if skip.contains(name)
             || normalize(old_source.text_of(old_def)) == normalize(new_source.text_of(new_def))
         {
+            continue;
+        }
+        // Apply stops threads of the original where they sleep, revert those of the patched.
+        let hazard = stop_hazard(&old_source, old_def).or_else(|| {
+            stop_hazard(&new_source, new_def).map(|r| format!("in the patched version, {r}"))
+        });
+        if let Some(reason) = hazard {
+            hazards.push(StopHazard {
+                file: file.to_string(),
+                name: name.clone(),
+                reason,
+            });
             continue;
         }
         let transfer = transfers.get(name).cloned();
@@ -187,11 +220,16 @@ fn restore_points_of(
         };
         let (old_locals, not_carriable) = top_locals(&old_source, old_def, old_loop);
         let (new_locals, _) = top_locals(&new_source, new_def, new_loop);
-        let old_locals: Vec<(String, String)> = old_locals.into_iter().take(MAX_CARRIED).collect();
+        let old_locals: Vec<(String, String, String)> =
+            old_locals.into_iter().take(MAX_CARRIED).collect();
         let mut restore = String::new();
         let mut restored = Vec::new();
-        for (index, (local, member)) in old_locals.iter().enumerate() {
-            if new_locals.iter().any(|(n, m)| n == local && m == member) {
+        for (index, (local, member, init)) in old_locals.iter().enumerate() {
+            // A changed initializer is the patch's own: the local starts with it.
+            if new_locals
+                .iter()
+                .any(|(n, m, i)| n == local && m == member && i == init)
+            {
                 restore.push_str(&format!(
                     "if (__dynamos_old->carried & (1UL << {index})) __builtin_memcpy(&{local}, &__dynamos_old->value[{index}], sizeof({local}) < 8 ? sizeof({local}) : 8); "
                 ));
@@ -199,30 +237,32 @@ fn restore_points_of(
             }
         }
         if let Some(t) = &transfer {
-            let addresses: String = new_locals.iter().map(|(n, _)| format!(", &{n}")).collect();
+            let addresses: String = new_locals
+                .iter()
+                .map(|(n, _, _)| format!(", &{n}"))
+                .collect();
             restore.push_str(&format!("{t}(__dynamos_old{addresses}); "));
         }
         let control = format!("__dynamos_thread_{name}");
         let state_of = format!("__dynamos_thread_state_of_{name}");
+        // Woken early through a switched pointer, it waits for the old thread to stop.
         edits.push((
             new_loop.start_byte(),
             format!(
-                "if (READ_ONCE({control}.restoring) == current) {{ struct dynamos_thread *__dynamos_old = &{control}; {restore}WRITE_ONCE(__dynamos_old->restoring, NULL); }} "
+                "if (READ_ONCE({control}.restoring) == current) {{ struct dynamos_thread *__dynamos_old = &{control}; int __dynamos_wait = 10 * HZ; while (!smp_load_acquire(&__dynamos_old->ready) && __dynamos_wait-- > 0) schedule_timeout_uninterruptible(1); if (__dynamos_old->ready) {{ {restore}}} WRITE_ONCE(__dynamos_old->restoring, NULL); }} "
             ),
         ));
-        let mut prefix = String::new();
-        if !has_header && !defined_struct {
-            prefix.push_str(&one_line_struct());
-            prefix.push(' ');
-            defined_struct = true;
-        }
-        let quoted: Vec<String> = old_locals.iter().map(|(n, _)| format!("\"{n}\"")).collect();
-        prefix.push_str(&format!(
+        first_definition =
+            Some(first_definition.map_or(new_def.start_byte(), |f| f.min(new_def.start_byte())));
+        let quoted: Vec<String> = old_locals
+            .iter()
+            .map(|(n, _, _)| format!("\"{n}\""))
+            .collect();
+        edits.push((new_def.start_byte(), format!(
             "static const char *const __dynamos_thread_names_{name}[] = {{ {} }}; static struct dynamos_thread {control} = {{ .names = __dynamos_thread_names_{name}, .count = {} }}; ",
             if quoted.is_empty() { "NULL".to_string() } else { quoted.join(", ") },
             old_locals.len()
-        ));
-        edits.push((new_def.start_byte(), prefix));
+        )));
         appended.push_str(&format!(
             "\n/* dynamos-build: the restore state of {name}'s restarted kernel threads, for the update module. */\n\
              struct dynamos_thread *{state_of}(void);\n\
@@ -232,9 +272,9 @@ fn restore_points_of(
             file: file.to_string(),
             name: name.clone(),
             state_of,
-            old_locals: old_locals.into_iter().map(|(n, _)| n).collect(),
+            old_locals: old_locals.into_iter().map(|(n, _, _)| n).collect(),
             not_carriable,
-            new_locals: new_locals.into_iter().map(|(n, _)| n).collect(),
+            new_locals: new_locals.into_iter().map(|(n, _, _)| n).collect(),
             restored,
             transfer,
             line: line_of(new_loop),
@@ -243,13 +283,24 @@ fn restore_points_of(
     if !refusals.is_empty() {
         return Err(refusals);
     }
+    // Defined once, before the first function that uses it.
+    if let (Some(at), false) = (first_definition, has_header) {
+        edits.push((at, format!("{} ", one_line_struct())));
+    }
     let mut text = patched.to_vec();
+    // Stable, in reverse: of two insertions at one place, the struct (pushed
+    // last) ends up first.
     edits.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
     for (at, insert) in edits {
         text.splice(at..at, insert.into_bytes());
     }
     text.extend_from_slice(appended.as_bytes());
-    Ok((String::from_utf8_lossy(&text).into_owned(), points, without))
+    Ok((
+        String::from_utf8_lossy(&text).into_owned(),
+        points,
+        without,
+        hazards,
+    ))
 }
 
 /// `struct dynamos_thread` from `dynamos.h`, on one line.
@@ -319,8 +370,9 @@ fn main_loop<'t>(source: &Source, definition: Node<'t>) -> Option<Node<'t>> {
 }
 
 /// Locals declared at the top of the body before `main_loop`, as (name,
-/// declaration without qualifiers), and those that cannot be carried.
-type TopLocals = (Vec<(String, String)>, Vec<(String, String)>);
+/// declaration without qualifiers, initializer), and those that cannot be
+/// carried, with why.
+type TopLocals = (Vec<(String, String, String)>, Vec<(String, String)>);
 
 fn top_locals(source: &Source, definition: Node, main_loop: Node) -> TopLocals {
     let mut carriable = Vec::new();
@@ -337,7 +389,13 @@ fn top_locals(source: &Source, definition: Node, main_loop: Node) -> TopLocals {
             continue;
         }
         match members(source, child) {
-            Ok(m) => carriable.extend(m),
+            Ok(m) => {
+                let inits = initializers(source, child);
+                carriable.extend(m.into_iter().map(|(name, member)| {
+                    let init = inits.get(&name).cloned().unwrap_or_default();
+                    (name, member, init)
+                }))
+            }
             Err(why) => {
                 let name = first_declared(source, child)
                     .unwrap_or_else(|| format!("line {}", line_of(child)));
@@ -346,6 +404,143 @@ fn top_locals(source: &Source, definition: Node, main_loop: Node) -> TopLocals {
         }
     }
     (carriable, not)
+}
+
+/// Each variable's initializer in a declaration, normalized.
+fn initializers(source: &Source, declaration: Node) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut cursor = declaration.walk();
+    for d in declaration.children_by_field_name("declarator", &mut cursor) {
+        if d.kind() != "init_declarator" {
+            continue;
+        }
+        let (Some(plain), Some(value)) = (
+            d.child_by_field_name("declarator"),
+            d.child_by_field_name("value"),
+        ) else {
+            continue;
+        };
+        if let Some(id) = declared_identifier(plain) {
+            out.insert(
+                source.text_of(id).to_string(),
+                normalize(source.text_of(value)),
+            );
+        }
+    }
+    out
+}
+
+/// Calls that take a lock (or enter a section) a thread must not exit in.
+fn acquires(name: &str) -> bool {
+    let exact = [
+        "down",
+        "down_interruptible",
+        "down_killable",
+        "down_timeout",
+        "down_trylock",
+        "rcu_read_lock",
+        "rcu_read_lock_bh",
+        "rcu_read_lock_sched",
+        "srcu_read_lock",
+        "rtnl_lock",
+        "lock_sock",
+        "preempt_disable",
+        "local_irq_disable",
+        "local_bh_disable",
+        "mutex_trylock",
+        "spin_trylock",
+        "local_irq_save",
+    ];
+    let prefixes = [
+        "mutex_lock",
+        "down_read",
+        "down_write",
+        "spin_lock",
+        "raw_spin_lock",
+        "read_lock",
+        "write_lock",
+    ];
+    !name.ends_with("_init")
+        && (exact.contains(&name) || prefixes.iter().any(|p| name.starts_with(p)))
+}
+
+/// Calls that give back what [`acquires`] took.
+fn releases(name: &str) -> bool {
+    let exact = [
+        "up",
+        "rcu_read_unlock",
+        "rcu_read_unlock_bh",
+        "rcu_read_unlock_sched",
+        "srcu_read_unlock",
+        "rtnl_unlock",
+        "release_sock",
+        "preempt_enable",
+        "local_irq_enable",
+        "local_bh_enable",
+        "local_irq_restore",
+    ];
+    let prefixes = [
+        "mutex_unlock",
+        "up_read",
+        "up_write",
+        "spin_unlock",
+        "raw_spin_unlock",
+        "read_unlock",
+        "write_unlock",
+    ];
+    exact.contains(&name) || prefixes.iter().any(|p| name.starts_with(p))
+}
+
+/// Why a thread of `definition` cannot be stopped where it sleeps, if it
+/// cannot: a sleep after a lock taken earlier in the function and not yet
+/// given back (counted in text order, which also covers a loop that takes
+/// and releases it around the sleep), or a wait on an entry of its own
+/// stack (`wait_event*()` and friends queue one and sleep in `schedule()`:
+/// a thread stopped there would leave it queued).
+fn stop_hazard(source: &Source, definition: Node) -> Option<String> {
+    let body = definition.child_by_field_name("body")?;
+    let text = source.text_of(body);
+    for queued in ["DEFINE_WAIT", "DECLARE_WAITQUEUE", "DEFINE_WAIT_FUNC"] {
+        if text.contains(queued) {
+            return Some(format!(
+                "it declares a wait-queue entry on its stack ({queued}): a thread stopped where it sleeps would leave the entry queued"
+            ));
+        }
+    }
+    let mut calls: Vec<Node> = descendants(body)
+        .into_iter()
+        .filter(|n| n.kind() == "call_expression")
+        .collect();
+    calls.sort_by_key(|n| n.start_byte());
+    let mut held: Vec<(String, usize)> = Vec::new();
+    for call in calls {
+        let Some(name) = super::called_name(source, call) else {
+            continue;
+        };
+        if name.starts_with("wait_event")
+            || name.starts_with("wait_var_event")
+            || name.starts_with("prepare_to_wait")
+            || name.starts_with("add_wait_queue")
+        {
+            return Some(format!(
+                "it sleeps in {name}() at line {}, on a wait-queue entry of its stack: a thread stopped there would leave the entry queued",
+                line_of(call)
+            ));
+        }
+        if acquires(name) {
+            held.push((name.to_string(), line_of(call)));
+        } else if releases(name) {
+            held.pop();
+        } else if is_unconditional_sleep(name) || is_conditional_wait(name) {
+            if let Some((lock, at)) = held.last() {
+                return Some(format!(
+                    "it sleeps in {name}() at line {} after {lock}() at line {at}: a thread stopped there would exit holding it",
+                    line_of(call)
+                ));
+            }
+        }
+    }
+    None
 }
 
 /// The first variable a declaration names.
@@ -447,6 +642,45 @@ static int __init start(void)
         assert!(text.contains("carry(__dynamos_old, &count); "), "{text}");
         // The header defines the struct: it is not written again.
         assert!(!text.contains("struct dynamos_thread {"));
+    }
+
+    #[test]
+    fn a_changed_initializer_is_not_restored() {
+        let changed = patched().replace("unsigned long count = 0;", "unsigned long count = 100;");
+        let (_, points) = run(&changed).unwrap();
+        assert_eq!(points.points[0].old_locals, ["count"]);
+        assert!(points.points[0].restored.is_empty());
+    }
+
+    #[test]
+    fn threads_that_cannot_stop_where_they_sleep_get_a_hazard() {
+        let locked = patched().replace(
+            "\t\tschedule_timeout_interruptible(HZ);",
+            "\t\tmutex_lock(&m);\n\t\tmsleep(10);\n\t\tmutex_unlock(&m);\n\t\tschedule_timeout_interruptible(HZ);",
+        );
+        let (text, points) = run(&locked).unwrap();
+        assert!(points.points.is_empty());
+        assert!(!text.contains("dynamos_thread"));
+        let reason = &points.hazards[0].reason;
+        assert!(
+            reason.starts_with("in the patched version, it sleeps in msleep() at line 16 after mutex_lock() at line 15"),
+            "{reason}"
+        );
+        // Taken and given back around the sleep, in loop order: no hazard.
+        let around = patched().replace(
+            "\t\tcount++;",
+            "\t\tmutex_lock(&m);\n\t\tcount++;\n\t\tmutex_unlock(&m);",
+        );
+        assert!(run(&around).unwrap().1.hazards.is_empty());
+        let waits = patched().replace(
+            "schedule_timeout_interruptible(HZ);",
+            "wait_event_interruptible(wq, count > 3);",
+        );
+        let reason = &run(&waits).unwrap().1.hazards[0].reason;
+        assert!(
+            reason.contains("wait_event_interruptible() at line 15, on a wait-queue entry"),
+            "{reason}"
+        );
     }
 
     #[test]
