@@ -302,6 +302,10 @@ pub struct ThreadFunction {
     /// restart points at the new thread.
     #[serde(default)]
     pub stopped_through_task_pointers: bool,
+    /// Its starters keep the created task somewhere a restart cannot
+    /// switch (a structure, another function, their caller).
+    #[serde(default)]
+    pub task_escapes: bool,
     /// Why its threads cannot be stopped where they sleep, if they cannot
     /// (a lock held there, a wait-queue entry of their stack).
     #[serde(default)]

@@ -73,6 +73,7 @@ fn thread_functions_are_found_from_the_original_object() {
             stopped_by_kthread_stop: true,
             // stop_loop reads loop_task, but stop_held stops some other thread.
             stopped_through_task_pointers: false,
+            task_escapes: false,
             stop_hazard: None,
         })
     );
@@ -83,10 +84,11 @@ fn thread_functions_are_found_from_the_original_object() {
             per_cpu: true,
             stopped_by_kthread_stop: true,
             stopped_through_task_pointers: false,
+            task_escapes: false,
             stop_hazard: None,
         })
     );
-    // Stopped through a structure's field, which a restart cannot switch.
+    // Kept in, and stopped through, a structure's field.
     assert_eq!(
         thread_function(&object, "held"),
         Some(ThreadFunction {
@@ -94,6 +96,8 @@ fn thread_functions_are_found_from_the_original_object() {
             per_cpu: false,
             stopped_by_kthread_stop: true,
             stopped_through_task_pointers: false,
+            // Kept in h->task, which a restart cannot find to switch.
+            task_escapes: true,
             stop_hazard: None,
         })
     );

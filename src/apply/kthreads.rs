@@ -412,6 +412,10 @@ pub fn refuse_replaced_thread_functions(manifest: &Manifest, proc: &Path) -> Res
             Some(t) if t.per_cpu => {
                 "; they are per-CPU threads, parked and stopped by CPU hotplug".to_string()
             }
+            Some(t) if t.task_escapes => {
+                "; its starter keeps the created task where a restart cannot switch it to the new thread"
+                    .to_string()
+            }
             Some(t) if t.stopped_by_kthread_stop => {
                 "; its file stops them with kthread_stop() other than through a task pointer it stores, \
                  and kthread_stop() needs the very task it started"

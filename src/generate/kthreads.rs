@@ -118,11 +118,23 @@ pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFu
         .collect();
     let stopped_through_task_pointers =
         stopped_by_kthread_stop && stops_through(original, &pointers);
+    let task_escapes = started_by.iter().any(|starter| {
+        original
+            .symbols
+            .iter()
+            .find(|s| s.is_function() && &s.name == starter && s.section().is_some())
+            .and_then(|s| {
+                let section = s.section()?;
+                Some(created_tasks(original, section, s.value, s.value + s.size).escapes)
+            })
+            .unwrap_or(true)
+    });
     Some(ThreadFunction {
         started_by,
         per_cpu,
         stopped_by_kthread_stop,
         stopped_through_task_pointers,
+        task_escapes,
         stop_hazard: None,
     })
 }
@@ -134,6 +146,7 @@ pub fn thread_function(original: &ObjectFile, function: &str) -> Option<ThreadFu
 pub fn restartable(thread: &ThreadFunction) -> bool {
     !thread.per_cpu
         && (!thread.stopped_by_kthread_stop || thread.stopped_through_task_pointers)
+        && !thread.task_escapes
         && thread.stop_hazard.is_none()
 }
 
@@ -208,7 +221,7 @@ pub fn task_pointers(original: &ObjectFile, started_by: &[String]) -> Vec<(Strin
             continue;
         };
         let Some(section) = s.section() else { continue };
-        for target in stores_of_created_tasks(original, section, s.value, s.value + s.size) {
+        for target in created_tasks(original, section, s.value, s.value + s.size).stored {
             if target.is_object()
                 && target.size == 8
                 && target.section().is_some()
@@ -225,21 +238,42 @@ pub fn task_pointers(original: &ObjectFile, started_by: &[String]) -> Vec<(Strin
 /// stored, if it is.
 const STORE_WINDOW: usize = 32;
 
-/// The variables code in `[start, end)` of `section` stores the result of
-/// a thread-creating call in.
-fn stores_of_created_tasks(
-    original: &ObjectFile,
-    section: usize,
-    start: u64,
-    end: u64,
-) -> Vec<&crate::diff::object::Symbol> {
+/// Where code keeps the tasks it creates.
+struct CreatedTasks<'o> {
+    /// Variables a created task is stored in.
+    stored: Vec<&'o crate::diff::object::Symbol>,
+    /// A created task also went where a restart cannot follow it: into a
+    /// structure, to a function other than those setting it up, or back
+    /// to the caller.
+    escapes: bool,
+}
+
+/// Calls that may be given a created task without keeping it.
+const TASK_SETUP_CALLS: &[&str] = &[
+    "wake_up_process",
+    "kthread_bind",
+    "kthread_bind_mask",
+    "set_user_nice",
+    "sched_set_fifo",
+    "sched_set_fifo_low",
+    "sched_set_normal",
+    "sched_setattr_nocheck",
+    "set_cpus_allowed_ptr",
+];
+
+/// Where code in `[start, end)` of `section` keeps the results of its
+/// thread-creating calls.
+fn created_tasks(original: &ObjectFile, section: usize, start: u64, end: u64) -> CreatedTasks<'_> {
     use iced_x86::{Decoder, DecoderOptions, FlowControl, Mnemonic, OpKind, Register};
     let code = original.data(section);
     let (Some(bytes), relocs) = (
         code.get(start as usize..(end as usize).min(code.len())),
         &original.sections[section].relocs,
     ) else {
-        return Vec::new();
+        return CreatedTasks {
+            stored: Vec::new(),
+            escapes: false,
+        };
     };
     let reloc_at = |offset: u64| relocs.iter().find(|r| r.offset == offset);
     let calls_creator = |insn: &iced_x86::Instruction| {
@@ -256,8 +290,17 @@ fn stores_of_created_tasks(
         Register::R14,
         Register::R15,
     ];
+    let arguments = [
+        Register::RDI,
+        Register::RSI,
+        Register::RDX,
+        Register::RCX,
+        Register::R8,
+        Register::R9,
+    ];
     let mut decoder = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
     let mut out = Vec::new();
+    let mut escapes = false;
     // Registers holding the created task, and instructions left to watch.
     let mut holders: Vec<Register> = Vec::new();
     let mut left = 0;
@@ -273,12 +316,27 @@ fn stores_of_created_tasks(
             continue;
         }
         left -= 1;
+        let passed = holders.iter().any(|r| arguments.contains(r));
+        match insn.flow_control() {
+            FlowControl::Call | FlowControl::UnconditionalBranch if passed => {
+                let callee = reloc_at(insn.ip() + insn.len() as u64 - 4)
+                    .map(|r| original.symbols[r.symbol].name.as_str());
+                escapes |= !callee.is_some_and(|c| TASK_SETUP_CALLS.contains(&c))
+                    && (insn.flow_control() == FlowControl::Call || callee.is_some());
+            }
+            FlowControl::IndirectCall => escapes |= passed,
+            FlowControl::Return => escapes |= holders.contains(&Register::RAX),
+            _ => {}
+        }
         if insn.flow_control() == FlowControl::Call {
             holders.retain(|r| callee_saved.contains(r));
         } else if insn.mnemonic() == Mnemonic::Mov && insn.op_count() == 2 {
             match (insn.op0_kind(), insn.op1_kind()) {
                 (OpKind::Register, OpKind::Register) => {
-                    let (to, from) = (insn.op0_register(), insn.op1_register());
+                    let (to, from) = (
+                        insn.op0_register().full_register(),
+                        insn.op1_register().full_register(),
+                    );
                     holders.retain(|&r| r != to);
                     if holders.contains(&from) {
                         holders.push(to);
@@ -286,29 +344,40 @@ fn stores_of_created_tasks(
                 }
                 (OpKind::Memory, OpKind::Register)
                     if insn.is_ip_rel_memory_operand()
-                        && holders.contains(&insn.op1_register()) =>
+                        && holders.contains(&insn.op1_register().full_register()) =>
                 {
                     let offsets = decoder.get_constant_offsets(&insn);
                     let field =
                         start + (offsets_base as u64) + offsets.displacement_offset() as u64;
-                    if let Some(target) = reloc_at(field).and_then(|r| named_target(original, r)) {
-                        out.push(target);
+                    match reloc_at(field).and_then(|r| named_target(original, r)) {
+                        Some(target) => out.push(target),
+                        None => escapes = true,
                     }
                 }
-                (OpKind::Register, _) => holders.retain(|&r| r != insn.op0_register()),
+                (OpKind::Memory, OpKind::Register)
+                    if holders.contains(&insn.op1_register().full_register()) =>
+                {
+                    escapes = true;
+                }
+                (OpKind::Register, _) => {
+                    holders.retain(|&r| r != insn.op0_register().full_register())
+                }
                 _ => {}
             }
         } else if insn.op_count() > 0 && insn.op0_kind() == OpKind::Register {
             // Most instructions write their first operand; comparisons do not.
             if !matches!(insn.mnemonic(), Mnemonic::Cmp | Mnemonic::Test) {
-                holders.retain(|&r| r != insn.op0_register());
+                holders.retain(|&r| r != insn.op0_register().full_register());
             }
         }
         if holders.is_empty() {
             left = 0;
         }
     }
-    out
+    CreatedTasks {
+        stored: out,
+        escapes,
+    }
 }
 
 /// The build-time note for a replaced thread function.
@@ -333,6 +402,8 @@ pub fn note(function: &str, thread: &ThreadFunction, task_pointers: &[String]) -
                 hazard.as_str()
             } else if thread.per_cpu {
                 "per-CPU threads are parked and stopped by CPU hotplug"
+            } else if thread.task_escapes {
+                "its starter keeps the created task where a restart cannot switch it to the new thread"
             } else {
                 "its file stops them with kthread_stop() other than through a task pointer it stores, \
                  and kthread_stop() needs the very task it started"
