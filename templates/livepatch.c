@@ -457,11 +457,12 @@ MODULE_PARM_DESC(wake, "wake the task with this id so it checks its wait conditi
 /*
  * Kernel threads (docs/architecture.md, "Kernel threads"). A thread
  * function is not in the livepatch tables: its threads never leave it. On
- * a write to `restart` ("INDEX new|original SLEEP OFFSET [LOCAL...]", or
+ * a write to `restart` ("INDEX new|original SLEEP OFFSET [pPID...] [LOCAL...]", or
  * "release" to let go of new threads that exited on their own), every thread
  * running the other version of function INDEX is replaced by a new thread
  * running the named version, one at a time:
  *
+ *   (only the threads with the PIDs given, which apply saw sleeping there)
  *   - the new thread is created (not yet running) with the old one's name,
  *     data, nice value, policy and CPU affinity;
  *   - the file's task pointers are switched to it, and a tasks-RCU grace
@@ -958,9 +959,10 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 {
 	struct task_struct *g, *p, *found[MAX_RESTARTED];
 	struct local_place places[DYNAMOS_THREAD_LOCALS];
+	pid_t pids[MAX_RESTARTED];
 	unsigned long sleep, offset;
 	char version[16];
-	int index, n = 0, i, ret = 0, consumed = 0, place_count = 0;
+	int index, n = 0, i, ret = 0, consumed = 0, place_count = 0, pid_count = 0;
 	const char *rest;
 	void *from, *to;
 
@@ -978,6 +980,14 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 		struct local_place *q = &places[place_count];
 		int used = 0;
 
+		if (*rest == 'p') {
+			if (pid_count == MAX_RESTARTED ||
+			    sscanf(rest, "p%d%n", &pids[pid_count], &used) != 1)
+				return -EINVAL;
+			pid_count++;
+			rest += used;
+			continue;
+		}
 		if (place_count == DYNAMOS_THREAD_LOCALS ||
 		    sscanf(rest, "%d,%c,%d,%lld,%d%n", &q->index, &q->kind, &q->reg, &q->offset,
 			   &q->size, &used) != 5 ||
@@ -1014,7 +1024,11 @@ static int restart_set(const char *value, const struct kernel_param *kp)
 	restarted_count = 0;
 	rcu_read_lock();
 	for_each_process_thread(g, p) {
-		if ((p->flags & PF_KTHREAD) && !(p->flags & PF_EXITING) &&
+		bool listed = !pid_count;
+
+		for (i = 0; i < pid_count; i++)
+			listed |= task_pid_nr(p) == pids[i];
+		if (listed && (p->flags & PF_KTHREAD) && !(p->flags & PF_EXITING) &&
 		    n < MAX_RESTARTED &&
 		    (to == thread_functions[index].new_version ?
 		     /* Threads started since run the new version already. */

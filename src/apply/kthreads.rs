@@ -129,6 +129,10 @@ fn called_before(memory: &dyn KernelMemory, kallsyms: &str, return_address: u64)
     (!thunk).then_some(target)
 }
 
+/// Where threads sleep: (the function called, the return address, the
+/// frame's symbol, the offset in it).
+type SleepSite = (u64, u64, String, u64);
+
 /// Restart the kernel threads of the package's restartable thread
 /// functions into `version` (`new` or `original`) through the module's
 /// `restart` parameter; what was restarted.
@@ -169,6 +173,13 @@ pub fn restart(
     let memory = super::kcore::Kcore::open(&paths.kcore)?;
     let mut restarted = Vec::new();
     for (index, &(object, f)) in functions.iter().enumerate() {
+        let code_size = manifest
+            .objects
+            .iter()
+            .filter(|o| o.object == object)
+            .flat_map(|o| &o.expected_code)
+            .find(|c| c.name == f.name && c.file == f.file)
+            .map(|c| c.bytes.len());
         let Some(&(original, new_version)) = addresses.get(index) else {
             bail!("the module does not list thread function {}", f.name);
         };
@@ -190,7 +201,7 @@ pub fn restart(
             _ => Some(module),
         };
         // The threads running the version being replaced, and where each sleeps.
-        let mut sites = Vec::new();
+        let mut sites: Vec<(SleepSite, Vec<u32>)> = Vec::new();
         for thread in kernel_threads(&paths.proc) {
             let Some(main) = main_frame(&thread.stack) else {
                 continue;
@@ -198,6 +209,16 @@ pub fn restart(
             let part_of_function = main.function == f.name
                 || main.function.strip_suffix(".cold") == Some(f.name.as_str());
             if main.module.as_deref() != home || !part_of_function {
+                continue;
+            }
+            // A same-named function of another file differs in size, mostly.
+            let frame_size = main
+                .text
+                .split_whitespace()
+                .next()
+                .and_then(|f| f.rsplit_once('/'))
+                .and_then(|(_, size)| u64::from_str_radix(size.trim_start_matches("0x"), 16).ok());
+            if version == "new" && main.function == f.name && !same_size(frame_size, code_size) {
                 continue;
             }
             let Some(part) = part_address(&kallsyms, &main.function, home, base) else {
@@ -215,13 +236,14 @@ pub fn restart(
                     thread.comm, thread.pid, main.function, main.offset
                 )
             })?;
-            let site = (sleep, return_address, main.function.clone(), main.offset);
-            if !sites.contains(&site) {
-                sites.push(site);
+            let key = (sleep, return_address, main.function.clone(), main.offset);
+            match sites.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, pids)) => pids.push(thread.pid),
+                None => sites.push((key, vec![thread.pid])),
             }
         }
         let state = f.restart.as_ref().and_then(|r| r.state.as_ref());
-        for (sleep, return_address, part, offset) in sites {
+        for ((sleep, return_address, part, offset), pids) in sites {
             // Where the old thread's locals are at this call, for the new version.
             let places: String = state
                 .filter(|_| version == "new")
@@ -241,9 +263,11 @@ pub fn restart(
             fs::write(
                 parameters.join("restart"),
                 // The module stops the thread at `from + OFFSET`, wrapping.
+                // Only the threads seen sleeping there (`pPID`).
                 format!(
-                    "{index} {version} {sleep:x} {:x}{places}",
-                    return_address.wrapping_sub(base)
+                    "{index} {version} {sleep:x} {:x}{}{places}",
+                    return_address.wrapping_sub(base),
+                    pids.iter().map(|p| format!(" p{p}")).collect::<String>()
                 ),
             )
             .with_context(|| {
