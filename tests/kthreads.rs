@@ -12,6 +12,21 @@ use dynamos::generate::kthreads::{restartable, thread_function};
 use dynamos::package::{LocalLocation, ThreadFunction};
 use std::process::Command;
 
+/// `source` compiled as kernel code is.
+fn kernel_like_object(source: &str) -> ObjectFile {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("unit.c"), source).unwrap();
+    let status = Command::new("cc")
+        .args(KERNEL_LIKE_FLAGS)
+        .arg("unit.c")
+        .current_dir(dir.path())
+        .args(["-o", "unit.o"])
+        .status()
+        .expect("cc runs");
+    assert!(status.success());
+    ObjectFile::read(&dir.path().join("unit.o")).unwrap()
+}
+
 /// Threads started the ways kernel code starts them, compiled with
 /// kernel-like flags: the detection reads only the object's relocations.
 const THREADS_C: &str = r#"
@@ -54,17 +69,7 @@ int start_with_show(void)
 
 #[test]
 fn thread_functions_are_found_from_the_original_object() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("threads.c"), THREADS_C).unwrap();
-    let status = Command::new("cc")
-        .args(KERNEL_LIKE_FLAGS)
-        .arg("threads.c")
-        .current_dir(dir.path())
-        .args(["-o", "threads.o"])
-        .status()
-        .expect("cc runs");
-    assert!(status.success());
-    let object = ObjectFile::read(&dir.path().join("threads.o")).unwrap();
+    let object = kernel_like_object(THREADS_C);
     assert_eq!(
         thread_function(&object, "loop"),
         Some(ThreadFunction {
@@ -134,17 +139,7 @@ static struct task_struct *counter_task;
 int start(void) { counter_task = kthread_create_on_node(counter, 0, -1, "counter"); return counter_task != 0; }
 void stop(void) { kthread_stop(counter_task); }
 "#;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("counter.c"), COUNTER_C).unwrap();
-    let status = Command::new("cc")
-        .args(KERNEL_LIKE_FLAGS)
-        .arg("counter.c")
-        .current_dir(dir.path())
-        .args(["-o", "counter.o"])
-        .status()
-        .expect("cc runs");
-    assert!(status.success());
-    let object = ObjectFile::read(&dir.path().join("counter.o")).unwrap();
+    let object = kernel_like_object(COUNTER_C);
     // Stopped only through counter_task, which a restart points at the new thread.
     let thread = thread_function(&object, "counter").unwrap();
     assert!(thread.stopped_through_task_pointers, "{thread:?}");

@@ -10,8 +10,7 @@
 //! the running module's kallsyms will list.
 
 use super::{
-    changed_symbol_versions_in, child, classify, kernel_object, new_result_dir, tail, BuildOutput,
-    Kind, JOBS,
+    changed_symbol_versions_in, child, kernel_object, new_result_dir, tail, BuildOutput, JOBS,
 };
 use super::{ObjectPair, AUTHOR_HEADER, AUTHOR_HEADER_NAME, KCFLAGS, LOG_TAIL, MAKE_ENV_REMOVE};
 use crate::target::Target;
@@ -140,26 +139,9 @@ pub fn build(
     kbuild_dir: &Path,
     changes: &BTreeMap<PathBuf, Option<Vec<u8>>>,
 ) -> Result<BuildOutput> {
-    let mut sources = Vec::new();
-    let mut headers = Vec::new();
-    let mut refusals = Vec::new();
-    for (path, content) in changes {
-        match classify(path, content) {
-            Kind::Compile => sources.push(path.clone()),
-            Kind::Header => headers.push(path.clone()),
-            Kind::Ignore => eprintln!("note: ignoring {}: not module code", path.display()),
-            Kind::Refuse(reason) => refusals.push(Refusal {
-                symbol: path.display().to_string(),
-                reason,
-            }),
-        }
-    }
-    if !refusals.is_empty() {
-        return Err(Error::Refused(refusals).into());
-    }
-    if sources.is_empty() && headers.is_empty() {
-        return Err(Error::NoChange.into());
-    }
+    let super::SortedChanges {
+        sources, headers, ..
+    } = super::sort_changes(changes, "module code")?;
 
     fs::create_dir_all(&target.work)
         .with_context(|| format!("cannot create {}", target.work.display()))?;
@@ -237,6 +219,7 @@ pub fn build(
     };
     let (orig_members, patched_members) = (members(&orig_modules), members(&patched_modules));
 
+    let mut refusals = Vec::new();
     let mut wanted: BTreeMap<PathBuf, Vec<PathBuf>> = BTreeMap::new();
     for source in &sources {
         let object = source.with_extension("o");

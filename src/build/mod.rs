@@ -161,6 +161,49 @@ impl Drop for BuildOutput {
     }
 }
 
+/// The touched files by how they are built.
+pub(crate) struct SortedChanges {
+    pub sources: Vec<PathBuf>,
+    pub headers: Vec<PathBuf>,
+    pub ignored: Vec<PathBuf>,
+}
+
+/// Sort the touched files, noting those ignored (not `what`); refused
+/// ([`Error::Refused`]) for files that cannot be updated, and
+/// [`Error::NoChange`] when nothing is left to compile.
+pub(crate) fn sort_changes(
+    changes: &BTreeMap<PathBuf, Option<Vec<u8>>>,
+    what: &str,
+) -> Result<SortedChanges> {
+    let mut sorted = SortedChanges {
+        sources: Vec::new(),
+        headers: Vec::new(),
+        ignored: Vec::new(),
+    };
+    let mut refusals = Vec::new();
+    for (path, content) in changes {
+        match classify(path, content) {
+            Kind::Compile => sorted.sources.push(path.clone()),
+            Kind::Header => sorted.headers.push(path.clone()),
+            Kind::Ignore => sorted.ignored.push(path.clone()),
+            Kind::Refuse(reason) => refusals.push(Refusal {
+                symbol: path.display().to_string(),
+                reason,
+            }),
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    for path in &sorted.ignored {
+        eprintln!("note: ignoring {}: not {what}", path.display());
+    }
+    if sorted.sources.is_empty() && sorted.headers.is_empty() {
+        return Err(Error::NoChange.into());
+    }
+    Ok(sorted)
+}
+
 /// How a touched file is handled.
 #[derive(Debug, PartialEq, Eq)]
 enum Kind {
@@ -237,30 +280,11 @@ fn classify(path: &Path, content: &Option<Vec<u8>>) -> Kind {
 /// and files this kernel config does not compile; returns
 /// [`Error::NoChange`] when nothing touched is kernel code.
 pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> Result<BuildOutput> {
-    let mut sources = Vec::new();
-    let mut headers = Vec::new();
-    let mut ignored = Vec::new();
-    let mut refusals = Vec::new();
-    for (path, content) in changes {
-        match classify(path, content) {
-            Kind::Compile => sources.push(path.clone()),
-            Kind::Header => headers.push(path.clone()),
-            Kind::Ignore => ignored.push(path.clone()),
-            Kind::Refuse(reason) => refusals.push(Refusal {
-                symbol: path.display().to_string(),
-                reason,
-            }),
-        }
-    }
-    if !refusals.is_empty() {
-        return Err(Error::Refused(refusals).into());
-    }
-    for path in &ignored {
-        eprintln!("note: ignoring {}: not kernel code", path.display());
-    }
-    if sources.is_empty() && headers.is_empty() {
-        return Err(Error::NoChange.into());
-    }
+    let SortedChanges {
+        sources,
+        headers,
+        ignored,
+    } = sort_changes(changes, "kernel code")?;
 
     fs::create_dir_all(&target.work)
         .with_context(|| format!("cannot create {}", target.work.display()))?;

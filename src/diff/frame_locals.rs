@@ -60,26 +60,18 @@ pub fn locals_at_calls(
             continue;
         };
         let section = symbol.section().expect("checked");
-        if parts.iter().any(|&(_, s, _, _, _)| s == section) {
-            // Both in one section: one placement serves both.
-            let base = parts[0].4;
-            parts.push((
-                name,
-                section,
-                symbol.value,
-                symbol.value + symbol.size,
-                base,
-            ));
-        } else {
-            let base = PLACED_AT * (k as u64 + 1);
-            parts.push((
-                name,
-                section,
-                symbol.value,
-                symbol.value + symbol.size,
-                base,
-            ));
-        }
+        // Both in one section: one placement serves both.
+        let base = match parts.iter().find(|&&(_, s, _, _, _)| s == section) {
+            Some(&(_, _, _, _, base)) => base,
+            None => PLACED_AT * (k as u64 + 1),
+        };
+        parts.push((
+            name,
+            section,
+            symbol.value,
+            symbol.value + symbol.size,
+            base,
+        ));
     }
     let Some(&(_, _, main_start, _, main_base)) = parts.first().filter(|p| p.0 == function) else {
         bail!("{function} is not defined in {}", obj.path.display());

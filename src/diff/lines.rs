@@ -140,7 +140,7 @@ pub const LINE_CONSUMERS: &[(&str, LineArg)] = &[
 ];
 
 /// Integer argument registers of the x86-64 SysV calling convention.
-const ARGUMENT_REGISTERS: [Register; 6] = [
+pub(crate) const ARGUMENT_REGISTERS: [Register; 6] = [
     Register::RDI,
     Register::RSI,
     Register::RDX,

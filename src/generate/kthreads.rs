@@ -290,14 +290,7 @@ fn created_tasks(original: &ObjectFile, section: usize, start: u64, end: u64) ->
         Register::R14,
         Register::R15,
     ];
-    let arguments = [
-        Register::RDI,
-        Register::RSI,
-        Register::RDX,
-        Register::RCX,
-        Register::R8,
-        Register::R9,
-    ];
+    let arguments = crate::diff::lines::ARGUMENT_REGISTERS;
     let mut decoder = Decoder::with_ip(64, bytes, start, DecoderOptions::NONE);
     let mut out = Vec::new();
     let mut escapes = false;

@@ -337,28 +337,15 @@ pub fn generate(
         // the module loads, as its new code's references to it are.
         match module {
             None => update.externals.append(&mut thread_externals),
-            Some(m) => match module_symbols::split_externals(
-                &unit.kernel_object,
-                std::mem::take(&mut thread_externals),
+            Some(m) => refusals.extend(bind_module_externals(
+                unit,
                 m,
+                std::mem::take(&mut thread_externals),
                 &unit_locals,
                 &modules.exporters,
-            ) {
-                Ok((kept, later)) => {
-                    update.externals.extend(kept);
-                    update
-                        .load_time
-                        .extend(later.iter().map(|(_, s)| s.clone()));
-                    load_time.extend(later.into_iter().map(|(module_symbol, symbol)| {
-                        klp::KlpReference {
-                            module_symbol,
-                            patched: unit.kernel_object.clone(),
-                            symbol,
-                        }
-                    }));
-                }
-                Err(mut r) => refusals.append(&mut r),
-            },
+                update,
+                &mut load_time,
+            )),
         }
         for extracted in std::iter::once(&extracted).chain(&old_clones) {
             match module {
@@ -372,28 +359,15 @@ pub fn generate(
                     }
                     update.externals.extend(extracted.externals.iter().cloned())
                 }
-                Some(m) => match module_symbols::split_externals(
-                    &unit.kernel_object,
-                    extracted.externals.clone(),
+                Some(m) => refusals.extend(bind_module_externals(
+                    unit,
                     m,
+                    extracted.externals.clone(),
                     &unit_locals,
                     &modules.exporters,
-                ) {
-                    Ok((kept, later)) => {
-                        update.externals.extend(kept);
-                        update
-                            .load_time
-                            .extend(later.iter().map(|(_, s)| s.clone()));
-                        load_time.extend(later.into_iter().map(|(module_symbol, symbol)| {
-                            klp::KlpReference {
-                                module_symbol,
-                                patched: unit.kernel_object.clone(),
-                                symbol,
-                            }
-                        }));
-                    }
-                    Err(mut r) => refusals.append(&mut r),
-                },
+                    update,
+                    &mut load_time,
+                )),
             }
             // Run-pre covers what is replaced and the old functions of this file
             // the new code calls: both must be the code it was compiled against.
@@ -517,6 +491,47 @@ pub fn generate(
         objects,
         notes,
     })
+}
+
+/// Add externals of a module unit's new code to `update`: vmlinux symbols
+/// apply resolves, and livepatch symbols bound whenever their module
+/// loads (also listed in `load_time` for the klp conversion); what cannot
+/// be bound is refused.
+#[allow(clippy::too_many_arguments)]
+fn bind_module_externals(
+    unit: &TranslationUnit,
+    shipped: Option<&module_symbols::ShippedModule>,
+    externals: Vec<ExternalSymbol>,
+    unit_locals: &[String],
+    exporters: &std::collections::HashMap<String, String>,
+    update: &mut ObjectUpdate,
+    load_time: &mut Vec<klp::KlpReference>,
+) -> Vec<crate::error::Refusal> {
+    match module_symbols::split_externals(
+        &unit.kernel_object,
+        externals,
+        shipped,
+        unit_locals,
+        exporters,
+    ) {
+        Ok((kept, later)) => {
+            update.externals.extend(kept);
+            update
+                .load_time
+                .extend(later.iter().map(|(_, s)| s.clone()));
+            load_time.extend(
+                later
+                    .into_iter()
+                    .map(|(module_symbol, symbol)| klp::KlpReference {
+                        module_symbol,
+                        patched: unit.kernel_object.clone(),
+                        symbol,
+                    }),
+            );
+            Vec::new()
+        }
+        Err(r) => r,
+    }
 }
 
 /// The external through which the module learns where the running
