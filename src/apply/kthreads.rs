@@ -212,13 +212,7 @@ pub fn restart(
                 continue;
             }
             // A same-named function of another file differs in size, mostly.
-            let frame_size = main
-                .text
-                .split_whitespace()
-                .next()
-                .and_then(|f| f.rsplit_once('/'))
-                .and_then(|(_, size)| u64::from_str_radix(size.trim_start_matches("0x"), 16).ok());
-            if version == "new" && main.function == f.name && !same_size(frame_size, code_size) {
+            if version == "new" && main.function == f.name && !same_size(main.size, code_size) {
                 continue;
             }
             let Some(part) = part_address(&kallsyms, &main.function, home, base) else {

@@ -5,6 +5,8 @@
 pub struct Frame {
     pub function: String,
     pub offset: u64,
+    /// The function's size as the listing gives it (up to the next symbol).
+    pub size: Option<u64>,
     /// The module the code belongs to; None for vmlinux.
     pub module: Option<String>,
     /// The line without its `[<0>]` prefix, for messages.
@@ -20,10 +22,12 @@ impl Frame {
             .next()
             .map(|m| m.trim_matches(|c| c == '[' || c == ']').to_string());
         let (function, place) = location.split_once('+')?;
-        let offset = place.split('/').next()?.trim_start_matches("0x");
+        let (offset, size) = place.split_once('/').unwrap_or((place, ""));
+        let hex = |n: &str| u64::from_str_radix(n.trim_start_matches("0x"), 16).ok();
         Some(Frame {
             function: function.to_string(),
-            offset: u64::from_str_radix(offset, 16).ok()?,
+            offset: hex(offset)?,
+            size: hex(size),
             module,
             text: rest.to_string(),
         })
