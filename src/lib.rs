@@ -17,6 +17,7 @@ pub mod package;
 pub mod patch;
 pub mod pipeline;
 pub mod runpre;
+pub mod shadow;
 pub mod synchronize;
 pub mod target;
 pub mod vm;

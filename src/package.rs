@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 7;
+pub const FORMAT_VERSION: u32 = 8;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.
@@ -25,6 +25,24 @@ pub struct Manifest {
     /// every applied update in one atomic transition (livepatch `replace`);
     /// changes of the replaced packages it does not carry are undone.
     pub replaces: Vec<String>,
+    /// Types whose added members live in shadow data, by index.
+    pub shadows: Vec<ShadowType>,
+}
+
+/// A struct or union whose added members live in shadow data keyed by the
+/// object's address (`crate::shadow`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShadowType {
+    /// Index in the package, as the rewritten code passes it.
+    pub index: usize,
+    /// `struct task_struct`, or a typedef name (`Node`).
+    pub type_name: String,
+    /// The file defining the type, relative to the tree.
+    pub file: String,
+    /// The declarations added, as written: `int newpid;`.
+    pub members: Vec<String>,
+    /// Functions found freeing objects of the type (`free_task`).
+    pub release_points: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1043,6 +1061,7 @@ mod tests {
                     }],
                 }],
                 replaces: vec![],
+                shadows: vec![],
             },
             module: b"\x7fELF not really a module".to_vec(),
         }

@@ -214,12 +214,34 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     })?;
     lap("transitional clones and restore points", &mut timings);
 
-    let changes = &synchronized.changes;
-    let built = match &module_source {
-        Some(module) => {
-            crate::build::external::build(&target, module, &kbuild_dir(&target)?, changes)?
+    let mut changes = synchronized.changes.clone();
+    let mut shadows = crate::shadow::plan(&mut changes, |path| {
+        std::fs::read(patch_root.join(path)).ok()
+    })?;
+    lap("shadow members", &mut timings);
+
+    // With shadow members, each failed compile names the accesses to
+    // rewrite; make stops at the first failing file, so one round each.
+    let mut rounds = 0;
+    let built = loop {
+        let result = match &module_source {
+            Some(module) => {
+                crate::build::external::build(&target, module, &kbuild_dir(&target)?, &changes)
+            }
+            None => crate::build::build(&target, &changes),
+        };
+        match result {
+            Err(e) if !shadows.is_empty() && rounds <= changes.len() => {
+                let Some(failed) = e.downcast_ref::<crate::build::PatchedCompileFailed>() else {
+                    return Err(e);
+                };
+                if !crate::shadow::rewrite_accesses(&mut changes, &shadows, &failed.log)? {
+                    return Err(e);
+                }
+                rounds += 1;
+            }
+            result => break result?,
         }
-        None => crate::build::build(&target, changes)?,
     };
     lap("compile", &mut timings);
 
@@ -257,6 +279,9 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         .collect();
     if !missing.is_empty() {
         return Err(Error::Refused(missing).into());
+    }
+    if !shadows.is_empty() {
+        crate::shadow::check_release_points(&mut shadows, objects.iter().map(|(_, _, p, _)| p))?;
     }
     // Files a header change rebuilt can come out the same: nothing to carry.
     objects.retain(|(_, _, _, d)| !d.functions.is_empty() || !d.value_updates.is_empty());
@@ -302,13 +327,17 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         &name,
         &module,
         &units,
-        &synchronized,
+        &generate::Rewritten {
+            synchronized: &synchronized,
+            shadows: &shadows.types,
+        },
         &kbuild_dir,
         &work,
         &modules,
     );
     let _ = std::fs::remove_dir_all(&work);
     let mut generated = generated?;
+    generated.notes.extend(shadows.notes());
     // A restarted thread of a function without a restore point starts afresh.
     for without in &synchronized.restore_points.without {
         let restarted = generated
@@ -344,6 +373,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         patches: digests,
         objects: generated.objects.clone(),
         replaces: request.replaces.clone(),
+        shadows: shadows.types.clone(),
     };
     let package = Package {
         manifest: manifest.clone(),

@@ -1265,6 +1265,113 @@ static void restore_old_values(struct klp_object *obj)
 }
 #endif
 
+/*
+ * Shadow members: the members the patch adds to a struct or union live in
+ * a shadow object keyed by the object's address (the livepatch core's
+ * shadow variables), one shadow id per type and package. dynamos-build
+ * rewrote every access in the new code: reads go through
+ * dynamos_shadow_peek(), which allocates nothing and gives zeroes for an
+ * object without a shadow (one created before the update); writes go
+ * through dynamos_shadow_get(), which creates the shadow zeroed. Code that
+ * frees an object of the type calls dynamos_shadow_release() first.
+ * Unloading the module frees the shadows left: the livepatch core lets the
+ * module go only once no task can run its code, so none is in use then.
+ */
+#define SHADOW_TYPES {{shadow_count}}
+#define SHADOW_MAX {{shadow_max}}
+
+#if SHADOW_TYPES
+struct shadow_type {
+	const char *name;		/* the type, for messages and `dynamos list` */
+	unsigned long id;		/* shadow id: a hash of package and type */
+	atomic_long_t live;		/* shadows allocated and not yet freed */
+	atomic_long_t failed;		/* writes lost for want of memory */
+};
+
+static struct shadow_type shadow_types[SHADOW_TYPES] = {
+{{shadow_types}}
+};
+
+/* Reads of an object without a shadow see this; no one writes it. */
+static const char shadow_zero[SHADOW_MAX] __aligned(16);
+/* Writes that could not get memory land here and are lost. */
+static char shadow_scratch[SHADOW_MAX] __aligned(16);
+
+/* Called under the shadow lock, once per shadow actually allocated. */
+static int shadow_created(void *object, void *data, void *type)
+{
+	atomic_long_inc(&((struct shadow_type *)type)->live);
+	return 0;
+}
+
+void *dynamos_shadow_get(const void *object, unsigned int type, unsigned long size);
+void *dynamos_shadow_get(const void *object, unsigned int type, unsigned long size)
+{
+	struct shadow_type *t = &shadow_types[type];
+	void *data;
+
+	/* Callers may hold spinlocks or run in interrupts: never sleep. */
+	data = klp_shadow_get_or_alloc((void *)object, t->id, size,
+				       GFP_ATOMIC | __GFP_NOWARN, shadow_created, t);
+	if (likely(data))
+		return data;
+	atomic_long_inc(&t->failed);
+	pr_warn_ratelimited("%s: no memory for a shadow of %s; a write to its added members is lost\n",
+			    THIS_MODULE->name, t->name);
+	return shadow_scratch;
+}
+
+const void *dynamos_shadow_peek(const void *object, unsigned int type);
+const void *dynamos_shadow_peek(const void *object, unsigned int type)
+{
+	const void *data = klp_shadow_get((void *)object, shadow_types[type].id);
+
+	return data ? data : shadow_zero;
+}
+
+void dynamos_shadow_release(const void *object, unsigned int type);
+void dynamos_shadow_release(const void *object, unsigned int type)
+{
+	struct shadow_type *t = &shadow_types[type];
+
+	/* An object is freed once, so no one else frees this shadow now. */
+	if (klp_shadow_get((void *)object, t->id)) {
+		klp_shadow_free((void *)object, t->id, NULL);
+		atomic_long_dec(&t->live);
+	}
+}
+
+/* Read by `dynamos list`: one line per type, "live failed name". */
+static int shadows_get(char *buffer, const struct kernel_param *kp)
+{
+	int i, len = 0;
+
+	for (i = 0; i < SHADOW_TYPES; i++)
+		len += scnprintf(buffer + len, PAGE_SIZE - len, "%ld %ld %s\n",
+				 atomic_long_read(&shadow_types[i].live),
+				 atomic_long_read(&shadow_types[i].failed),
+				 shadow_types[i].name);
+	return len;
+}
+
+static const struct kernel_param_ops shadows_ops = { .get = shadows_get };
+module_param_cb(shadows, &shadows_ops, NULL, 0444);
+MODULE_PARM_DESC(shadows, "shadows live and writes lost, per type with added members");
+
+static void shadows_exit(void)
+{
+	int i;
+
+	for (i = 0; i < SHADOW_TYPES; i++) {
+		struct shadow_type *t = &shadow_types[i];
+
+		pr_info("%s: freeing %ld shadow(s) of %s\n", THIS_MODULE->name,
+			atomic_long_read(&t->live), t->name);
+		klp_shadow_free_all(t->id, NULL);
+	}
+}
+#endif
+
 static int __init dynamos_update_init(void)
 {
 	int ret;
@@ -1311,6 +1418,9 @@ static int __init dynamos_update_init(void)
 /* The livepatch core lets the module go only once no task can be in it. */
 static void __exit dynamos_update_exit(void)
 {
+#if SHADOW_TYPES
+	shadows_exit();
+#endif
 #if THREAD_COUNT
 	threads_exit();
 #endif

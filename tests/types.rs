@@ -327,7 +327,7 @@ fn garbage_and_truncated_objects_are_errors() {
 
 /// Real kernel objects, from both builds of example patches: each compares
 /// equal to itself, patches that change no type leave every layout alone,
-/// and the field added to binfmt_misc's `Node` is found.
+/// and the member moved in binfmt_misc's `Node` is found.
 #[test]
 fn kernel_objects_compare_equal_to_themselves() {
     let build = common::build_example_objects(&[
@@ -367,7 +367,7 @@ fn kernel_objects_compare_equal_to_themselves() {
             found.len()
         );
         if pair.object == Path::new("fs/binfmt_misc.o") {
-            assert!(!found.is_empty(), "{rel}: the added field is not found");
+            assert!(!found.is_empty(), "{rel}: the moved member is not found");
             assert!(
                 found.iter().all(|c| c.type_name == "Node"),
                 "{rel}: {found:#?}"

@@ -857,6 +857,40 @@ pub struct LiveUpdate {
     pub synchronized_tasks: Vec<String>,
     /// Kernel threads restarted into the new version (from its record).
     pub restarted: Vec<kthreads::RestartedThread>,
+    /// Shadow objects alive per type with added members.
+    pub shadows: Vec<LiveShadows>,
+}
+
+/// What a live update's module says about one type's shadows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LiveShadows {
+    pub type_name: String,
+    /// Shadows allocated and not yet freed.
+    pub live: u64,
+    /// Writes lost for want of memory.
+    pub failed: u64,
+}
+
+/// The module's `shadows` parameter: "live failed type" per line.
+fn live_shadows(paths: &SystemPaths, module: &str) -> Vec<LiveShadows> {
+    let path = paths
+        .sys_module
+        .join(module)
+        .join("parameters")
+        .join("shadows");
+    let Ok(text) = fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    text.lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ' ');
+            Some(LiveShadows {
+                live: fields.next()?.parse().ok()?,
+                failed: fields.next()?.parse().ok()?,
+                type_name: fields.next()?.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Every livepatch of the running kernel, and every dynamos update recorded.
@@ -891,6 +925,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 .map(|r| synchronized::tasks(paths, &r.manifest, name))
                 .unwrap_or_default(),
             restarted: record.map(|r| r.restarted.clone()).unwrap_or_default(),
+            shadows: live_shadows(paths, name),
         });
     }
     for r in &records {
@@ -907,6 +942,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 synchronized: None,
                 synchronized_tasks: Vec::new(),
                 restarted: r.restarted.clone(),
+                shadows: Vec::new(),
             });
         }
     }

@@ -829,6 +829,7 @@ pub(crate) mod tests {
                 value_updates: vec![],
             }],
             replaces: vec![],
+            shadows: vec![],
         }
     }
 

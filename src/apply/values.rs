@@ -198,6 +198,7 @@ mod tests {
                 ..ObjectUpdate::default()
             }],
             replaces: vec![],
+            shadows: vec![],
         }
     }
 

@@ -307,6 +307,18 @@ fn run(cli: Cli) -> Result<i32> {
                     for v in &u.value_updates {
                         println!("    {}: {} = {} (was {})", v.object, v.name, v.new, v.old);
                     }
+                    for shadow in &u.shadows {
+                        println!(
+                            "    shadows of {}: {} live{}",
+                            shadow.type_name,
+                            shadow.live,
+                            if shadow.failed > 0 {
+                                format!(", {} writes lost for want of memory", shadow.failed)
+                            } else {
+                                String::new()
+                            }
+                        );
+                    }
                     for t in &u.restarted {
                         println!(
                             "    thread {}: restarted into the new {}, pid {} (was {}){}",

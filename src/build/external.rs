@@ -194,11 +194,19 @@ pub fn build(
         (patched_run?, &patched, "patched"),
     ] {
         if !run.0 {
-            bail!(
+            let summary = format!(
                 "building the module source {} failed ({which} version)\n{}",
                 module.root.display(),
                 tail(&run.1, LOG_TAIL, &[copy, kbuild_dir])
             );
+            if which == "patched" {
+                return Err(super::PatchedCompileFailed {
+                    summary,
+                    log: run.1.clone(),
+                }
+                .into());
+            }
+            bail!(summary);
         }
     }
 

@@ -125,6 +125,16 @@ pub struct ObjectPair {
     pub patched: PathBuf,
 }
 
+/// The patched version did not compile: what the user is shown, and make's
+/// whole output, in which the shadow stage finds the accesses to members
+/// the patch adds.
+#[derive(Debug, thiserror::Error)]
+#[error("{summary}")]
+pub struct PatchedCompileFailed {
+    pub summary: String,
+    pub log: String,
+}
+
 /// What [`build`] produced.
 ///
 /// The object files are copies in `dir`, a fresh folder owned by this
@@ -428,10 +438,18 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
             let hint = missing_tool_hint(&run.output)
                 .map(|h| format!("\n{h}"))
                 .unwrap_or_default();
-            bail!(
+            let summary = format!(
                 "{failed} ({which} version){hint}\n{}",
                 tail(&run.output, LOG_TAIL, &[&trees.src, &trees.source])
             );
+            if which == "patched" {
+                return Err(PatchedCompileFailed {
+                    summary,
+                    log: run.output.clone(),
+                }
+                .into());
+            }
+            bail!(summary);
         }
     }
 

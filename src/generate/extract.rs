@@ -423,6 +423,9 @@ impl Extractor<'_> {
     fn translate_target(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
         let sym = self.patched.symbols[r.symbol].clone();
         let Some(target_section) = sym.section() else {
+            if crate::shadow::is_runtime_symbol(&sym.name) {
+                return Some((self.runtime_reference(&sym.name), r.addend));
+            }
             if let Some(shared) = self.shared_reference(&sym.name) {
                 return shared.map(|id| (id, r.addend));
             }
@@ -593,6 +596,17 @@ impl Extractor<'_> {
         let id = self.add_undefined(shared_symbol_name(name).into_bytes());
         self.shared_references.insert(name.to_string(), id);
         Some(Some(id))
+    }
+
+    /// A function the livepatch module itself defines (the shadow runtime):
+    /// bound by name when the module is linked.
+    fn runtime_reference(&mut self, name: &str) -> SymbolId {
+        if let Some(&id) = self.shared_references.get(name) {
+            return id;
+        }
+        let id = self.add_undefined(name.as_bytes().to_vec());
+        self.shared_references.insert(name.to_string(), id);
+        id
     }
 
     /// String literals and anonymous constants are copied whole: new code

@@ -54,15 +54,25 @@ pub struct GeneratedModule {
 
 /// Extract, render and build. `kbuild_dir` is the target's headers (or a
 /// prepared tree); `work` an empty folder the caller owns.
+/// What the source stages wrote into the patched files, which the module
+/// must serve.
+pub struct Rewritten<'a> {
+    /// Transitional clones and kernel-thread restore points.
+    pub synchronized: &'a Synchronized,
+    /// Types whose added members live in shadow data.
+    pub shadows: &'a [crate::package::ShadowType],
+}
+
 pub fn generate(
     package: &str,
     module_name: &str,
     units: &[TranslationUnit],
-    transformed: &Synchronized,
+    rewritten: &Rewritten,
     kbuild_dir: &Path,
     work: &Path,
     modules: &module_symbols::ModuleContext,
 ) -> Result<GeneratedModule> {
+    let (transformed, shadows) = (rewritten.synchronized, rewritten.shadows);
     let synchronized: &[SynchronizedFunction] = &transformed.functions;
     let restore_points: &[RestorePoint] = &transformed.restore_points.points;
     let mut names = PackageNames::default();
@@ -465,7 +475,7 @@ pub fn generate(
         });
     }
     let source = values::render(
-        &render_livepatch(package, &objects, clear_module_relocs),
+        &render_livepatch(package, module_name, &objects, shadows, clear_module_relocs),
         &objects,
     );
     std::fs::write(work.join("livepatch.c"), source)?;
@@ -874,7 +884,31 @@ fn render_threads(objects: &[ObjectUpdate]) -> (usize, String, String) {
     (count, declarations, entries)
 }
 
-fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs: bool) -> String {
+/// The shadow types' table entries; ids are a hash of module and type, so
+/// no other package's shadows share them.
+fn render_shadows(module_name: &str, shadows: &[crate::package::ShadowType]) -> String {
+    use sha2::{Digest, Sha256};
+    shadows
+        .iter()
+        .map(|t| {
+            let digest = Sha256::digest(format!("dynamos:{module_name}:{}", t.type_name));
+            let id = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+            format!(
+                "\t{{ .name = \"{}\", .id = {id:#x}UL }}, /* {} */\n",
+                t.type_name,
+                t.members.join(" ")
+            )
+        })
+        .collect()
+}
+
+fn render_livepatch(
+    package: &str,
+    module_name: &str,
+    objects: &[ObjectUpdate],
+    shadows: &[crate::package::ShadowType],
+    clear_module_relocs: bool,
+) -> String {
     let mut declarations = String::new();
     let mut tables = String::new();
     let mut entries = String::new();
@@ -913,6 +947,15 @@ fn render_livepatch(package: &str, objects: &[ObjectUpdate], clear_module_relocs
     let (sync_count, sync_declarations, sync_entries) = render_synchronized(objects);
     let (thread_count, thread_declarations, thread_entries) = render_threads(objects);
     LIVEPATCH_TEMPLATE
+        .replace("{{shadow_count}}", &shadows.len().to_string())
+        .replace(
+            "{{shadow_max}}",
+            &crate::shadow::MAX_SHADOW_SIZE.to_string(),
+        )
+        .replace(
+            "{{shadow_types}}",
+            render_shadows(module_name, shadows).trim_end(),
+        )
         .replace("{{thread_count}}", &thread_count.to_string())
         .replace("{{thread_declarations}}", thread_declarations.trim_end())
         .replace("{{thread_entries}}", thread_entries.trim_end())

@@ -1,0 +1,570 @@
+//! Shadow members: the shadow stage sits between patch and build.
+//!
+//! A member the patch adds to a struct or union cannot be added to the
+//! objects the running kernel already has. The stage takes the added
+//! declarations out of the patched text, so every file compiles against the
+//! original layout; turns each access to an added member into an access to
+//! a shadow object keyed by the object's address; and frees the shadow where
+//! the object is freed. docs/shadow-members.md describes the approach.
+
+mod members;
+mod sites;
+
+pub use members::{added_members, AddedMember, Addition};
+pub use sites::rewrite_accesses;
+
+use crate::diff::ObjectFile;
+use crate::error::{Error, Refusal};
+pub use crate::package::ShadowType;
+use anyhow::Result;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Section of the patched objects naming each release point found: one
+/// 16-byte record per point, the code address then the type index.
+pub const RELEASE_SECTION: &str = ".discard.dynamos.shadow_release";
+
+/// Largest shadow object, in bytes: a read of an object without one is
+/// served from a zeroed area of this size.
+pub const MAX_SHADOW_SIZE: usize = 512;
+
+/// Functions that free the object their argument at the index points to.
+const FREE_CALLS: &[(&str, usize)] = &[
+    ("kfree", 0),
+    ("kvfree", 0),
+    ("kfree_sensitive", 0),
+    ("vfree", 0),
+    ("kfree_rcu", 0),
+    ("kvfree_rcu", 0),
+    ("kmem_cache_free", 1),
+    ("DYNAMOS_SHADOW_FREE", 0),
+];
+
+/// Functions the livepatch module defines for the rewritten code; the
+/// extracted objects keep them as undefined names, bound when the module
+/// is linked.
+pub fn is_runtime_symbol(name: &str) -> bool {
+    matches!(
+        name,
+        "dynamos_shadow_get" | "dynamos_shadow_peek" | "dynamos_shadow_release"
+    )
+}
+
+impl ShadowType {
+    fn struct_tag(&self) -> String {
+        format!("__dynamos_shadow_{}", self.index)
+    }
+
+    fn member_names(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter_map(|d| members_of_declaration(d))
+            .flatten()
+            .collect()
+    }
+
+    /// Whether the type is defined in a header (and so visible in any file).
+    fn in_header(&self) -> bool {
+        self.file.ends_with(".h")
+    }
+}
+
+fn members_of_declaration(declaration: &str) -> Option<Vec<String>> {
+    let text = format!("struct __probe {{ {declaration} }};");
+    let found = added_members(b"struct __probe { };", text.as_bytes());
+    found.into_iter().next().map(|a| {
+        a.members
+            .into_iter()
+            .flat_map(|m| m.names)
+            .collect::<Vec<_>>()
+    })
+}
+
+/// What the stage found and did, for the later stages.
+#[derive(Debug, Clone, Default)]
+pub struct ShadowPlan {
+    pub types: Vec<ShadowType>,
+    /// Headers that only gained members: left out of the build.
+    pub unchanged_headers: Vec<PathBuf>,
+}
+
+impl ShadowPlan {
+    pub fn is_empty(&self) -> bool {
+        self.types.is_empty()
+    }
+
+    /// The type an access diagnostic names (`struct task_struct`, `Node`)
+    /// with that member.
+    fn type_for(&self, type_text: &str, member: &str) -> Option<&ShadowType> {
+        let wanted = type_text
+            .trim_start_matches("const ")
+            .trim_start_matches("volatile ")
+            .trim();
+        self.types
+            .iter()
+            .find(|t| t.type_name == wanted && t.member_names().iter().any(|m| m == member))
+    }
+
+    /// One line per type, for the build's notes.
+    pub fn notes(&self) -> Vec<String> {
+        let mut notes: Vec<String> = self
+            .types
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} ({}): added member{} {} kept in shadow data, freed in {}; objects from before the update read {} as zero",
+                    t.type_name,
+                    t.file,
+                    if t.member_names().len() == 1 { "" } else { "s" },
+                    t.member_names().join(", "),
+                    t.release_points.join(", "),
+                    if t.member_names().len() == 1 { "it" } else { "them" },
+                )
+            })
+            .collect();
+        notes.extend(self.unchanged_headers.iter().map(|h| {
+            format!(
+                "{}: only gains members; the files including it are not rebuilt",
+                h.display()
+            )
+        }));
+        notes
+    }
+}
+
+/// Take added members out of the patched files and prepare every patched C
+/// file for shadow accesses. Refused: members added to an untagged type a
+/// header defines (other files cannot name it).
+pub fn plan(
+    changes: &mut BTreeMap<PathBuf, Option<Vec<u8>>>,
+    original: impl Fn(&Path) -> Option<Vec<u8>>,
+) -> Result<ShadowPlan> {
+    let mut plan = ShadowPlan::default();
+    let mut refusals = Vec::new();
+    let paths: Vec<PathBuf> = changes.keys().cloned().collect();
+    for path in &paths {
+        let is_c = path.extension().is_some_and(|e| e == "c");
+        let is_h = path.extension().is_some_and(|e| e == "h");
+        let (Some(Some(patched)), true) = (changes.get(path), is_c || is_h) else {
+            continue;
+        };
+        let Some(before) = original(path) else {
+            continue;
+        };
+        let additions = added_members(&before, patched);
+        if additions.is_empty() {
+            continue;
+        }
+        let mut stripped = patched.clone();
+        let mut ranges: Vec<std::ops::Range<usize>> = Vec::new();
+        for addition in &additions {
+            if addition.typedef_only && is_h {
+                refusals.push(Refusal {
+                    symbol: addition.type_name.clone(),
+                    reason: format!(
+                        "members added to an untagged struct typedef'd in {}: other files cannot name it for its shadow; give the struct a tag",
+                        path.display()
+                    ),
+                });
+                continue;
+            }
+            ranges.extend(addition.members.iter().map(|m| m.range.clone()));
+            plan.types.push(ShadowType {
+                index: plan.types.len(),
+                type_name: addition.type_name.clone(),
+                file: path.display().to_string(),
+                members: addition
+                    .members
+                    .iter()
+                    .map(|m| m.declaration.clone())
+                    .collect(),
+                release_points: Vec::new(),
+            });
+        }
+        ranges.sort_by_key(|r| std::cmp::Reverse(r.start));
+        for range in ranges {
+            // Keep the lines: `__LINE__` and the debug info stay as they were.
+            let newlines: Vec<u8> = stripped[range.clone()]
+                .iter()
+                .copied()
+                .filter(|&b| b == b'\n')
+                .collect();
+            stripped.splice(range, newlines);
+        }
+        // Only spacing, comments and line numbers differ: the original stands.
+        let same = members::normalized(&String::from_utf8_lossy(&stripped))
+            == members::normalized(&String::from_utf8_lossy(&before));
+        if same {
+            changes.remove(path);
+            if is_h {
+                plan.unchanged_headers.push(path.clone());
+            }
+        } else {
+            changes.insert(path.clone(), Some(stripped));
+        }
+    }
+    crate::error::refuse_any(refusals)?;
+    if plan.is_empty() {
+        return Ok(plan);
+    }
+    let paths: Vec<PathBuf> = changes.keys().cloned().collect();
+    for path in paths {
+        if path.extension().is_none_or(|e| e != "c") {
+            continue;
+        }
+        let Some(Some(text)) = changes.get(&path) else {
+            continue;
+        };
+        let prepared = prepare_file(&path, text, &plan);
+        changes.insert(path, Some(prepared));
+    }
+    Ok(plan)
+}
+
+/// Byte offset where the code for `types` may start: the first top-level
+/// item holding a function definition after `after`.
+fn first_function_after(root: tree_sitter::Node, after: usize) -> Option<usize> {
+    fn holds_function(node: tree_sitter::Node) -> bool {
+        if node.kind() == "function_definition" {
+            return true;
+        }
+        if !matches!(
+            node.kind(),
+            "preproc_if" | "preproc_ifdef" | "preproc_else" | "preproc_elif" | "ERROR"
+        ) {
+            return false;
+        }
+        let mut cursor = node.walk();
+        let found = node.named_children(&mut cursor).any(holds_function);
+        found
+    }
+    let mut cursor = root.walk();
+    let found = root
+        .named_children(&mut cursor)
+        .find(|c| c.start_byte() >= after && holds_function(*c))
+        .map(|c| c.start_byte());
+    found
+}
+
+/// Insert the shadow declarations before the first function that can use
+/// each type, and route every free in reach through the release macro.
+fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan) -> Vec<u8> {
+    let Some(tree) = members::parse(text) else {
+        return text.to_vec();
+    };
+    let root = tree.root_node();
+    let file = path.display().to_string();
+    // Where each type's declarations go.
+    let mut points: BTreeMap<usize, Vec<&ShadowType>> = BTreeMap::new();
+    for shadow in &plan.types {
+        let after = if shadow.in_header() {
+            0
+        } else if shadow.file == file {
+            // The definition's end in this (stripped) text.
+            let found = added_members_end(text, &shadow.type_name);
+            match found {
+                Some(end) => end,
+                None => continue,
+            }
+        } else {
+            continue;
+        };
+        if let Some(at) = first_function_after(root, after) {
+            points.entry(at).or_default().push(shadow);
+        }
+    }
+    if points.is_empty() {
+        return text.to_vec();
+    }
+    let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
+    let mut in_scope: Vec<&ShadowType> = Vec::new();
+    let starts: Vec<usize> = points.keys().copied().collect();
+    for (k, (at, types)) in points.iter().enumerate() {
+        in_scope.extend(types.iter().copied());
+        edits.push((*at..*at, prologue(text, *at, k, types, &in_scope)));
+    }
+    // Frees after a prologue use the newest one before them.
+    for (call, argument) in free_arguments(root, text) {
+        let Some(k) = starts.iter().rposition(|&s| s <= call) else {
+            continue;
+        };
+        let argument_text = String::from_utf8_lossy(&text[argument.clone()]).into_owned();
+        edits.push((argument, format!("__dynamos_released_{k}({argument_text})")));
+    }
+    apply_edits(text, edits)
+}
+
+/// End of the definition of `type_name` in `text`, however its members read.
+fn added_members_end(text: &[u8], type_name: &str) -> Option<usize> {
+    let tree = members::parse(text)?;
+    let mut stack = vec![tree.root_node()];
+    while let Some(node) = stack.pop() {
+        if matches!(node.kind(), "struct_specifier" | "union_specifier")
+            && node.child_by_field_name("body").is_some()
+        {
+            let keyword = if node.kind() == "struct_specifier" {
+                "struct"
+            } else {
+                "union"
+            };
+            let name = match node.child_by_field_name("name") {
+                Some(n) => Some(format!("{keyword} {}", members::text_of(text, n))),
+                None => node
+                    .parent()
+                    .filter(|p| p.kind() == "type_definition")
+                    .and_then(|p| p.child_by_field_name("declarator"))
+                    .map(|d| members::text_of(text, d).to_string()),
+            };
+            if name.as_deref() == Some(type_name) {
+                return Some(node.end_byte());
+            }
+        }
+        let mut cursor = node.walk();
+        stack.extend(node.children(&mut cursor));
+    }
+    None
+}
+
+/// The freed argument of every free call: (call start, argument range).
+fn free_arguments(root: tree_sitter::Node, text: &[u8]) -> Vec<(usize, std::ops::Range<usize>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root];
+    while let Some(node) = stack.pop() {
+        if node.kind() == "call_expression" {
+            let called = node
+                .child_by_field_name("function")
+                .filter(|f| f.kind() == "identifier")
+                .map(|f| members::text_of(text, f));
+            if let Some(&(_, index)) = called.and_then(|c| FREE_CALLS.iter().find(|(n, _)| *n == c))
+            {
+                if let Some(arguments) = node.child_by_field_name("arguments") {
+                    let mut cursor = arguments.walk();
+                    let argument = arguments
+                        .named_children(&mut cursor)
+                        .filter(|a| a.kind() != "comment")
+                        .nth(index);
+                    if let Some(argument) = argument {
+                        out.push((node.start_byte(), argument.byte_range()));
+                    }
+                }
+            }
+        }
+        let mut cursor = node.walk();
+        stack.extend(node.children(&mut cursor));
+    }
+    out
+}
+
+/// Apply non-overlapping edits; an edit inside another's range is dropped.
+pub(crate) fn apply_edits(
+    text: &[u8],
+    mut edits: Vec<(std::ops::Range<usize>, String)>,
+) -> Vec<u8> {
+    edits.sort_by_key(|(r, _)| (r.start, r.end));
+    let mut out = Vec::with_capacity(text.len() + 1024);
+    let mut at = 0;
+    for (range, replacement) in edits {
+        if range.start < at {
+            continue;
+        }
+        out.extend_from_slice(&text[at..range.start]);
+        out.extend_from_slice(replacement.as_bytes());
+        at = range.end;
+    }
+    out.extend_from_slice(&text[at..]);
+    out
+}
+
+/// 1-based line of a byte offset.
+fn line_at(text: &[u8], at: usize) -> usize {
+    text[..at].iter().filter(|&&b| b == b'\n').count() + 1
+}
+
+/// The declarations one insertion point adds, ending with a `#line` that
+/// gives the following text its original line numbers back.
+fn prologue(
+    text: &[u8],
+    at: usize,
+    k: usize,
+    types: &[&ShadowType],
+    in_scope: &[&ShadowType],
+) -> String {
+    let line = line_at(text, at);
+    let mid_line = at > 0 && text[at - 1] != b'\n';
+    let mut out = String::new();
+    if mid_line {
+        out.push('\n');
+    }
+    out.push_str(
+        "/* dynamos-build: the update's added members live in shadow data (docs/shadow-members.md). */\n\
+         void *dynamos_shadow_get(const void *object, unsigned int type, unsigned long size);\n\
+         const void *dynamos_shadow_peek(const void *object, unsigned int type);\n\
+         void dynamos_shadow_release(const void *object, unsigned int type);\n",
+    );
+    for t in types {
+        let tag = t.struct_tag();
+        let i = t.index;
+        out.push_str(&format!(
+            "struct {tag} {{ {members} }}; /* {name} */\n\
+             _Static_assert(sizeof(struct {tag}) <= {MAX_SHADOW_SIZE}, \"dynamos: the members added to {name} take more than {MAX_SHADOW_SIZE} bytes\");\n\
+             #define __dynamos_shadow_w_{i}(object) ((struct {tag} *)dynamos_shadow_get((object), {i}, sizeof(struct {tag})))\n\
+             #define __dynamos_shadow_r_{i}(object) ((const struct {tag} *)dynamos_shadow_peek((object), {i}))\n\
+             #define __dynamos_release_{i}(object) ({{ asm volatile(\".Ldynamos_release_%=:\\n\\t.pushsection {RELEASE_SECTION},\\\"\\\",@progbits\\n\\t.quad .Ldynamos_release_%=\\n\\t.quad {i}\\n\\t.popsection\" ::); dynamos_shadow_release((object), {i}); }})\n",
+            members = t.members.join(" "),
+            name = t.type_name,
+        ));
+    }
+    let associations: Vec<String> = in_scope
+        .iter()
+        .map(|t| {
+            format!(
+                "{ty} *: __dynamos_release_{i}(__dynamos_object), const {ty} *: __dynamos_release_{i}(__dynamos_object)",
+                ty = t.type_name,
+                i = t.index
+            )
+        })
+        .collect();
+    out.push_str(&format!(
+        "#define __dynamos_released_{k}(pointer) ({{ __auto_type __dynamos_object = (pointer); _Generic(__dynamos_object, {}, default: (void)0); __dynamos_object; }})\n\
+         #undef DYNAMOS_SHADOW_FREE\n\
+         #define DYNAMOS_SHADOW_FREE(object) ((void)__dynamos_released_{k}(object))\n\
+         #line {line}\n",
+        associations.join(", ")
+    ));
+    out
+}
+
+/// The release points each type got, read from the patched objects'
+/// records: functions by type index.
+pub fn release_points(object: &ObjectFile) -> BTreeMap<usize, BTreeSet<String>> {
+    let mut out: BTreeMap<usize, BTreeSet<String>> = BTreeMap::new();
+    let Some(index) = object
+        .sections
+        .iter()
+        .position(|s| s.name == RELEASE_SECTION)
+    else {
+        return out;
+    };
+    let data = object.data(index);
+    for reloc in &object.sections[index].relocs {
+        if reloc.offset % 16 != 0 {
+            continue;
+        }
+        let at = reloc.offset as usize + 8;
+        let Some(bytes) = data.get(at..at + 8) else {
+            continue;
+        };
+        let type_index = u64::from_le_bytes(bytes.try_into().unwrap_or([0; 8])) as usize;
+        let Some(symbol) = object.symbols.get(reloc.symbol) else {
+            continue;
+        };
+        let Some(code_section) = symbol.section() else {
+            continue;
+        };
+        let position = symbol.value as i64 + reloc.addend;
+        if let Some(function) = crate::diff::covering_symbol(object, code_section, position) {
+            // A function's `.cold` part frees for the function.
+            let name = &object.symbols[function].name;
+            let name = name.strip_suffix(".cold").unwrap_or(name);
+            out.entry(type_index).or_default().insert(name.to_string());
+        }
+    }
+    out
+}
+
+/// Record the release points found in the patched objects; a type without
+/// any is refused, saying how to name one.
+pub fn check_release_points<'a>(
+    plan: &mut ShadowPlan,
+    patched: impl IntoIterator<Item = &'a ObjectFile>,
+) -> Result<()> {
+    for object in patched {
+        for (index, functions) in release_points(object) {
+            if let Some(t) = plan.types.get_mut(index) {
+                for f in functions {
+                    if !t.release_points.contains(&f) {
+                        t.release_points.push(f);
+                    }
+                }
+            }
+        }
+    }
+    let refusals: Vec<Refusal> = plan
+        .types
+        .iter()
+        .filter(|t| t.release_points.is_empty())
+        .map(|t| Refusal {
+            symbol: t.type_name.clone(),
+            reason: format!(
+                "no release point found for the shadow of its added members: no file of the patch frees a {} pointer with kfree, kvfree, kmem_cache_free or kfree_rcu; write DYNAMOS_SHADOW_FREE(object) (dynamos.h) where its objects are freed",
+                t.type_name
+            ),
+        })
+        .collect();
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn changes(files: &[(&str, &str)]) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
+        files
+            .iter()
+            .map(|(p, t)| (PathBuf::from(p), Some(t.as_bytes().to_vec())))
+            .collect()
+    }
+
+    #[test]
+    fn a_header_that_only_gains_members_leaves_the_build() {
+        let old_header = "struct task { int pid; };\n";
+        let mut files = changes(&[
+            ("include/task.h", "struct task { int pid;\n\tint newpid;\n};\n"),
+            (
+                "kernel/fork.c",
+                "#include <task.h>\nstatic int x;\nvoid put(struct task *t)\n{\n\tkfree(t);\n}\nint clone(struct task *t)\n{\n\treturn t->newpid;\n}\n",
+            ),
+        ]);
+        let plan = plan(&mut files, |p| {
+            (p == Path::new("include/task.h"))
+                .then(|| old_header.as_bytes().to_vec())
+                .or_else(|| Some(b"#include <task.h>\n".to_vec()))
+        })
+        .unwrap();
+        assert_eq!(plan.types.len(), 1);
+        assert_eq!(plan.types[0].type_name, "struct task");
+        assert_eq!(
+            plan.unchanged_headers,
+            vec![PathBuf::from("include/task.h")]
+        );
+        assert!(!files.contains_key(Path::new("include/task.h")));
+        let fork = String::from_utf8(files[Path::new("kernel/fork.c")].clone().unwrap()).unwrap();
+        assert!(fork.contains("kfree(__dynamos_released_0(t))"), "{fork}");
+        assert!(fork.contains("#line 3\nvoid put"), "{fork}");
+        assert!(
+            fork.contains("struct __dynamos_shadow_0 { int newpid; };"),
+            "{fork}"
+        );
+    }
+
+    #[test]
+    fn refuses_an_untagged_header_type() {
+        let mut files = changes(&[("include/n.h", "typedef struct { int a; int b; } N;\n")]);
+        let err = plan(&mut files, |_| {
+            Some(b"typedef struct { int a; } N;\n".to_vec())
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("untagged struct"), "{err}");
+    }
+
+    #[test]
+    fn member_names_of_declarations() {
+        assert_eq!(
+            members_of_declaration("unsigned long a, *b;"),
+            Some(vec!["a".to_string(), "b".to_string()])
+        );
+    }
+}

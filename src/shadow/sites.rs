@@ -1,0 +1,367 @@
+//! Accesses to added members, as the compiler reports them: the patched
+//! files compile against the original layout, so each access is a "has no
+//! member named" error that names the file, line, column, type and member.
+//! Each one becomes an access to the object's shadow.
+
+use super::{apply_edits, members, ShadowPlan};
+use crate::error::{Error, Refusal};
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use tree_sitter::Node;
+
+/// One "has no member named" error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingMember {
+    pub path: String,
+    pub line: usize,
+    /// As the compiler counts: tabs to the next multiple of 8, from 1.
+    pub column: usize,
+    pub type_text: String,
+    pub member: String,
+}
+
+/// Text between the first pair of quotes (ASCII or typographic) in `text`.
+fn quoted(text: &str) -> Option<(&str, &str)> {
+    let open = text.find(['\'', '\u{2018}'])?;
+    let after = &text[open..];
+    let open_len = after.chars().next()?.len_utf8();
+    let rest = &after[open_len..];
+    let close = rest.find(['\'', '\u{2019}'])?;
+    let close_len = rest[close..].chars().next()?.len_utf8();
+    Some((&rest[..close], &rest[close + close_len..]))
+}
+
+/// Every "has no member named" error in a compiler log.
+pub fn missing_members(log: &str) -> Vec<MissingMember> {
+    let mut out = Vec::new();
+    for line in log.lines() {
+        let Some((location, message)) = line.split_once(": error: ") else {
+            continue;
+        };
+        let Some((before, after)) = message.split_once(" has no member named ") else {
+            continue;
+        };
+        let (Some((type_text, _)), Some((member, _))) = (quoted(before), quoted(after)) else {
+            continue;
+        };
+        let mut parts = location.rsplitn(3, ':');
+        let (Some(column), Some(number), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let (Ok(column), Ok(number)) = (column.parse(), number.parse()) else {
+            continue;
+        };
+        out.push(MissingMember {
+            path: path.to_string(),
+            line: number,
+            column,
+            type_text: type_text.to_string(),
+            member: member.to_string(),
+        });
+    }
+    out.dedup();
+    out
+}
+
+/// The changed file a compiler path names (absolute, or relative to some
+/// build folder): the longest changed path it ends with.
+fn changed_file<'a>(path: &str, changes: impl Iterator<Item = &'a PathBuf>) -> Option<PathBuf> {
+    changes
+        .filter(|c| {
+            let c = c.to_string_lossy();
+            path == c || path.ends_with(&format!("/{c}"))
+        })
+        .max_by_key(|c| c.as_os_str().len())
+        .cloned()
+}
+
+/// Start of the line the compiler numbers `line`, through `#line`
+/// directives: the last line so numbered, as the shadow declarations come
+/// before the original lines their numbers repeat.
+fn line_start(text: &[u8], line: usize) -> Option<usize> {
+    let mut found = None;
+    let mut number = 1;
+    let mut start = 0;
+    while start <= text.len() {
+        let end = text[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(text.len(), |e| start + e);
+        let directive = std::str::from_utf8(&text[start..end])
+            .ok()
+            .and_then(|l| l.strip_prefix("#line "))
+            .and_then(|n| n.trim().parse::<usize>().ok());
+        if number == line {
+            found = Some(start);
+        }
+        number = directive.unwrap_or(number + 1);
+        start = end + 1;
+    }
+    found
+}
+
+/// Byte offset of a compiler line and column in `text`.
+fn offset_of(text: &[u8], line: usize, column: usize) -> Option<usize> {
+    let start = line_start(text, line)?;
+    let end = text[start..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(text.len(), |e| start + e);
+    let line_text = std::str::from_utf8(&text[start..end]).ok()?;
+    let mut shown = 1;
+    for (i, c) in line_text.char_indices() {
+        if shown >= column {
+            return Some(start + i);
+        }
+        shown = if c == '\t' {
+            (shown - 1) / 8 * 8 + 9
+        } else {
+            shown + 1
+        };
+    }
+    None
+}
+
+/// Whether the member access at `node` writes (or lets code write) the member.
+fn is_written(mut node: Node) -> bool {
+    loop {
+        let Some(parent) = node.parent() else {
+            return false;
+        };
+        match parent.kind() {
+            "parenthesized_expression" => node = parent,
+            // `p->added.x` and `p->added[i]` are written when the whole is.
+            "field_expression" | "subscript_expression"
+                if parent.child_by_field_name("argument") == Some(node) =>
+            {
+                node = parent
+            }
+            "assignment_expression" => return parent.child_by_field_name("left") == Some(node),
+            "update_expression" => return true,
+            "pointer_expression" => {
+                return parent
+                    .child_by_field_name("operator")
+                    .is_some_and(|o| o.kind() == "&")
+            }
+            _ => return false,
+        }
+    }
+}
+
+/// The member access a diagnostic points at: the field expression whose
+/// operator starts at `at`, or the only one on that line naming `member`.
+fn access_at<'t>(root: Node<'t>, text: &[u8], at: usize, member: &str) -> Option<Node<'t>> {
+    let mut candidates = Vec::new();
+    let line_start = text[..at]
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map_or(0, |p| p + 1);
+    let line_end = text[at..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map_or(text.len(), |e| at + e);
+    let mut stack = vec![root];
+    while let Some(node) = stack.pop() {
+        if node.end_byte() < line_start || node.start_byte() > line_end {
+            continue;
+        }
+        if node.kind() == "field_expression" {
+            let field = node.child_by_field_name("field");
+            let operator = node.child_by_field_name("operator");
+            if field.is_some_and(|f| members::text_of(text, f) == member) {
+                if operator.is_some_and(|o| o.start_byte() == at) {
+                    return Some(node);
+                }
+                if field.is_some_and(|f| f.start_byte() >= line_start && f.end_byte() <= line_end) {
+                    candidates.push(node);
+                }
+            }
+        }
+        let mut cursor = node.walk();
+        stack.extend(node.children(&mut cursor));
+    }
+    (candidates.len() == 1).then(|| candidates[0])
+}
+
+/// Rewrite the accesses to added members the compiler reported in `log`.
+/// Ok(false): the log reports no such access (the failure is something
+/// else). Refused: an access in a header, or one that cannot be rewritten.
+pub fn rewrite_accesses(
+    changes: &mut BTreeMap<PathBuf, Option<Vec<u8>>>,
+    plan: &ShadowPlan,
+    log: &str,
+) -> Result<bool> {
+    let mut by_file: BTreeMap<PathBuf, Vec<(MissingMember, usize)>> = BTreeMap::new();
+    let mut refusals = Vec::new();
+    for missing in missing_members(log) {
+        let Some(shadow) = plan.type_for(&missing.type_text, &missing.member) else {
+            continue;
+        };
+        let place = format!("{}:{}", shown_path(&missing.path), missing.line);
+        if missing.path.ends_with(".h") {
+            refusals.push(Refusal {
+                symbol: format!("{}.{}", shadow.type_name, missing.member),
+                reason: format!(
+                    "added member used in {place}, a header: code outside the package may use it; use it from a C file the patch changes"
+                ),
+            });
+            continue;
+        }
+        match changed_file(&missing.path, changes.keys()) {
+            Some(file) => by_file
+                .entry(file)
+                .or_default()
+                .push((missing, shadow.index)),
+            None => refusals.push(Refusal {
+                symbol: format!("{}.{}", shadow.type_name, missing.member),
+                reason: format!("added member used in {place}, which the patch does not change"),
+            }),
+        }
+    }
+    let mut rewritten = false;
+    for (file, sites) in by_file {
+        let Some(Some(text)) = changes.get(&file) else {
+            continue;
+        };
+        let Some(tree) = members::parse(text) else {
+            continue;
+        };
+        let mut edits = Vec::new();
+        for (site, index) in &sites {
+            let access = offset_of(text, site.line, site.column)
+                .and_then(|at| access_at(tree.root_node(), text, at, &site.member));
+            let Some(access) = access else {
+                refusals.push(Refusal {
+                    symbol: format!("{}.{}", site.type_text, site.member),
+                    reason: format!(
+                        "added member used at {}:{}:{} in a form that cannot be rewritten to its shadow (inside a macro?)",
+                        file.display(),
+                        site.line,
+                        site.column
+                    ),
+                });
+                continue;
+            };
+            edits.push(shadow_access(text, access, *index));
+        }
+        if !edits.is_empty() {
+            let new_text = apply_edits(text, edits);
+            changes.insert(file, Some(new_text));
+            rewritten = true;
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(Error::Refused(refusals).into());
+    }
+    Ok(rewritten)
+}
+
+/// `p->m` → `__dynamos_shadow_r_0(p)->m`, `o.m` → `__dynamos_shadow_w_0(&(o))->m`.
+fn shadow_access(text: &[u8], access: Node, index: usize) -> (std::ops::Range<usize>, String) {
+    let argument = access.child_by_field_name("argument").unwrap_or(access);
+    let operator = access.child_by_field_name("operator");
+    let through_pointer = operator.is_some_and(|o| o.kind() == "->");
+    let side = if is_written(access) { 'w' } else { 'r' };
+    let object = members::text_of(text, argument);
+    let object = if through_pointer {
+        object.to_string()
+    } else {
+        format!("&({object})")
+    };
+    let end = operator.map_or(argument.end_byte(), |o| o.end_byte());
+    (
+        argument.start_byte()..end,
+        format!("__dynamos_shadow_{side}_{index}({object})->"),
+    )
+}
+
+/// A compiler path shown relative to the tree where it can be.
+fn shown_path(path: &str) -> String {
+    let p = Path::new(path);
+    for marker in ["include", "arch", "fs", "kernel", "mm", "net", "drivers"] {
+        if let Some(pos) = path.find(&format!("/{marker}/")) {
+            return path[pos + 1..].to_string();
+        }
+    }
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shadow::ShadowType;
+
+    fn plan() -> ShadowPlan {
+        ShadowPlan {
+            types: vec![ShadowType {
+                index: 0,
+                type_name: "struct task".into(),
+                file: "include/task.h".into(),
+                members: vec!["int newpid;".into()],
+                release_points: vec![],
+            }],
+            unchanged_headers: vec![],
+        }
+    }
+
+    #[test]
+    fn reads_compiler_errors_with_either_quotes() {
+        let log = "../src/kernel/fork.c:11:24: error: \u{2018}struct task\u{2019} has no member named \u{2018}newpid\u{2019}\n\
+                   fs/binfmt_misc.c:9:5: error: 'Node' {aka 'struct <anonymous>'} has no member named 'generation'\n";
+        let found = missing_members(log);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].path, "../src/kernel/fork.c");
+        assert_eq!((found[0].line, found[0].column), (11, 24));
+        assert_eq!(found[0].type_text, "struct task");
+        assert_eq!(found[1].type_text, "Node");
+        assert_eq!(found[1].member, "generation");
+    }
+
+    #[test]
+    fn rewrites_reads_and_writes() {
+        let source = "int f(struct task *p, struct task t)\n{\n\tp->newpid = 1;\n\treturn p->newpid + t.newpid + p->pid;\n}\n";
+        let mut changes: BTreeMap<PathBuf, Option<Vec<u8>>> = [(
+            PathBuf::from("kernel/fork.c"),
+            Some(source.as_bytes().to_vec()),
+        )]
+        .into();
+        let log = "/tmp/x/kernel/fork.c:3:10: error: 'struct task' has no member named 'newpid'\n\
+                   /tmp/x/kernel/fork.c:4:17: error: 'struct task' has no member named 'newpid'\n\
+                   /tmp/x/kernel/fork.c:4:29: error: 'struct task' has no member named 'newpid'\n";
+        assert!(rewrite_accesses(&mut changes, &plan(), log).unwrap());
+        let text = String::from_utf8(changes[Path::new("kernel/fork.c")].clone().unwrap()).unwrap();
+        assert!(
+            text.contains("\t__dynamos_shadow_w_0(p)->newpid = 1;"),
+            "{text}"
+        );
+        assert!(
+            text.contains("return __dynamos_shadow_r_0(p)->newpid + __dynamos_shadow_r_0(&(t))->newpid + p->pid;"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn follows_line_directives() {
+        let text = b"a\nb\nx\ny\n#line 2\nb\nc\n";
+        assert_eq!(line_start(text, 2), Some(16));
+        assert_eq!(line_start(text, 3), Some(18));
+        assert_eq!(line_start(text, 1), Some(0));
+    }
+
+    #[test]
+    fn refuses_a_use_in_a_header() {
+        let mut changes = BTreeMap::new();
+        let log = "include/linux/task.h:3:10: error: 'struct task' has no member named 'newpid'\n";
+        let err = rewrite_accesses(&mut changes, &plan(), log).unwrap_err();
+        assert!(err.to_string().contains("a header"), "{err}");
+    }
+
+    #[test]
+    fn other_errors_are_not_ours() {
+        let mut changes = BTreeMap::new();
+        let log = "kernel/fork.c:3:10: error: 'struct task' has no member named 'other'\n";
+        assert!(!rewrite_accesses(&mut changes, &plan(), log).unwrap());
+    }
+}
