@@ -179,4 +179,18 @@ static inline bool dynamos_thread_old(const struct dynamos_thread *old, const ch
 	_Static_assert(sizeof(&(function)) + sizeof(&(transfer)) != 0,		\
 		       "thread state: " #function)
 
+/*
+ * DYNAMOS_SHADOW_FREE(object)
+ *
+ * A member the patch adds to a struct or union lives in shadow data keyed
+ * by the object's address (docs/shadow-members.md); the shadow is freed
+ * where the object is. dynamos-build finds the kfree(), kvfree(),
+ * kmem_cache_free() and kfree_rcu() of such an object in the files the
+ * patch changes by itself. Where an object is freed some other way (a
+ * destructor, a pointer without the struct's type), write this before the
+ * free, in a file of the patch: it frees the shadows of `object`'s type,
+ * and does nothing for a type without added members.
+ */
+#define DYNAMOS_SHADOW_FREE(object) ((void)(object))
+
 #endif /* _DYNAMOS_H */

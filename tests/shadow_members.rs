@@ -7,6 +7,7 @@
 //! shadows are back where they were; revert frees the rest.
 //! `binfmt-misc-node-generation.diff` adds a member in the middle of
 //! binfmt_misc's `Node`, with the module loaded before and after the package.
+//! What cannot be followed is refused by the build, naming type and member.
 
 mod common;
 
@@ -159,4 +160,57 @@ down
     expect_line(&text, "@@ reloaded shadows 1 @@");
     expect_line(&text, "@@ revert exit 0 @@");
     expect_line(&text, "@@ reverted entry 0 @@");
+}
+
+/// dynamos-build's exit code and one-line message for `patch`; no package.
+fn refused(patch: &str) -> String {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("x.dynpkg");
+    let out = build(&keys, patch, &pkg);
+    let message = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{message}");
+    assert_eq!(message.trim_end().lines().count(), 1, "{message}");
+    assert!(!pkg.exists());
+    message
+}
+
+#[test]
+fn an_added_member_read_in_a_header_is_refused() {
+    // An inline of fs/proc/internal.h: unchanged code could call it.
+    let message = refused("refused-shadow-header-inline.diff");
+    assert!(
+        message.contains("struct pde_opener.reads: added member used in fs/proc/internal.h:"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_added_member_without_a_release_point_is_refused() {
+    // Only /proc reads the member: no file of the patch frees a task.
+    let message = refused("refused-shadow-no-release.diff");
+    assert!(
+        message.contains("struct task_struct: no release point found")
+            && message.contains("DYNAMOS_SHADOW_FREE(object)"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_moved_member_is_still_refused() {
+    let message = refused("refused-module-layout.diff");
+    assert!(
+        message.contains("Node.offset: data type layout changed"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_copied_object_with_added_members_is_refused() {
+    // A memcpy of a Node would leave the copy without the shadow.
+    let message = refused("refused-shadow-copy.diff");
+    assert!(
+        message.contains("Node: an object with added members is copied (memcpy, memmove or kmemdup) in entry_status at fs/binfmt_misc.c:575"),
+        "{message}"
+    );
 }

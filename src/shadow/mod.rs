@@ -40,6 +40,13 @@ const FREE_CALLS: &[(&str, usize)] = &[
     ("DYNAMOS_SHADOW_FREE", 0),
 ];
 
+/// Copies whose destination (or, for kmemdup, source) is the argument at
+/// the index: a copy of a shadowed object would not carry its shadow.
+const COPY_CALLS: &[(&str, usize)] = &[("memcpy", 0), ("memmove", 0), ("kmemdup", 0)];
+
+/// What the compiler says where a copy of a shadowed object was found.
+pub(crate) const COPY_ERROR: &str = "dynamos-shadow-copy:";
+
 /// Functions the livepatch module defines for the rewritten code; the
 /// extracted objects keep them as undefined names, bound when the module
 /// is linked.
@@ -283,13 +290,18 @@ fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan) -> Vec<u8> {
         in_scope.extend(types.iter().copied());
         edits.push((*at..*at, prologue(text, *at, k, types, &in_scope)));
     }
-    // Frees after a prologue use the newest one before them.
-    for (call, argument) in free_arguments(root, text) {
-        let Some(k) = starts.iter().rposition(|&s| s <= call) else {
-            continue;
-        };
-        let argument_text = String::from_utf8_lossy(&text[argument.clone()]).into_owned();
-        edits.push((argument, format!("__dynamos_released_{k}({argument_text})")));
+    // Frees and copies after a prologue use the newest one before them.
+    for (calls, wrapper) in [(FREE_CALLS, "released"), (COPY_CALLS, "copied")] {
+        for (call, argument) in call_arguments(root, text, calls) {
+            let Some(k) = starts.iter().rposition(|&s| s <= call) else {
+                continue;
+            };
+            let argument_text = String::from_utf8_lossy(&text[argument.clone()]).into_owned();
+            edits.push((
+                argument,
+                format!("__dynamos_{wrapper}_{k}({argument_text})"),
+            ));
+        }
     }
     apply_edits(text, edits)
 }
@@ -325,8 +337,12 @@ fn added_members_end(text: &[u8], type_name: &str) -> Option<usize> {
     None
 }
 
-/// The freed argument of every free call: (call start, argument range).
-fn free_arguments(root: tree_sitter::Node, text: &[u8]) -> Vec<(usize, std::ops::Range<usize>)> {
+/// The argument `calls` names of every such call: (call start, argument range).
+fn call_arguments(
+    root: tree_sitter::Node,
+    text: &[u8],
+    calls: &[(&str, usize)],
+) -> Vec<(usize, std::ops::Range<usize>)> {
     let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(node) = stack.pop() {
@@ -335,8 +351,7 @@ fn free_arguments(root: tree_sitter::Node, text: &[u8]) -> Vec<(usize, std::ops:
                 .child_by_field_name("function")
                 .filter(|f| f.kind() == "identifier")
                 .map(|f| members::text_of(text, f));
-            if let Some(&(_, index)) = called.and_then(|c| FREE_CALLS.iter().find(|(n, _)| *n == c))
-            {
+            if let Some(&(_, index)) = called.and_then(|c| calls.iter().find(|(n, _)| *n == c)) {
                 if let Some(arguments) = node.child_by_field_name("arguments") {
                     let mut cursor = arguments.walk();
                     let argument = arguments
@@ -409,6 +424,7 @@ fn prologue(
              _Static_assert(sizeof(struct {tag}) <= {MAX_SHADOW_SIZE}, \"dynamos: the members added to {name} take more than {MAX_SHADOW_SIZE} bytes\");\n\
              #define __dynamos_shadow_w_{i}(object) ((struct {tag} *)dynamos_shadow_get((object), {i}, sizeof(struct {tag})))\n\
              #define __dynamos_shadow_r_{i}(object) ((const struct {tag} *)dynamos_shadow_peek((object), {i}))\n\
+             extern int __dynamos_copy_{i}(void) __attribute__((error(\"{COPY_ERROR} {name}\")));\n\
              #define __dynamos_release_{i}(object) ({{ asm volatile(\".Ldynamos_release_%=:\\n\\t.pushsection {RELEASE_SECTION},\\\"\\\",@progbits\\n\\t.quad .Ldynamos_release_%=\\n\\t.quad {i}\\n\\t.popsection\" ::); dynamos_shadow_release((object), {i}); }})\n",
             members = t.members.join(" "),
             name = t.type_name,
@@ -424,6 +440,20 @@ fn prologue(
             )
         })
         .collect();
+    let copies: Vec<String> = in_scope
+        .iter()
+        .map(|t| {
+            format!(
+                "{ty} *: __dynamos_copy_{i}(), const {ty} *: __dynamos_copy_{i}()",
+                ty = t.type_name,
+                i = t.index
+            )
+        })
+        .collect();
+    out.push_str(&format!(
+        "#define __dynamos_copied_{k}(pointer) ({{ __auto_type __dynamos_object = (pointer); (void)_Generic(__dynamos_object, {}, default: 0); __dynamos_object; }})\n",
+        copies.join(", ")
+    ));
     out.push_str(&format!(
         "#define __dynamos_released_{k}(pointer) ({{ __auto_type __dynamos_object = (pointer); _Generic(__dynamos_object, {}, default: (void)0); __dynamos_object; }})\n\
          #undef DYNAMOS_SHADOW_FREE\n\

@@ -220,6 +220,40 @@ pub fn rewrite_accesses(
             }),
         }
     }
+    // A copy of a shadowed object: the prologue's error attribute fired
+    // inside the copy macro; the last expansion note is the copy's line.
+    let lines: Vec<&str> = log.lines().collect();
+    let mut function = "";
+    for (i, line) in lines.iter().enumerate() {
+        if let Some(name) = line
+            .strip_prefix("In function ")
+            .or_else(|| line.split_once(": In function ").map(|(_, f)| f))
+        {
+            function = name
+                .trim_end_matches([':', ','])
+                .trim_matches(['\'', '\u{2018}', '\u{2019}']);
+        }
+        let Some((location, shadowed)) = line.split_once(super::COPY_ERROR) else {
+            continue;
+        };
+        let expansion = lines[i + 1..]
+            .iter()
+            .take_while(|l| !l.contains(": error:") && !l.contains("In function"))
+            .filter(|l| l.contains(": note: in expansion of macro"))
+            .last()
+            .copied()
+            .unwrap_or(location);
+        let place = expansion.split(": ").next().unwrap_or(expansion);
+        let (place, _) = place.rsplit_once(':').unwrap_or((place, ""));
+        let shadowed = shadowed.trim_end_matches(['\'', '\u{2019}', '"']).trim();
+        refusals.push(Refusal {
+            symbol: shadowed.to_string(),
+            reason: format!(
+                "an object with added members is copied (memcpy, memmove or kmemdup) in {function} at {}: the copy would not carry its shadow",
+                shown_path(place)
+            ),
+        });
+    }
     let mut rewritten = false;
     for (file, sites) in by_file {
         let Some(Some(text)) = changes.get(&file) else {
