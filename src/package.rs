@@ -45,6 +45,25 @@ pub struct ShadowType {
     pub release_points: Vec<String>,
 }
 
+impl ShadowType {
+    /// One line for `dynamos-build` and `inspect`:
+    /// `struct task_struct (include/linux/sched.h): int newpid; freed in free_task`.
+    pub fn summary(&self) -> String {
+        let members: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| m.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect();
+        format!(
+            "{} ({}): {} freed in {}",
+            self.type_name,
+            self.file,
+            members.join(" "),
+            self.release_points.join(", ")
+        )
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TargetIdentity {
     /// `uname -r` of the kernel the package is for.

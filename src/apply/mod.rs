@@ -13,6 +13,7 @@ mod image;
 pub mod kcore;
 pub mod kthreads;
 mod resolve;
+pub mod shadows;
 mod stack;
 pub mod synchronized;
 pub mod values;
@@ -466,6 +467,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     };
     let records = read_records(paths)?;
     values::refuse_retiring_value_updates(manifest, &records, &retiring)?;
+    shadows::refuse_retiring_shadows(manifest, &records, &retiring)?;
     kthreads::refuse_stacked_restarts(manifest, &records)?;
 
     let text = fs::read_to_string(&paths.kallsyms)
@@ -858,39 +860,7 @@ pub struct LiveUpdate {
     /// Kernel threads restarted into the new version (from its record).
     pub restarted: Vec<kthreads::RestartedThread>,
     /// Shadow objects alive per type with added members.
-    pub shadows: Vec<LiveShadows>,
-}
-
-/// What a live update's module says about one type's shadows.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct LiveShadows {
-    pub type_name: String,
-    /// Shadows allocated and not yet freed.
-    pub live: u64,
-    /// Writes lost for want of memory.
-    pub failed: u64,
-}
-
-/// The module's `shadows` parameter: "live failed type" per line.
-fn live_shadows(paths: &SystemPaths, module: &str) -> Vec<LiveShadows> {
-    let path = paths
-        .sys_module
-        .join(module)
-        .join("parameters")
-        .join("shadows");
-    let Ok(text) = fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    text.lines()
-        .filter_map(|line| {
-            let mut fields = line.splitn(3, ' ');
-            Some(LiveShadows {
-                live: fields.next()?.parse().ok()?,
-                failed: fields.next()?.parse().ok()?,
-                type_name: fields.next()?.to_string(),
-            })
-        })
-        .collect()
+    pub shadows: Vec<shadows::LiveShadows>,
 }
 
 /// Every livepatch of the running kernel, and every dynamos update recorded.
@@ -925,7 +895,7 @@ pub fn list_at(paths: &SystemPaths) -> Result<Vec<LiveUpdate>> {
                 .map(|r| synchronized::tasks(paths, &r.manifest, name))
                 .unwrap_or_default(),
             restarted: record.map(|r| r.restarted.clone()).unwrap_or_default(),
-            shadows: live_shadows(paths, name),
+            shadows: shadows::live_shadows(paths, name),
         });
     }
     for r in &records {

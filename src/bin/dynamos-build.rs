@@ -119,6 +119,9 @@ fn main() {
                     println!("value    {}", v.summary(&object.object));
                 }
             }
+            for shadow in &report.manifest.shadows {
+                println!("shadow   {}", shadow.summary());
+            }
             for note in &report.notes {
                 println!("note: {note}");
             }

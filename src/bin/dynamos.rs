@@ -466,6 +466,9 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
             println!("value    {}", v.summary(&object.object));
         }
     }
+    for shadow in &m.shadows {
+        println!("shadow   {}", shadow.summary());
+    }
     Ok(exit::OK)
 }
 

@@ -37,7 +37,6 @@ const FREE_CALLS: &[(&str, usize)] = &[
     ("kfree_rcu", 0),
     ("kvfree_rcu", 0),
     ("kmem_cache_free", 1),
-    ("DYNAMOS_SHADOW_FREE", 0),
 ];
 
 /// Copies whose destination (or, for kmemdup, source) is the argument at
@@ -112,20 +111,19 @@ impl ShadowPlan {
             .find(|t| t.type_name == wanted && t.member_names().iter().any(|m| m == member))
     }
 
-    /// One line per type, for the build's notes.
+    /// Caveats for the build's notes: what objects from before the update
+    /// read, and the headers left out of the build.
     pub fn notes(&self) -> Vec<String> {
         let mut notes: Vec<String> = self
             .types
             .iter()
             .map(|t| {
+                let names = t.member_names();
                 format!(
-                    "{} ({}): added member{} {} kept in shadow data, freed in {}; objects from before the update read {} as zero",
+                    "{}: {} of objects from before the update read{} as zero until written",
                     t.type_name,
-                    t.file,
-                    if t.member_names().len() == 1 { "" } else { "s" },
-                    t.member_names().join(", "),
-                    t.release_points.join(", "),
-                    if t.member_names().len() == 1 { "it" } else { "them" },
+                    names.join(", "),
+                    if names.len() == 1 { "s" } else { "" },
                 )
             })
             .collect();
@@ -290,17 +288,27 @@ fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan) -> Vec<u8> {
         in_scope.extend(types.iter().copied());
         edits.push((*at..*at, prologue(text, *at, k, types, &in_scope)));
     }
-    // Frees and copies after a prologue use the newest one before them.
-    for (calls, wrapper) in [(FREE_CALLS, "released"), (COPY_CALLS, "copied")] {
-        for (call, argument) in call_arguments(root, text, calls) {
-            let Some(k) = starts.iter().rposition(|&s| s <= call) else {
+    // Frees and copies after a prologue use the newest one before them. A
+    // check beside the call selects by type and evaluates nothing for
+    // other types, so their code stays byte for byte what it was.
+    for (calls, check) in [(FREE_CALLS, "release"), (COPY_CALLS, "copy")] {
+        for site in call_arguments(root, text, calls) {
+            let Some(k) = starts.iter().rposition(|&s| s <= site.call.start) else {
                 continue;
             };
-            let argument_text = String::from_utf8_lossy(&text[argument.clone()]).into_owned();
-            edits.push((
-                argument,
-                format!("__dynamos_{wrapper}_{k}({argument_text})"),
-            ));
+            let argument = String::from_utf8_lossy(&text[site.argument.clone()]).into_owned();
+            let call = String::from_utf8_lossy(&text[site.call.clone()]).into_owned();
+            let guard = format!("__dynamos_{check}_check_{k}({argument})");
+            // A release evaluates its argument again where the type matches.
+            let repeatable = check == "copy" || site.argument_is_plain;
+            if let (Some(statement), true) = (site.statement.clone(), repeatable) {
+                let statement_text = String::from_utf8_lossy(&text[statement.clone()]).into_owned();
+                edits.push((statement, format!("{{ {guard}; {statement_text} }}")));
+            } else if repeatable && !site.statement_macro {
+                edits.push((site.call, format!("({guard}, {call})")));
+            } else {
+                edits.push((site.argument, format!("__dynamos_released_{k}({argument})")));
+            }
         }
     }
     apply_edits(text, edits)
@@ -337,12 +345,38 @@ fn added_members_end(text: &[u8], type_name: &str) -> Option<usize> {
     None
 }
 
-/// The argument `calls` names of every such call: (call start, argument range).
-fn call_arguments(
-    root: tree_sitter::Node,
-    text: &[u8],
-    calls: &[(&str, usize)],
-) -> Vec<(usize, std::ops::Range<usize>)> {
+/// One call of [`FREE_CALLS`] or [`COPY_CALLS`].
+struct CallSite {
+    call: std::ops::Range<usize>,
+    argument: std::ops::Range<usize>,
+    /// The statement the call is, when it is one: `kfree(p);`.
+    statement: Option<std::ops::Range<usize>>,
+    /// A variable or a member or element of one: evaluating it twice is harmless.
+    argument_is_plain: bool,
+    /// A macro that expands to a statement (`kfree_rcu`).
+    statement_macro: bool,
+}
+
+/// Whether evaluating `node` has no side effects and calls nothing.
+fn is_plain(node: tree_sitter::Node) -> bool {
+    match node.kind() {
+        "identifier" | "number_literal" | "null" => true,
+        "field_expression" | "parenthesized_expression" | "cast_expression" => node
+            .child_by_field_name("argument")
+            .or_else(|| node.child_by_field_name("value"))
+            .or_else(|| node.named_child(0))
+            .is_some_and(is_plain),
+        "pointer_expression" => node.child_by_field_name("argument").is_some_and(is_plain),
+        "subscript_expression" => {
+            node.child_by_field_name("argument").is_some_and(is_plain)
+                && node.child_by_field_name("index").is_some_and(is_plain)
+        }
+        _ => false,
+    }
+}
+
+/// Every call of one of `calls`, with the argument it names.
+fn call_arguments(root: tree_sitter::Node, text: &[u8], calls: &[(&str, usize)]) -> Vec<CallSite> {
     let mut out = Vec::new();
     let mut stack = vec![root];
     while let Some(node) = stack.pop() {
@@ -351,16 +385,26 @@ fn call_arguments(
                 .child_by_field_name("function")
                 .filter(|f| f.kind() == "identifier")
                 .map(|f| members::text_of(text, f));
-            if let Some(&(_, index)) = called.and_then(|c| calls.iter().find(|(n, _)| *n == c)) {
-                if let Some(arguments) = node.child_by_field_name("arguments") {
-                    let mut cursor = arguments.walk();
-                    let argument = arguments
-                        .named_children(&mut cursor)
-                        .filter(|a| a.kind() != "comment")
-                        .nth(index);
-                    if let Some(argument) = argument {
-                        out.push((node.start_byte(), argument.byte_range()));
-                    }
+            let found = called.and_then(|c| calls.iter().find(|(n, _)| *n == c));
+            if let (Some(&(name, index)), Some(arguments)) =
+                (found, node.child_by_field_name("arguments"))
+            {
+                let mut cursor = arguments.walk();
+                let argument = arguments
+                    .named_children(&mut cursor)
+                    .filter(|a| a.kind() != "comment")
+                    .nth(index);
+                if let Some(argument) = argument {
+                    out.push(CallSite {
+                        call: node.byte_range(),
+                        argument: argument.byte_range(),
+                        statement: node
+                            .parent()
+                            .filter(|p| p.kind() == "expression_statement")
+                            .map(|p| p.byte_range()),
+                        argument_is_plain: is_plain(argument),
+                        statement_macro: name.ends_with("_rcu"),
+                    });
                 }
             }
         }
@@ -440,6 +484,20 @@ fn prologue(
             )
         })
         .collect();
+    let releases: Vec<String> = in_scope
+        .iter()
+        .map(|t| {
+            format!(
+                "{ty} *: __dynamos_release_{i}(pointer), const {ty} *: __dynamos_release_{i}(pointer)",
+                ty = t.type_name,
+                i = t.index
+            )
+        })
+        .collect();
+    out.push_str(&format!(
+        "#define __dynamos_release_check_{k}(pointer) _Generic((pointer), {}, default: (void)0)\n",
+        releases.join(", ")
+    ));
     let copies: Vec<String> = in_scope
         .iter()
         .map(|t| {
@@ -451,7 +509,7 @@ fn prologue(
         })
         .collect();
     out.push_str(&format!(
-        "#define __dynamos_copied_{k}(pointer) ({{ __auto_type __dynamos_object = (pointer); (void)_Generic(__dynamos_object, {}, default: 0); __dynamos_object; }})\n",
+        "#define __dynamos_copy_check_{k}(pointer) ((void)_Generic((pointer), {}, default: 0))\n",
         copies.join(", ")
     ));
     out.push_str(&format!(
@@ -572,12 +630,37 @@ mod tests {
         );
         assert!(!files.contains_key(Path::new("include/task.h")));
         let fork = String::from_utf8(files[Path::new("kernel/fork.c")].clone().unwrap()).unwrap();
-        assert!(fork.contains("kfree(__dynamos_released_0(t))"), "{fork}");
+        assert!(
+            fork.contains("{ __dynamos_release_check_0(t); kfree(t); }"),
+            "{fork}"
+        );
         assert!(fork.contains("#line 3\nvoid put"), "{fork}");
         assert!(
             fork.contains("struct __dynamos_shadow_0 { int newpid; };"),
             "{fork}"
         );
+    }
+
+    #[test]
+    fn frees_and_copies_get_a_check_that_other_types_compile_away() {
+        let mut files = changes(&[(
+            "kernel/x.c",
+            "struct task { int pid; int newpid; };\nvoid f(struct task *t, char *buf)\n{\n\tmemcpy(buf, t, 4);\n\tif (t)\n\t\tkfree(pop(t));\n\tkfree_rcu(t, rcu);\n\tt = kmemdup(t, 8, 0);\n}\n",
+        )]);
+        plan(&mut files, |_| {
+            Some(b"struct task { int pid; };\nvoid f(struct task *t, char *buf)\n{\n}\n".to_vec())
+        })
+        .unwrap();
+        let text = String::from_utf8(files[Path::new("kernel/x.c")].clone().unwrap()).unwrap();
+        for expected in [
+            "{ __dynamos_copy_check_0(buf); memcpy(buf, t, 4); }",
+            // A call in the argument is evaluated once, through a temporary.
+            "kfree(__dynamos_released_0(pop(t)));",
+            "{ __dynamos_release_check_0(t); kfree_rcu(t, rcu); }",
+            "t = (__dynamos_copy_check_0(t), kmemdup(t, 8, 0));",
+        ] {
+            assert!(text.contains(expected), "{expected} in {text}");
+        }
     }
 
     #[test]

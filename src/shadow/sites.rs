@@ -220,6 +220,30 @@ pub fn rewrite_accesses(
             }),
         }
     }
+    // `{ .added = 1 }`: an initializer cannot reach the shadow.
+    for line in log.lines() {
+        let Some((location, message)) = line.split_once(": error: unknown field ") else {
+            continue;
+        };
+        let Some((member, _)) = quoted(message) else {
+            continue;
+        };
+        let Some(shadow) = plan
+            .types
+            .iter()
+            .find(|t| t.member_names().iter().any(|m| m == member))
+        else {
+            continue;
+        };
+        let place = location.rsplitn(2, ':').nth(1).unwrap_or(location);
+        refusals.push(Refusal {
+            symbol: format!("{}.{member}", shadow.type_name),
+            reason: format!(
+                "added member set by an initializer at {}: set it by assignment, which can reach its shadow",
+                shown_path(place)
+            ),
+        });
+    }
     // A copy of a shadowed object: the prologue's error attribute fired
     // inside the copy macro; the last expansion note is the copy's line.
     let lines: Vec<&str> = log.lines().collect();
@@ -390,6 +414,19 @@ mod tests {
         let log = "include/linux/task.h:3:10: error: 'struct task' has no member named 'newpid'\n";
         let err = rewrite_accesses(&mut changes, &plan(), log).unwrap_err();
         assert!(err.to_string().contains("a header"), "{err}");
+    }
+
+    #[test]
+    fn refuses_an_added_member_in_an_initializer() {
+        let mut changes = BTreeMap::new();
+        let log = "/w/kernel/fork.c:30:17: error: unknown field \u{2018}newpid\u{2019} specified in initializer\n";
+        let err = rewrite_accesses(&mut changes, &plan(), log).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "struct task.newpid: added member set by an initializer at kernel/fork.c:30"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
