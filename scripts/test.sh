@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: unit tests, real kernel builds of the example
 # patches, and end-to-end runs in QEMU. The first run fetches the default
-# target and 6.1.0-53 (~230 MB of Debian packages each) into the cache.
+# target and 6.1.0-50 (~230 MB of Debian packages each) into the cache.
 #
 # Each VM test runs one single-threaded QEMU; two at a time fill two cores.
 # cargo-nextest runs tests of different files side by side (the 200-cycle

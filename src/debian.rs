@@ -111,3 +111,75 @@ pub fn candidate_version(name: &str) -> Result<Option<String>> {
         .map(|v| v.trim().to_string())
         .filter(|v| v != "(none)"))
 }
+
+/// Versions of `name` apt can download, newest first (`apt-cache madison`).
+pub fn served_versions(name: &str) -> Result<Vec<String>> {
+    let output = Command::new("apt-cache")
+        .args(["madison", name])
+        .output()
+        .context("cannot run apt-cache (is this a Debian system?)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let mut versions: Vec<String> = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split('|').map(str::trim);
+        if fields.next() != Some(name) {
+            continue;
+        }
+        if let Some(version) = fields.next().filter(|v| !v.is_empty()) {
+            if !versions.iter().any(|v| v == version) {
+                versions.push(version.to_string());
+            }
+        }
+    }
+    Ok(versions)
+}
+
+/// Names of the packages apt knows that match `pattern` (a POSIX regular
+/// expression on the name), in natural order: `6.1.0-9` before `6.1.0-10`.
+pub fn package_names(pattern: &str) -> Result<Vec<String>> {
+    let output = Command::new("apt-cache")
+        .args(["search", "--names-only", pattern])
+        .output()
+        .context("cannot run apt-cache (is this a Debian system?)")?;
+    let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect();
+    names.sort_by_key(|n| natural_key(n));
+    names.dedup();
+    Ok(names)
+}
+
+/// Runs of digits compare as numbers.
+fn natural_key(text: &str) -> Vec<(u64, String)> {
+    let mut key = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let digits = rest.len() - rest.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+        if digits > 0 {
+            key.push((rest[..digits].parse().unwrap_or(u64::MAX), String::new()));
+            rest = &rest[digits..];
+        } else {
+            let other = rest.len() - rest.trim_start_matches(|c: char| !c.is_ascii_digit()).len();
+            key.push((0, rest[..other].to_string()));
+            rest = &rest[other..];
+        }
+    }
+    key
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn natural_order_of_kernel_releases() {
+        let mut names = vec!["6.1.0-10-amd64", "6.12.117+deb13-amd64", "6.1.0-9-amd64"];
+        names.sort_by_key(|n| natural_key(n));
+        assert_eq!(
+            names,
+            ["6.1.0-9-amd64", "6.1.0-10-amd64", "6.12.117+deb13-amd64"]
+        );
+    }
+}

@@ -13,15 +13,10 @@ use std::path::{Path, PathBuf};
 /// Kernel release of the default target: Debian 12's current kernel.
 pub const DEFAULT_RELEASE: &str = "6.1.0-57-amd64";
 
-/// Debian 6.1 kernel builds this tool knows how to fetch: ABI release and
-/// the source package version that produced it.
-const DEBIAN_BUILDS: &[(&str, &str)] = &[
-    ("6.1.0-53-amd64", "6.1.187-1"),
-    ("6.1.0-54-amd64", "6.1.190-1"),
-    ("6.1.0-55-amd64", "6.1.192-1"),
-    ("6.1.0-56-amd64", "6.1.192-2"),
-    ("6.1.0-57-amd64", "6.1.192-3"),
-];
+/// The kernel series of a Debian version: `6.1.176-1` → `6.1`.
+fn source_series(version: &str) -> String {
+    version.split('.').take(2).collect::<Vec<_>>().join(".")
+}
 
 /// Identity of a Debian kernel build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,21 +28,71 @@ pub struct DebianBuild {
 }
 
 impl DebianBuild {
+    /// The Debian build of `release`, found through apt: the version of
+    /// its linux-image package, which its linux-source package must also
+    /// be served at. Remembered in the target's cache folder once found.
     pub fn by_release(release: &str) -> Result<DebianBuild> {
-        DEBIAN_BUILDS
-            .iter()
-            .find(|(r, _)| *r == release)
-            .map(|(r, v)| DebianBuild {
-                release: r.to_string(),
-                version: v.to_string(),
-            })
-            .with_context(|| {
-                let known: Vec<&str> = DEBIAN_BUILDS.iter().map(|(r, _)| *r).collect();
-                format!(
-                    "unknown target {release}: known Debian builds are {}",
-                    known.join(", ")
-                )
-            })
+        let well_formed = release.ends_with("-amd64")
+            && release.starts_with(|c: char| c.is_ascii_digit())
+            && release
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '~'));
+        if !well_formed {
+            bail!("{release:?} is not a Debian amd64 kernel release (like {DEFAULT_RELEASE})");
+        }
+        let remembered = target_dir(release).join("debian-version");
+        if let Ok(version) = fs::read_to_string(&remembered) {
+            return Ok(DebianBuild {
+                release: release.to_string(),
+                version: version.trim().to_string(),
+            });
+        }
+        let image = format!("linux-image-{release}");
+        let Some(version) = debian::served_versions(&image)?.into_iter().next() else {
+            let served: Vec<String> = debian::package_names("^linux-image-[0-9].*-amd64$")?
+                .iter()
+                .filter_map(|n| n.strip_prefix("linux-image-"))
+                // `6.12-amd64` is a metapackage: a kernel names three version parts.
+                .filter(|r| {
+                    r.split('-')
+                        .next()
+                        .is_some_and(|v| v.matches('.').count() == 2)
+                })
+                .map(str::to_string)
+                .collect();
+            bail!(
+                "unknown target {release}: apt serves no {image}; the kernels it serves are {}",
+                if served.is_empty() {
+                    "none (run `apt-get update` as root?)".to_string()
+                } else {
+                    served.join(", ")
+                }
+            );
+        };
+        let source = format!("linux-source-{}", source_series(&version));
+        let sources = debian::served_versions(&source)?;
+        if !sources.contains(&version) {
+            bail!(
+                "target {release}: apt serves {image} {version} but not {source} {version} (it serves {}), so the fix cannot be compiled for it",
+                if sources.is_empty() {
+                    "no version".to_string()
+                } else {
+                    sources.join(", ")
+                }
+            );
+        }
+        let build = DebianBuild {
+            release: release.to_string(),
+            version,
+        };
+        // Best effort: apt answers the same question next time.
+        let _ = cache::write_atomic(&remembered, format!("{}\n", build.version).as_bytes());
+        Ok(build)
+    }
+
+    /// `linux-source-6.1`: the source package of this build's series.
+    fn source_package(&self) -> String {
+        format!("linux-source-{}", source_series(&self.version))
     }
 
     /// `6.1.0-57-amd64` → `6.1.0-57`, the ABI part used in package names.
@@ -91,16 +136,14 @@ impl DebianBuild {
         let dir = cache::cache_root()
             .join("sources")
             .join(format!("linux-{}", self.version));
-        let tree = dir.join("linux-source-6.1");
+        let package = self.source_package();
+        let tree = dir.join(&package);
         cache::ensure_dir(&dir, |tmp| {
             let deb_dir = tmp.join(".debs");
             fs::create_dir_all(&deb_dir)?;
-            let debs = debian::download(
-                &[DebRef::new("linux-source-6.1", Some(&self.version))],
-                &deb_dir,
-            )?;
+            let debs = debian::download(&[DebRef::new(&package, Some(&self.version))], &deb_dir)?;
             debian::extract(&debs[0], &deb_dir)?;
-            let tarball = deb_dir.join("usr/src/linux-source-6.1.tar.xz");
+            let tarball = deb_dir.join(format!("usr/src/{package}.tar.xz"));
             let progress = crate::build::spinner(format!("unpacking {}", tarball.display()));
             let status = std::process::Command::new("tar")
                 .arg("-xf")

@@ -50,9 +50,11 @@ fn a_package_knows_its_kernel_build_and_another_build_refuses_it() {
     );
 }
 
-/// Any Debian 6.1 build is a target: `--target` fetches that build's
-/// source, config and headers, and the package goes live on that kernel,
-/// its code verified by run-pre against that build.
+/// Any Debian build apt serves is a target, found through apt rather than a
+/// table: `--target` fetches that build's source, config and headers, and
+/// the package goes live on that kernel, its code verified by run-pre
+/// against that build. 6.1.0-50 is older than any build the tool was
+/// first written for.
 #[test]
 fn a_package_for_another_debian_build_goes_live_on_that_build() {
     let keys = Keys::new();
@@ -61,12 +63,12 @@ fn a_package_for_another_debian_build_goes_live_on_that_build() {
     let out = build_with(
         &keys,
         &["proc-version-banner.diff"],
-        ["--target", "6.1.0-53-amd64"],
+        ["--target", "6.1.0-50-amd64"],
         &pkg,
     );
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
-        stdout(&out).contains("for 6.1.0-53-amd64"),
+        stdout(&out).contains("for 6.1.0-50-amd64"),
         "{}",
         stdout(&out)
     );
@@ -77,7 +79,7 @@ fn a_package_for_another_debian_build_goes_live_on_that_build() {
         &[
             "vm",
             "--kernel",
-            "6.1.0-53-amd64",
+            "6.1.0-50-amd64",
             "--package",
             &pkg_arg,
             "--",
@@ -86,8 +88,8 @@ fn a_package_for_another_debian_build_goes_live_on_that_build() {
     );
     let text = format!("{}{}", stdout(&out), stderr(&out));
     assert_eq!(out.status.code(), Some(0), "{text}");
-    assert!(text.contains("@@ running 6.1.0-53-amd64 @@"), "{text}");
-    assert!(text.contains("Debian 6.1.187-1"), "{text}");
+    assert!(text.contains("@@ running 6.1.0-50-amd64 @@"), "{text}");
+    assert!(text.contains("Debian 6.1.176-1"), "{text}");
     assert!(
         text.contains("dynamos: live update proc-version-banner applied"),
         "{text}"
@@ -96,4 +98,40 @@ fn a_package_for_another_debian_build_goes_live_on_that_build() {
         text.contains("running code verified: 1 functions"),
         "{text}"
     );
+}
+
+/// A release apt does not serve is named with the ones it does; a build
+/// whose image is still served but whose source is not says exactly that.
+#[test]
+fn a_target_apt_cannot_build_gets_a_clear_error() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("x.dynpkg");
+    for (target, expected) in [
+        (
+            "6.1.0-99-amd64",
+            vec![
+                "unknown target 6.1.0-99-amd64: apt serves no linux-image-6.1.0-99-amd64; the kernels it serves are ",
+                "6.1.0-57-amd64",
+            ],
+        ),
+        (
+            "6.1.0-48-amd64",
+            vec![
+                "target 6.1.0-48-amd64: apt serves linux-image-6.1.0-48-amd64 ",
+                " but not linux-source-6.1 ",
+                "so the fix cannot be compiled for it",
+            ],
+        ),
+        ("../57", vec!["\"../57\" is not a Debian amd64 kernel release"]),
+    ] {
+        let out = build_with(&keys, &["proc-version-banner.diff"], ["--target", target], &pkg);
+        let message = stderr(&out);
+        assert_eq!(out.status.code(), Some(1), "{message}");
+        assert_eq!(message.trim_end().lines().count(), 1, "{message}");
+        for part in expected {
+            assert!(message.contains(part), "{part} in {message}");
+        }
+        assert!(!pkg.exists());
+    }
 }

@@ -235,7 +235,7 @@ pub fn rewrite_accesses(
         else {
             continue;
         };
-        let place = location.rsplitn(2, ':').nth(1).unwrap_or(location);
+        let place = location.rsplit_once(':').map_or(location, |(p, _)| p);
         refusals.push(Refusal {
             symbol: format!("{}.{member}", shadow.type_name),
             reason: format!(

@@ -525,7 +525,7 @@ mod tests {
             ..VmOptions::default()
         };
         let err = run(&kernel).unwrap_err().to_string();
-        assert!(err.contains("unknown target"), "{err}");
+        assert!(err.contains("not a Debian amd64 kernel release"), "{err}");
         let no_time = VmOptions {
             timeout: Duration::ZERO,
             ..VmOptions::default()
