@@ -16,6 +16,8 @@
 #include <linux/kernel.h>
 #include <linux/module.h>
 #include <linux/livepatch.h>
+#include <linux/rcupdate.h>
+#include <linux/slab.h>
 #include <linux/mutex.h>
 #include <linux/elf.h>
 #include <linux/jump_label.h>
@@ -1341,6 +1343,43 @@ void dynamos_shadow_release(const void *object, unsigned int type)
 	}
 }
 
+/* A shadow whose object is freed after an RCU grace period (kfree_rcu). */
+struct shadow_release {
+	struct rcu_head rcu;
+	const void *object;
+	unsigned int type;
+};
+
+static void shadow_release_now(struct rcu_head *head)
+{
+	struct shadow_release *r = container_of(head, struct shadow_release, rcu);
+
+	dynamos_shadow_release(r->object, r->type);
+	kfree(r);
+}
+
+/*
+ * RCU readers may still read the object's added members until the grace
+ * period ends, so its shadow goes after one as well. Without memory for
+ * the deferral it goes now: those readers then read zeroes.
+ */
+void dynamos_shadow_release_rcu(const void *object, unsigned int type);
+void dynamos_shadow_release_rcu(const void *object, unsigned int type)
+{
+	struct shadow_release *r;
+
+	if (!klp_shadow_get((void *)object, shadow_types[type].id))
+		return;
+	r = kmalloc(sizeof(*r), GFP_ATOMIC | __GFP_NOWARN);
+	if (!r) {
+		dynamos_shadow_release(object, type);
+		return;
+	}
+	r->object = object;
+	r->type = type;
+	call_rcu(&r->rcu, shadow_release_now);
+}
+
 /* Read by `dynamos list`: one line per type, "live failed name". */
 static int shadows_get(char *buffer, const struct kernel_param *kp)
 {
@@ -1361,6 +1400,9 @@ MODULE_PARM_DESC(shadows, "shadows live and writes lost, per type with added mem
 static void shadows_exit(void)
 {
 	int i;
+
+	/* Deferred releases run this module's code: let them finish first. */
+	rcu_barrier();
 
 	for (i = 0; i < SHADOW_TYPES; i++) {
 		struct shadow_type *t = &shadow_types[i];

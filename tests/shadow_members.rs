@@ -214,11 +214,28 @@ fn a_moved_member_is_still_refused() {
 }
 
 #[test]
+fn a_member_of_a_local_object_is_refused() {
+    // The snapshot of refused-shadow-copy.diff, read through its own member.
+    let patch = std::fs::read_to_string(root().join("patches/refused-shadow-copy.diff")).unwrap();
+    let local = patch.replace("status, e->generation,", "status, snapshot.generation,");
+    assert_ne!(local, patch);
+    let work = tempfile::tempdir().unwrap();
+    let path = work.path().join("refused-shadow-local.diff");
+    std::fs::write(&path, local).unwrap();
+    let message = refused(path.to_str().unwrap());
+    assert!(
+        message.contains("Node.generation: added member used at fs/binfmt_misc.c:")
+            && message.contains("snapshot is a local object: nothing would free its shadow"),
+        "{message}"
+    );
+}
+
+#[test]
 fn a_copied_object_with_added_members_is_refused() {
     // A memcpy of a Node would leave the copy without the shadow.
     let message = refused("refused-shadow-copy.diff");
     assert!(
-        message.contains("Node: an object with added members is copied (memcpy, memmove or kmemdup) in entry_status at fs/binfmt_misc.c:575"),
+        message.contains("Node: an object with added members is copied (memcpy, memmove or kmemdup) in entry_status at fs/binfmt_misc.c:567"),
         "{message}"
     );
 }

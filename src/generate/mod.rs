@@ -891,12 +891,15 @@ fn render_shadows(module_name: &str, shadows: &[crate::package::ShadowType]) -> 
     shadows
         .iter()
         .map(|t| {
-            let digest = Sha256::digest(format!("dynamos:{module_name}:{}", t.type_name));
+            let digest = Sha256::digest(format!(
+                "dynamos:{module_name}:{}:{}:{}",
+                t.index, t.file, t.type_name
+            ));
             let id = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
             format!(
                 "\t{{ .name = \"{}\", .id = {id:#x}UL }}, /* {} */\n",
                 t.type_name,
-                t.members.join(" ")
+                t.members.join(" ").replace("*/", "* /")
             )
         })
         .collect()

@@ -106,27 +106,50 @@ fn items<'t>(body: Node<'t>) -> Vec<Node<'t>> {
     out
 }
 
-/// Text without comments and with runs of white space as one space.
+/// Text without comments and with runs of white space as one space;
+/// string and character literals are kept as written.
 pub(crate) fn normalized(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i..].starts_with(b"/*") {
-            i = text[i + 2..]
-                .find("*/")
-                .map_or(bytes.len(), |e| i + 2 + e + 2);
+    let mut space = false;
+    let mut chars = text.char_indices().peekable();
+    while let Some((i, c)) = chars.next() {
+        let rest = &text[i..];
+        let is_space = c.is_whitespace() || rest.starts_with("/*") || rest.starts_with("//");
+        if is_space {
+            if rest.starts_with("/*") {
+                let end = text[i + 2..]
+                    .find("*/")
+                    .map_or(text.len(), |e| i + 2 + e + 2);
+                while chars.peek().is_some_and(|&(j, _)| j < end) {
+                    chars.next();
+                }
+            } else if rest.starts_with("//") {
+                while chars.peek().is_some_and(|&(_, c)| c != '\n') {
+                    chars.next();
+                }
+            }
+            space = true;
+            continue;
+        }
+        if space && !out.is_empty() {
             out.push(' ');
-        } else if bytes[i..].starts_with(b"//") {
-            i = text[i..].find('\n').map_or(bytes.len(), |e| i + e);
-            out.push(' ');
-        } else {
-            let c = text[i..].chars().next().unwrap_or(' ');
-            out.push(c);
-            i += c.len_utf8();
+        }
+        space = false;
+        out.push(c);
+        if c == '"' || c == '\'' {
+            while let Some((_, d)) = chars.next() {
+                out.push(d);
+                if d == '\\' {
+                    if let Some((_, escaped)) = chars.next() {
+                        out.push(escaped);
+                    }
+                } else if d == c || d == '\n' {
+                    break;
+                }
+            }
         }
     }
-    out.split_whitespace().collect::<Vec<_>>().join(" ")
+    out
 }
 
 /// Names a member declaration declares; empty for an anonymous member.
@@ -262,6 +285,17 @@ mod tests {
             found[0].members[0].names,
             vec!["newpid".to_string(), "other".to_string()]
         );
+    }
+
+    #[test]
+    fn normalizing_keeps_string_literals() {
+        assert_eq!(normalized("a  /* x */ b // y\n c"), "a b c");
+        assert_eq!(
+            normalized("s = \"http://x/a  b\"; // c"),
+            "s = \"http://x/a  b\";"
+        );
+        assert_ne!(normalized("\"http://x/a\""), normalized("\"http://x/b\""));
+        assert_eq!(normalized("'\\''  x"), "'\\'' x");
     }
 
     #[test]

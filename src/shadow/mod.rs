@@ -52,7 +52,10 @@ pub(crate) const COPY_ERROR: &str = "dynamos-shadow-copy:";
 pub fn is_runtime_symbol(name: &str) -> bool {
     matches!(
         name,
-        "dynamos_shadow_get" | "dynamos_shadow_peek" | "dynamos_shadow_release"
+        "dynamos_shadow_get"
+            | "dynamos_shadow_peek"
+            | "dynamos_shadow_release"
+            | "dynamos_shadow_release_rcu"
     )
 }
 
@@ -101,14 +104,39 @@ impl ShadowPlan {
 
     /// The type an access diagnostic names (`struct task_struct`, `Node`)
     /// with that member.
-    fn type_for(&self, type_text: &str, member: &str) -> Option<&ShadowType> {
+    /// A type defined in `file` itself comes first: two files may each
+    /// have a `struct priv` of their own.
+    fn type_for(&self, type_text: &str, member: &str, file: Option<&Path>) -> Option<&ShadowType> {
         let wanted = type_text
             .trim_start_matches("const ")
             .trim_start_matches("volatile ")
             .trim();
-        self.types
+        let all: Vec<&ShadowType> = self
+            .types
             .iter()
-            .find(|t| t.type_name == wanted && t.member_names().iter().any(|m| m == member))
+            .filter(|t| t.type_name == wanted && t.member_names().iter().any(|m| m == member))
+            .collect();
+        all.iter()
+            .find(|t| file.is_some_and(|f| Path::new(&t.file) == f))
+            .or_else(|| all.iter().find(|t| t.in_header()))
+            .copied()
+    }
+
+    /// Whether an added member is an array or a struct or union held by
+    /// value: a read of it can yield a pointer into the shadow, so every
+    /// access goes through the writable shadow.
+    pub(crate) fn is_aggregate(&self, index: usize, member: &str) -> bool {
+        let Some(t) = self.types.get(index) else {
+            return true;
+        };
+        t.members.iter().any(|declaration| {
+            let names = members_of_declaration(declaration).unwrap_or_default();
+            let start = declaration.trim_start();
+            names.iter().any(|n| n == member)
+                && (declaration.contains('[')
+                    || ((start.starts_with("struct ") || start.starts_with("union "))
+                        && !declaration.contains('*')))
+        })
     }
 
     /// Caveats for the build's notes: what objects from before the update
@@ -213,6 +241,7 @@ pub fn plan(
         return Ok(plan);
     }
     let paths: Vec<PathBuf> = changes.keys().cloned().collect();
+    let mut next_point = 0;
     for path in paths {
         if path.extension().is_none_or(|e| e != "c") {
             continue;
@@ -220,7 +249,7 @@ pub fn plan(
         let Some(Some(text)) = changes.get(&path) else {
             continue;
         };
-        let prepared = prepare_file(&path, text, &plan);
+        let prepared = prepare_file(&path, text, &plan, &mut next_point);
         changes.insert(path, Some(prepared));
     }
     Ok(plan)
@@ -253,7 +282,7 @@ fn first_function_after(root: tree_sitter::Node, after: usize) -> Option<usize> 
 
 /// Insert the shadow declarations before the first function that can use
 /// each type, and route every free in reach through the release macro.
-fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan) -> Vec<u8> {
+fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan, next_point: &mut usize) -> Vec<u8> {
     let Some(tree) = members::parse(text) else {
         return text.to_vec();
     };
@@ -263,6 +292,11 @@ fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan) -> Vec<u8> {
     let mut points: BTreeMap<usize, Vec<&ShadowType>> = BTreeMap::new();
     for shadow in &plan.types {
         let after = if shadow.in_header() {
+            // A file that never names the type cannot use it (nor may it
+            // see the declarations of its added members).
+            if !mentions(text, &shadow.type_name) {
+                continue;
+            }
             0
         } else if shadow.file == file {
             // The definition's end in this (stripped) text.
@@ -284,9 +318,12 @@ fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan) -> Vec<u8> {
     let mut edits: Vec<(std::ops::Range<usize>, String)> = Vec::new();
     let mut in_scope: Vec<&ShadowType> = Vec::new();
     let starts: Vec<usize> = points.keys().copied().collect();
-    for (k, (at, types)) in points.iter().enumerate() {
+    // Names unique across the package's files: one unit may #include another.
+    let first = *next_point;
+    *next_point += points.len();
+    for (n, (at, types)) in points.iter().enumerate() {
         in_scope.extend(types.iter().copied());
-        edits.push((*at..*at, prologue(text, *at, k, types, &in_scope)));
+        edits.push((*at..*at, prologue(text, *at, first + n, types, &in_scope)));
     }
     // Frees and copies after a prologue use the newest one before them. A
     // check beside the call selects by type and evaluates nothing for
@@ -296,11 +333,23 @@ fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan) -> Vec<u8> {
             let Some(k) = starts.iter().rposition(|&s| s <= site.call.start) else {
                 continue;
             };
+            let k = first + k;
+            // kfree_rcu: RCU readers may still read the object; its shadow
+            // goes after a grace period too.
+            let check = if site.statement_macro && check == "release" {
+                "release_rcu"
+            } else {
+                check
+            };
             let argument = String::from_utf8_lossy(&text[site.argument.clone()]).into_owned();
             let call = String::from_utf8_lossy(&text[site.call.clone()]).into_owned();
             let guard = format!("__dynamos_{check}_check_{k}({argument})");
             // A release evaluates its argument again where the type matches.
             let repeatable = check == "copy" || site.argument_is_plain;
+            if !repeatable && site.statement_macro {
+                // Left to the author: DYNAMOS_SHADOW_FREE before it.
+                continue;
+            }
             if let (Some(statement), true) = (site.statement.clone(), repeatable) {
                 let statement_text = String::from_utf8_lossy(&text[statement.clone()]).into_owned();
                 edits.push((statement, format!("{{ {guard}; {statement_text} }}")));
@@ -312,6 +361,17 @@ fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan) -> Vec<u8> {
         }
     }
     apply_edits(text, edits)
+}
+
+/// Whether `text` names the type: its tag or typedef name as a word.
+fn mentions(text: &[u8], type_name: &str) -> bool {
+    let name = type_name.rsplit(' ').next().unwrap_or(type_name).as_bytes();
+    let is_word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    text.windows(name.len()).enumerate().any(|(i, w)| {
+        w == name
+            && (i == 0 || !is_word(text[i - 1]))
+            && text.get(i + name.len()).is_none_or(|&b| !is_word(b))
+    })
 }
 
 /// End of the definition of `type_name` in `text`, however its members read.
@@ -458,66 +518,62 @@ fn prologue(
         "/* dynamos-build: the update's added members live in shadow data (docs/shadow-members.md). */\n\
          void *dynamos_shadow_get(const void *object, unsigned int type, unsigned long size);\n\
          const void *dynamos_shadow_peek(const void *object, unsigned int type);\n\
-         void dynamos_shadow_release(const void *object, unsigned int type);\n",
+         void dynamos_shadow_release(const void *object, unsigned int type);\n\
+         void dynamos_shadow_release_rcu(const void *object, unsigned int type);\n",
     );
+    let record = |i: usize| {
+        format!(
+            "asm volatile(\".Ldynamos_release_%=:\\n\\t.pushsection {RELEASE_SECTION},\\\"\\\",@progbits\\n\\t.quad .Ldynamos_release_%=\\n\\t.quad {i}\\n\\t.popsection\" ::)"
+        )
+    };
     for t in types {
         let tag = t.struct_tag();
         let i = t.index;
+        // A file that #includes another prepared file sees this twice.
         out.push_str(&format!(
-            "struct {tag} {{ {members} }}; /* {name} */\n\
+            "#ifndef __DYNAMOS_SHADOW_{i}\n\
+             #define __DYNAMOS_SHADOW_{i}\n\
+             struct {tag} {{ {members} }};\n\
              _Static_assert(sizeof(struct {tag}) <= {MAX_SHADOW_SIZE}, \"dynamos: the members added to {name} take more than {MAX_SHADOW_SIZE} bytes\");\n\
              #define __dynamos_shadow_w_{i}(object) ((struct {tag} *)dynamos_shadow_get((object), {i}, sizeof(struct {tag})))\n\
              #define __dynamos_shadow_r_{i}(object) ((const struct {tag} *)dynamos_shadow_peek((object), {i}))\n\
              extern int __dynamos_copy_{i}(void) __attribute__((error(\"{COPY_ERROR} {name}\")));\n\
-             #define __dynamos_release_{i}(object) ({{ asm volatile(\".Ldynamos_release_%=:\\n\\t.pushsection {RELEASE_SECTION},\\\"\\\",@progbits\\n\\t.quad .Ldynamos_release_%=\\n\\t.quad {i}\\n\\t.popsection\" ::); dynamos_shadow_release((object), {i}); }})\n",
+             #define __dynamos_release_{i}(object) ({{ {record}; dynamos_shadow_release((object), {i}); }})\n\
+             #define __dynamos_release_rcu_{i}(object) ({{ {record}; dynamos_shadow_release_rcu((object), {i}); }})\n\
+             #endif\n",
             members = t.members.join(" "),
             name = t.type_name,
+            record = record(i),
         ));
     }
-    let associations: Vec<String> = in_scope
-        .iter()
-        .map(|t| {
-            format!(
-                "{ty} *: __dynamos_release_{i}(__dynamos_object), const {ty} *: __dynamos_release_{i}(__dynamos_object)",
-                ty = t.type_name,
-                i = t.index
-            )
-        })
-        .collect();
-    let releases: Vec<String> = in_scope
-        .iter()
-        .map(|t| {
-            format!(
-                "{ty} *: __dynamos_release_{i}(pointer), const {ty} *: __dynamos_release_{i}(pointer)",
-                ty = t.type_name,
-                i = t.index
-            )
-        })
-        .collect();
+    let select = |what: &str, argument: &str| -> String {
+        in_scope
+            .iter()
+            .map(|t| {
+                let i = t.index;
+                let ty = &t.type_name;
+                let call = if what == "copy" {
+                    format!("__dynamos_copy_{i}()")
+                } else {
+                    format!("__dynamos_{what}_{i}({argument})")
+                };
+                format!("{ty} *: {call}, const {ty} *: {call}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     out.push_str(&format!(
-        "#define __dynamos_release_check_{k}(pointer) _Generic((pointer), {}, default: (void)0)\n",
-        releases.join(", ")
-    ));
-    let copies: Vec<String> = in_scope
-        .iter()
-        .map(|t| {
-            format!(
-                "{ty} *: __dynamos_copy_{i}(), const {ty} *: __dynamos_copy_{i}()",
-                ty = t.type_name,
-                i = t.index
-            )
-        })
-        .collect();
-    out.push_str(&format!(
-        "#define __dynamos_copy_check_{k}(pointer) ((void)_Generic((pointer), {}, default: 0))\n",
-        copies.join(", ")
-    ));
-    out.push_str(&format!(
-        "#define __dynamos_released_{k}(pointer) ({{ __auto_type __dynamos_object = (pointer); _Generic(__dynamos_object, {}, default: (void)0); __dynamos_object; }})\n\
+        "#define __dynamos_release_check_{k}(pointer) _Generic((pointer), {}, default: (void)0)\n\
+         #define __dynamos_release_rcu_check_{k}(pointer) _Generic((pointer), {}, default: (void)0)\n\
+         #define __dynamos_copy_check_{k}(pointer) ((void)_Generic((pointer), {}, default: 0))\n\
+         #define __dynamos_released_{k}(pointer) ({{ __auto_type __dynamos_object = (pointer); _Generic(__dynamos_object, {}, default: (void)0); __dynamos_object; }})\n\
          #undef DYNAMOS_SHADOW_FREE\n\
          #define DYNAMOS_SHADOW_FREE(object) ((void)__dynamos_released_{k}(object))\n\
          #line {line}\n",
-        associations.join(", ")
+        select("release", "pointer"),
+        select("release_rcu", "pointer"),
+        select("copy", "pointer"),
+        select("release", "__dynamos_object"),
     ));
     out
 }
@@ -656,7 +712,7 @@ mod tests {
             "{ __dynamos_copy_check_0(buf); memcpy(buf, t, 4); }",
             // A call in the argument is evaluated once, through a temporary.
             "kfree(__dynamos_released_0(pop(t)));",
-            "{ __dynamos_release_check_0(t); kfree_rcu(t, rcu); }",
+            "{ __dynamos_release_rcu_check_0(t); kfree_rcu(t, rcu); }",
             "t = (__dynamos_copy_check_0(t), kmemdup(t, 8, 0));",
         ] {
             assert!(text.contains(expected), "{expected} in {text}");

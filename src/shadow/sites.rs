@@ -18,6 +18,8 @@ pub struct MissingMember {
     /// As the compiler counts: tabs to the next multiple of 8, from 1.
     pub column: usize,
     pub type_text: String,
+    /// What a typedef names, as the compiler adds it.
+    pub aka: Option<String>,
     pub member: String,
 }
 
@@ -42,9 +44,14 @@ pub fn missing_members(log: &str) -> Vec<MissingMember> {
         let Some((before, after)) = message.split_once(" has no member named ") else {
             continue;
         };
-        let (Some((type_text, _)), Some((member, _))) = (quoted(before), quoted(after)) else {
+        let (Some((type_text, rest)), Some((member, _))) = (quoted(before), quoted(after)) else {
             continue;
         };
+        // `'foo_t' {aka 'struct foo'}`: the typedef and what it names.
+        let aka = rest
+            .split_once("aka ")
+            .and_then(|(_, a)| quoted(a))
+            .map(|(a, _)| a.to_string());
         let mut parts = location.rsplitn(3, ':');
         let (Some(column), Some(number), Some(path)) = (parts.next(), parts.next(), parts.next())
         else {
@@ -58,6 +65,7 @@ pub fn missing_members(log: &str) -> Vec<MissingMember> {
             line: number,
             column,
             type_text: type_text.to_string(),
+            aka,
             member: member.to_string(),
         });
     }
@@ -150,18 +158,17 @@ fn is_written(mut node: Node) -> bool {
     }
 }
 
-/// The member access a diagnostic points at: the field expression whose
-/// operator starts at `at`, or the only one on that line naming `member`.
-fn access_at<'t>(root: Node<'t>, text: &[u8], at: usize, member: &str) -> Option<Node<'t>> {
-    let mut candidates = Vec::new();
-    let line_start = text[..at]
-        .iter()
-        .rposition(|&b| b == b'\n')
-        .map_or(0, |p| p + 1);
-    let line_end = text[at..]
+/// The member accesses naming `member` on the line the compiler numbers
+/// `line`.
+fn accesses_on_line<'t>(root: Node<'t>, text: &[u8], line: usize, member: &str) -> Vec<Node<'t>> {
+    let Some(line_start) = line_start(text, line) else {
+        return Vec::new();
+    };
+    let line_end = text[line_start..]
         .iter()
         .position(|&b| b == b'\n')
-        .map_or(text.len(), |e| at + e);
+        .map_or(text.len(), |e| line_start + e);
+    let mut found = Vec::new();
     let mut stack = vec![root];
     while let Some(node) = stack.pop() {
         if node.end_byte() < line_start || node.start_byte() > line_end {
@@ -169,20 +176,49 @@ fn access_at<'t>(root: Node<'t>, text: &[u8], at: usize, member: &str) -> Option
         }
         if node.kind() == "field_expression" {
             let field = node.child_by_field_name("field");
-            let operator = node.child_by_field_name("operator");
-            if field.is_some_and(|f| members::text_of(text, f) == member) {
-                if operator.is_some_and(|o| o.start_byte() == at) {
-                    return Some(node);
-                }
-                if field.is_some_and(|f| f.start_byte() >= line_start && f.end_byte() <= line_end) {
-                    candidates.push(node);
-                }
+            if field.is_some_and(|f| {
+                members::text_of(text, f) == member
+                    && f.start_byte() >= line_start
+                    && f.end_byte() <= line_end
+            }) {
+                found.push(node);
             }
         }
         let mut cursor = node.walk();
         stack.extend(node.children(&mut cursor));
     }
-    (candidates.len() == 1).then(|| candidates[0])
+    found.sort_by_key(|n| n.start_byte());
+    found
+}
+
+/// The accesses a line's diagnostics name: all of the line's accesses to
+/// the member when the compiler reported as many; else the one at each
+/// reported column (the operator's, or the member's when gcc suggests
+/// another). Columns after a `#line` are not to be trusted: gcc measures
+/// them on the physical line of that number.
+fn reported_accesses<'t>(
+    root: Node<'t>,
+    text: &[u8],
+    line: usize,
+    member: &str,
+    columns: &[usize],
+) -> Option<Vec<Node<'t>>> {
+    let on_line = accesses_on_line(root, text, line, member);
+    if on_line.len() == columns.len() {
+        return Some(on_line);
+    }
+    columns
+        .iter()
+        .map(|&column| {
+            let at = offset_of(text, line, column)?;
+            on_line.iter().copied().find(|n| {
+                n.child_by_field_name("operator")
+                    .is_some_and(|o| o.start_byte() == at)
+                    || n.child_by_field_name("field")
+                        .is_some_and(|f| f.start_byte() == at)
+            })
+        })
+        .collect()
 }
 
 /// Rewrite the accesses to added members the compiler reported in `log`.
@@ -196,7 +232,12 @@ pub fn rewrite_accesses(
     let mut by_file: BTreeMap<PathBuf, Vec<(MissingMember, usize)>> = BTreeMap::new();
     let mut refusals = Vec::new();
     for missing in missing_members(log) {
-        let Some(shadow) = plan.type_for(&missing.type_text, &missing.member) else {
+        let file = changed_file(&missing.path, changes.keys());
+        let shadow = [Some(&missing.type_text), missing.aka.as_ref()]
+            .into_iter()
+            .flatten()
+            .find_map(|t| plan.type_for(t, &missing.member, file.as_deref()));
+        let Some(shadow) = shadow else {
             continue;
         };
         let place = format!("{}:{}", shown_path(&missing.path), missing.line);
@@ -209,7 +250,7 @@ pub fn rewrite_accesses(
             });
             continue;
         }
-        match changed_file(&missing.path, changes.keys()) {
+        match file {
             Some(file) => by_file
                 .entry(file)
                 .or_default()
@@ -278,7 +319,7 @@ pub fn rewrite_accesses(
             ),
         });
     }
-    let mut rewritten = false;
+    let mut rewritten = writes_through_read_accessors(changes, log);
     for (file, sites) in by_file {
         let Some(Some(text)) = changes.get(&file) else {
             continue;
@@ -287,22 +328,38 @@ pub fn rewrite_accesses(
             continue;
         };
         let mut edits = Vec::new();
+        // The diagnostics of one line and member, together.
+        let mut groups: BTreeMap<(usize, String), Vec<(&MissingMember, usize)>> = BTreeMap::new();
         for (site, index) in &sites {
-            let access = offset_of(text, site.line, site.column)
-                .and_then(|at| access_at(tree.root_node(), text, at, &site.member));
-            let Some(access) = access else {
+            groups
+                .entry((site.line, site.member.clone()))
+                .or_default()
+                .push((site, *index));
+        }
+        for ((line, member), group) in groups {
+            let (first, index) = group[0];
+            let columns: Vec<usize> = group.iter().map(|(s, _)| s.column).collect();
+            let Some(accesses) = reported_accesses(tree.root_node(), text, line, &member, &columns)
+            else {
                 refusals.push(Refusal {
-                    symbol: format!("{}.{}", site.type_text, site.member),
+                    symbol: format!("{}.{member}", first.type_text),
                     reason: format!(
-                        "added member used at {}:{}:{} in a form that cannot be rewritten to its shadow (inside a macro?)",
+                        "added member used at {}:{line} in a form that cannot be rewritten to its shadow (inside a macro?)",
                         file.display(),
-                        site.line,
-                        site.column
                     ),
                 });
                 continue;
             };
-            edits.push(shadow_access(text, access, *index));
+            let always_write = plan.is_aggregate(index, &member);
+            for access in accesses {
+                match shadow_access(text, access, index, always_write) {
+                    Ok(edit) => edits.push(edit),
+                    Err(reason) => refusals.push(Refusal {
+                        symbol: format!("{}.{member}", first.type_text),
+                        reason: format!("added member used at {}:{line}: {reason}", file.display()),
+                    }),
+                }
+            }
         }
         if !edits.is_empty() {
             let new_text = apply_edits(text, edits);
@@ -316,12 +373,75 @@ pub fn rewrite_accesses(
     Ok(rewritten)
 }
 
+/// An access judged a read that code writes through (`WRITE_ONCE(p->m, v)`,
+/// a macro's assignment): the read accessor is `const`, so the compiler
+/// reports a read-only location on that line. Every read accessor on it
+/// becomes a write accessor. Whether any did.
+fn writes_through_read_accessors(
+    changes: &mut BTreeMap<PathBuf, Option<Vec<u8>>>,
+    log: &str,
+) -> bool {
+    let mut changed = false;
+    for line in log.lines() {
+        let Some((location, message)) = line.split_once(": error: ") else {
+            continue;
+        };
+        if !message.contains("read-only") {
+            continue;
+        }
+        let mut parts = location.rsplitn(3, ':');
+        let (Some(_), Some(number), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let Ok(number) = number.parse::<usize>() else {
+            continue;
+        };
+        let Some(file) = changed_file(path, changes.keys()) else {
+            continue;
+        };
+        let Some(Some(text)) = changes.get_mut(&file) else {
+            continue;
+        };
+        let Some(start) = line_start(text, number) else {
+            continue;
+        };
+        let end = text[start..]
+            .iter()
+            .position(|&b| b == b'\n')
+            .map_or(text.len(), |e| start + e);
+        let old = String::from_utf8_lossy(&text[start..end]).into_owned();
+        let new = old.replace("__dynamos_shadow_r_", "__dynamos_shadow_w_");
+        if new != old {
+            text.splice(start..end, new.into_bytes());
+            changed = true;
+        }
+    }
+    changed
+}
+
 /// `p->m` → `__dynamos_shadow_r_0(p)->m`, `o.m` → `__dynamos_shadow_w_0(&(o))->m`.
-fn shadow_access(text: &[u8], access: Node, index: usize) -> (std::ops::Range<usize>, String) {
+/// Refused: a member of an object on the stack, whose shadow nothing frees.
+fn shadow_access(
+    text: &[u8],
+    access: Node,
+    index: usize,
+    always_write: bool,
+) -> Result<(std::ops::Range<usize>, String), String> {
     let argument = access.child_by_field_name("argument").unwrap_or(access);
     let operator = access.child_by_field_name("operator");
     let through_pointer = operator.is_some_and(|o| o.kind() == "->");
-    let side = if is_written(access) { 'w' } else { 'r' };
+    if !through_pointer {
+        if let Some(local) = local_object(text, argument) {
+            return Err(format!(
+                "{local} is a local object: nothing would free its shadow when the function returns"
+            ));
+        }
+    }
+    let side = if always_write || is_written(access) {
+        'w'
+    } else {
+        'r'
+    };
     let object = members::text_of(text, argument);
     let object = if through_pointer {
         object.to_string()
@@ -329,10 +449,75 @@ fn shadow_access(text: &[u8], access: Node, index: usize) -> (std::ops::Range<us
         format!("&({object})")
     };
     let end = operator.map_or(argument.end_byte(), |o| o.end_byte());
-    (
+    Ok((
         argument.start_byte()..end,
         format!("__dynamos_shadow_{side}_{index}({object})->"),
-    )
+    ))
+}
+
+/// The variable an object expression names (`o`, `arr[i]`, `(o)`, `o.inner`)
+/// when the enclosing function declares it, as a parameter or a local.
+fn local_object(text: &[u8], mut object: Node) -> Option<String> {
+    loop {
+        match object.kind() {
+            "identifier" => break,
+            "parenthesized_expression" => object = object.named_child(0)?,
+            "subscript_expression" => object = object.child_by_field_name("argument")?,
+            "field_expression"
+                if object
+                    .child_by_field_name("operator")
+                    .is_some_and(|o| o.kind() == ".") =>
+            {
+                object = object.child_by_field_name("argument")?
+            }
+            _ => return None,
+        }
+    }
+    let name = members::text_of(text, object);
+    let mut function = object.parent();
+    while let Some(f) = function {
+        if f.kind() == "function_definition" {
+            break;
+        }
+        function = f.parent();
+    }
+    let function = function?;
+    let mut stack = vec![function];
+    while let Some(node) = stack.pop() {
+        if matches!(node.kind(), "parameter_declaration" | "declaration") {
+            let mut cursor = node.walk();
+            let mut declarators: Vec<Node> = node
+                .children_by_field_name("declarator", &mut cursor)
+                .collect();
+            while let Some(d) = declarators.pop() {
+                match d.kind() {
+                    "identifier" if members::text_of(text, d) == name => {
+                        // `static` locals live as long as globals.
+                        let is_static = {
+                            let mut c = node.walk();
+                            let found = node.children(&mut c).any(|n| {
+                                n.kind() == "storage_class_specifier"
+                                    && members::text_of(text, n) == "static"
+                            });
+                            found
+                        };
+                        return (!is_static).then(|| name.to_string());
+                    }
+                    "identifier" => {}
+                    // `*p` is a pointer: its target is not on the stack.
+                    "pointer_declarator" => {}
+                    _ => {
+                        if let Some(inner) = d.child_by_field_name("declarator") {
+                            declarators.push(inner);
+                        }
+                    }
+                }
+            }
+        }
+        let mut cursor = node.walk();
+        stack.extend(node.children(&mut cursor));
+    }
+    None
 }
 
 /// A compiler path shown relative to the tree where it can be.
@@ -379,7 +564,7 @@ mod tests {
 
     #[test]
     fn rewrites_reads_and_writes() {
-        let source = "int f(struct task *p, struct task t)\n{\n\tp->newpid = 1;\n\treturn p->newpid + t.newpid + p->pid;\n}\n";
+        let source = "int f(struct task *p, struct task *q)\n{\n\tp->newpid = 1;\n\treturn p->newpid + (*q).newpid + p->pid;\n}\n";
         let mut changes: BTreeMap<PathBuf, Option<Vec<u8>>> = [(
             PathBuf::from("kernel/fork.c"),
             Some(source.as_bytes().to_vec()),
@@ -387,7 +572,7 @@ mod tests {
         .into();
         let log = "/tmp/x/kernel/fork.c:3:10: error: 'struct task' has no member named 'newpid'\n\
                    /tmp/x/kernel/fork.c:4:17: error: 'struct task' has no member named 'newpid'\n\
-                   /tmp/x/kernel/fork.c:4:29: error: 'struct task' has no member named 'newpid'\n";
+                   /tmp/x/kernel/fork.c:4:32: error: 'struct task' has no member named 'newpid'\n";
         assert!(rewrite_accesses(&mut changes, &plan(), log).unwrap());
         let text = String::from_utf8(changes[Path::new("kernel/fork.c")].clone().unwrap()).unwrap();
         assert!(
@@ -395,7 +580,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("return __dynamos_shadow_r_0(p)->newpid + __dynamos_shadow_r_0(&(t))->newpid + p->pid;"),
+            text.contains("return __dynamos_shadow_r_0(p)->newpid + __dynamos_shadow_r_0(&((*q)))->newpid + p->pid;"),
             "{text}"
         );
     }
@@ -406,6 +591,37 @@ mod tests {
         assert_eq!(line_start(text, 2), Some(16));
         assert_eq!(line_start(text, 3), Some(18));
         assert_eq!(line_start(text, 1), Some(0));
+    }
+
+    #[test]
+    fn refuses_a_member_of_a_local_object() {
+        let source = "void g(void)\n{\n\tstruct task t;\n\tt.newpid = 1;\n}\n";
+        let mut changes: BTreeMap<PathBuf, Option<Vec<u8>>> = [(
+            PathBuf::from("kernel/fork.c"),
+            Some(source.as_bytes().to_vec()),
+        )]
+        .into();
+        let log = "kernel/fork.c:4:10: error: 'struct task' has no member named 'newpid'\n";
+        let err = rewrite_accesses(&mut changes, &plan(), log).unwrap_err();
+        assert!(err.to_string().contains("t is a local object"), "{err}");
+    }
+
+    #[test]
+    fn a_read_written_through_becomes_a_write() {
+        let source =
+            "void g(struct task *p)\n{\n\tWRITE_ONCE(__dynamos_shadow_r_0(p)->newpid, 1);\n}\n";
+        let mut changes: BTreeMap<PathBuf, Option<Vec<u8>>> = [(
+            PathBuf::from("kernel/fork.c"),
+            Some(source.as_bytes().to_vec()),
+        )]
+        .into();
+        let log = "kernel/fork.c:3:2: error: assignment of read-only location '*(volatile int *)&__dynamos_shadow_r_0(p)->newpid'\n";
+        assert!(rewrite_accesses(&mut changes, &plan(), log).unwrap());
+        let text = String::from_utf8(changes[Path::new("kernel/fork.c")].clone().unwrap()).unwrap();
+        assert!(
+            text.contains("WRITE_ONCE(__dynamos_shadow_w_0(p)->newpid, 1);"),
+            "{text}"
+        );
     }
 
     #[test]
