@@ -130,6 +130,24 @@ pub struct AppliedRecord {
     pub restarted: Vec<kthreads::RestartedThread>,
 }
 
+#[cfg(test)]
+impl AppliedRecord {
+    /// The record of `manifest` applied, named `name` (`dynamos_<name>`).
+    pub(crate) fn for_test(mut manifest: Manifest, name: &str) -> AppliedRecord {
+        manifest.name = name.into();
+        manifest.module_name = format!("dynamos_{name}");
+        AppliedRecord {
+            manifest,
+            key_id: "00".into(),
+            module_sha256: "00".into(),
+            sympos: vec![],
+            applied_at_ns: 1,
+            falls_back_to: Vec::new(),
+            restarted: Vec::new(),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Kernel interfaces
 // ---------------------------------------------------------------------------

@@ -70,8 +70,6 @@ mod tests {
 
     fn record(name: &str, shadowed: bool) -> AppliedRecord {
         let mut manifest = crate::apply::resolve::tests::manifest();
-        manifest.name = name.into();
-        manifest.module_name = format!("dynamos_{name}");
         if shadowed {
             manifest.shadows = vec![ShadowType {
                 index: 0,
@@ -81,15 +79,7 @@ mod tests {
                 release_points: vec!["free_task".into()],
             }];
         }
-        AppliedRecord {
-            manifest,
-            key_id: "00".into(),
-            module_sha256: "00".into(),
-            sympos: vec![],
-            applied_at_ns: 1,
-            falls_back_to: Vec::new(),
-            restarted: Vec::new(),
-        }
+        AppliedRecord::for_test(manifest, name)
     }
 
     #[test]

@@ -247,18 +247,7 @@ mod tests {
     }
 
     fn record(name: &str) -> AppliedRecord {
-        let mut m = manifest();
-        m.name = name.into();
-        m.module_name = format!("dynamos_{name}");
-        AppliedRecord {
-            manifest: m,
-            key_id: "00".into(),
-            module_sha256: "00".into(),
-            sympos: vec![],
-            applied_at_ns: 1,
-            falls_back_to: Vec::new(),
-            restarted: Vec::new(),
-        }
+        AppliedRecord::for_test(manifest(), name)
     }
 
     #[test]
