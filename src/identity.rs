@@ -8,31 +8,20 @@ use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-/// ELF note type of a GNU build-id.
-const NT_GNU_BUILD_ID: u32 = 3;
-
 /// The GNU build-id in a sequence of ELF notes (a `.notes` section, or
-/// /sys/kernel/notes), as lowercase hex.
+/// /sys/kernel/notes), as lowercase hex; None for notes that do not parse.
 pub fn gnu_build_id(notes: &[u8]) -> Option<String> {
-    let mut at = 0usize;
-    let word = |i: usize| -> Option<u32> {
-        notes
-            .get(i..i + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().unwrap()))
-    };
-    while at + 12 <= notes.len() {
-        let name_size = word(at)? as usize;
-        let desc_size = word(at + 4)? as usize;
-        let kind = word(at + 8)?;
-        let name_start = at + 12;
-        let desc_start = name_start.checked_add(name_size.div_ceil(4) * 4)?;
-        let desc_end = desc_start.checked_add(desc_size)?;
-        let name = notes.get(name_start..name_start + name_size)?;
-        let desc = notes.get(desc_start..desc_end)?;
-        if kind == NT_GNU_BUILD_ID && name == b"GNU\0" {
-            return Some(hex::encode(desc));
+    use object::elf::FileHeader64;
+    use object::read::elf::NoteIterator;
+    let endian = object::LittleEndian;
+    let mut iter =
+        NoteIterator::<FileHeader64<object::LittleEndian>>::new(endian, 4, notes).ok()?;
+    while let Ok(Some(note)) = iter.next() {
+        if note.n_type(endian) == object::elf::NT_GNU_BUILD_ID
+            && note.name() == object::elf::ELF_NOTE_GNU
+        {
+            return Some(hex::encode(note.desc()));
         }
-        at = desc_start.checked_add(desc_size.div_ceil(4) * 4)?;
     }
     None
 }

@@ -3,6 +3,7 @@
 //! module area, the direct map) to file offsets.
 
 use anyhow::{bail, Context, Result};
+use object::read::elf::FileHeader as _;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -25,9 +26,8 @@ pub struct Kcore {
     segments: Vec<Segment>,
 }
 
-const PT_LOAD: u32 = 1;
-const EHDR_LEN: usize = 64;
-const PHDR_LEN: usize = 56;
+/// Most of the file's start read for its program headers: 18,000 segments.
+const MAX_HEADERS: u64 = 1 << 20;
 
 impl Kcore {
     pub fn open(path: &Path) -> Result<Kcore> {
@@ -37,46 +37,59 @@ impl Kcore {
                 path.display()
             )
         })?;
-        let mut header = [0u8; EHDR_LEN];
-        file.read_exact_at(&mut header, 0)
-            .with_context(|| format!("cannot read {}", path.display()))?;
-        let segments = parse_segments(&header, |offset, buf| file.read_exact_at(buf, offset))
-            .with_context(|| format!("{} is not a 64-bit ELF core file", path.display()))?;
+        let read = |len: u64| -> Result<Vec<u8>> {
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, 0)
+                .with_context(|| format!("cannot read {}", path.display()))?;
+            Ok(buf)
+        };
+        let not_core = || format!("{} is not a 64-bit ELF core file", path.display());
+        // The header says how far the program headers reach.
+        let header = read(64)?;
+        let end = headers_end(&header).with_context(not_core)?;
+        if end > MAX_HEADERS {
+            bail!("{}: program headers end at {end} bytes", not_core());
+        }
+        let segments = parse_segments(&read(end)?).with_context(not_core)?;
         Ok(Kcore { file, segments })
     }
 }
 
-/// The PT_LOAD segments of a little-endian ELF64 core file, given its ELF
-/// header and a way to read the program headers.
-fn parse_segments(
-    header: &[u8; EHDR_LEN],
-    read_at: impl Fn(u64, &mut [u8]) -> std::io::Result<()>,
-) -> Result<Vec<Segment>> {
-    if &header[..4] != b"\x7fELF" || header[4] != 2 || header[5] != 1 {
-        bail!("bad ELF identification");
+/// Where the program header table of an ELF64 file ends, from its header.
+fn headers_end(header: &[u8]) -> Result<u64> {
+    let parsed = object::elf::FileHeader64::<object::LittleEndian>::parse(header)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let endian = object::LittleEndian;
+    let table = u64::from(parsed.e_phnum.get(endian)) * u64::from(parsed.e_phentsize.get(endian));
+    parsed
+        .e_phoff
+        .get(endian)
+        .checked_add(table)
+        .context("program header table wraps")
+}
+
+/// The PT_LOAD segments of a little-endian ELF64 core file whose start
+/// (header and program headers) is `start`.
+fn parse_segments(start: &[u8]) -> Result<Vec<Segment>> {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let header = object::elf::FileHeader64::<object::LittleEndian>::parse(start)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let endian = header.endian().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let headers = header
+        .program_headers(endian, start)
+        .map_err(|e| anyhow::anyhow!("program headers: {e}"))?;
+    if headers.is_empty() {
+        bail!("no program headers");
     }
-    let u16_at = |o: usize| u16::from_le_bytes([header[o], header[o + 1]]);
-    let phoff = u64::from_le_bytes(header[32..40].try_into()?);
-    let phentsize = u16_at(54) as usize;
-    let phnum = u16_at(56) as usize;
-    if phentsize < PHDR_LEN || phnum == 0 || phnum > 4096 {
-        bail!("unexpected program header table ({phnum} entries of {phentsize} bytes)");
-    }
-    let mut table = vec![0u8; phentsize * phnum];
-    read_at(phoff, &mut table)?;
-    let mut segments = Vec::new();
-    for ph in table.chunks_exact(phentsize) {
-        let word = |o: usize| u64::from_le_bytes(ph[o..o + 8].try_into().unwrap_or([0; 8]));
-        if u32::from_le_bytes(ph[..4].try_into()?) != PT_LOAD {
-            continue;
-        }
-        segments.push(Segment {
-            offset: word(8),
-            vaddr: word(16),
-            size: word(32),
-        });
-    }
-    Ok(segments)
+    Ok(headers
+        .iter()
+        .filter(|ph| ph.p_type(endian) == object::elf::PT_LOAD)
+        .map(|ph| Segment {
+            offset: ph.p_offset(endian),
+            vaddr: ph.p_vaddr(endian),
+            size: ph.p_filesz(endian),
+        })
+        .collect())
 }
 
 impl KernelMemory for Kcore {
@@ -103,12 +116,22 @@ impl KernelMemory for Kcore {
 mod tests {
     use super::*;
 
+    const PT_LOAD: u32 = object::elf::PT_LOAD;
+
+    /// A core file's header and program headers, as /proc/kcore lays them out.
     fn core_file(segments: &[(u32, u64, u64, u64)]) -> Vec<u8> {
+        const EHDR_LEN: usize = 64;
+        const PHDR_LEN: usize = 56;
         let mut f = vec![0u8; EHDR_LEN];
         f[..4].copy_from_slice(b"\x7fELF");
         f[4] = 2;
         f[5] = 1;
+        f[6] = 1;
+        f[16..18].copy_from_slice(&4u16.to_le_bytes()); // ET_CORE
+        f[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        f[20..24].copy_from_slice(&1u32.to_le_bytes());
         f[32..40].copy_from_slice(&(EHDR_LEN as u64).to_le_bytes());
+        f[52..54].copy_from_slice(&(EHDR_LEN as u16).to_le_bytes());
         f[54..56].copy_from_slice(&(PHDR_LEN as u16).to_le_bytes());
         f[56..58].copy_from_slice(&(segments.len() as u16).to_le_bytes());
         for &(kind, offset, vaddr, size) in segments {
@@ -117,6 +140,7 @@ mod tests {
             ph[8..16].copy_from_slice(&offset.to_le_bytes());
             ph[16..24].copy_from_slice(&vaddr.to_le_bytes());
             ph[32..40].copy_from_slice(&size.to_le_bytes());
+            ph[40..48].copy_from_slice(&size.to_le_bytes());
             f.extend(ph);
         }
         f
@@ -128,16 +152,12 @@ mod tests {
             (4, 0, 0, 0),
             (PT_LOAD, 0x1000, 0xffff_ffff_8100_0000, 0x2000),
         ]);
-        let header: [u8; EHDR_LEN] = f[..EHDR_LEN].try_into().unwrap();
-        let segs = parse_segments(&header, |o, buf| {
-            let o = o as usize;
-            buf.copy_from_slice(&f[o..o + buf.len()]);
-            Ok(())
-        })
-        .unwrap();
+        let segs = parse_segments(&f).unwrap();
         assert_eq!(segs.len(), 1);
         assert_eq!(segs[0].vaddr, 0xffff_ffff_8100_0000);
         assert_eq!(segs[0].offset, 0x1000);
+        assert!(parse_segments(&f[..80]).is_err(), "a truncated table");
+        assert_eq!(headers_end(&f).unwrap(), 64 + 2 * 56);
     }
 
     #[test]
