@@ -1,184 +1,79 @@
 //! Editing the livepatch module image before it is loaded: resolved
 //! kernel symbols become absolute symbols, so the kernel's module loader
-//! applies every relocation against them.
+//! applies every relocation against them. The image is read with the
+//! `object` crate's checked ELF types and edited in place.
 
 use anyhow::{anyhow, bail, Result};
+use object::elf::{FileHeader64, SHN_ABS, SHN_UNDEF, STB_GLOBAL};
+use object::read::elf::{FileHeader, SectionHeader, SectionTable, Sym};
+use object::LittleEndian;
 
-const SHT_SYMTAB: u32 = 2;
-const SHN_UNDEF: u16 = 0;
-const SHN_ABS: u16 = 0xfff1;
-const STB_GLOBAL: u8 = 1;
+/// Size of one ELF64 symbol table entry.
 const SYM_SIZE: usize = 24;
 
-struct Section {
-    name: u32,
-    kind: u32,
-    offset: u64,
-    size: u64,
-    link: u32,
-    entsize: u64,
+fn damaged(e: object::read::Error) -> anyhow::Error {
+    anyhow!("module image is damaged: {e}")
 }
 
-struct Elf {
-    big_endian: bool,
-    sections: Vec<Section>,
-    shstrndx: usize,
-}
-
-fn bytes_at(data: &[u8], offset: u64, len: u64) -> Result<&[u8]> {
-    let end = offset
-        .checked_add(len)
-        .filter(|&e| e <= data.len() as u64)
-        .ok_or_else(|| anyhow!("module image is damaged: data out of bounds"))?;
-    Ok(&data[offset as usize..end as usize])
-}
-
-impl Elf {
-    fn parse(data: &[u8]) -> Result<Elf> {
-        if data.len() < 64 || data[..4] != *b"\x7fELF" {
-            bail!("package module is not an ELF file");
-        }
-        if data[4] != 2 {
-            bail!("package module is not a 64-bit ELF file");
-        }
-        let big_endian = match data[5] {
-            1 => false,
-            2 => true,
-            _ => bail!("package module has an unknown ELF byte order"),
-        };
-        let mut elf = Elf {
-            big_endian,
-            sections: Vec::new(),
-            shstrndx: 0,
-        };
-        let shoff = elf.u64(data, 0x28)?;
-        let shentsize = elf.u16(data, 0x3a)? as u64;
-        let mut shnum = elf.u16(data, 0x3c)? as u64;
-        let mut shstrndx = elf.u16(data, 0x3e)? as u64;
-        if shoff == 0 {
-            bail!("package module has no section headers");
-        }
-        if shentsize < 64 {
-            bail!("package module has malformed section headers");
-        }
-        if shnum == 0 || shstrndx == 0xffff {
-            // Extended numbering: the real values live in section 0.
-            let first = bytes_at(data, shoff, 64)?;
-            if shnum == 0 {
-                shnum = elf.u64(first, 0x20)?;
-            }
-            if shstrndx == 0xffff {
-                shstrndx = elf.u32(first, 0x28)? as u64;
-            }
-        }
-        // Bounds-check the whole table before reserving anything for it.
-        bytes_at(
-            data,
-            shoff,
-            shnum
-                .checked_mul(shentsize)
-                .ok_or_else(|| anyhow!("module image is damaged: too many sections"))?,
-        )?;
-        for i in 0..shnum {
-            let h = bytes_at(data, shoff + i * shentsize, 64)?;
-            elf.sections.push(Section {
-                name: elf.u32(h, 0)?,
-                kind: elf.u32(h, 4)?,
-                offset: elf.u64(h, 0x18)?,
-                size: elf.u64(h, 0x20)?,
-                link: elf.u32(h, 0x28)?,
-                entsize: elf.u64(h, 0x38)?,
-            });
-        }
-        elf.shstrndx = shstrndx as usize;
-        Ok(elf)
+/// The image's section table, after the checks that name what is wrong.
+fn sections(data: &[u8]) -> Result<SectionTable<'_, FileHeader64<LittleEndian>>> {
+    if data.len() < 64 || data[..4] != *b"\x7fELF" {
+        bail!("package module is not an ELF file");
     }
-
-    fn u16(&self, d: &[u8], off: u64) -> Result<u16> {
-        let b: [u8; 2] = bytes_at(d, off, 2)?.try_into().unwrap();
-        Ok(if self.big_endian {
-            u16::from_be_bytes(b)
-        } else {
-            u16::from_le_bytes(b)
-        })
+    if data[4] != 2 {
+        bail!("package module is not a 64-bit ELF file");
     }
-    fn u32(&self, d: &[u8], off: u64) -> Result<u32> {
-        let b: [u8; 4] = bytes_at(d, off, 4)?.try_into().unwrap();
-        Ok(if self.big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        })
+    match data[5] {
+        1 => {}
+        2 => bail!("package module is big-endian; only x86-64 modules are loaded"),
+        _ => bail!("package module has an unknown ELF byte order"),
     }
-    fn u64(&self, d: &[u8], off: u64) -> Result<u64> {
-        let b: [u8; 8] = bytes_at(d, off, 8)?.try_into().unwrap();
-        Ok(if self.big_endian {
-            u64::from_be_bytes(b)
-        } else {
-            u64::from_le_bytes(b)
-        })
+    let header = FileHeader64::<LittleEndian>::parse(data).map_err(damaged)?;
+    let sections = header.sections(LittleEndian, data).map_err(damaged)?;
+    if sections.is_empty() {
+        bail!("package module has no section headers");
     }
-
-    fn section_data<'a>(&self, data: &'a [u8], index: usize) -> Result<&'a [u8]> {
-        let s = self
-            .sections
-            .get(index)
-            .ok_or_else(|| anyhow!("module image is damaged: bad section index {index}"))?;
-        bytes_at(data, s.offset, s.size)
-    }
-
-    fn section_name<'a>(&self, data: &'a [u8], index: usize) -> Result<&'a [u8]> {
-        let strtab = self.section_data(data, self.shstrndx)?;
-        c_str_at(strtab, self.sections[index].name as usize)
-    }
-}
-
-fn c_str_at(table: &[u8], offset: usize) -> Result<&[u8]> {
-    let tail = table
-        .get(offset..)
-        .ok_or_else(|| anyhow!("module image is damaged: name out of bounds"))?;
-    let len = tail
-        .iter()
-        .position(|&b| b == 0)
-        .ok_or_else(|| anyhow!("module image is damaged: unterminated name"))?;
-    Ok(&tail[..len])
+    Ok(sections)
 }
 
 /// Turn each named undefined global symbol of the module image into an
 /// absolute symbol with the given value, editing the symbol table in place.
 /// Every name must be present exactly once as an undefined global symbol.
 pub fn make_symbols_absolute(image: &mut [u8], values: &[(String, u64)]) -> Result<()> {
-    let elf = Elf::parse(image)?;
+    let endian = LittleEndian;
     let mut found = vec![0usize; values.len()];
     let mut edits: Vec<(usize, u64)> = Vec::new(); // (symbol entry offset, value)
-    for (index, sec) in elf.sections.iter().enumerate() {
-        if sec.kind != SHT_SYMTAB {
-            continue;
-        }
-        if sec.entsize as usize != SYM_SIZE {
-            bail!(
-                "module image is damaged: symbol table entry size {}",
-                sec.entsize
-            );
-        }
-        let symtab = elf.section_data(image, index)?;
-        let strtab = elf.section_data(image, sec.link as usize)?;
-        for n in 0..symtab.len() / SYM_SIZE {
-            let entry = &symtab[n * SYM_SIZE..(n + 1) * SYM_SIZE];
-            let name = c_str_at(strtab, elf.u32(entry, 0)? as usize)?;
-            let Some(want) = values.iter().position(|(v, _)| v.as_bytes() == name) else {
+    {
+        let data: &[u8] = image;
+        let sections = sections(data)?;
+        for (index, section) in sections.iter().enumerate() {
+            if section.sh_type(endian) != object::elf::SHT_SYMTAB {
                 continue;
-            };
-            let shndx = elf.u16(entry, 6)?;
-            let bind = entry[4] >> 4;
-            if shndx != SHN_UNDEF || bind != STB_GLOBAL {
+            }
+            if section.sh_entsize(endian) as usize != SYM_SIZE {
                 bail!(
-                    "module symbol {} is not an undefined global symbol",
-                    values[want].0
+                    "module image is damaged: symbol table entry size {}",
+                    section.sh_entsize(endian)
                 );
             }
-            found[want] += 1;
-            edits.push((sec.offset as usize + n * SYM_SIZE, values[want].1));
+            let table = sections
+                .symbol_table_by_index(endian, data, object::SectionIndex(index))
+                .map_err(damaged)?;
+            let start = section.sh_offset(endian) as usize;
+            for (n, symbol) in table.symbols().iter().enumerate() {
+                let name = symbol.name(endian, table.strings()).map_err(damaged)?;
+                let Some(want) = values.iter().position(|(v, _)| v.as_bytes() == name) else {
+                    continue;
+                };
+                if symbol.st_shndx(endian) != SHN_UNDEF || symbol.st_bind() != STB_GLOBAL {
+                    bail!(
+                        "module symbol {} is not an undefined global symbol",
+                        values[want].0
+                    );
+                }
+                found[want] += 1;
+                edits.push((start + n * SYM_SIZE, values[want].1));
+            }
         }
     }
     for (i, count) in found.iter().enumerate() {
@@ -189,25 +84,21 @@ pub fn make_symbols_absolute(image: &mut [u8], values: &[(String, u64)]) -> Resu
         }
     }
     for (at, value) in edits {
-        let (shndx, val) = if elf.big_endian {
-            (SHN_ABS.to_be_bytes(), value.to_be_bytes())
-        } else {
-            (SHN_ABS.to_le_bytes(), value.to_le_bytes())
-        };
-        image[at + 6..at + 8].copy_from_slice(&shndx);
-        image[at + 8..at + 16].copy_from_slice(&val);
+        image[at + 6..at + 8].copy_from_slice(&SHN_ABS.to_le_bytes());
+        image[at + 8..at + 16].copy_from_slice(&value.to_le_bytes());
     }
     Ok(())
 }
 
 /// The `name=` entry of the module's .modinfo section, if any.
 pub fn modinfo_name(image: &[u8]) -> Result<Option<String>> {
-    let elf = Elf::parse(image)?;
-    for index in 0..elf.sections.len() {
-        if elf.section_name(image, index)? != b".modinfo" {
+    let endian = LittleEndian;
+    let sections = sections(image)?;
+    for section in sections.iter() {
+        if sections.section_name(endian, section).map_err(damaged)? != b".modinfo" {
             continue;
         }
-        let info = elf.section_data(image, index)?;
+        let info = section.data(endian, image).map_err(damaged)?;
         for entry in info.split(|&b| b == 0) {
             if let Some(name) = entry.strip_prefix(b"name=") {
                 return Ok(Some(String::from_utf8_lossy(name).into_owned()));
@@ -299,25 +190,30 @@ mod tests {
         // What the editor reads: the ELF header, the section headers, each
         // symbol table and its string table. modinfo_name reads the
         // section names too.
-        let elf = Elf::parse(&original).unwrap();
+        let endian = LittleEndian;
+        let table = sections(&original).unwrap();
         let shoff = u64::from_le_bytes(original[0x28..0x30].try_into().unwrap()) as usize;
-        let headers = shoff..shoff + elf.sections.len() * 64;
+        let headers = shoff..shoff + table.len() * 64;
         let range = |i: usize| {
-            let s = &elf.sections[i];
-            s.offset as usize..(s.offset + s.size) as usize
+            let s = table.section(object::SectionIndex(i)).unwrap();
+            let start = s.sh_offset(endian) as usize;
+            start..start + s.sh_size(endian) as usize
         };
         let mut read_by_edit = vec![0..64, headers.clone()];
-        for (i, s) in elf.sections.iter().enumerate() {
-            if s.kind == SHT_SYMTAB {
+        for (i, s) in table.iter().enumerate() {
+            if s.sh_type(endian) == object::elf::SHT_SYMTAB {
                 read_by_edit.push(range(i));
-                read_by_edit.push(range(s.link as usize));
+                read_by_edit.push(range(s.sh_link(endian) as usize));
             }
         }
-        let mut read_by_modinfo = vec![0..64, headers.clone(), range(elf.shstrndx)];
+        let shstrndx = u16::from_le_bytes(original[0x3e..0x40].try_into().unwrap()) as usize;
+        let mut read_by_modinfo = vec![0..64, headers.clone(), range(shstrndx)];
         read_by_modinfo.extend(
-            (0..elf.sections.len())
-                .filter(|&i| elf.section_name(&original, i).unwrap() == b".modinfo")
-                .map(range),
+            table
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| table.section_name(endian, s).unwrap() == b".modinfo")
+                .map(|(i, _)| range(i)),
         );
 
         // gcc writes the section headers last: every truncation loses some
@@ -379,6 +275,7 @@ mod tests {
         assert!(with(0, 0).contains("not an ELF file"));
         assert!(with(4, 1).contains("not a 64-bit ELF"));
         assert!(with(5, 3).contains("unknown ELF byte order"));
+        assert!(with(5, 2).contains("big-endian"));
         assert!(make_symbols_absolute(&mut b"nope".to_vec(), &values).is_err());
     }
 
