@@ -218,6 +218,9 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let mut shadows = crate::shadow::plan(&mut changes, |path| {
         std::fs::read(patch_root.join(path)).ok()
     })?;
+    if !shadows.is_empty() {
+        crate::shadow::refuse_unsupported_kernel(&shadows, &target.config)?;
+    }
     lap("shadow members", &mut timings);
 
     // With shadow members, each failed compile names the accesses to

@@ -255,9 +255,10 @@ pub fn plan(
     Ok(plan)
 }
 
-/// Byte offset where the code for `types` may start: the first top-level
-/// item holding a function definition after `after`.
-fn first_function_after(root: tree_sitter::Node, after: usize) -> Option<usize> {
+/// Byte offset where the code for a type may start: the first item of
+/// `block` (the file, or the `#if` block defining the type) holding a
+/// function definition after `after`.
+fn first_function_after(block: tree_sitter::Node, after: usize) -> Option<usize> {
     fn holds_function(node: tree_sitter::Node) -> bool {
         if node.kind() == "function_definition" {
             return true;
@@ -272,8 +273,8 @@ fn first_function_after(root: tree_sitter::Node, after: usize) -> Option<usize> 
         let found = node.named_children(&mut cursor).any(holds_function);
         found
     }
-    let mut cursor = root.walk();
-    let found = root
+    let mut cursor = block.walk();
+    let found = block
         .named_children(&mut cursor)
         .find(|c| c.start_byte() >= after && holds_function(*c))
         .map(|c| c.start_byte());
@@ -291,24 +292,23 @@ fn prepare_file(path: &Path, text: &[u8], plan: &ShadowPlan, next_point: &mut us
     // Where each type's declarations go.
     let mut points: BTreeMap<usize, Vec<&ShadowType>> = BTreeMap::new();
     for shadow in &plan.types {
-        let after = if shadow.in_header() {
+        let (after, block) = if shadow.in_header() {
             // A file that never names the type cannot use it (nor may it
             // see the declarations of its added members).
             if !mentions(text, &shadow.type_name) {
                 continue;
             }
-            0
+            (0, root)
         } else if shadow.file == file {
-            // The definition's end in this (stripped) text.
-            let found = added_members_end(text, &shadow.type_name);
-            match found {
-                Some(end) => end,
+            // After the definition, inside the #if block that holds it.
+            match definition_place(root, text, &shadow.type_name) {
+                Some(place) => place,
                 None => continue,
             }
         } else {
             continue;
         };
-        if let Some(at) = first_function_after(root, after) {
+        if let Some(at) = first_function_after(block, after) {
             points.entry(at).or_default().push(shadow);
         }
     }
@@ -374,10 +374,14 @@ fn mentions(text: &[u8], type_name: &str) -> bool {
     })
 }
 
-/// End of the definition of `type_name` in `text`, however its members read.
-fn added_members_end(text: &[u8], type_name: &str) -> Option<usize> {
-    let tree = members::parse(text)?;
-    let mut stack = vec![tree.root_node()];
+/// End of the definition of `type_name`, and the block that holds it: the
+/// innermost `#if` around it, or the whole file.
+fn definition_place<'t>(
+    root: tree_sitter::Node<'t>,
+    text: &[u8],
+    type_name: &str,
+) -> Option<(usize, tree_sitter::Node<'t>)> {
+    let mut stack = vec![root];
     while let Some(node) = stack.pop() {
         if matches!(node.kind(), "struct_specifier" | "union_specifier")
             && node.child_by_field_name("body").is_some()
@@ -396,7 +400,17 @@ fn added_members_end(text: &[u8], type_name: &str) -> Option<usize> {
                     .map(|d| members::text_of(text, d).to_string()),
             };
             if name.as_deref() == Some(type_name) {
-                return Some(node.end_byte());
+                let mut block = node.parent();
+                while let Some(b) = block {
+                    if matches!(
+                        b.kind(),
+                        "preproc_if" | "preproc_ifdef" | "preproc_else" | "preproc_elif"
+                    ) {
+                        break;
+                    }
+                    block = b.parent();
+                }
+                return Some((node.end_byte(), block.unwrap_or(root)));
             }
         }
         let mut cursor = node.walk();
@@ -616,6 +630,26 @@ pub fn release_points(object: &ObjectFile) -> BTreeMap<usize, BTreeSet<String>> 
     out
 }
 
+/// Shadows are allocated and freed under the livepatch core's spinlock
+/// with `GFP_ATOMIC`, from whatever context the access is in. On a
+/// `PREEMPT_RT` kernel that lock sleeps, and a write under a raw spinlock
+/// (the scheduler's) would be a bug: refused there.
+pub fn refuse_unsupported_kernel(plan: &ShadowPlan, config: &Path) -> Result<()> {
+    let text = std::fs::read_to_string(config).unwrap_or_default();
+    if !text.lines().any(|l| l.trim() == "CONFIG_PREEMPT_RT=y") {
+        return Ok(());
+    }
+    let refusals = plan
+        .types
+        .iter()
+        .map(|t| Refusal {
+            symbol: t.type_name.clone(),
+            reason: "members added on a PREEMPT_RT kernel: shadow data would be allocated under a lock that sleeps there".into(),
+        })
+        .collect();
+    Err(Error::Refused(refusals).into())
+}
+
 /// Record the release points found in the patched objects; a type without
 /// any is refused, saying how to name one.
 pub fn check_release_points<'a>(
@@ -720,6 +754,20 @@ mod tests {
     }
 
     #[test]
+    fn a_type_inside_an_if_block_gets_its_declarations_there() {
+        let patched = "#ifdef CONFIG_X\nstruct priv { int a; int b; };\nstatic int f(struct priv *p)\n{\n\treturn p->b;\n}\n#endif\n";
+        let mut files = changes(&[("drivers/x.c", patched)]);
+        plan(&mut files, |_| {
+            Some(b"#ifdef CONFIG_X\nstruct priv { int a; };\nstatic int f(struct priv *p)\n{\n\treturn 0;\n}\n#endif\n".to_vec())
+        })
+        .unwrap();
+        let text = String::from_utf8(files[Path::new("drivers/x.c")].clone().unwrap()).unwrap();
+        let declared = text.find("struct __dynamos_shadow_0 {").expect("declared");
+        assert!(declared < text.find("static int f").unwrap(), "{text}");
+        assert!(declared > text.find("#ifdef CONFIG_X").unwrap(), "{text}");
+    }
+
+    #[test]
     fn refuses_an_untagged_header_type() {
         let mut files = changes(&[("include/n.h", "typedef struct { int a; int b; } N;\n")]);
         let err = plan(&mut files, |_| {
@@ -727,6 +775,27 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.to_string().contains("untagged struct"), "{err}");
+    }
+
+    #[test]
+    fn refuses_shadows_on_a_realtime_kernel() {
+        let plan = ShadowPlan {
+            types: vec![ShadowType {
+                index: 0,
+                type_name: "struct task".into(),
+                file: "include/task.h".into(),
+                members: vec!["int newpid;".into()],
+                release_points: vec![],
+            }],
+            unchanged_headers: vec![],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("config");
+        std::fs::write(&config, "CONFIG_PREEMPT_DYNAMIC=y\n").unwrap();
+        refuse_unsupported_kernel(&plan, &config).unwrap();
+        std::fs::write(&config, "CONFIG_PREEMPT_RT=y\n").unwrap();
+        let err = refuse_unsupported_kernel(&plan, &config).unwrap_err();
+        assert!(err.to_string().contains("PREEMPT_RT"), "{err}");
     }
 
     #[test]
