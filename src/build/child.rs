@@ -118,16 +118,10 @@ fn exit_interrupted(signal: i32) -> ! {
     std::process::exit(crate::error::exit::ERROR)
 }
 
-/// Run `cmd` to completion in its own process group, tied to this process
-/// as the module documentation says; `lock_fd` is the build lock's file.
-pub fn run(cmd: &mut Command, lock_fd: RawFd) -> io::Result<ExitStatus> {
-    run_tied(cmd, Some(lock_fd), |make| make.wait())
-}
-
-/// Run `cmd` to completion tied to this process the same way, without the
-/// build lock (a build in a folder of its own).
-pub fn run_unlocked(cmd: &mut Command) -> io::Result<ExitStatus> {
-    run_tied(cmd, None, |make| make.wait())
+/// Run `cmd` to completion tied to this process, holding the build lock
+/// when one is given (a build in a folder of its own needs none).
+pub fn run(cmd: &mut Command, lock_fd: Option<RawFd>) -> io::Result<ExitStatus> {
+    run_tied(cmd, lock_fd, |make| make.wait())
 }
 
 /// Run `cmd` to completion tied to this process the same way, without the

@@ -12,14 +12,14 @@
 use super::{
     changed_symbol_versions_in, child, kernel_object, new_result_dir, tail, BuildOutput, JOBS,
 };
-use super::{ObjectPair, AUTHOR_HEADER, AUTHOR_HEADER_NAME, KCFLAGS, LOG_TAIL, MAKE_ENV_REMOVE};
+use super::{ObjectPair, AUTHOR_HEADER, AUTHOR_HEADER_NAME, KCFLAGS, LOG_TAIL};
 use crate::target::Target;
 use crate::{Error, Refusal};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// Files and folders a module folder may hold that are not its source:
 /// what an earlier build left (a stale object would be taken as up to date
@@ -295,9 +295,6 @@ pub fn build(
 /// `make -C kbuild M=copy modules`, with `include` searched for `<...>`
 /// includes too; success and the interleaved output.
 fn make_modules(kbuild_dir: &Path, copy: &Path, include: Option<&Path>) -> Result<(bool, String)> {
-    let log = copy.join(".dynamos-make.log");
-    let file =
-        fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
     let mut cmd = Command::new("make");
     cmd.arg("-C")
         .arg(kbuild_dir)
@@ -313,28 +310,14 @@ fn make_modules(kbuild_dir: &Path, copy: &Path, include: Option<&Path>) -> Resul
                 .unwrap_or_default()
         ))
         .arg("modules");
-    for var in MAKE_ENV_REMOVE {
-        cmd.env_remove(var);
-    }
     if include.is_some() {
         // The patched objects may call the package's own runtime (shadow
         // members), which no kernel exports: modpost must not fail on it.
         // Only the objects of this build are used, never its .ko.
         cmd.env("KBUILD_MODPOST_WARN", "1");
     }
-    cmd.env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file);
-    let status = child::run_unlocked(&mut cmd).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow!("make is not installed: install it with `apt-get install make`")
-        } else {
-            anyhow!("cannot run make: {e}")
-        }
-    })?;
-    let output = String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
-    Ok((status.success(), output))
+    let run = super::run_make_logged(cmd, &copy.join(".dynamos-make.log"), None)?;
+    Ok((run.success, run.output))
 }
 
 /// The modules kbuild linked in `copy` (`modules.order`), each with its

@@ -1042,10 +1042,41 @@ struct Built {
 }
 
 /// Result of one `make` run.
-struct MakeRun {
-    success: bool,
+pub(crate) struct MakeRun {
+    pub success: bool,
     /// stdout and stderr, interleaved.
-    output: String,
+    pub output: String,
+}
+
+/// The one way every build runs make: the environment of a parent make or
+/// of the user removed (it would change the build), messages in English
+/// (the shadow stage reads them), output interleaved into `log`, the whole
+/// process group tied to this process (and to the build lock, if given).
+pub(crate) fn run_make_logged(
+    mut cmd: Command,
+    log: &Path,
+    lock_fd: Option<std::os::unix::io::RawFd>,
+) -> Result<MakeRun> {
+    let file = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
+    for var in MAKE_ENV_REMOVE {
+        cmd.env_remove(var);
+    }
+    cmd.env("LC_ALL", "C")
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file);
+    let status = child::run(&mut cmd, lock_fd).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::NotFound {
+            anyhow!("make is not installed: install it with `apt-get install make`")
+        } else {
+            anyhow!("cannot run make: {e}")
+        }
+    })?;
+    let output = String::from_utf8_lossy(&fs::read(log).unwrap_or_default()).into_owned();
+    Ok(MakeRun {
+        success: status.success(),
+        output,
+    })
 }
 
 /// The work cache's folders for one target.
@@ -1422,9 +1453,6 @@ impl Trees {
     }
 
     fn run_make(&self, source: &Path, out: &Path, args: &[&str]) -> Result<MakeRun> {
-        let log = out.join(".dynamos-make.log");
-        let file =
-            fs::File::create(&log).with_context(|| format!("cannot create {}", log.display()))?;
         let mut cmd = Command::new("make");
         cmd.arg("-C")
             .arg(source)
@@ -1434,27 +1462,8 @@ impl Trees {
         if let Some(cc) = self.cc {
             cmd.arg(format!("CC={cc}"));
         }
-        // A parent make's or the user's settings would change the build.
-        for var in MAKE_ENV_REMOVE {
-            cmd.env_remove(var);
-        }
-        cmd.env("LC_ALL", "C")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(file.try_clone()?)
-            .stderr(file);
-        let status = child::run(&mut cmd, self.lock_fd).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                anyhow!("make is not installed: install it with `apt-get install make`")
-            } else {
-                anyhow!("cannot run make: {e}")
-            }
-        })?;
-        let output = String::from_utf8_lossy(&fs::read(&log).unwrap_or_default()).into_owned();
-        Ok(MakeRun {
-            success: status.success(),
-            output,
-        })
+        cmd.args(args);
+        run_make_logged(cmd, &out.join(".dynamos-make.log"), Some(self.lock_fd))
     }
 
     /// Undo the patched files of a build that did not finish.
