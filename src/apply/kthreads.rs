@@ -34,22 +34,14 @@ pub struct KernelThread {
 /// The main function of a kernel thread and its size from its
 /// /proc/PID/stack listing: the frame just above `kthread`.
 pub fn main_function(stack: &str) -> Option<(String, Option<u64>)> {
-    let frames: Vec<&str> = stack
-        .lines()
-        .map(|l| l.split_once("] ").map_or(l, |(_, f)| f).trim())
-        .filter(|f| !f.is_empty())
-        .collect();
-    let name = |f: &str| f.split('+').next().unwrap_or(f).to_string();
-    let at = frames.iter().position(|&f| name(f) == "kthread")?;
+    let frames = super::stack::frames(stack);
+    let at = frames.iter().position(|f| f.function == "kthread")?;
     let frame = frames.get(at.checked_sub(1)?)?;
-    let size = frame
-        .rsplit_once('/')
-        .and_then(|(_, size)| u64::from_str_radix(size.trim_start_matches("0x"), 16).ok());
     // A loop GCC deemed unlikely runs in the function's `.cold` part, whose
     // size says nothing of the function's.
-    match name(frame).strip_suffix(".cold") {
+    match frame.function.strip_suffix(".cold") {
         Some(function) => Some((function.to_string(), None)),
-        None => Some((name(frame), size)),
+        None => Some((frame.function.clone(), frame.size)),
     }
 }
 
@@ -475,6 +467,13 @@ mod tests {
         assert_eq!(
             main_function(cold),
             Some(("counter_thread".to_string(), None))
+        );
+        // A module's frame names its module after the size.
+        let module = "[<0>] counter_thread+0x4f/0x120 [dynamos_counter]\n\
+                      [<0>] kthread+0xd7/0x100\n";
+        assert_eq!(
+            main_function(module),
+            Some(("counter_thread".to_string(), Some(0x120)))
         );
         assert_eq!(main_function("[<0>] do_syscall_64+0x1/0x2\n"), None);
         assert_eq!(main_function("[<0>] kthread+0xd7/0x100\n"), None);
