@@ -24,8 +24,18 @@
 //! kbuild's own makefiles for every folder on the way to it.
 
 mod child;
+mod classify;
+mod diagnostics;
 pub mod external;
+mod farm;
 mod includers;
+mod make;
+
+pub(crate) use classify::{sort_changes, SortedChanges};
+use diagnostics::*;
+use farm::*;
+use make::MAKE_ENV_REMOVE;
+pub(crate) use make::{run_make_logged, MakeRun};
 
 use crate::cache::{self, Lock};
 use crate::target::Target;
@@ -35,8 +45,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -168,117 +176,6 @@ impl Drop for BuildOutput {
         if !self.keep {
             let _ = fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-/// The touched files by how they are built.
-pub(crate) struct SortedChanges {
-    pub sources: Vec<PathBuf>,
-    pub headers: Vec<PathBuf>,
-    pub ignored: Vec<PathBuf>,
-}
-
-/// Sort the touched files, noting those ignored (not `what`); refused
-/// ([`Error::Refused`]) for files that cannot be updated, and
-/// [`Error::NoChange`] when nothing is left to compile.
-pub(crate) fn sort_changes(
-    changes: &BTreeMap<PathBuf, Option<Vec<u8>>>,
-    what: &str,
-) -> Result<SortedChanges> {
-    let mut sorted = SortedChanges {
-        sources: Vec::new(),
-        headers: Vec::new(),
-        ignored: Vec::new(),
-    };
-    let mut refusals = Vec::new();
-    for (path, content) in changes {
-        match classify(path, content) {
-            Kind::Compile => sorted.sources.push(path.clone()),
-            Kind::Header => sorted.headers.push(path.clone()),
-            Kind::Ignore => sorted.ignored.push(path.clone()),
-            Kind::Refuse(reason) => refusals.push(Refusal {
-                symbol: path.display().to_string(),
-                reason,
-            }),
-        }
-    }
-    if !refusals.is_empty() {
-        return Err(Error::Refused(refusals).into());
-    }
-    for path in &sorted.ignored {
-        eprintln!("note: ignoring {}: not {what}", path.display());
-    }
-    if sorted.sources.is_empty() && sorted.headers.is_empty() {
-        return Err(Error::NoChange.into());
-    }
-    Ok(sorted)
-}
-
-/// How a touched file is handled.
-#[derive(Debug, PartialEq, Eq)]
-enum Kind {
-    /// A C file compiled into the kernel or a module.
-    Compile,
-    /// A header: every translation unit including it is compiled.
-    Header,
-    /// Not part of what runs in the kernel.
-    Ignore,
-    Refuse(String),
-}
-
-fn classify(path: &Path, content: &Option<Vec<u8>>) -> Kind {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let top = path
-        .components()
-        .next()
-        .map(|c| c.as_os_str().to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let not_kernel_dirs = ["Documentation", "tools", "samples", "LICENSES", "usr"];
-    let doc_names = [
-        "MAINTAINERS",
-        "CREDITS",
-        "README",
-        "COPYING",
-        ".mailmap",
-        ".gitignore",
-        ".clang-format",
-        ".cocciconfig",
-        ".get_maintainer.ignore",
-    ];
-    let doc_exts = ["rst", "txt", "md", "yaml", "json", "cocci"];
-    if (not_kernel_dirs.contains(&top.as_str()) && path.components().count() > 1)
-        || doc_names.contains(&name.as_str())
-        || doc_exts.contains(&ext.as_str())
-    {
-        return Kind::Ignore;
-    }
-    if top == "scripts" {
-        return Kind::Refuse(
-            "changes to build scripts alter how the whole kernel is built; they cannot be applied live"
-                .into(),
-        );
-    }
-    if name == "Makefile" || name == "Kbuild" || name.starts_with("Kconfig") || ext == "mk" {
-        return Kind::Refuse(
-            "build system changes (Makefile/Kbuild/Kconfig) are not supported".into(),
-        );
-    }
-    match ext.as_str() {
-        "h" if content.is_none() => Kind::Refuse("deleting a header is not supported".into()),
-        "h" => Kind::Header,
-        "c" if content.is_none() => Kind::Refuse("deleting a source file is not supported".into()),
-        "c" => Kind::Compile,
-        "S" | "s" => Kind::Refuse("assembly changes are not supported".into()),
-        "lds" => Kind::Refuse("linker script changes are not supported".into()),
-        "rs" => Kind::Refuse("Rust changes are not supported".into()),
-        _ => Kind::Refuse("changes to this kind of file are not supported".into()),
     }
 }
 
@@ -819,141 +716,6 @@ fn global_functions(data: &[u8]) -> Result<Vec<String>> {
         .collect())
 }
 
-/// Did make say it has no rule for `object`?
-fn no_rule_for(output: &str, object: &Path) -> bool {
-    let needle = format!("No rule to make target '{}'", object.display());
-    output.contains(&needle)
-}
-
-/// The touched source a compiler error points at, if any.
-fn failed_source<'a>(output: &str, sources: &'a [PathBuf]) -> Option<&'a PathBuf> {
-    sources.iter().find(|s| {
-        let s = s.display().to_string();
-        output.lines().any(|l| {
-            (l.starts_with(&s) || l.contains(&format!("/{s}:")))
-                && (l.contains("error:") || l.contains("Error "))
-        }) || output.contains(&format!(
-            "[{}] Error",
-            Path::new(&s).with_extension("o").display()
-        ))
-    })
-}
-
-/// The file of the first compiler error in make's output, named relative
-/// to the tree.
-fn first_error_file(output: &str, trees: &[&Path]) -> Option<String> {
-    // make names the object it gave up on: `[scripts/Makefile.build:250: fs/x.o] Error 1`.
-    let failed_object = output.lines().find_map(|l| {
-        let (before, _) = l.split_once("] Error")?;
-        let object = before.rsplit(' ').next()?;
-        object.strip_suffix(".o").map(|stem| format!("{stem}.c"))
-    });
-    if failed_object.is_some() {
-        return failed_object;
-    }
-    let line = output.lines().find(|l| l.contains(": error:"))?;
-    let mut file = line.split(':').next()?.trim().to_string();
-    for tree in trees {
-        if let Some(rest) = file.strip_prefix(&format!("{}/", tree.display())) {
-            file = rest.to_string();
-        }
-    }
-    (!file.is_empty() && !file.contains(' ')).then_some(file)
-}
-
-/// The last `n` lines of make's output worth reading: directory
-/// bookkeeping dropped, and the trees' folders cut from paths so compiler
-/// messages name files as the patch does.
-fn tail(output: &str, n: usize, trees: &[&Path]) -> String {
-    let prefixes: Vec<String> = trees.iter().map(|t| format!("{}/", t.display())).collect();
-    let lines: Vec<String> = output
-        .lines()
-        .filter(|l| {
-            !l.contains("Entering directory")
-                && !l.contains("Leaving directory")
-                && !l.contains("not remade because of errors")
-        })
-        .map(|l| {
-            prefixes
-                .iter()
-                .fold(l.to_string(), |line, p| line.replace(p.as_str(), ""))
-        })
-        .collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// When make failed for lack of a build tool, which Debian package has it.
-fn missing_tool_hint(output: &str) -> Option<String> {
-    let known: &[(&[&str], &str)] = &[
-        (
-            &[
-                "flex: not found",
-                "flex: No such file",
-                "flex: command not found",
-            ],
-            "flex",
-        ),
-        (
-            &[
-                "bison: not found",
-                "bison: No such file",
-                "bison: command not found",
-            ],
-            "bison",
-        ),
-        (
-            &["bc: not found", "bc: No such file", "bc: command not found"],
-            "bc",
-        ),
-        (&["gelf.h", "libelf.h", "libelf"], "libelf-dev"),
-        (&["openssl/", "libcrypto"], "libssl-dev"),
-        (
-            &["pahole: not found", "pahole: command not found"],
-            "dwarves",
-        ),
-        (&["perl: not found", "perl: command not found"], "perl"),
-        (
-            &["gcc-12: not found", "gcc-12: command not found"],
-            "gcc-12",
-        ),
-        (
-            &["gcc: not found", "gcc: command not found", "cc: not found"],
-            "gcc",
-        ),
-        (&["rsync: not found"], "rsync"),
-        (&["zstd: not found"], "zstd"),
-        (&["lz4: not found", "lz4c: not found"], "lz4"),
-        (&["cpio: not found"], "cpio"),
-        (&["python3: not found"], "python3"),
-    ];
-    let lower = output;
-    known.iter().find_map(|(needles, package)| {
-        needles.iter().any(|n| lower.contains(n)).then(|| {
-            format!("a build tool is missing: install it with `apt-get install {package}`")
-        })
-    })
-}
-
-/// Environment a parent make or the user may have set that would change the build.
-const MAKE_ENV_REMOVE: &[&str] = &[
-    "MAKEFLAGS",
-    "MFLAGS",
-    "MAKELEVEL",
-    "MAKEOVERRIDES",
-    "KBUILD_OUTPUT",
-    "O",
-    "ARCH",
-    "CROSS_COMPILE",
-    "KCFLAGS",
-    "KCPPFLAGS",
-    "KAFLAGS",
-    "CC",
-    "LLVM",
-    "W",
-    "C",
-    "V",
-];
-
 /// Makefile run in a configured O= folder that reads one folder's kbuild
 /// makefile the way `scripts/Makefile.build` does and prints what it
 /// builds for this config: subfolders descended into, built-in objects,
@@ -1039,44 +801,6 @@ struct Built {
     /// may go through the folder whose flags compile it
     /// (`drivers/gpu/drm/amd/amdgpu/../display/dc/core/dc.o`).
     kbuild_object: PathBuf,
-}
-
-/// Result of one `make` run.
-pub(crate) struct MakeRun {
-    pub success: bool,
-    /// stdout and stderr, interleaved.
-    pub output: String,
-}
-
-/// The one way every build runs make: the environment of a parent make or
-/// of the user removed (it would change the build), messages in English
-/// (the shadow stage reads them), output interleaved into `log`, the whole
-/// process group tied to this process (and to the build lock, if given).
-pub(crate) fn run_make_logged(
-    mut cmd: Command,
-    log: &Path,
-    lock_fd: Option<std::os::unix::io::RawFd>,
-) -> Result<MakeRun> {
-    let file = fs::File::create(log).with_context(|| format!("cannot create {}", log.display()))?;
-    for var in MAKE_ENV_REMOVE {
-        cmd.env_remove(var);
-    }
-    cmd.env("LC_ALL", "C")
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file);
-    let status = child::run(&mut cmd, lock_fd).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            anyhow!("make is not installed: install it with `apt-get install make`")
-        } else {
-            anyhow!("cannot run make: {e}")
-        }
-    })?;
-    let output = String::from_utf8_lossy(&fs::read(log).unwrap_or_default()).into_owned();
-    Ok(MakeRun {
-        success: status.success(),
-        output,
-    })
 }
 
 /// The work cache's folders for one target.
@@ -1476,222 +1200,8 @@ impl Trees {
             .filter(|l| !l.is_empty())
             .map(PathBuf::from)
             .collect();
-        let worktree = Worktree {
-            trees: self,
-            written: paths,
-            _patched: child::tree_patched(),
-        };
-        worktree.restore()
+        Worktree::left_behind(self, paths).restore()
     }
-}
-
-/// Patched files currently written into the link farm; `restore` puts
-/// the pristine ones back (also when dropped, e.g. on an error).
-struct Worktree<'a> {
-    trees: &'a Trees,
-    written: Vec<PathBuf>,
-    /// Keeps an interrupt from ending the process before the restore.
-    _patched: std::sync::MutexGuard<'static, ()>,
-}
-
-impl<'a> Worktree<'a> {
-    fn apply(
-        trees: &'a Trees,
-        sources: &[PathBuf],
-        changes: &BTreeMap<PathBuf, Option<Vec<u8>>>,
-    ) -> Result<Worktree<'a>> {
-        let patched = child::tree_patched();
-        // The journal is written before any file, so a crash at any point
-        // leaves enough to undo everything.
-        let mut journal = String::new();
-        for s in sources {
-            journal.push_str(&s.to_string_lossy());
-            journal.push('\n');
-        }
-        let mut file = fs::File::create(&trees.journal)
-            .with_context(|| format!("cannot write {}", trees.journal.display()))?;
-        file.write_all(journal.as_bytes())?;
-        file.sync_all()?;
-        let mut worktree = Worktree {
-            trees,
-            written: sources.to_vec(),
-            _patched: patched,
-        };
-        for s in sources {
-            let Some(Some(content)) = changes.get(s) else {
-                continue;
-            };
-            let dest = trees.src.join(s);
-            // Renaming over the link replaces the link, never the pristine
-            // file it shares its inode with.
-            if let Err(e) = cache::write_atomic(&dest, content) {
-                let _ = worktree.restore_all();
-                worktree.written.clear();
-                return Err(e);
-            }
-        }
-        Ok(worktree)
-    }
-
-    fn restore(mut self) -> Result<()> {
-        let result = self.restore_all();
-        self.written.clear();
-        result
-    }
-
-    fn restore_all(&self) -> Result<()> {
-        for rel in &self.written {
-            restore_file(&self.trees.source, &self.trees.src, rel)?;
-        }
-        match fs::remove_file(&self.trees.journal) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => {
-                Err(e).with_context(|| format!("cannot remove {}", self.trees.journal.display()))
-            }
-        }
-    }
-}
-
-impl Drop for Worktree<'_> {
-    fn drop(&mut self) {
-        if !self.written.is_empty() {
-            if let Err(e) = self.restore_all() {
-                eprintln!("warning: cannot restore the work tree: {e:#}");
-            }
-        }
-    }
-}
-
-/// Put the pristine version of `rel` back into the link farm.
-///
-/// A `.c` file goes back as a link: its object is always deleted before
-/// it is compiled again, so its old mtime cannot make make reuse a stale
-/// object. Any other file (a header, were one ever written) goes back as
-/// a fresh copy: its new mtime makes everything compiled against the
-/// patched version look out of date to make, so no stale object or
-/// generated file built from it is reused. Headers are refused today, so
-/// in practice only `.c` files take this path. (Supporting headers must
-/// also revisit the farm sync for user trees, which would put a link with
-/// the old mtime back in place of such a copy.)
-fn restore_file(source: &Path, src: &Path, rel: &Path) -> Result<()> {
-    let pristine = source.join(rel);
-    let dest = src.join(rel);
-    let tmp = dest.with_file_name(format!(
-        ".{}.dynamos-restore",
-        dest.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let _ = fs::remove_file(&tmp);
-    if fs::symlink_metadata(&pristine).is_err() {
-        // The patch created this file: it has no pristine version.
-        return match fs::remove_file(&dest) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e).with_context(|| format!("cannot remove {}", dest.display())),
-        };
-    }
-    if rel.extension().is_some_and(|e| e == "c") {
-        link_one(&pristine, &tmp)?;
-    } else {
-        fs::copy(&pristine, &tmp).with_context(|| format!("cannot copy {}", pristine.display()))?;
-    }
-    fs::rename(&tmp, &dest).with_context(|| format!("cannot restore {}", dest.display()))
-}
-
-/// Hard link `to` to `from`, or symlink when they are on different file systems.
-fn link_one(from: &Path, to: &Path) -> Result<()> {
-    match fs::hard_link(from, to) {
-        Ok(()) => Ok(()),
-        Err(e)
-            if e.raw_os_error() == Some(libc::EXDEV) || e.raw_os_error() == Some(libc::EPERM) =>
-        {
-            std::os::unix::fs::symlink(from, to)
-                .with_context(|| format!("cannot link {} to {}", to.display(), from.display()))
-        }
-        Err(e) => {
-            Err(e).with_context(|| format!("cannot link {} to {}", to.display(), from.display()))
-        }
-    }
-}
-
-/// Mirror the tree at `source` into the folder `dest`: folders are
-/// created, files hard linked (symlinked across file systems or where hard
-/// links are refused), symlinks copied as symlinks. `.git` is skipped.
-///
-/// With `sync`, `dest` may already hold a mirror: entries that no longer
-/// match the source (replaced files, changed symlinks, new files) are
-/// relinked by renaming a new link over them, never by writing through
-/// one. Files removed from the source stay in `dest`.
-fn link_tree(source: &Path, dest: &Path, sync: bool) -> Result<()> {
-    let same_fs = fs::metadata(source)?.dev() == fs::metadata(dest)?.dev();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = source.join(&rel);
-        let entries =
-            fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))?;
-        for entry in entries {
-            let entry = entry?;
-            let name = entry.file_name();
-            if rel.as_os_str().is_empty() && name == ".git" {
-                continue;
-            }
-            let child = rel.join(&name);
-            let from = source.join(&child);
-            let to = dest.join(&child);
-            let kind = entry.file_type()?;
-            let existing = if sync {
-                fs::symlink_metadata(&to).ok()
-            } else {
-                None
-            };
-            if kind.is_dir() {
-                if !existing.as_ref().is_some_and(|m| m.is_dir()) {
-                    fs::create_dir(&to)
-                        .with_context(|| format!("cannot create {}", to.display()))?;
-                }
-                stack.push(child);
-                continue;
-            }
-            if let Some(existing) = &existing {
-                let current = if kind.is_symlink() || existing.file_type().is_symlink() {
-                    let want = if kind.is_symlink() {
-                        fs::read_link(&from)?
-                    } else {
-                        from.clone()
-                    };
-                    fs::read_link(&to).is_ok_and(|t| t == want)
-                } else {
-                    existing.ino() == entry.metadata()?.ino()
-                };
-                if current {
-                    continue;
-                }
-            }
-            // Build the new entry beside the old one, then swap it in.
-            let place = if existing.is_some() {
-                to.with_file_name(format!(".{}.dynamos-sync", name.to_string_lossy()))
-            } else {
-                to.clone()
-            };
-            let _ = fs::remove_file(&place);
-            if kind.is_symlink() {
-                let target = fs::read_link(&from)?;
-                std::os::unix::fs::symlink(&target, &place)
-                    .with_context(|| format!("cannot create {}", to.display()))?;
-            } else if same_fs {
-                // Falls back to a symlink where hard links are not allowed.
-                link_one(&from, &place)?;
-            } else {
-                std::os::unix::fs::symlink(&from, &place)
-                    .with_context(|| format!("cannot link {}", to.display()))?;
-            }
-            if place != to {
-                fs::rename(&place, &to)
-                    .with_context(|| format!("cannot update {}", to.display()))?;
-            }
-        }
-    }
-    Ok(())
 }
 
 fn which(program: &str) -> bool {
@@ -1702,27 +1212,6 @@ fn which(program: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn kind(path: &str) -> Kind {
-        classify(Path::new(path), &Some(Vec::new()))
-    }
-
-    #[test]
-    fn classifies_touched_files() {
-        assert_eq!(kind("fs/proc/version.c"), Kind::Compile);
-        assert_eq!(kind("Documentation/admin-guide/foo.rst"), Kind::Ignore);
-        assert_eq!(kind("tools/perf/builtin-top.c"), Kind::Ignore);
-        assert_eq!(kind("MAINTAINERS"), Kind::Ignore);
-        assert_eq!(kind("include/linux/fs.h"), Kind::Header);
-        assert!(matches!(kind("fs/proc/Makefile"), Kind::Refuse(_)));
-        assert!(matches!(kind("init/Kconfig"), Kind::Refuse(_)));
-        assert!(matches!(kind("arch/x86/entry/entry_64.S"), Kind::Refuse(_)));
-        assert!(matches!(kind("scripts/mod/modpost.c"), Kind::Refuse(_)));
-        assert!(matches!(
-            classify(Path::new("fs/proc/version.c"), &None),
-            Kind::Refuse(_)
-        ));
-    }
 
     #[test]
     fn reads_kernel_object_from_cmd_file() {
@@ -1759,82 +1248,5 @@ mod tests {
             "scripts/sign-file.c:25:10: fatal error: openssl/opensslv.h: No such file or directory";
         assert!(missing_tool_hint(out).unwrap().contains("libssl-dev"));
         assert!(missing_tool_hint("fs/proc/version.c:12:1: error: expected ';'").is_none());
-    }
-
-    #[test]
-    fn link_farm_and_restore_leave_pristine_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let source = dir.path().join("source");
-        fs::create_dir_all(source.join("a/b")).unwrap();
-        fs::write(source.join("a/b/x.c"), "pristine\n").unwrap();
-        fs::write(source.join("top.h"), "header\n").unwrap();
-        std::os::unix::fs::symlink("a/b/x.c", source.join("link.c")).unwrap();
-        let src = dir.path().join("src");
-        fs::create_dir(&src).unwrap();
-        link_tree(&source, &src, false).unwrap();
-        assert_eq!(
-            fs::read_to_string(src.join("a/b/x.c")).unwrap(),
-            "pristine\n"
-        );
-        assert_eq!(
-            fs::read_link(src.join("link.c")).unwrap(),
-            Path::new("a/b/x.c")
-        );
-        cache::write_atomic(&src.join("a/b/x.c"), b"patched\n").unwrap();
-        assert_eq!(
-            fs::read_to_string(source.join("a/b/x.c")).unwrap(),
-            "pristine\n"
-        );
-        restore_file(&source, &src, Path::new("a/b/x.c")).unwrap();
-        assert_eq!(
-            fs::read_to_string(src.join("a/b/x.c")).unwrap(),
-            "pristine\n"
-        );
-        assert_eq!(
-            fs::metadata(src.join("a/b/x.c")).unwrap().ino(),
-            fs::metadata(source.join("a/b/x.c")).unwrap().ino()
-        );
-        // A header comes back as a copy with a fresh mtime.
-        cache::write_atomic(&src.join("top.h"), b"patched\n").unwrap();
-        restore_file(&source, &src, Path::new("top.h")).unwrap();
-        assert_eq!(fs::read_to_string(src.join("top.h")).unwrap(), "header\n");
-        assert_ne!(
-            fs::metadata(src.join("top.h")).unwrap().ino(),
-            fs::metadata(source.join("top.h")).unwrap().ino()
-        );
-        // A file the patch created is removed.
-        fs::write(src.join("new.c"), "new\n").unwrap();
-        restore_file(&source, &src, Path::new("new.c")).unwrap();
-        assert!(!src.join("new.c").exists());
-
-        // The source changes the way a checkout does it: files replaced,
-        // added, a symlink retargeted. Syncing follows without writing
-        // through any link.
-        let x = source.join("a/b/x.c");
-        fs::remove_file(&x).unwrap();
-        fs::write(&x, "checked out\n").unwrap();
-        fs::write(source.join("a/added.c"), "added\n").unwrap();
-        fs::remove_file(source.join("link.c")).unwrap();
-        std::os::unix::fs::symlink("top.h", source.join("link.c")).unwrap();
-        let untouched_ino = fs::metadata(src.join("a/b")).unwrap().ino();
-        link_tree(&source, &src, true).unwrap();
-        assert_eq!(
-            fs::read_to_string(src.join("a/b/x.c")).unwrap(),
-            "checked out\n"
-        );
-        assert_eq!(
-            fs::read_to_string(src.join("a/added.c")).unwrap(),
-            "added\n"
-        );
-        assert_eq!(
-            fs::read_link(src.join("link.c")).unwrap(),
-            Path::new("top.h")
-        );
-        assert_eq!(fs::metadata(src.join("a/b")).unwrap().ino(), untouched_ino);
-        // The copy made for the header was not the source's file: replaced by a link.
-        assert_eq!(
-            fs::metadata(src.join("top.h")).unwrap().ino(),
-            fs::metadata(source.join("top.h")).unwrap().ino()
-        );
     }
 }
