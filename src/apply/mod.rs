@@ -133,6 +133,16 @@ pub struct AppliedRecord {
     pub restarted: Vec<kthreads::RestartedThread>,
 }
 
+/// The applied records a cumulative update would retire (by module name).
+pub(crate) fn retired_records<'a>(
+    applied: &'a [AppliedRecord],
+    retiring: &'a [String],
+) -> impl Iterator<Item = &'a AppliedRecord> {
+    applied
+        .iter()
+        .filter(move |r| retiring.contains(&r.manifest.module_name))
+}
+
 #[cfg(test)]
 impl AppliedRecord {
     /// The record of `manifest` applied, named `name` (`dynamos_<name>`).

@@ -47,9 +47,7 @@ pub fn refuse_retiring_shadows(
     applied: &[AppliedRecord],
     retiring: &[String],
 ) -> Result<()> {
-    let refusals: Vec<Refusal> = applied
-        .iter()
-        .filter(|r| retiring.contains(&r.manifest.module_name))
+    let refusals: Vec<Refusal> = super::retired_records(applied, retiring)
         .flat_map(|r| {
             r.manifest.shadows.iter().map(move |t| Refusal {
                 symbol: manifest.name.clone(),

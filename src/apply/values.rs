@@ -135,9 +135,7 @@ pub fn refuse_retiring_value_updates(
     applied: &[AppliedRecord],
     retiring: &[String],
 ) -> Result<()> {
-    let refusals: Vec<Refusal> = applied
-        .iter()
-        .filter(|r| retiring.contains(&r.manifest.module_name))
+    let refusals: Vec<Refusal> = super::retired_records(applied, retiring)
         .flat_map(|r| {
             r.manifest.objects.iter().flat_map(move |o| {
                 o.value_updates.iter().map(move |v| Refusal {

@@ -686,7 +686,7 @@ pub fn check_release_points<'a>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn changes(files: &[(&str, &str)]) -> BTreeMap<PathBuf, Option<Vec<u8>>> {
@@ -777,9 +777,9 @@ mod tests {
         assert!(err.to_string().contains("untagged struct"), "{err}");
     }
 
-    #[test]
-    fn refuses_shadows_on_a_realtime_kernel() {
-        let plan = ShadowPlan {
+    /// `int newpid;` added to a header's `struct task`.
+    pub(crate) fn task_plan() -> ShadowPlan {
+        ShadowPlan {
             types: vec![ShadowType {
                 index: 0,
                 type_name: "struct task".into(),
@@ -788,7 +788,12 @@ mod tests {
                 release_points: vec![],
             }],
             unchanged_headers: vec![],
-        };
+        }
+    }
+
+    #[test]
+    fn refuses_shadows_on_a_realtime_kernel() {
+        let plan = task_plan();
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("config");
         std::fs::write(&config, "CONFIG_PREEMPT_DYNAMIC=y\n").unwrap();

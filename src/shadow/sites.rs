@@ -534,19 +534,9 @@ fn shown_path(path: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shadow::ShadowType;
 
     fn plan() -> ShadowPlan {
-        ShadowPlan {
-            types: vec![ShadowType {
-                index: 0,
-                type_name: "struct task".into(),
-                file: "include/task.h".into(),
-                members: vec!["int newpid;".into()],
-                release_points: vec![],
-            }],
-            unchanged_headers: vec![],
-        }
+        crate::shadow::tests::task_plan()
     }
 
     #[test]
