@@ -38,16 +38,19 @@ pub(crate) fn parse(text: &[u8]) -> Option<Tree> {
 }
 
 /// A struct or union definition with a body, by the name code uses for it.
-struct Definition<'t> {
-    type_name: String,
+pub(crate) struct Definition<'t> {
+    pub type_name: String,
     typedef_only: bool,
-    body: Node<'t>,
-    end: usize,
+    /// The member list, inside the struct or union specifier.
+    pub body: Node<'t>,
+    /// Byte offset just past the definition.
+    pub end: usize,
 }
 
-fn definitions<'t>(tree: &'t Tree, text: &[u8]) -> Vec<Definition<'t>> {
+/// Every struct or union definition under `root` that has a name.
+pub(crate) fn definitions<'t>(root: Node<'t>, text: &[u8]) -> Vec<Definition<'t>> {
     let mut out = Vec::new();
-    let mut stack = vec![tree.root_node()];
+    let mut stack = vec![root];
     while let Some(node) = stack.pop() {
         if matches!(node.kind(), "struct_specifier" | "union_specifier") {
             if let Some(body) = node.child_by_field_name("body") {
@@ -182,8 +185,8 @@ pub fn added_members(original: &[u8], patched: &[u8]) -> Vec<Addition> {
     let (Some(old_tree), Some(new_tree)) = (parse(original), parse(patched)) else {
         return Vec::new();
     };
-    let old_defs = definitions(&old_tree, original);
-    let new_defs = definitions(&new_tree, patched);
+    let old_defs = definitions(old_tree.root_node(), original);
+    let new_defs = definitions(new_tree.root_node(), patched);
     let mut out = Vec::new();
     for new in &new_defs {
         let mut same_name = old_defs.iter().filter(|d| d.type_name == new.type_name);

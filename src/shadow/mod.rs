@@ -103,9 +103,8 @@ impl ShadowPlan {
     }
 
     /// The type an access diagnostic names (`struct task_struct`, `Node`)
-    /// with that member.
-    /// A type defined in `file` itself comes first: two files may each
-    /// have a `struct priv` of their own.
+    /// with that member; one defined in `file` itself comes first, as two
+    /// files may each have a `struct priv` of their own.
     fn type_for(&self, type_text: &str, member: &str, file: Option<&Path>) -> Option<&ShadowType> {
         let wanted = type_text
             .trim_start_matches("const ")
@@ -381,42 +380,20 @@ fn definition_place<'t>(
     text: &[u8],
     type_name: &str,
 ) -> Option<(usize, tree_sitter::Node<'t>)> {
-    let mut stack = vec![root];
-    while let Some(node) = stack.pop() {
-        if matches!(node.kind(), "struct_specifier" | "union_specifier")
-            && node.child_by_field_name("body").is_some()
-        {
-            let keyword = if node.kind() == "struct_specifier" {
-                "struct"
-            } else {
-                "union"
-            };
-            let name = match node.child_by_field_name("name") {
-                Some(n) => Some(format!("{keyword} {}", members::text_of(text, n))),
-                None => node
-                    .parent()
-                    .filter(|p| p.kind() == "type_definition")
-                    .and_then(|p| p.child_by_field_name("declarator"))
-                    .map(|d| members::text_of(text, d).to_string()),
-            };
-            if name.as_deref() == Some(type_name) {
-                let mut block = node.parent();
-                while let Some(b) = block {
-                    if matches!(
-                        b.kind(),
-                        "preproc_if" | "preproc_ifdef" | "preproc_else" | "preproc_elif"
-                    ) {
-                        break;
-                    }
-                    block = b.parent();
-                }
-                return Some((node.end_byte(), block.unwrap_or(root)));
-            }
+    let definition = members::definitions(root, text)
+        .into_iter()
+        .find(|d| d.type_name == type_name)?;
+    let mut block = definition.body.parent();
+    while let Some(b) = block {
+        if matches!(
+            b.kind(),
+            "preproc_if" | "preproc_ifdef" | "preproc_else" | "preproc_elif"
+        ) {
+            break;
         }
-        let mut cursor = node.walk();
-        stack.extend(node.children(&mut cursor));
+        block = b.parent();
     }
-    None
+    Some((definition.end, block.unwrap_or(root)))
 }
 
 /// One call of [`FREE_CALLS`] or [`COPY_CALLS`].
