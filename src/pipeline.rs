@@ -248,11 +248,15 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     };
     lap("compile", &mut timings);
 
+    let kbuild_dir = kbuild_dir(&target)?;
+    let abi = crate::target::probe::kernel_abi(&kbuild_dir, &target.work)?;
     let replace_unchanged: BTreeSet<String> = request.replace_unchanged.iter().cloned().collect();
     let mut objects = Vec::new();
     for pair in &built.pairs {
         let original = ObjectFile::read(&pair.original)?;
         let patched = ObjectFile::read(&pair.patched)?;
+        abi.check(&original)?;
+        abi.check(&patched)?;
         let diff = diff_objects_replacing(&original, &patched, &replace_unchanged)?;
         objects.push((pair, original, patched, diff));
     }
@@ -311,7 +315,6 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             diff,
         })
         .collect();
-    let kbuild_dir = kbuild_dir(&target)?;
     let modules = generate::module_symbols::ModuleContext {
         modules_dir: match &target.debian {
             Some(d) => Some(d.modules_dir()?),
@@ -326,6 +329,11 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             None => None,
         },
     };
+    let kernel = generate::TargetKernel {
+        kbuild_dir,
+        modules,
+        abi,
+    };
     let generated = generate::generate(
         &name,
         &module,
@@ -334,9 +342,8 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             synchronized: &synchronized,
             shadows: &shadows.types,
         },
-        &kbuild_dir,
+        &kernel,
         &work,
-        &modules,
     );
     let _ = std::fs::remove_dir_all(&work);
     let mut generated = generated?;

@@ -11,9 +11,9 @@
 //! differs means the kernel was built from other source (or its code was
 //! modified) and the package must not land.
 
-use crate::diff::special::{self, SectionRole};
 use crate::diff::{object::reloc_width, ObjectFile};
 use crate::package::{ExpectedCode, ExpectedReloc, MaskedRange, RelocKind};
+use crate::target::abi::KernelAbi;
 use object::elf;
 use std::fmt;
 
@@ -77,7 +77,12 @@ pub fn compare(expected: &ExpectedCode, running: &[u8]) -> Result<(), RunPreMism
 
 /// The expected code of the function `symbol` of `object` (an original,
 /// unpatched object), or None when it is not a defined function with code.
-pub fn expected_code(object: &ObjectFile, symbol: usize, file: &str) -> Option<ExpectedCode> {
+pub fn expected_code(
+    object: &ObjectFile,
+    symbol: usize,
+    file: &str,
+    abi: &KernelAbi,
+) -> Option<ExpectedCode> {
     let sym = object.symbols.get(symbol)?;
     let section = sym.section()?;
     if !sym.is_function() || sym.size == 0 {
@@ -89,7 +94,7 @@ pub fn expected_code(object: &ObjectFile, symbol: usize, file: &str) -> Option<E
 
     let mut sites: Vec<(usize, usize)> = Vec::new();
     for (table_index, table) in object.sections.iter().enumerate() {
-        let SectionRole::Entries(kind) = special::classify(&table.name, true, false) else {
+        let Some(kind) = abi.table(&table.name) else {
             continue;
         };
         let data = object.data(table_index);
@@ -108,7 +113,7 @@ pub fn expected_code(object: &ObjectFile, symbol: usize, file: &str) -> Option<E
             let entry = data
                 .get(r.offset as usize..(r.offset + kind.entry_size) as usize)
                 .unwrap_or(&[]);
-            if let Some(len) = patched_len(kind.name, entry, object.data(section), site) {
+            if let Some(len) = kind.rewritten_len(entry, object.data(section), site) {
                 sites.push((site, site + len));
             }
         }
@@ -229,34 +234,6 @@ pub fn check_relocations(
     Ok(())
 }
 
-/// How many bytes at `site` the kernel may rewrite for an entry of `table`;
-/// None for tables that only describe code (exception and bug tables, ORC).
-fn patched_len(table: &str, entry: &[u8], code: &[u8], site: usize) -> Option<usize> {
-    match table {
-        // struct alt_instr: instrlen at byte 10.
-        ".altinstructions" => entry.get(10).map(|&l| l as usize),
-        // struct paravirt_patch_site: len at byte 9.
-        ".parainstructions" => entry.get(9).map(|&l| l as usize),
-        ".smp_locks" => Some(1),
-        ".ibt_endbr_seal" => Some(4),
-        "__mcount_loc" => Some(5),
-        // A jump label is a 2- or 5-byte jmp/nop; static calls, retpoline
-        // and return-thunk sites a call, jmp or jcc: as long as the
-        // instruction the compiler put there.
-        "__jump_table" | ".static_call_sites" | ".retpoline_sites" | ".return_sites"
-        | ".call_sites" => Some(instruction_len(code, site).unwrap_or(5)),
-        _ => None,
-    }
-}
-
-fn instruction_len(code: &[u8], at: usize) -> Option<usize> {
-    use iced_x86::{Decoder, DecoderOptions};
-    let bytes = code.get(at..)?;
-    let mut decoder = Decoder::new(64, bytes, DecoderOptions::NONE);
-    let insn = decoder.decode();
-    (!insn.is_invalid()).then_some(insn.len())
-}
-
 /// Keep the parts of section-relative `ranges` inside `[start, end)`, make
 /// them function-relative, sorted and non-overlapping.
 fn clip_and_merge(mut ranges: Vec<(usize, usize)>, start: usize, end: usize) -> Vec<MaskedRange> {
@@ -370,19 +347,5 @@ mod tests {
         let got = clip_and_merge(vec![(8, 12), (0, 4), (10, 15), (30, 40), (18, 25)], 2, 20);
         let got: Vec<(u32, u32)> = got.iter().map(|m| (m.offset, m.len)).collect();
         assert_eq!(got, vec![(0, 2), (6, 7), (16, 2)]);
-    }
-
-    #[test]
-    fn patch_sites_cover_the_instruction_the_compiler_emitted() {
-        // jmp rel8 at 0, nop5 at 2, jcc rel32 at 7.
-        let code = [
-            0xeb, 0x05, 0x0f, 0x1f, 0x44, 0x00, 0x00, 0x0f, 0x84, 0, 0, 0, 0,
-        ];
-        assert_eq!(patched_len("__jump_table", &[], &code, 0), Some(2));
-        assert_eq!(patched_len("__jump_table", &[], &code, 2), Some(5));
-        assert_eq!(patched_len(".retpoline_sites", &[], &code, 7), Some(6));
-        let alt = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 11, 3];
-        assert_eq!(patched_len(".altinstructions", &alt, &code, 0), Some(11));
-        assert_eq!(patched_len("__ex_table", &[0; 12], &code, 0), None);
     }
 }

@@ -14,7 +14,6 @@ pub mod frame_locals;
 pub mod lines;
 pub mod object;
 pub mod signature;
-pub mod special;
 pub mod types;
 pub mod values;
 
@@ -23,9 +22,9 @@ pub use object::ObjectFile;
 use object::Section;
 
 use crate::error::Refusal;
+use crate::target::abi::{self, SectionRole};
 use ::object::elf;
 use object::{reloc_is_pc_relative, reloc_width};
-use special::SectionRole;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A function's code inside an object: a whole `.text.<name>` section with
@@ -288,7 +287,7 @@ pub fn diff_objects_replacing(
     refuse_unsafe_references(&mut patched_view, &functions, &mut refused);
 
     // Init code that changed is refused above; it is never carried.
-    functions.retain(|f| !special::is_init(&patched.sections[f.unit.section].name));
+    functions.retain(|f| !abi::is_init(&patched.sections[f.unit.section].name));
     functions.sort_by(|a, b| a.name.cmp(&b.name));
     refused.sort_by(|a, b| (&a.symbol, &a.reason).cmp(&(&b.symbol, &b.reason)));
     refused.dedup();
@@ -340,7 +339,7 @@ impl ObjectDiff {
 
 fn check_relocation_types(obj: &ObjectFile, refused: &mut Vec<Refusal>) {
     for section in &obj.sections {
-        if special::classify(&section.name, section.is_alloc(), section.is_exec())
+        if abi::classify(&section.name, section.is_alloc(), section.is_exec())
             == SectionRole::Ignored
         {
             continue;
@@ -787,7 +786,7 @@ fn refuse_unsafe_functions(
     let traced = ftrace_sites(orig);
     for f in functions {
         let section = &patched.sections[f.unit.section].name;
-        if special::is_init(section) {
+        if abi::is_init(section) {
             refused.push(Refusal {
                 symbol: f.name.clone(),
                 reason: format!(
@@ -981,7 +980,7 @@ fn changed_data_objects(orig: &mut View, patched: &mut View) -> Vec<usize> {
 fn listed_records(obj: &ObjectFile) -> BTreeSet<usize> {
     let mut listed = BTreeSet::new();
     for section in &obj.sections {
-        if special::classify(&section.name, section.is_alloc(), section.is_exec())
+        if abi::classify(&section.name, section.is_alloc(), section.is_exec())
             != SectionRole::Descriptors
         {
             continue;
@@ -1027,7 +1026,7 @@ fn listed_records(obj: &ObjectFile) -> BTreeSet<usize> {
 fn code_and_data_sections(obj: &ObjectFile) -> impl Iterator<Item = (usize, &Section)> {
     obj.sections.iter().enumerate().filter(|(_, section)| {
         matches!(
-            special::classify(&section.name, section.is_alloc(), section.is_exec()),
+            abi::classify(&section.name, section.is_alloc(), section.is_exec()),
             SectionRole::Text | SectionRole::Data | SectionRole::Init
         )
     })
@@ -1041,7 +1040,7 @@ fn data_symbols(obj: &ObjectFile) -> Vec<usize> {
         .filter(|(_, s)| s.is_object() && s.section().is_some())
         .filter(|(_, s)| {
             let sec = &obj.sections[s.section().unwrap()];
-            special::classify(&sec.name, sec.is_alloc(), sec.is_exec()) == SectionRole::Data
+            abi::classify(&sec.name, sec.is_alloc(), sec.is_exec()) == SectionRole::Data
         })
         .map(|(i, _)| i)
         .collect()
@@ -1080,9 +1079,7 @@ fn compare_registrations(orig: &mut View, patched: &mut View, refused: &mut Vec<
         .sections
         .iter()
         .chain(patched.obj.sections.iter())
-        .filter(|s| {
-            special::classify(&s.name, s.is_alloc(), s.is_exec()) == SectionRole::Registration
-        })
+        .filter(|s| abi::classify(&s.name, s.is_alloc(), s.is_exec()) == SectionRole::Registration)
         .map(|s| s.name.clone())
         .collect();
     for name in names {
@@ -1151,7 +1148,7 @@ fn refuse_unsafe_references(
                     }
                 }
                 let target = &obj.sections[section];
-                if special::is_init(&target.name) {
+                if abi::is_init(&target.name) {
                     refused.push(Refusal {
                         symbol: f.name.clone(),
                         reason: format!(

@@ -82,6 +82,47 @@ pub fn layout_changes(orig: &ObjectFile, patched: &ObjectFile) -> Result<Vec<Lay
     Ok(changes)
 }
 
+/// Byte size and member offsets of one struct or union definition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StructLayout {
+    pub size: u64,
+    /// Byte offset of each member that starts on a byte, by its path
+    /// (`name`, or `outer.name` inside an anonymous part).
+    pub members: BTreeMap<String, u64>,
+}
+
+/// The layout of `type_name` (`struct alt_instr`) in `obj`, when the object
+/// defines it once with a known size.
+pub fn struct_layout(obj: &ObjectFile, type_name: &str) -> Result<Option<StructLayout>> {
+    let Some(layouts) = type_layouts(obj)? else {
+        bail!("{}: no DWARF debug info", obj.path.display());
+    };
+    let Some(definitions) = layouts.get(type_name) else {
+        return Ok(None);
+    };
+    let mut definitions = definitions.iter();
+    let (Some(layout), None) = (definitions.next(), definitions.next()) else {
+        bail!(
+            "{}: {type_name} has more than one definition",
+            obj.path.display()
+        );
+    };
+    let Some(size) = layout.size else {
+        return Ok(None);
+    };
+    Ok(Some(StructLayout {
+        size,
+        members: layout
+            .members
+            .iter()
+            .filter_map(|m| {
+                let bits = m.bit_pos?;
+                (m.bit_size.is_none() && bits % 8 == 0).then(|| (m.path.clone(), bits / 8))
+            })
+            .collect(),
+    }))
+}
+
 /// The layout of one definition: byte size and members in declaration
 /// order, anonymous members flattened.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -9,8 +9,9 @@
 //! Everything else stays refused, with the reason.
 
 use super::object::ObjectFile;
-use super::{special, Correlation};
+use super::Correlation;
 use crate::error::Refusal;
+use crate::target::abi;
 
 /// A writable variable whose initial contents the patch changes: what the
 /// running value must be (`old`) and what the update makes it (`new`).
@@ -164,7 +165,7 @@ pub fn refuse_changed_init_data(
             continue;
         };
         let s = &patched.sections[section];
-        if s.is_exec() || !special::is_init(&s.name) {
+        if s.is_exec() || !abi::is_init(&s.name) {
             continue;
         }
         let Some(orig_index) = correlation.orig_name(&sym.name).and_then(|name| {

@@ -5,13 +5,13 @@
 //! undefined symbol that `dynamos apply` resolves against the running kernel.
 
 use crate::diff::object::{reloc_is_module_loadable, Reloc};
-use crate::diff::special::{self, SectionRole};
 use crate::diff::{
     covering_symbol, implicit_branches, snippet_range, ChangeKind, InstructionIndex, ObjectDiff,
     ObjectFile,
 };
 use crate::error::Refusal;
 use crate::package::{ExternalSymbol, SymbolKind};
+use crate::target::abi::{self, KernelAbi, SectionRole};
 use object::write::{self, Object, Relocation, SectionId, SymbolId};
 use object::{
     elf, Architecture, BinaryFormat, Endianness, RelocationFlags, SectionFlags, SectionKind,
@@ -144,10 +144,12 @@ struct Extractor<'a> {
     /// Global names the generated registration code uses for carried functions.
     aliases: &'a BTreeMap<String, String>,
     names: &'a mut PackageNames,
+    abi: &'a KernelAbi,
     refused: Vec<Refusal>,
     instructions: InstructionIndex,
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn extract(
     patched: &ObjectFile,
     diff: &ObjectDiff,
@@ -156,6 +158,7 @@ pub fn extract(
     fresh: &BTreeSet<String>,
     aliases: &BTreeMap<String, String>,
     names: &mut PackageNames,
+    abi: &KernelAbi,
 ) -> Result<Extracted, Vec<Refusal>> {
     let mut x = Extractor {
         patched,
@@ -171,6 +174,7 @@ pub fn extract(
         pending: Vec::new(),
         externals: BTreeMap::new(),
         names,
+        abi,
         refused: Vec::new(),
         instructions: InstructionIndex::default(),
     };
@@ -321,7 +325,7 @@ impl Extractor<'_> {
         // Copied data gets a name of its own: the linker would otherwise
         // merge it with the registration code's same-named mergeable string
         // sections and move the strings our relocations point at.
-        let role = special::classify(&s.name, s.is_alloc(), s.is_exec());
+        let role = abi::classify(&s.name, s.is_alloc(), s.is_exec());
         let name = if role == SectionRole::Data {
             format!("{name}.dynamos")
         } else {
@@ -433,7 +437,7 @@ impl Extractor<'_> {
         };
         let role = {
             let t = &self.patched.sections[target_section];
-            special::classify(&t.name, t.is_alloc(), t.is_exec())
+            abi::classify(&t.name, t.is_alloc(), t.is_exec())
         };
         if sym.is_section() {
             let position = r.addend + self.instructions.pc_bias(self.patched, from_section, r);
@@ -676,17 +680,12 @@ impl Extractor<'_> {
     /// Keep the entries of per-instruction tables that describe carried
     /// code, and drop the rest.
     fn carry_entry_tables(&mut self) {
-        let tables: Vec<(usize, special::EntryTable)> = self
+        let tables: Vec<(usize, abi::EntryTable)> = self
             .patched
             .sections
             .iter()
             .enumerate()
-            .filter_map(
-                |(i, s)| match special::classify(&s.name, s.is_alloc(), s.is_exec()) {
-                    SectionRole::Entries(t) => Some((i, t)),
-                    _ => None,
-                },
-            )
+            .filter_map(|(i, s)| self.abi.table(&s.name).map(|t| (i, *t)))
             .collect();
         for (section, table) in tables {
             let size = self.patched.sections[section].size;
@@ -724,21 +723,21 @@ impl Extractor<'_> {
         };
         self.patched.sections[section].is_exec()
             && self.find_carried(section, position).is_some()
-            && !special::is_init(&self.patched.sections[section].name)
+            && !abi::is_init(&self.patched.sections[section].name)
     }
 
     fn keep_entry(
         &mut self,
         section: usize,
         entry: u64,
-        table: &special::EntryTable,
+        table: &abi::EntryTable,
         relocs: &[Reloc],
     ) {
         // Alternatives: carry the replacement instructions the entry uses.
-        if table.name == ".altinstructions" {
+        if let Some((repl_at, len_at)) = table.replacement {
             if let (Some(repl), Some(&len)) = (
-                relocs.iter().find(|r| r.offset == entry + 4),
-                self.patched.data(section).get(entry as usize + 11),
+                relocs.iter().find(|r| r.offset == entry + repl_at),
+                self.patched.data(section).get((entry + len_at) as usize),
             ) {
                 let sym = &self.patched.symbols[repl.symbol];
                 if let Some(repl_section) = sym.section() {

@@ -27,17 +27,14 @@ use std::collections::{BTreeMap, HashMap};
 const SHN_LIVEPATCH: u16 = 0xff20;
 const SHF_RELA_LIVEPATCH: u64 = 0x0010_0000;
 
-/// Tables the module loader reads while loading our module, before any
+/// The module loader reads `section` while loading our module, before any
 /// livepatch relocation is applied: an entry there cannot use a load-time
 /// symbol (the kernel's livepatch has the same restriction).
-const EARLY_TABLES: &[&str] = &[
-    "__jump_table",
-    ".static_call_sites",
-    ".altinstructions",
-    ".parainstructions",
-    "__ex_table",
-    "__bug_table",
-];
+fn read_before_livepatch_relocations(section: &str) -> bool {
+    crate::target::abi::SPECIAL_SECTIONS
+        .iter()
+        .any(|s| s.name == section && s.read_before_livepatch_relocations)
+}
 
 /// A load-time symbol as the built module refers to it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +207,7 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
         let target = targets[&target_index];
         let target_name =
             String::from_utf8_lossy(builder.sections.get(target).name.as_slice()).into_owned();
-        if EARLY_TABLES.contains(&target_name.as_str()) {
+        if read_before_livepatch_relocations(&target_name) {
             let used = relocs
                 .first()
                 .and_then(|r| r.symbol)

@@ -52,8 +52,6 @@ pub struct GeneratedModule {
     pub notes: Vec<String>,
 }
 
-/// Extract, render and build. `kbuild_dir` is the target's headers (or a
-/// prepared tree); `work` an empty folder the caller owns.
 /// What the source stages wrote into the patched files, which the module
 /// must serve.
 pub struct Rewritten<'a> {
@@ -63,15 +61,24 @@ pub struct Rewritten<'a> {
     pub shadows: &'a [crate::package::ShadowType],
 }
 
+/// The kernel the module is generated for.
+pub struct TargetKernel {
+    /// The target's headers, or a prepared tree: what modules build against.
+    pub kbuild_dir: std::path::PathBuf,
+    pub modules: module_symbols::ModuleContext,
+    pub abi: crate::target::abi::KernelAbi,
+}
+
+/// Extract, render and build; `work` is an empty folder the caller owns.
 pub fn generate(
     package: &str,
     module_name: &str,
     units: &[TranslationUnit],
     rewritten: &Rewritten,
-    kbuild_dir: &Path,
+    kernel: &TargetKernel,
     work: &Path,
-    modules: &module_symbols::ModuleContext,
 ) -> Result<GeneratedModule> {
+    let (kbuild_dir, modules, abi) = (&kernel.kbuild_dir, &kernel.modules, &kernel.abi);
     let (transformed, shadows) = (rewritten.synchronized, rewritten.shadows);
     let synchronized: &[SynchronizedFunction] = &transformed.functions;
     let restore_points: &[RestorePoint] = &transformed.restore_points.points;
@@ -192,6 +199,7 @@ pub fn generate(
             &fresh,
             &aliases,
             &mut names,
+            abi,
         ) {
             Ok(e) => e,
             Err(mut r) => {
@@ -221,6 +229,7 @@ pub fn generate(
                 &old_fresh,
                 &adaptive.old_aliases,
                 &mut names,
+                abi,
             ) {
                 Ok(e) => {
                     let file_name = format!("extracted_{index}_original.o");
@@ -406,7 +415,9 @@ pub fn generate(
                     .iter()
                     .any(|c| c.name == name && c.file == unit.source_file);
                 if !known {
-                    if let Some(code) = expected_code_of(unit.original, name, &unit.source_file) {
+                    if let Some(code) =
+                        expected_code_of(unit.original, name, &unit.source_file, abi)
+                    {
                         update.expected_code.push(code);
                     }
                 }
@@ -734,12 +745,17 @@ fn unbound_bookkeeping(
 }
 
 /// The run-pre expectation for the function `name` defined in `original`.
-fn expected_code_of(original: &ObjectFile, name: &str, file: &str) -> Option<ExpectedCode> {
+fn expected_code_of(
+    original: &ObjectFile,
+    name: &str,
+    file: &str,
+    abi: &crate::target::abi::KernelAbi,
+) -> Option<ExpectedCode> {
     let symbol = original
         .symbols
         .iter()
         .position(|s| s.name == name && s.is_function() && s.section().is_some())?;
-    crate::runpre::expected_code(original, symbol, file)
+    crate::runpre::expected_code(original, symbol, file, abi)
 }
 
 /// Names the original object defines, so the resolver can tell same-named

@@ -3,6 +3,9 @@
 //! cached. A Debian 6.1 build is fetched through apt on first use; a user's
 //! own tree (`--src DIR --config FILE`) is used in place and never written.
 
+pub mod abi;
+pub mod probe;
+
 use crate::cache;
 use crate::debian::{self, DebRef};
 use anyhow::{bail, Context, Result};
