@@ -1,10 +1,133 @@
 //! Fetching Debian packages into the cache: `apt-get download` followed by
 //! `dpkg-deb -x`, never `apt-get install`, so the host system is untouched.
+//!
+//! Tools that run on this machine (QEMU, busybox) come from the machine's
+//! own apt. Target kernels come from an index of the Debian archive that
+//! dynamos keeps in its cache (`apt/`): every release it can target
+//! (Debian 12 and 13) whatever release the host runs, without adding a
+//! source to the host's apt.
 
 use crate::cache;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Where apt looks for a package.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Archive {
+    /// The machine's own apt configuration, for tools that run here.
+    Host,
+    /// The kernel index in the cache, for target kernels.
+    Kernels,
+}
+
+/// Suites of the Debian archive whose kernels can be targets: (archive
+/// folder, suite).
+const KERNEL_SUITES: &[(&str, &str)] = &[
+    ("debian", "bookworm"),
+    ("debian", "bookworm-updates"),
+    ("debian-security", "bookworm-security"),
+    ("debian", "trixie"),
+    ("debian", "trixie-updates"),
+    ("debian-security", "trixie-security"),
+];
+
+/// The archive's address: `$DYNAMOS_DEBIAN_MIRROR`, else Debian's own.
+fn mirror() -> String {
+    std::env::var("DYNAMOS_DEBIAN_MIRROR")
+        .ok()
+        .filter(|m| !m.is_empty())
+        .unwrap_or_else(|| "http://deb.debian.org".to_string())
+        .trim_end_matches('/')
+        .to_string()
+}
+
+fn kernel_index() -> PathBuf {
+    cache::cache_root().join("apt")
+}
+
+/// Options that point apt at `archive`: for the kernel index, its own
+/// sources, lists, download cache and (empty) installed-package status.
+fn apt_options(archive: Archive) -> Vec<String> {
+    match archive {
+        Archive::Host => Vec::new(),
+        Archive::Kernels => {
+            let dir = kernel_index();
+            let d = |sub: &str| dir.join(sub).to_string_lossy().into_owned();
+            [
+                ("Dir::Etc::SourceList", d("sources.list")),
+                ("Dir::Etc::SourceParts", d("sources.list.d")),
+                ("Dir::Etc::Preferences", d("preferences")),
+                ("Dir::Etc::PreferencesParts", d("preferences.d")),
+                ("Dir::State::Lists", d("lists")),
+                ("Dir::State::status", d("status")),
+                ("Dir::Cache", d("cache")),
+            ]
+            .into_iter()
+            .flat_map(|(key, value)| ["-o".to_string(), format!("{key}={value}")])
+            .collect()
+        }
+    }
+}
+
+fn apt_command(program: &str, archive: Archive) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.args(apt_options(archive));
+    cmd
+}
+
+/// When the kernel index was last brought up to date.
+fn index_age() -> Option<std::time::Duration> {
+    std::fs::metadata(kernel_index().join("updated"))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+}
+
+/// Make sure the kernel index has package lists; with `if_older_than`,
+/// also fetch them again when they are older than that.
+pub fn update_kernel_index(if_older_than: Option<std::time::Duration>) -> Result<()> {
+    let dir = kernel_index();
+    let _lock = cache::Lock::acquire(&dir.join("lock"))?;
+    match (index_age(), if_older_than) {
+        (Some(_), None) => return Ok(()),
+        (Some(age), Some(limit)) if age < limit => return Ok(()),
+        _ => {}
+    }
+    for sub in [
+        "sources.list.d",
+        "preferences.d",
+        "lists/partial",
+        "cache/archives/partial",
+    ] {
+        std::fs::create_dir_all(dir.join(sub))
+            .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
+    }
+    let mirror = mirror();
+    let sources: String = KERNEL_SUITES
+        .iter()
+        .map(|(folder, suite)| format!("deb {mirror}/{folder} {suite} main\n"))
+        .collect();
+    std::fs::write(dir.join("sources.list"), sources)?;
+    std::fs::write(dir.join("status"), b"")?;
+    let progress = crate::build::spinner(format!(
+        "reading the Debian archive's kernel packages from {mirror}"
+    ));
+    let output = apt_command("apt-get", Archive::Kernels)
+        .args(["-q", "update"])
+        .output()
+        .context("cannot run apt-get (is this a Debian system?)")?;
+    progress.finish_and_clear();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if let Some(error) = stderr.lines().find(|l| l.starts_with("E:")) {
+        bail!("cannot read the Debian archive at {mirror} (set DYNAMOS_DEBIAN_MIRROR for another): {error}");
+    }
+    if !output.status.success() {
+        bail!("cannot read the Debian archive at {mirror}: apt-get update failed");
+    }
+    cache::write_atomic(&dir.join("updated"), b"")?;
+    Ok(())
+}
 
 /// One binary package, optionally pinned to a version.
 #[derive(Debug, Clone)]
@@ -31,10 +154,13 @@ impl DebRef {
 
 /// Download `debs` into `dir` (which must exist) and return the .deb paths in
 /// the same order.
-pub fn download(debs: &[DebRef], dir: &Path) -> Result<Vec<PathBuf>> {
+pub fn download(debs: &[DebRef], dir: &Path, archive: Archive) -> Result<Vec<PathBuf>> {
+    if archive == Archive::Kernels {
+        update_kernel_index(None)?;
+    }
     let specs: Vec<String> = debs.iter().map(DebRef::apt_spec).collect();
     let progress = crate::build::spinner(format!("downloading {}", specs.join(" ")));
-    let output = Command::new("apt-get")
+    let output = apt_command("apt-get", archive)
         .arg("download")
         .args(&specs)
         .current_dir(dir)
@@ -86,11 +212,11 @@ pub fn extract(deb: &Path, root: &Path) -> Result<()> {
 }
 
 /// A cache folder holding the unpacked files of `debs`, fetched on first use.
-pub fn unpacked(dir: &Path, debs: &[DebRef]) -> Result<PathBuf> {
+pub fn unpacked(dir: &Path, debs: &[DebRef], archive: Archive) -> Result<PathBuf> {
     cache::ensure_dir(dir, |tmp| {
         let download_dir = tmp.join(".debs");
         std::fs::create_dir_all(&download_dir)?;
-        for deb in download(debs, &download_dir)? {
+        for deb in download(debs, &download_dir, archive)? {
             extract(&deb, tmp)?;
         }
         std::fs::remove_dir_all(&download_dir)?;
@@ -98,23 +224,11 @@ pub fn unpacked(dir: &Path, debs: &[DebRef]) -> Result<PathBuf> {
     })
 }
 
-/// The version apt would install for `name`, from the local package lists.
-pub fn candidate_version(name: &str) -> Result<Option<String>> {
-    let output = Command::new("apt-cache")
-        .args(["policy", name])
-        .output()
-        .context("cannot run apt-cache")?;
-    let text = String::from_utf8_lossy(&output.stdout);
-    Ok(text
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("Candidate:"))
-        .map(|v| v.trim().to_string())
-        .filter(|v| v != "(none)"))
-}
-
-/// Versions of `name` apt can download, newest first (`apt-cache madison`).
+/// Versions of the kernel package `name` the archive serves, newest first
+/// (`apt-cache madison`).
 pub fn served_versions(name: &str) -> Result<Vec<String>> {
-    let output = Command::new("apt-cache")
+    update_kernel_index(None)?;
+    let output = apt_command("apt-cache", Archive::Kernels)
         .args(["madison", name])
         .output()
         .context("cannot run apt-cache (is this a Debian system?)")?;
@@ -134,10 +248,12 @@ pub fn served_versions(name: &str) -> Result<Vec<String>> {
     Ok(versions)
 }
 
-/// Names of the packages apt knows that match `pattern` (a POSIX regular
-/// expression on the name), in natural order: `6.1.0-9` before `6.1.0-10`.
+/// Names of the kernel packages the archive serves that match `pattern` (a
+/// POSIX regular expression on the name), in natural order: `6.1.0-9`
+/// before `6.1.0-10`.
 pub fn package_names(pattern: &str) -> Result<Vec<String>> {
-    let output = Command::new("apt-cache")
+    update_kernel_index(None)?;
+    let output = apt_command("apt-cache", Archive::Kernels)
         .args(["search", "--names-only", pattern])
         .output()
         .context("cannot run apt-cache (is this a Debian system?)")?;
@@ -149,6 +265,42 @@ pub fn package_names(pattern: &str) -> Result<Vec<String>> {
     names.sort_by_key(|n| natural_key(n));
     names.dedup();
     Ok(names)
+}
+
+/// The packages `name` at `version` depends on whose names start with
+/// `prefix` (`linux-headers-X` → its `-common` headers and kbuild tools),
+/// each pinned where the dependency gives an exact version.
+pub fn dependencies(name: &str, version: &str, prefix: &str) -> Result<Vec<DebRef>> {
+    update_kernel_index(None)?;
+    let output = apt_command("apt-cache", Archive::Kernels)
+        .args(["show", &format!("{name}={version}")])
+        .output()
+        .context("cannot run apt-cache (is this a Debian system?)")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let Some(depends) = text.lines().find_map(|l| l.strip_prefix("Depends:")) else {
+        bail!("apt knows no dependencies of {name} {version}");
+    };
+    Ok(parse_dependencies(depends, prefix))
+}
+
+fn parse_dependencies(depends: &str, prefix: &str) -> Vec<DebRef> {
+    depends
+        .split(',')
+        // Of alternatives (`a | b`) the first, which Debian lists as preferred.
+        .filter_map(|d| d.split('|').next())
+        .filter_map(|d| {
+            let d = d.trim();
+            let (name, constraint) = match d.split_once('(') {
+                Some((n, c)) => (n.trim(), Some(c.trim_end_matches(')').trim())),
+                None => (d, None),
+            };
+            if !name.starts_with(prefix) {
+                return None;
+            }
+            let version = constraint.and_then(|c| c.strip_prefix('=')).map(str::trim);
+            Some(DebRef::new(name, version))
+        })
+        .collect()
 }
 
 /// Runs of digits compare as numbers.
@@ -172,6 +324,29 @@ fn natural_key(text: &str) -> Vec<(u64, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_dependencies_of_both_debian_releases() {
+        let bookworm = parse_dependencies(
+            "linux-headers-6.1.0-57-common (= 6.1.192-3), linux-kbuild-6.1 (>= 6.1.192-3), linux-compiler-gcc-12-x86",
+            "linux-",
+        );
+        let specs: Vec<String> = bookworm.iter().map(DebRef::apt_spec).collect();
+        assert_eq!(
+            specs,
+            [
+                "linux-headers-6.1.0-57-common=6.1.192-3",
+                "linux-kbuild-6.1",
+                "linux-compiler-gcc-12-x86"
+            ]
+        );
+        let trixie = parse_dependencies(
+            "linux-base (>= 4.12~), linux-headers-6.12.117+deb13-common (= 6.12.117-1), linux-image-6.12.117+deb13-amd64 (= 6.12.117-1) | linux-image-6.12.117+deb13-amd64-unsigned (= 6.12.117-1), linux-kbuild-6.12.117+deb13, gcc-14",
+            "linux-headers-",
+        );
+        let specs: Vec<String> = trixie.iter().map(DebRef::apt_spec).collect();
+        assert_eq!(specs, ["linux-headers-6.12.117+deb13-common=6.12.117-1"]);
+    }
 
     #[test]
     fn natural_order_of_kernel_releases() {

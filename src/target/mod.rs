@@ -7,7 +7,7 @@ pub mod abi;
 pub mod probe;
 
 use crate::cache;
-use crate::debian::{self, DebRef};
+use crate::debian::{self, Archive, DebRef};
 use anyhow::{bail, Context, Result};
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -51,7 +51,13 @@ impl DebianBuild {
             });
         }
         let image = format!("linux-image-{release}");
-        let Some(version) = debian::served_versions(&image)?.into_iter().next() else {
+        let mut served = debian::served_versions(&image)?;
+        if served.is_empty() {
+            // A release newer than the index: read the archive again.
+            debian::update_kernel_index(Some(std::time::Duration::from_secs(3600)))?;
+            served = debian::served_versions(&image)?;
+        }
+        let Some(version) = served.into_iter().next() else {
             let served: Vec<String> = debian::package_names("^linux-image-[0-9].*-amd64$")?
                 .iter()
                 .filter_map(|n| n.strip_prefix("linux-image-"))
@@ -66,7 +72,7 @@ impl DebianBuild {
             bail!(
                 "unknown target {release}: apt serves no {image}; the kernels it serves are {}",
                 if served.is_empty() {
-                    "none (run `apt-get update` as root?)".to_string()
+                    "none".to_string()
                 } else {
                     served.join(", ")
                 }
@@ -98,11 +104,6 @@ impl DebianBuild {
         format!("linux-source-{}", source_series(&self.version))
     }
 
-    /// `6.1.0-57-amd64` → `6.1.0-57`, the ABI part used in package names.
-    fn abi(&self) -> &str {
-        self.release.strip_suffix("-amd64").unwrap_or(&self.release)
-    }
-
     fn image_deb(&self) -> DebRef {
         DebRef::new(
             &format!("linux-image-{}", self.release),
@@ -113,7 +114,7 @@ impl DebianBuild {
     /// The linux-image package unpacked: `boot/` and `lib/modules/`.
     pub fn image_root(&self) -> Result<PathBuf> {
         let dir = target_dir(&self.release).join("image");
-        debian::unpacked(&dir, &[self.image_deb()])
+        debian::unpacked(&dir, &[self.image_deb()], Archive::Kernels)
     }
 
     pub fn vmlinuz(&self) -> Result<PathBuf> {
@@ -144,7 +145,11 @@ impl DebianBuild {
         cache::ensure_dir(&dir, |tmp| {
             let deb_dir = tmp.join(".debs");
             fs::create_dir_all(&deb_dir)?;
-            let debs = debian::download(&[DebRef::new(&package, Some(&self.version))], &deb_dir)?;
+            let debs = debian::download(
+                &[DebRef::new(&package, Some(&self.version))],
+                &deb_dir,
+                Archive::Kernels,
+            )?;
             debian::extract(&debs[0], &deb_dir)?;
             let tarball = deb_dir.join(format!("usr/src/{package}.tar.xz"));
             let progress = crate::build::spinner(format!("unpacking {}", tarball.display()));
@@ -184,22 +189,14 @@ impl DebianBuild {
         cache::ensure_dir(&dir, |tmp| {
             let deb_dir = tmp.join(".debs");
             fs::create_dir_all(&deb_dir)?;
-            let debs = debian::download(
-                &[
-                    DebRef::new(
-                        &format!("linux-headers-{}", self.release),
-                        Some(&self.version),
-                    ),
-                    DebRef::new(
-                        &format!("linux-headers-{}-common", self.abi()),
-                        Some(&self.version),
-                    ),
-                    // Debian keeps only the newest kbuild tools; the headers
-                    // package asks for that version or later.
-                    DebRef::new("linux-kbuild-6.1", None),
-                ],
-                &deb_dir,
-            )?;
+            // The headers package, the common headers and the kbuild tools
+            // it depends on (Debian 12 keeps only the newest kbuild-6.1).
+            let headers = format!("linux-headers-{}", self.release);
+            let mut wanted = vec![DebRef::new(&headers, Some(&self.version))];
+            for prefix in ["linux-headers-", "linux-kbuild-"] {
+                wanted.extend(debian::dependencies(&headers, &self.version, prefix)?);
+            }
+            let debs = debian::download(&wanted, &deb_dir, Archive::Kernels)?;
             for deb in &debs {
                 debian::extract(deb, tmp)?;
             }

@@ -117,7 +117,7 @@ fn fetch_into(root: &Path, packages: &[String]) -> Result<()> {
     let download_dir = root.join(".debs");
     fs::create_dir_all(&download_dir)?;
     let refs: Vec<DebRef> = packages.iter().map(|p| DebRef::new(p, None)).collect();
-    for deb in debian::download(&refs, &download_dir)? {
+    for deb in debian::download(&refs, &download_dir, debian::Archive::Host)? {
         debian::extract(&deb, root)?;
     }
     fs::remove_dir_all(&download_dir)?;
@@ -254,6 +254,7 @@ pub fn busybox() -> Result<PathBuf> {
     let root = debian::unpacked(
         &cache::cache_root().join("busybox"),
         &[DebRef::new("busybox-static", None)],
+        debian::Archive::Host,
     )?;
     let binary = root.join("bin/busybox");
     if !binary.is_file() {
