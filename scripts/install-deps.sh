@@ -6,7 +6,7 @@ set -euo pipefail
 
 # e2fsprogs: the ext4 test makes its filesystem image on the host; clang:
 # the diff tests compile their fixtures with both compilers kernels use.
-packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils dpkg-dev e2fsprogs clang)
+packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils zstd dpkg-dev e2fsprogs clang)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -35,9 +35,9 @@ pub fn running_build_id() -> Result<Option<String>> {
     }
 }
 
-/// Build-id of the vmlinux inside an x86 bzImage whose payload is
-/// xz-compressed (Debian's kernels): the payload is the stripped vmlinux
-/// ELF, whose `.notes` section is what /sys/kernel/notes shows.
+/// Build-id of the vmlinux inside an x86 bzImage: the compressed payload
+/// is the stripped vmlinux ELF, whose `.notes` section is what
+/// /sys/kernel/notes shows.
 pub fn vmlinuz_build_id(vmlinuz: &Path) -> Result<String> {
     let vmlinux = vmlinuz_payload(vmlinuz)?;
     let elf = object::File::parse(&*vmlinux)
@@ -52,38 +52,71 @@ pub fn vmlinuz_build_id(vmlinuz: &Path) -> Result<String> {
     }
 }
 
-/// The stripped vmlinux ELF inside an x86 bzImage with an xz payload.
+/// Decompressors of the payload formats Debian's kernels use, by magic:
+/// xz (Debian 12) and zstd (Debian 13).
+const DECOMPRESSORS: &[(&[u8], &str, &[&str])] = &[
+    (b"\xfd7zXZ\x00", "xz", &["--decompress", "--stdout", "--single-stream"]),
+    (b"\x28\xb5\x2f\xfd", "zstd", &["--decompress", "--stdout", "--quiet"]),
+];
+
+/// The stripped vmlinux ELF inside an x86 bzImage, found where the boot
+/// protocol's setup header says the payload is.
 pub fn vmlinuz_payload(vmlinuz: &Path) -> Result<Vec<u8>> {
     let image =
         std::fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
-    const XZ_MAGIC: &[u8] = b"\xfd7zXZ\x00";
-    let start = image
-        .windows(XZ_MAGIC.len())
-        .position(|w| w == XZ_MAGIC)
-        .with_context(|| format!("{}: no xz-compressed kernel inside", vmlinuz.display()))?;
-    xz_decompress(&image[start..])
+    let payload = bzimage_payload(&image)
+        .with_context(|| format!("{}: not an x86 bzImage with a payload", vmlinuz.display()))?;
+    let Some((_, tool, args)) = DECOMPRESSORS
+        .iter()
+        .find(|(magic, _, _)| payload.starts_with(magic))
+    else {
+        bail!(
+            "{}: the kernel is compressed in a format other than xz or zstd",
+            vmlinuz.display()
+        );
+    };
+    decompress(payload, tool, args)
         .with_context(|| format!("cannot decompress the kernel in {}", vmlinuz.display()))
 }
 
-/// The first xz stream of `data` (what follows it is bzImage padding).
-fn xz_decompress(data: &[u8]) -> Result<Vec<u8>> {
-    let mut child = Command::new("xz")
-        .args(["--decompress", "--stdout", "--single-stream"])
+/// The compressed kernel of a bzImage: `payload_offset` and
+/// `payload_length` of the setup header (boot protocol 2.08 and later),
+/// counted from the protected-mode code after the setup sectors.
+fn bzimage_payload(image: &[u8]) -> Option<&[u8]> {
+    let u32_at = |at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(image.get(at..at + 4)?.try_into().ok()?))
+    };
+    if image.get(0x202..0x206)? != b"HdrS" {
+        return None;
+    }
+    let setup_sects = match *image.get(0x1f1)? {
+        0 => 4,
+        n => usize::from(n),
+    };
+    let start = (setup_sects + 1) * 512 + u32_at(0x248)? as usize;
+    image.get(start..start.checked_add(u32_at(0x24c)? as usize)?)
+}
+
+/// The first stream of `data` decompressed by `tool` (what follows it, the
+/// kernel's own size field, is not part of the stream).
+fn decompress(data: &[u8], tool: &str, args: &[&str]) -> Result<Vec<u8>> {
+    let mut child = Command::new(tool)
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .context("cannot run xz (install xz-utils)")?;
-    let mut stdin = child.stdin.take().context("xz has no stdin")?;
+        .with_context(|| format!("cannot run {tool} (install it: apt-get install {tool})"))?;
+    let mut stdin = child.stdin.take().context("no stdin")?;
     let input = data.to_vec();
     let writer = std::thread::spawn(move || {
-        // xz stops reading after the first stream: a broken pipe is expected.
+        // A decompressor may stop reading after the first stream.
         let _ = stdin.write_all(&input);
     });
-    let output = child.wait_with_output().context("xz failed")?;
+    let output = child.wait_with_output().with_context(|| format!("{tool} failed"))?;
     let _ = writer.join();
     if output.stdout.is_empty() {
-        bail!("xz produced nothing");
+        bail!("{tool} produced nothing");
     }
     Ok(output.stdout)
 }

@@ -604,7 +604,8 @@ fn kernel_object(tree: &Path, object: &Path) -> Result<String> {
         fs::read_to_string(&cmd).with_context(|| format!("cannot read {}", cmd.display()))?;
     let line = text
         .lines()
-        .find(|l| l.starts_with("cmd_"))
+        // `savedcmd_` since Linux 6.2.
+        .find(|l| l.starts_with("cmd_") || l.starts_with("savedcmd_"))
         .with_context(|| format!("{} has no command line", cmd.display()))?;
     let words: Vec<&str> = line.split_whitespace().collect();
     if !words.contains(&"-DMODULE") {

@@ -698,8 +698,8 @@ impl AdaptiveNames {
     }
 }
 
-/// Write one extracted object and the command record kbuild's modpost
-/// reads for every object it links.
+/// Write one extracted object and the command record kbuild reads for
+/// every object it links (`cmd_` before Linux 6.2, `savedcmd_` since).
 fn write_extracted(
     work: &Path,
     file_name: &str,
@@ -710,7 +710,7 @@ fn write_extracted(
     std::fs::write(
         work.join(format!(".{file_name}.cmd")),
         format!(
-            "cmd_{0} := dynamos extract {1}\nsource_{0} := \ndeps_{0} := \n",
+            "cmd_{0} := dynamos extract {1}\nsavedcmd_{0} := dynamos extract {1}\nsource_{0} := \ndeps_{0} := \n",
             work.join(file_name).display(),
             unit.source_file
         ),
