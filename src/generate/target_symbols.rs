@@ -29,15 +29,19 @@ pub fn read_vmlinuz(vmlinuz: &Path) -> Result<Vec<Ksym>> {
 }
 
 /// Decode the tables `scripts/kallsyms` writes (base-relative offsets with
-/// absolute per-cpu symbols, 8-byte aligned labels): offsets,
-/// relative_base, num_syms, names, markers, seqs_of_names, token_table,
-/// token_index.
+/// absolute per-cpu symbols, 8-byte aligned labels). Linux 6.1 lays them
+/// out as offsets, relative_base, num_syms, names, markers, seqs_of_names,
+/// token_table, token_index; since 6.10 the offsets, the base and
+/// seqs_of_names follow the token index instead.
 fn kallsyms_tables(data: &[u8]) -> Result<Vec<Ksym>> {
     for index_at in (0..data.len().saturating_sub(512)).step_by(8) {
         let Some(tokens) = token_table_before(data, index_at) else {
             continue;
         };
         if let Some(symbols) = symbols_before(data, &tokens) {
+            return Ok(symbols);
+        }
+        if let Some(symbols) = symbols_around(data, &tokens, index_at + 512) {
             return Ok(symbols);
         }
     }
@@ -152,12 +156,7 @@ fn symbols_with_count(
         let markers: Vec<u32> = (0..groups)
             .map(|i| u32_at(data, markers_start + 4 * i))
             .collect::<Option<_>>()?;
-        // Each group of 256 names takes at least two bytes a name.
-        let plausible = markers[0] == 0
-            && markers
-                .windows(2)
-                .all(|w| w[1] > w[0] && w[1] - w[0] >= 512 && w[1] - w[0] <= 256 * 600);
-        if !plausible {
+        if !plausible_markers(&markers) {
             continue;
         }
         let last_marker = *markers.last()? as usize;
@@ -177,6 +176,53 @@ fn symbols_with_count(
     None
 }
 
+/// The 6.10+ layout: markers end where the token table starts, and the
+/// offsets start at `offsets_start`, right after the token index.
+fn symbols_around(data: &[u8], tokens: &Tokens, offsets_start: usize) -> Option<Vec<Ksym>> {
+    const MOST_GROUPS: usize = (4 << 20) / 256;
+    for groups in 1..=MOST_GROUPS {
+        for pad in [0usize, 4] {
+            let markers_start = tokens.table_start.checked_sub(pad + 4 * groups)?;
+            if (markers_start + 4 * groups).next_multiple_of(8) != tokens.table_start
+                || !markers_start.is_multiple_of(8)
+            {
+                continue;
+            }
+            let markers: Vec<u32> = (0..groups)
+                .map(|i| u32_at(data, markers_start + 4 * i))
+                .collect::<Option<_>>()?;
+            if !plausible_markers(&markers) {
+                continue;
+            }
+            let last_marker = *markers.last()? as usize;
+            let lowest = markers_start.saturating_sub(last_marker + 256 * 600);
+            let mut names_start = markers_start.checked_sub(last_marker)? / 8 * 8;
+            while names_start >= lowest.max(8) {
+                let count = u32_at(data, names_start - 8)? as usize;
+                if count.div_ceil(256) == groups {
+                    if let Some(names) =
+                        decode_names(data, tokens, names_start, count, &markers, markers_start)
+                    {
+                        let base_at = offsets_start + (4 * count).next_multiple_of(8);
+                        return addresses(data, names, offsets_start, base_at);
+                    }
+                }
+                names_start -= 8;
+            }
+        }
+    }
+    None
+}
+
+/// Each group of 256 names takes at least two bytes a name.
+fn plausible_markers(markers: &[u32]) -> bool {
+    markers.first() == Some(&0)
+        && markers
+            .windows(2)
+            .all(|w| w[1] > w[0] && w[1] - w[0] >= 512 && w[1] - w[0] <= 256 * 600)
+}
+
+/// The 6.1 layout: the base and the offsets before num_syms.
 fn decode(
     data: &[u8],
     tokens: &Tokens,
@@ -185,6 +231,22 @@ fn decode(
     markers: &[u32],
     markers_start: usize,
 ) -> Option<Vec<Ksym>> {
+    let names = decode_names(data, tokens, names_start, count, markers, markers_start)?;
+    let base_at = names_start - 16;
+    let offsets_start = base_at.checked_sub((4 * count).next_multiple_of(8))?;
+    addresses(data, names, offsets_start, base_at)
+}
+
+/// The `count` names from `names_start`, when they end where the markers
+/// start and every marker points at its group's first name.
+fn decode_names(
+    data: &[u8],
+    tokens: &Tokens,
+    names_start: usize,
+    count: usize,
+    markers: &[u32],
+    markers_start: usize,
+) -> Option<Vec<Vec<u8>>> {
     let mut names = Vec::with_capacity(count);
     let mut at = names_start;
     for i in 0..count {
@@ -210,10 +272,19 @@ fn decode(
     if at.next_multiple_of(8) != markers_start {
         return None;
     }
-    let base_at = names_start - 16;
+    Some(names)
+}
+
+/// Symbols of `names` with their addresses from the offsets at
+/// `offsets_start` and the relative base at `base_at`.
+fn addresses(
+    data: &[u8],
+    names: Vec<Vec<u8>>,
+    offsets_start: usize,
+    base_at: usize,
+) -> Option<Vec<Ksym>> {
     let relative_base = u64_at(data, base_at)?;
-    let offsets_start = base_at.checked_sub((4 * count).next_multiple_of(8))?;
-    let mut symbols = Vec::with_capacity(count);
+    let mut symbols = Vec::with_capacity(names.len());
     for (i, name) in names.into_iter().enumerate() {
         let offset = u32_at(data, offsets_start + 4 * i)? as i32;
         // Per-cpu symbols are absolute; the rest count back from the base.
