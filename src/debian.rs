@@ -21,19 +21,43 @@ pub enum Archive {
     Kernels,
 }
 
-/// Suites of the Debian archive whose kernels can be targets: (archive
-/// folder, suite).
-const KERNEL_SUITES: &[(&str, &str)] = &[
-    ("debian", "bookworm"),
-    ("debian", "bookworm-updates"),
-    ("debian-security", "bookworm-security"),
-    ("debian", "trixie"),
-    ("debian", "trixie-updates"),
-    ("debian-security", "trixie-security"),
-];
+/// Debian releases whose kernels can be targets: number and codename.
+const RELEASES: &[(u32, &str)] = &[(12, "bookworm"), (13, "trixie")];
+
+/// The codename of the Debian release a kernel ABI belongs to:
+/// `6.12.117+deb13-amd64` is trixie's; ABIs without `+debNN` (`6.1.0-57`)
+/// are from before Debian numbered them, bookworm's.
+pub fn codename_of(release: &str) -> Result<&'static str> {
+    let Some((_, tail)) = release.split_once("+deb") else {
+        return Ok(RELEASES[0].1);
+    };
+    let number: u32 = tail
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    match RELEASES.iter().find(|(n, _)| *n == number) {
+        Some((_, codename)) => Ok(codename),
+        None => bail!("{release} is from Debian {number}, which dynamos does not target"),
+    }
+}
+
+/// Each release's suites in the archive: (archive folder, suite).
+fn kernel_suites() -> Vec<(&'static str, String)> {
+    RELEASES
+        .iter()
+        .flat_map(|(_, codename)| {
+            [
+                ("debian", codename.to_string()),
+                ("debian", format!("{codename}-updates")),
+                ("debian-security", format!("{codename}-security")),
+            ]
+        })
+        .collect()
+}
 
 /// The archive's address: `$DYNAMOS_DEBIAN_MIRROR`, else Debian's own.
-fn mirror() -> String {
+pub fn mirror() -> String {
     std::env::var("DYNAMOS_DEBIAN_MIRROR")
         .ok()
         .filter(|m| !m.is_empty())
@@ -104,7 +128,7 @@ pub fn update_kernel_index(if_older_than: Option<std::time::Duration>) -> Result
             .with_context(|| format!("cannot create {}", dir.join(sub).display()))?;
     }
     let mirror = mirror();
-    let sources: String = KERNEL_SUITES
+    let sources: String = kernel_suites()
         .iter()
         .map(|(folder, suite)| format!("deb {mirror}/{folder} {suite} main\n"))
         .collect();
@@ -346,6 +370,14 @@ mod tests {
         );
         let specs: Vec<String> = trixie.iter().map(DebRef::apt_spec).collect();
         assert_eq!(specs, ["linux-headers-6.12.117+deb13-common=6.12.117-1"]);
+    }
+
+    #[test]
+    fn kernels_belong_to_their_debian_release() {
+        assert_eq!(codename_of("6.1.0-57-amd64").unwrap(), "bookworm");
+        assert_eq!(codename_of("6.12.117+deb13-amd64").unwrap(), "trixie");
+        assert_eq!(codename_of("6.12.117+deb12-amd64").unwrap(), "bookworm");
+        assert!(codename_of("6.16.3+deb14-amd64").is_err());
     }
 
     #[test]

@@ -55,8 +55,16 @@ pub fn vmlinuz_build_id(vmlinuz: &Path) -> Result<String> {
 /// Decompressors of the payload formats Debian's kernels use, by magic:
 /// xz (Debian 12) and zstd (Debian 13).
 const DECOMPRESSORS: &[(&[u8], &str, &[&str])] = &[
-    (b"\xfd7zXZ\x00", "xz", &["--decompress", "--stdout", "--single-stream"]),
-    (b"\x28\xb5\x2f\xfd", "zstd", &["--decompress", "--stdout", "--quiet"]),
+    (
+        b"\xfd7zXZ\x00",
+        "xz",
+        &["--decompress", "--stdout", "--single-stream"],
+    ),
+    (
+        b"\x28\xb5\x2f\xfd",
+        "zstd",
+        &["--decompress", "--stdout", "--quiet"],
+    ),
 ];
 
 /// The stripped vmlinux ELF inside an x86 bzImage, found where the boot
@@ -113,7 +121,9 @@ fn decompress(data: &[u8], tool: &str, args: &[&str]) -> Result<Vec<u8>> {
         // A decompressor may stop reading after the first stream.
         let _ = stdin.write_all(&input);
     });
-    let output = child.wait_with_output().with_context(|| format!("{tool} failed"))?;
+    let output = child
+        .wait_with_output()
+        .with_context(|| format!("{tool} failed"))?;
     let _ = writer.join();
     if output.stdout.is_empty() {
         bail!("{tool} produced nothing");

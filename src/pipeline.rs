@@ -249,7 +249,8 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     lap("compile", &mut timings);
 
     let kbuild_dir = kbuild_dir(&target)?;
-    let abi = crate::target::probe::kernel_abi(&kbuild_dir, &target.work)?;
+    let mut abi = crate::target::probe::kernel_abi(&kbuild_dir, &target.work, &target.toolchain)?;
+    abi.objtool_at_link = built.objtool_at_link;
     let replace_unchanged: BTreeSet<String> = request.replace_unchanged.iter().cloned().collect();
     let mut objects = Vec::new();
     for pair in &built.pairs {
@@ -333,6 +334,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         kbuild_dir,
         modules,
         abi,
+        toolchain: target.toolchain.clone(),
     };
     let generated = generate::generate(
         &name,

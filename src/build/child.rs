@@ -125,7 +125,7 @@ pub fn run(cmd: &mut Command, lock_fd: Option<RawFd>) -> io::Result<ExitStatus> 
 }
 
 /// Run `cmd` to completion tied to this process the same way, without the
-/// build lock, and collect its output.
+/// build lock, and collect its output (kbuild's listing of a folder).
 pub fn output(cmd: &mut Command) -> io::Result<Output> {
     cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
     run_tied(cmd, None, |make| {

@@ -19,7 +19,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// Files and folders a module folder may hold that are not its source:
 /// what an earlier build left (a stale object would be taken as up to date
@@ -152,6 +151,9 @@ pub fn build(
         ignored: Vec::new(),
         original_modules: BTreeMap::new(),
         dir: dir.clone(),
+        // Not run on the copies: an IBT kernel's external modules would
+        // need its objtool from the headers.
+        objtool_at_link: false,
         keep: false,
     };
     let (orig, patched) = (dir.join("orig"), dir.join("patched"));
@@ -178,8 +180,9 @@ pub fn build(
         module.root.display()
     ));
     let (orig_run, patched_run) = std::thread::scope(|scope| {
-        let first = scope.spawn(|| make_modules(kbuild_dir, &orig, None));
-        let second = make_modules(kbuild_dir, &patched, Some(&author_include));
+        let toolchain = &target.toolchain;
+        let first = scope.spawn(|| make_modules(toolchain, kbuild_dir, &orig, None));
+        let second = make_modules(toolchain, kbuild_dir, &patched, Some(&author_include));
         (
             first
                 .join()
@@ -294,10 +297,16 @@ pub fn build(
 
 /// `make -C kbuild M=copy modules`, with `include` searched for `<...>`
 /// includes too; success and the interleaved output.
-fn make_modules(kbuild_dir: &Path, copy: &Path, include: Option<&Path>) -> Result<(bool, String)> {
-    let mut cmd = Command::new("make");
+fn make_modules(
+    toolchain: &crate::target::toolchain::Toolchain,
+    kbuild_dir: &Path,
+    copy: &Path,
+    include: Option<&Path>,
+) -> Result<(bool, String)> {
+    let mut cmd = toolchain.command("make");
     cmd.arg("-C")
         .arg(kbuild_dir)
+        .arg(format!("CC={}", toolchain.cc))
         .arg(format!("M={}", copy.display()))
         .arg(JOBS)
         // The copy's folder (named after this process) is mapped out of

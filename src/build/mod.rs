@@ -46,14 +46,8 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Instant;
-
-/// Run a command (the livepatch module's `make`) to completion and collect
-/// its output; it and everything it starts end with this process.
-pub fn output_tied_to_this_process(cmd: &mut Command) -> std::io::Result<std::process::Output> {
-    child::output(cmd)
-}
 
 /// A spinner on stderr for a step that takes a while; hidden when stderr is not a terminal.
 pub fn spinner(message: String) -> ProgressBar {
@@ -160,6 +154,9 @@ pub struct BuildOutput {
     pub original_modules: BTreeMap<String, PathBuf>,
     /// Folder holding `orig/…` and `patched/…` copies of the objects.
     pub dir: PathBuf,
+    /// The target runs objtool on linked objects, not on each one; the
+    /// copies were run through it as kbuild would at link.
+    pub objtool_at_link: bool,
     keep: bool,
 }
 
@@ -351,11 +348,13 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     }
 
     let dir = new_result_dir(&target.work)?;
+    let objtool_at_link = trees.kbuild_dir(".", trees.srcarch()?)?.objtool_at_link;
     let mut output = BuildOutput {
         pairs: Vec::new(),
         ignored,
         original_modules: BTreeMap::new(),
         dir: dir.clone(),
+        objtool_at_link: !objtool_at_link.is_empty(),
         keep: false,
     };
     let mut refusals = Vec::new();
@@ -400,6 +399,11 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         };
         let original = copy(&trees.orig, "orig")?;
         let patched = copy(&trees.patched, "patched")?;
+        if !objtool_at_link.is_empty() {
+            for object in [&original, &patched] {
+                trees.annotate(object, &objtool_at_link, in_module)?;
+            }
+        }
         output.pairs.push(ObjectPair {
             source: source.clone(),
             object: plain,
@@ -749,6 +753,7 @@ dynamos-list:
 	@echo 'y: $(real-obj-y)'
 	@echo 'lib: $(lib-y)'
 	@echo 'm: $(real-obj-m)'
+	@echo 'objtool-at-link: $(if $(delay-objtool),$(objtool-args-y))'
 "#;
 
 /// One folder's objects for this config, paths relative to the tree root.
@@ -759,6 +764,9 @@ struct KbuildDir {
     /// `lib-y`: archived into the folder's `lib.a`, built-in code too.
     library: Vec<PathBuf>,
     module: Vec<PathBuf>,
+    /// objtool's options, when this config runs it on the linked vmlinux.o
+    /// and modules instead of on each object (IBT kernels, 6.2 and later).
+    objtool_at_link: Vec<String>,
 }
 
 impl KbuildDir {
@@ -817,7 +825,7 @@ struct Trees {
     journal: PathBuf,
     /// The build lock's file, handed down to every make run.
     lock_fd: std::os::unix::io::RawFd,
-    cc: Option<&'static str>,
+    toolchain: crate::target::toolchain::Toolchain,
     /// The source is a released package that never changes, so an
     /// original object, once built, stays valid.
     immutable_source: bool,
@@ -836,8 +844,7 @@ impl Trees {
             patched: target.work.join("patched"),
             journal: target.work.join("src.journal"),
             lock_fd: lock.raw_fd(),
-            // Debian builds its kernels with gcc-12; use it when it is here.
-            cc: which("gcc-12").then_some("gcc-12"),
+            toolchain: target.toolchain.clone(),
             immutable_source: target.debian.is_some(),
             listings: Default::default(),
         }
@@ -885,7 +892,7 @@ impl Trees {
         if fs::read_to_string(&mk).ok().as_deref() != Some(LIST_MK) {
             cache::write_atomic(&mk, LIST_MK.as_bytes())?;
         }
-        let mut cmd = Command::new("make");
+        let mut cmd = self.toolchain.command("make");
         cmd.arg("-s")
             .arg("-C")
             .arg(&self.orig)
@@ -899,16 +906,13 @@ impl Trees {
             .arg("objtree=.")
             .arg(format!("SRCARCH={srcarch}"))
             .arg(format!("ARCH={srcarch}"))
-            .arg(format!("CC={}", self.cc.unwrap_or("gcc")))
+            .arg(format!("CC={}", self.toolchain.cc))
             .arg("dynamos-list");
         for var in MAKE_ENV_REMOVE {
             cmd.env_remove(var);
         }
-        let out = cmd
-            .env("LC_ALL", "C")
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run make")?;
+        cmd.env("LC_ALL", "C").stdin(Stdio::null());
+        let out = child::output(&mut cmd).context("cannot run make")?;
         let text = String::from_utf8_lossy(&out.stdout);
         if !out.status.success() {
             bail!(
@@ -930,6 +934,9 @@ impl Trees {
                 "y" => listing.builtin.extend(words),
                 "lib" => listing.library.extend(words),
                 "m" => listing.module.extend(words),
+                "objtool-at-link" => listing
+                    .objtool_at_link
+                    .extend(rest.split_whitespace().map(str::to_string)),
                 _ => {}
             }
         }
@@ -1119,7 +1126,7 @@ impl Trees {
             "source {}\nconfig {}\ncc {}\nrelease {}\nkcflags {}\n",
             source.display(),
             hex::encode(hasher.finalize()),
-            self.cc.unwrap_or("default"),
+            self.toolchain.describe(),
             self.release,
             kcflags(source, out)
         ))
@@ -1178,17 +1185,41 @@ impl Trees {
     }
 
     fn run_make(&self, source: &Path, out: &Path, args: &[&str]) -> Result<MakeRun> {
-        let mut cmd = Command::new("make");
+        let mut cmd = self.toolchain.command("make");
         cmd.arg("-C")
             .arg(source)
             .arg(format!("O={}", out.display()))
             .arg(format!("KERNELRELEASE={}", self.release))
-            .arg(format!("KCFLAGS={}", kcflags(source, out)));
-        if let Some(cc) = self.cc {
-            cmd.arg(format!("CC={cc}"));
-        }
+            .arg(format!("KCFLAGS={}", kcflags(source, out)))
+            .arg(format!("CC={}", self.toolchain.cc));
         cmd.args(args);
         run_make_logged(cmd, &out.join(".dynamos-make.log"), Some(self.lock_fd))
+    }
+
+    /// Run objtool on a copy of an object as kbuild runs it on the linked
+    /// vmlinux.o or module, so that the copy carries the tables objtool
+    /// writes (return-thunk, retpoline and call sites, ENDBR seals, ORC)
+    /// for the code in it: the kernel rewrites those sites and run-pre
+    /// must know them.
+    fn annotate(&self, object: &Path, options: &[String], in_module: bool) -> Result<()> {
+        let mut cmd = self
+            .toolchain
+            .command(&self.orig.join("tools/objtool/objtool").to_string_lossy());
+        // `--link` as for vmlinux.o and modules: the ENDBR seals need it.
+        cmd.args(options).arg("--link");
+        if in_module {
+            cmd.arg("--module");
+        }
+        cmd.arg(object).env("LC_ALL", "C").stdin(Stdio::null());
+        let out = child::output(&mut cmd).context("cannot run objtool")?;
+        if !out.status.success() {
+            bail!(
+                "objtool failed on {}:\n{}",
+                object.display(),
+                String::from_utf8_lossy(&out.stderr).trim_end()
+            );
+        }
+        Ok(())
     }
 
     /// Undo the patched files of a build that did not finish.
@@ -1203,11 +1234,6 @@ impl Trees {
             .collect();
         Worktree::left_behind(self, paths).restore()
     }
-}
-
-fn which(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 #[cfg(test)]

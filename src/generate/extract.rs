@@ -427,7 +427,9 @@ impl Extractor<'_> {
     fn translate_target(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
         let sym = self.patched.symbols[r.symbol].clone();
         let Some(target_section) = sym.section() else {
-            if crate::shadow::is_runtime_symbol(&sym.name) {
+            if crate::shadow::is_runtime_symbol(&sym.name)
+                || (self.abi.objtool_at_link && abi::named_by_objtool(&sym.name))
+            {
                 return Some((self.runtime_reference(&sym.name), r.addend));
             }
             if let Some(shared) = self.shared_reference(&sym.name) {
@@ -686,6 +688,7 @@ impl Extractor<'_> {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| self.abi.table(&s.name).map(|t| (i, *t)))
+            .filter(|(_, t)| !(self.abi.objtool_at_link && t.section.written_by_objtool))
             .collect();
         for (section, table) in tables {
             let size = self.patched.sections[section].size;

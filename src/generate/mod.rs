@@ -26,7 +26,6 @@ use anyhow::{bail, Context, Result};
 use extract::{Extracted, PackageNames};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::Command;
 
 const LIVEPATCH_TEMPLATE: &str = include_str!("../../templates/livepatch.c");
 const KBUILD_TEMPLATE: &str = include_str!("../../templates/Kbuild");
@@ -67,6 +66,7 @@ pub struct TargetKernel {
     pub kbuild_dir: std::path::PathBuf,
     pub modules: module_symbols::ModuleContext,
     pub abi: crate::target::abi::KernelAbi,
+    pub toolchain: crate::target::toolchain::Toolchain,
 }
 
 /// Extract, render and build; `work` is an empty folder the caller owns.
@@ -78,7 +78,7 @@ pub fn generate(
     kernel: &TargetKernel,
     work: &Path,
 ) -> Result<GeneratedModule> {
-    let (kbuild_dir, modules, abi) = (&kernel.kbuild_dir, &kernel.modules, &kernel.abi);
+    let (modules, abi) = (&kernel.modules, &kernel.abi);
     let (transformed, shadows) = (rewritten.synchronized, rewritten.shadows);
     let synchronized: &[SynchronizedFunction] = &transformed.functions;
     let restore_points: &[RestorePoint] = &transformed.restore_points.points;
@@ -502,7 +502,7 @@ pub fn generate(
             .replace("{{module}}", module_name)
             .replace("{{extracted_objects}}", &object_files.join(" ")),
     )?;
-    let ko = build_module(kbuild_dir, work, module_name, &objects, &load_time)?;
+    let ko = build_module(kernel, work, module_name, &objects, &load_time)?;
     let converted = klp::convert(&ko, &load_time)?;
     notes.extend(converted.silent.iter().map(|(module, what)| {
         format!("{what} of {module}: silent in the new code (a livepatch jump label cannot use the module's key)")
@@ -1018,29 +1018,28 @@ fn reproducible_kcflags(kbuild_dir: &Path, work: &Path) -> String {
 }
 
 fn build_module(
-    kbuild_dir: &Path,
+    kernel: &TargetKernel,
     work: &Path,
     module_name: &str,
     objects: &[ObjectUpdate],
     load_time: &[klp::KlpReference],
 ) -> Result<Vec<u8>> {
+    let kbuild_dir = &kernel.kbuild_dir;
     let progress = crate::build::spinner(format!("building module {module_name}"));
-    let mut make = Command::new("make");
+    let mut make = kernel.toolchain.command("make");
     make.arg("-C")
         .arg(kbuild_dir)
         .arg(format!("M={}", work.display()))
+        .arg(format!("CC={}", kernel.toolchain.cc))
         // Our resolver symbols are undefined on purpose; they are checked below.
         .arg("KBUILD_MODPOST_WARN=1")
         .arg(reproducible_kcflags(kbuild_dir, work))
         .arg("modules");
-    let output = crate::build::output_tied_to_this_process(&mut make).context("cannot run make")?;
+    let run = crate::build::run_make_logged(make, &work.join(".dynamos-make.log"), None);
     progress.finish_and_clear();
-    let log = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    if !output.status.success() {
+    let run = run?;
+    let log = run.output;
+    if !run.success {
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         bail!("building the livepatch module failed:\n{}", tail.join("\n"));

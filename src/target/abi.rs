@@ -55,6 +55,10 @@ pub struct SpecialSection {
     /// Members naming the replacement code an entry uses and its length
     /// (alternatives).
     pub replacement: Option<(&'static str, &'static str)>,
+    /// objtool writes it (from the code, not from the compiler's output):
+    /// where objtool runs on the linked module, it writes it for the whole
+    /// package module and skips a module that already has one.
+    pub written_by_objtool: bool,
 }
 
 const fn offsets(name: &'static str, size: u64, rewrite: Rewrite) -> SpecialSection {
@@ -65,6 +69,14 @@ const fn offsets(name: &'static str, size: u64, rewrite: Rewrite) -> SpecialSect
         read_before_livepatch_relocations: false,
         paired: None,
         replacement: None,
+        written_by_objtool: false,
+    }
+}
+
+const fn objtools(name: &'static str, rewrite: Rewrite) -> SpecialSection {
+    SpecialSection {
+        written_by_objtool: true,
+        ..offsets(name, 4, rewrite)
     }
 }
 
@@ -76,16 +88,17 @@ const fn structs(name: &'static str, entry: &'static str, rewrite: Rewrite) -> S
         read_before_livepatch_relocations: true,
         paired: None,
         replacement: None,
+        written_by_objtool: false,
     }
 }
 
 /// Every special section the engine knows, of any kernel series.
 pub const SPECIAL_SECTIONS: &[SpecialSection] = &[
     offsets("__mcount_loc", 8, Rewrite::Bytes(5)),
-    offsets(".return_sites", 4, Rewrite::Instruction),
-    offsets(".retpoline_sites", 4, Rewrite::Instruction),
-    offsets(".call_sites", 4, Rewrite::Instruction),
-    offsets(".ibt_endbr_seal", 4, Rewrite::Bytes(4)),
+    objtools(".return_sites", Rewrite::Instruction),
+    objtools(".retpoline_sites", Rewrite::Instruction),
+    objtools(".call_sites", Rewrite::Instruction),
+    objtools(".ibt_endbr_seal", Rewrite::Bytes(4)),
     offsets(".smp_locks", 4, Rewrite::Bytes(1)),
     structs(
         "__ex_table",
@@ -108,14 +121,17 @@ pub const SPECIAL_SECTIONS: &[SpecialSection] = &[
         "struct paravirt_patch_site",
         Rewrite::LengthIn("len"),
     ),
-    structs(
-        ".static_call_sites",
-        "struct static_call_site",
-        Rewrite::Instruction,
-    ),
+    SpecialSection {
+        written_by_objtool: true,
+        ..structs(
+            ".static_call_sites",
+            "struct static_call_site",
+            Rewrite::Instruction,
+        )
+    },
     SpecialSection {
         paired: Some((".orc_unwind", EntryType::Struct("struct orc_entry"))),
-        ..offsets(".orc_unwind_ip", 4, Rewrite::Nothing)
+        ..objtools(".orc_unwind_ip", Rewrite::Nothing)
     },
 ];
 
@@ -175,6 +191,10 @@ fn instruction_len(code: &[u8], at: usize) -> Option<usize> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelAbi {
     tables: Vec<EntryTable>,
+    /// objtool runs on the linked vmlinux.o and modules, not on each
+    /// object (IBT kernels since 6.2): the package module gets the tables
+    /// objtool writes from kbuild, and must not bring its own.
+    pub objtool_at_link: bool,
 }
 
 impl KernelAbi {
@@ -229,7 +249,10 @@ impl KernelAbi {
                 replacement,
             });
         }
-        Ok(KernelAbi { tables })
+        Ok(KernelAbi {
+            tables,
+            objtool_at_link: false,
+        })
     }
 
     /// The table called `name` in this kernel.
@@ -258,6 +281,21 @@ impl KernelAbi {
         }
         Ok(())
     }
+}
+
+/// Thunks objtool finds the sites of by the name a call or jump uses
+/// (return-thunk and retpoline sites): where objtool runs on the linked
+/// package module, new code must refer to them by name, not through a
+/// symbol of the package's own that apply resolves.
+pub fn named_by_objtool(name: &str) -> bool {
+    name == "__x86_return_thunk"
+        || [
+            "__x86_indirect_thunk_",
+            "__x86_indirect_call_thunk_",
+            "__x86_indirect_jump_thunk_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 /// Code referenced only through entries of a table (alternative

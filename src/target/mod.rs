@@ -5,6 +5,7 @@
 
 pub mod abi;
 pub mod probe;
+pub mod toolchain;
 
 use crate::cache;
 use crate::debian::{self, Archive, DebRef};
@@ -257,6 +258,8 @@ pub struct Target {
     pub symvers: Option<PathBuf>,
     /// GNU build-id of the target's vmlinux, when known.
     pub build_id: Option<String>,
+    /// The compiler the kernel was built with, and where it runs.
+    pub toolchain: toolchain::Toolchain,
 }
 
 impl Target {
@@ -282,8 +285,15 @@ impl Target {
     fn debian(build: DebianBuild) -> Result<Target> {
         let source = build.source()?;
         let config = build.config()?;
+        let config_text = fs::read_to_string(&config)
+            .with_context(|| format!("cannot read {}", config.display()))?;
+        let toolchain = toolchain::Toolchain::for_debian_kernel(
+            &config_text,
+            debian::codename_of(&build.release)?,
+        )?;
         let headers = Some(build.headers()?);
         Ok(Target {
+            toolchain,
             release: build.release.clone(),
             work: target_dir(&build.release).join("work"),
             source,
@@ -339,7 +349,15 @@ impl Target {
             Some(r) => r.to_string(),
             None => crate::build::kernel_version(&source)?,
         };
+        // The compiler the config names when the host has it, else its gcc.
+        let cc = config_text
+            .lines()
+            .find_map(|l| l.strip_prefix("CONFIG_CC_VERSION_TEXT=\""))
+            .and_then(|text| text.split_whitespace().next())
+            .filter(|cc| on_path(cc))
+            .unwrap_or("gcc");
         Ok(Target {
+            toolchain: toolchain::Toolchain::host(cc),
             release,
             debian: None,
             work: cache::cache_root().join("trees").join(key),
@@ -350,6 +368,11 @@ impl Target {
             build_id: None,
         })
     }
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
 /// The modules of an unpacked `lib/modules/<release>` folder: module name

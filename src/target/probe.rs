@@ -3,6 +3,7 @@
 //! object's DWARF, and the result cached beside the target's builds.
 
 use super::abi::{self, KernelAbi};
+use super::toolchain::Toolchain;
 use crate::diff::types::{struct_layout, StructLayout};
 use crate::diff::ObjectFile;
 use anyhow::{bail, Context, Result};
@@ -10,23 +11,22 @@ use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::Path;
-use std::process::Command;
 
 const PROBE: &str = include_str!("../../templates/layouts.c");
 const PROBE_NAME: &str = "dynamos_layouts";
 
 /// The ABI of the kernel `kbuild_dir` builds modules for, measured once
 /// and remembered in `work`.
-pub fn kernel_abi(kbuild_dir: &Path, work: &Path) -> Result<KernelAbi> {
+pub fn kernel_abi(kbuild_dir: &Path, work: &Path, toolchain: &Toolchain) -> Result<KernelAbi> {
     let cached = work.join("kernel-abi");
-    let stamp = format!("# {}", probe_digest(kbuild_dir));
+    let stamp = format!("# {}", probe_digest(kbuild_dir, toolchain));
     let layouts = match fs::read_to_string(&cached)
         .ok()
         .and_then(|text| parse_layouts(&text, &stamp))
     {
         Some(layouts) => layouts,
         None => {
-            let layouts = measure(kbuild_dir, work)?;
+            let layouts = measure(kbuild_dir, work, toolchain)?;
             crate::cache::write_atomic(&cached, render_layouts(&layouts, &stamp).as_bytes())?;
             layouts
         }
@@ -34,31 +34,41 @@ pub fn kernel_abi(kbuild_dir: &Path, work: &Path) -> Result<KernelAbi> {
     KernelAbi::from_layouts(&layouts)
 }
 
-/// The probe's source and the kbuild folder it is compiled in: a new
-/// probe or another folder measures again.
-fn probe_digest(kbuild_dir: &Path) -> String {
+/// The probe's source, the kbuild folder it is compiled in and the
+/// compiler: a change to any measures again.
+fn probe_digest(kbuild_dir: &Path, toolchain: &Toolchain) -> String {
     let mut hasher = Sha256::new();
     hasher.update(PROBE.as_bytes());
     hasher.update(kbuild_dir.to_string_lossy().as_bytes());
+    hasher.update(toolchain.describe().as_bytes());
     hex::encode(&hasher.finalize()[..8])
 }
 
-fn measure(kbuild_dir: &Path, work: &Path) -> Result<BTreeMap<String, StructLayout>> {
+fn measure(
+    kbuild_dir: &Path,
+    work: &Path,
+    toolchain: &Toolchain,
+) -> Result<BTreeMap<String, StructLayout>> {
     let dir = work.join(format!("layouts.{}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
     fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let result = compile_and_read(kbuild_dir, &dir);
+    let result = compile_and_read(kbuild_dir, &dir, toolchain);
     let _ = fs::remove_dir_all(&dir);
     result
 }
 
-fn compile_and_read(kbuild_dir: &Path, dir: &Path) -> Result<BTreeMap<String, StructLayout>> {
+fn compile_and_read(
+    kbuild_dir: &Path,
+    dir: &Path,
+    toolchain: &Toolchain,
+) -> Result<BTreeMap<String, StructLayout>> {
     fs::write(dir.join(format!("{PROBE_NAME}.c")), PROBE)?;
     fs::write(dir.join("Kbuild"), format!("obj-m := {PROBE_NAME}.o\n"))?;
     let progress = crate::build::spinner("measuring the target kernel's special sections".into());
-    let mut make = Command::new("make");
+    let mut make = toolchain.command("make");
     make.arg("-C")
         .arg(kbuild_dir)
+        .arg(format!("CC={}", toolchain.cc))
         .arg(format!("M={}", dir.display()))
         .arg(format!("{PROBE_NAME}.o"));
     let run = crate::build::run_make_logged(make, &dir.join("make.log"), None);

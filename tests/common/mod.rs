@@ -158,8 +158,27 @@ dmesg | grep -E 'Oops|BUG:|WARNING:|invalid relocation' && exit 9 || true
 /// and that the kernel carries no taint beyond [`MODULE_TAINTS`]; returns
 /// the output.
 pub fn vm_with_modules(keys: &Keys, modules: &[&str], files: &[&Path], script: &str) -> String {
+    vm_checked(keys, None, modules, files, script)
+}
+
+/// [`vm_with_modules`] booting the Debian kernel `kernel` instead of the
+/// default target.
+pub fn vm_on_kernel(keys: &Keys, kernel: &str, files: &[&Path], script: &str) -> String {
+    vm_checked(keys, Some(kernel), &[], files, script)
+}
+
+fn vm_checked(
+    keys: &Keys,
+    kernel: Option<&str>,
+    modules: &[&str],
+    files: &[&Path],
+    script: &str,
+) -> String {
     let script = format!("{script}{KERNEL_CHECK}");
     let mut args: Vec<&str> = vec!["vm"];
+    if let Some(kernel) = kernel {
+        args.extend(["--kernel", kernel]);
+    }
     for module in modules {
         args.extend(["--module", module]);
     }

@@ -1,0 +1,67 @@
+//! Debian 13 ("trixie", Linux 6.12): a kernel built with gcc-14, IBT, call
+//! padding and call-depth tracking, whose objtool runs on the linked
+//! vmlinux.o and modules. The build uses trixie's gcc-14 in a root of its
+//! own, and the package goes live and comes back out on that kernel.
+
+mod common;
+use common::*;
+
+const DEBIAN_13: &str = "6.12.117+deb13-amd64";
+
+/// A /proc fix built for Debian 13's kernel goes live there, its running
+/// code verified by run-pre, and is reverted; the return-thunk sites of
+/// the new code are patched like the kernel's own (an unpatched one warns
+/// through `__warn_thunk`, which the kernel check below would catch).
+#[test]
+fn a_proc_fix_goes_live_on_debian_13_and_is_reverted() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("proc-version-banner.dynpkg");
+    let out = build_with(
+        &keys,
+        &["proc-version-banner.diff"],
+        ["--target", DEBIAN_13],
+        &pkg,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("for {DEBIAN_13}")),
+        "{}",
+        stdout(&out)
+    );
+    // Entry layouts come from the target's own headers: 6.12's alt_instr
+    // has feature flags beside the CPUID bit and is 14 bytes, not 6.1's 12.
+    let abi = std::fs::read_to_string(
+        dynamos::cache::cache_root()
+            .join("targets")
+            .join(DEBIAN_13)
+            .join("work/kernel-abi"),
+    )
+    .unwrap();
+    assert!(abi.contains("struct alt_instr\t14\t"), "{abi}");
+    assert!(!abi.contains("struct paravirt_patch_site"), "{abi}");
+
+    let text = vm_on_kernel(
+        &keys,
+        DEBIAN_13,
+        &[&pkg],
+        r#"
+echo "@@ running $(uname -r) @@"
+dynamos apply /packages/proc-version-banner.dynpkg > /tmp/apply.log 2>&1; echo "@@ apply exit $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+echo "@@ banner lines $(grep -c 'live update proc-version-banner applied' /proc/version) @@"
+dynamos revert --all > /dev/null; echo "@@ revert exit $? @@"
+echo "@@ banner lines after revert $(grep -c 'live update proc-version-banner applied' /proc/version) @@"
+echo "@@ modules $(grep -c '^dynamos' /proc/modules) @@"
+"#,
+    );
+    expect_line(&text, &format!("@@ running {DEBIAN_13} @@"));
+    let apply = section(&text, "@@ apply exit 0: ", "@@");
+    assert!(
+        apply.contains("running code verified: 1 functions"),
+        "{text}"
+    );
+    expect_line(&text, "@@ banner lines 1 @@");
+    expect_line(&text, "@@ revert exit 0 @@");
+    expect_line(&text, "@@ banner lines after revert 0 @@");
+    expect_line(&text, "@@ modules 0 @@");
+}
