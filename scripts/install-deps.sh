@@ -5,8 +5,10 @@
 set -euo pipefail
 
 # e2fsprogs: the ext4 test makes its filesystem image on the host; clang:
-# the diff tests compile their fixtures with both compilers kernels use.
-packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils zstd dpkg-dev e2fsprogs clang)
+# the diff tests compile their fixtures with both compilers kernels use;
+# zstd: Debian 13's kernel images; debootstrap: the root with a target
+# kernel's compiler when the host lacks it (Debian 13's gcc-14).
+packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils zstd dpkg-dev e2fsprogs clang debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -15,8 +17,8 @@ done
 sudo_cmd=()
 [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
 
-# The tool downloads kernel packages with `apt-get download`, which needs
-# current package lists.
+# The tool downloads QEMU and busybox with `apt-get download`, which needs
+# current package lists (kernels come from its own index of the archive).
 "${sudo_cmd[@]}" apt-get update -qq
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
