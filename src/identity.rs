@@ -87,6 +87,19 @@ pub fn vmlinuz_payload(vmlinuz: &Path) -> Result<Vec<u8>> {
         .with_context(|| format!("cannot decompress the kernel in {}", vmlinuz.display()))
 }
 
+/// `data` decompressed when it starts with the magic of a format in
+/// [`DECOMPRESSORS`] (Debian 13 ships its modules as `.ko.xz`), else as it is.
+pub fn decompressed(data: Vec<u8>, what: &Path) -> Result<Vec<u8>> {
+    match DECOMPRESSORS
+        .iter()
+        .find(|(magic, _, _)| data.starts_with(magic))
+    {
+        Some((_, tool, args)) => decompress(&data, tool, args)
+            .with_context(|| format!("cannot decompress {}", what.display())),
+        None => Ok(data),
+    }
+}
+
 /// The compressed kernel of a bzImage: `payload_offset` and
 /// `payload_length` of the setup header (boot protocol 2.08 and later),
 /// counted from the protected-mode code after the setup sectors.

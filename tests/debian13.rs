@@ -65,3 +65,58 @@ echo "@@ modules $(grep -c '^dynamos' /proc/modules) @@"
     expect_line(&text, "@@ banner lines after revert 0 @@");
     expect_line(&text, "@@ modules 0 @@");
 }
+
+/// A fix of a module Debian 13 ships compressed (`binfmt_misc.ko.xz`) goes
+/// live with the module loaded before the package, stays live when the
+/// module is unloaded and loaded again, is reverted, and goes live again
+/// for the module loaded only after the package.
+#[test]
+fn a_module_fix_goes_live_on_debian_13_across_a_reload() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("binfmt.dynpkg");
+    let out = build_with(
+        &keys,
+        &["binfmt-misc-status-debian13.diff"],
+        ["--target", DEBIAN_13],
+        &pkg,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("replace  bm_status_read (binfmt_misc, fs/binfmt_misc.c)"),
+        "{}",
+        stdout(&out)
+    );
+    let status = "/proc/sys/fs/binfmt_misc/status";
+    let script = format!(
+        r#"
+mount_binfmt() {{ mount -t binfmt_misc none /proc/sys/fs/binfmt_misc; }}
+modprobe binfmt_misc && mount_binfmt
+echo "@@ before: $(cat {status}) @@"
+dynamos apply /packages/binfmt.dynpkg > /tmp/apply.log 2>&1; echo "@@ apply exit $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+echo "@@ applied: $(cat {status}) @@"
+umount /proc/sys/fs/binfmt_misc; rmmod binfmt_misc; modprobe binfmt_misc && mount_binfmt
+echo "@@ reloaded: $(cat {status}) @@"
+dynamos revert --all > /dev/null; echo "@@ revert exit $? @@"
+echo "@@ reverted: $(cat {status}) @@"
+umount /proc/sys/fs/binfmt_misc; rmmod binfmt_misc
+dynamos apply /packages/binfmt.dynpkg > /dev/null; echo "@@ applied without the module: $? @@"
+modprobe binfmt_misc && mount_binfmt
+echo "@@ loaded after: $(cat {status}) @@"
+dynamos revert --all > /dev/null
+"#
+    );
+    let text = vm_on_kernel_with_modules(&keys, DEBIAN_13, &["binfmt_misc"], &[&pkg], &script);
+    expect_line(&text, "@@ before: enabled @@");
+    let apply = section(&text, "@@ apply exit 0: ", "@@");
+    assert!(
+        apply.contains("running code verified: 1 functions"),
+        "{text}"
+    );
+    expect_line(&text, "@@ applied: enabled (live-updated) @@");
+    expect_line(&text, "@@ reloaded: enabled (live-updated) @@");
+    expect_line(&text, "@@ revert exit 0 @@");
+    expect_line(&text, "@@ reverted: enabled @@");
+    expect_line(&text, "@@ applied without the module: 0 @@");
+    expect_line(&text, "@@ loaded after: enabled (live-updated) @@");
+}

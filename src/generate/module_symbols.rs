@@ -33,7 +33,8 @@ struct ModuleSymbol {
 
 impl ShippedModule {
     pub fn read(path: &Path) -> Result<ShippedModule> {
-        let obj = ObjectFile::read(path)
+        let obj = crate::target::module_bytes(path)
+            .and_then(|bytes| ObjectFile::parse(path, bytes))
             .with_context(|| format!("cannot read the module {}", path.display()))?;
         let mut file: Option<String> = None;
         let mut symbols = Vec::new();

@@ -112,7 +112,8 @@ impl DebianBuild {
         )
     }
 
-    /// The linux-image package unpacked: `boot/` and `lib/modules/`.
+    /// The linux-image package unpacked: `boot/` and `lib/modules/`
+    /// (`usr/lib/modules/` since Debian 13 merged /usr).
     pub fn image_root(&self) -> Result<PathBuf> {
         let dir = target_dir(&self.release).join("image");
         debian::unpacked(&dir, &[self.image_deb()], Archive::Kernels)
@@ -125,9 +126,13 @@ impl DebianBuild {
     }
 
     pub fn modules_dir(&self) -> Result<PathBuf> {
-        Ok(self
-            .image_root()?
-            .join(format!("lib/modules/{}", self.release)))
+        let root = self.image_root()?;
+        let merged = root.join(format!("usr/lib/modules/{}", self.release));
+        Ok(if merged.is_dir() {
+            merged
+        } else {
+            root.join(format!("lib/modules/{}", self.release))
+        })
     }
 
     fn config(&self) -> Result<PathBuf> {
@@ -388,6 +393,25 @@ pub fn module_files(modules_dir: &Path) -> Result<std::collections::HashMap<Stri
         .filter(|l| l.ends_with(".ko"))
         .map(|l| (module_name(l), l.to_string()))
         .collect())
+}
+
+/// The module at `path` as modules.order names it, or its compressed file
+/// (`.ko.xz`, `.ko.zst`: Debian 13) decompressed.
+pub fn module_bytes(path: &Path) -> Result<Vec<u8>> {
+    if path.is_file() {
+        return fs::read(path).with_context(|| format!("cannot read {}", path.display()));
+    }
+    for extension in ["xz", "zst"] {
+        let mut compressed = path.as_os_str().to_owned();
+        compressed.push(format!(".{extension}"));
+        let compressed = PathBuf::from(compressed);
+        if compressed.is_file() {
+            let data = fs::read(&compressed)
+                .with_context(|| format!("cannot read {}", compressed.display()))?;
+            return crate::identity::decompressed(data, &compressed);
+        }
+    }
+    bail!("cannot read {}: no such module file", path.display())
 }
 
 /// `kernel/fs/ext4/ext4.ko` → `ext4`; `nls-utf8` → `nls_utf8`.

@@ -335,7 +335,10 @@ fn write_initramfs(path: &Path, guest: &Guest) -> Result<()> {
     if !guest.modules.files.is_empty() {
         let base = format!("lib/modules/{}", guest.release);
         for (rel, source) in &guest.modules.files {
-            archive.file_from(&format!("{base}/{rel}"), 0o644, source)?;
+            // Uncompressed, as modules.order names them: busybox's modprobe
+            // loads plain files.
+            let data = crate::target::module_bytes(source)?;
+            archive.file(&format!("{base}/{rel}"), 0o644, &data)?;
         }
         archive.file(
             &format!("{base}/modules.dep"),

@@ -214,12 +214,20 @@ fn normalize(name: &str) -> String {
     name.replace('-', "_")
 }
 
-/// A module's `.modinfo` section, read without reading the whole file.
+/// A module's `.modinfo` section, read without reading the whole file
+/// unless it is compressed.
 fn modinfo(path: &Path) -> Result<Vec<u8>> {
+    if !path.is_file() {
+        let data = crate::target::module_bytes(path)?;
+        return modinfo_of(&*data, path);
+    }
     let file =
         std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let data = object::ReadCache::new(file);
-    let file = object::File::parse(&data)
+    modinfo_of(&object::ReadCache::new(file), path)
+}
+
+fn modinfo_of<'data, R: object::ReadRef<'data>>(data: R, path: &Path) -> Result<Vec<u8>> {
+    let file = object::File::parse(data)
         .with_context(|| format!("{} is not an ELF module", path.display()))?;
     let Some(section) = file.section_by_name(".modinfo") else {
         return Ok(Vec::new());

@@ -167,6 +167,17 @@ pub fn vm_on_kernel(keys: &Keys, kernel: &str, files: &[&Path], script: &str) ->
     vm_checked(keys, Some(kernel), &[], files, script)
 }
 
+/// [`vm_on_kernel`] with `modules` of that kernel loadable.
+pub fn vm_on_kernel_with_modules(
+    keys: &Keys,
+    kernel: &str,
+    modules: &[&str],
+    files: &[&Path],
+    script: &str,
+) -> String {
+    vm_checked(keys, Some(kernel), modules, files, script)
+}
+
 fn vm_checked(
     keys: &Keys,
     kernel: Option<&str>,
