@@ -120,3 +120,62 @@ dynamos revert --all > /dev/null
     expect_line(&text, "@@ applied without the module: 0 @@");
     expect_line(&text, "@@ loaded after: enabled (live-updated) @@");
 }
+
+/// Run-pre on Debian 13: a package built from a tree whose
+/// `version_proc_show` is not the one the kernel runs (an extra check at
+/// its start) is refused before anything is loaded, naming the function.
+/// The code is compared with the running 6.12 code after the kernel's own
+/// rewrites (return thunks, ENDBR, call padding) are masked, so the same
+/// package built from the right tree goes live (the first test).
+#[test]
+fn a_package_built_from_other_source_is_refused_on_debian_13() {
+    let spec = dynamos::target::TargetSpec {
+        release: Some(DEBIAN_13.into()),
+        ..Default::default()
+    };
+    let debian = dynamos::target::Target::resolve(&spec).unwrap();
+    let keys = Keys::new();
+    // A fixed place, so the configured build folders are reused across runs.
+    let tree = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("run-pre-tree-debian13");
+    if !tree.exists() {
+        let status = std::process::Command::new("cp")
+            .arg("-al")
+            .arg(&debian.source)
+            .arg(&tree)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let file = tree.join("fs/proc/version.c");
+    let text = std::fs::read_to_string(debian.source.join("fs/proc/version.c")).unwrap();
+    let edited = text.replace(
+        "{\n\tseq_printf(m, linux_proc_banner,",
+        "{\n\tif (!v)\n\t\treturn -EINVAL;\n\tseq_printf(m, linux_proc_banner,",
+    );
+    assert_ne!(edited, text, "fs/proc/version.c changed upstream");
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, edited).unwrap();
+
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("other-code.dynpkg");
+    let out = build_from_tree(&keys, &debian, &tree, "proc-version-banner.diff", &pkg);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+
+    let text = vm_on_kernel(
+        &keys,
+        DEBIAN_13,
+        &[&pkg],
+        r#"
+dynamos apply /packages/other-code.dynpkg > /tmp/apply.log 2>&1
+echo "@@ apply exit $? livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c dynamos /proc/modules) @@"
+cat /tmp/apply.log
+"#,
+    );
+    expect_line(&text, "@@ apply exit 2 livepatches 0 modules 0 @@");
+    let refusal = text
+        .lines()
+        .find(|l| l.contains("run-pre check failed"))
+        .unwrap_or_else(|| panic!("no run-pre refusal:\n{text}"));
+    assert!(refusal.contains("version_proc_show"), "{refusal}");
+    assert!(refusal.contains("running code differs"), "{refusal}");
+}

@@ -354,15 +354,28 @@ impl Target {
             Some(r) => r.to_string(),
             None => crate::build::kernel_version(&source)?,
         };
-        // The compiler the config names when the host has it, else its gcc.
-        let cc = config_text
+        // A Debian kernel's config built by a compiler the host lacks: that
+        // compiler in a root of the release `--target` names. Otherwise the
+        // compiler the config names when the host has it, else its gcc.
+        let version_text = config_text
             .lines()
             .find_map(|l| l.strip_prefix("CONFIG_CC_VERSION_TEXT=\""))
-            .and_then(|text| text.split_whitespace().next())
-            .filter(|cc| on_path(cc))
-            .unwrap_or("gcc");
+            .unwrap_or("");
+        let codename = debian::codename_of(&release).ok();
+        let toolchain = match codename {
+            Some(codename) if version_text.contains("(Debian ") => {
+                toolchain::Toolchain::for_debian_kernel(&config_text, codename)?
+            }
+            _ => toolchain::Toolchain::host(
+                version_text
+                    .split_whitespace()
+                    .next()
+                    .filter(|cc| on_path(cc))
+                    .unwrap_or("gcc"),
+            ),
+        };
         Ok(Target {
-            toolchain: toolchain::Toolchain::host(cc),
+            toolchain,
             release,
             debian: None,
             work: cache::cache_root().join("trees").join(key),
