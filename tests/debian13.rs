@@ -179,3 +179,53 @@ cat /tmp/apply.log
     assert!(refusal.contains("version_proc_show"), "{refusal}");
     assert!(refusal.contains("running code differs"), "{refusal}");
 }
+
+/// IBT: new code that takes the address of a kernel function the kernel
+/// sealed at boot (vmlinux never takes `seq_put_hex_ll`'s address, so its
+/// ENDBR became a NOP) is refused at build time naming the function. The
+/// guest shows the sealing in the running code: `seq_put_hex_ll` no longer
+/// starts with ENDBR64, `version_proc_show` (whose address /proc's table
+/// holds) still does. TCG does not enforce IBT, so the running code is
+/// read rather than a fault awaited.
+#[test]
+fn a_pointer_to_a_sealed_function_is_refused_on_debian_13() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let pkg = work.path().join("sealed.dynpkg");
+    let out = build_with(
+        &keys,
+        &["refused-sealed-function-pointer-debian13.diff"],
+        ["--target", DEBIAN_13],
+        &pkg,
+    );
+    let message = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{message}");
+    assert!(
+        message.contains("refused: seq_put_hex_ll: the new code takes its address, but the target kernel seals its ENDBR at boot"),
+        "{message}"
+    );
+    assert!(!pkg.exists());
+
+    let reader = work.path().join("kcore-bytes");
+    compile_static_probe("kcore_bytes.c", &reader);
+    let text = vm_on_kernel(
+        &keys,
+        DEBIAN_13,
+        &[&reader],
+        r#"
+cp /packages/kcore-bytes /tmp/; chmod +x /tmp/kcore-bytes
+for f in seq_put_hex_ll version_proc_show; do
+    address=$(grep " [tT] $f\$" /proc/kallsyms | cut -d' ' -f1)
+    echo "@@ $f starts with $(/tmp/kcore-bytes $address 4) @@"
+done
+"#,
+    );
+    let endbr64 = "f3 0f 1e fa";
+    let sealed = section(&text, "@@ seq_put_hex_ll starts with ", " @@");
+    assert_eq!(sealed.split(' ').count(), 4, "{text}");
+    assert_ne!(sealed, endbr64, "{text}");
+    expect_line(
+        &text,
+        &format!("@@ version_proc_show starts with {endbr64} @@"),
+    );
+}

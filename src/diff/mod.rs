@@ -360,10 +360,20 @@ fn check_relocation_types(obj: &ObjectFile, refused: &mut Vec<Refusal>) {
     }
 }
 
-/// Every function symbol defined in code (text or init) sections.
+/// Symbols objtool gives the padding before a function (`--prefix`, call
+/// padding kernels): part of the function that follows, not functions.
+fn is_padding_symbol(name: &str) -> bool {
+    name.starts_with("__pfx_") || name.starts_with("__cfi_")
+}
+
+/// Every function symbol defined in code (text or init) sections. A
+/// function alone in its section with its padding covers the section.
 pub fn function_units(obj: &ObjectFile) -> Vec<FunctionUnit> {
     let mut per_section: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for (index, sym) in obj.symbols.iter().enumerate() {
+        if is_padding_symbol(&sym.name) {
+            continue;
+        }
         if let (true, Some(section)) = (sym.is_function(), sym.section()) {
             if obj.sections[section].is_exec() {
                 per_section.entry(section).or_default().push(index);

@@ -33,6 +33,9 @@ pub struct Extracted {
     pub replaced: Vec<NewVersion>,
     pub added: Vec<String>,
     pub externals: Vec<ExternalSymbol>,
+    /// Kernel symbols (functions, or symbols of unknown kind) whose address
+    /// the carried code or data takes rather than calls.
+    pub address_taken: Vec<String>,
 }
 
 /// Names shared by every extracted object of one package, so aliases and
@@ -145,6 +148,8 @@ struct Extractor<'a> {
     aliases: &'a BTreeMap<String, String>,
     names: &'a mut PackageNames,
     abi: &'a KernelAbi,
+    /// Kernel symbols whose address the carried code or data takes.
+    address_taken: BTreeSet<String>,
     refused: Vec<Refusal>,
     instructions: InstructionIndex,
 }
@@ -175,6 +180,7 @@ pub fn extract(
         externals: BTreeMap::new(),
         names,
         abi,
+        address_taken: BTreeSet::new(),
         refused: Vec::new(),
         instructions: InstructionIndex::default(),
     };
@@ -197,6 +203,7 @@ pub fn extract(
         replaced,
         added,
         externals: x.externals.into_values().map(|(_, e)| e).collect(),
+        address_taken: x.address_taken.into_iter().collect(),
     })
 }
 
@@ -423,8 +430,31 @@ impl Extractor<'_> {
         relocs
     }
 
-    /// The output symbol and addend a relocation must use.
+    /// The output symbol and addend a relocation must use. A reference to
+    /// a kernel symbol other than a call or jump (a function pointer taken
+    /// in code or stored in data) is remembered: on IBT kernels the
+    /// function must still start with an ENDBR.
     fn translate_target(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
+        let translated = self.translate_target_to(from_section, r)?;
+        let in_table = matches!(
+            {
+                let s = &self.patched.sections[from_section];
+                abi::classify(&s.name, s.is_alloc(), s.is_exec())
+            },
+            SectionRole::Entries(_) | SectionRole::PairedEntries
+        );
+        if r.r_type != object::elf::R_X86_64_PLT32 && !in_table {
+            if let Some((_, external)) = self.externals.values().find(|(id, _)| *id == translated.0)
+            {
+                if external.kind != SymbolKind::Data {
+                    self.address_taken.insert(external.name.clone());
+                }
+            }
+        }
+        Some(translated)
+    }
+
+    fn translate_target_to(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
         let sym = self.patched.symbols[r.symbol].clone();
         let Some(target_section) = sym.section() else {
             if crate::shadow::is_runtime_symbol(&sym.name)

@@ -120,7 +120,7 @@ pub fn generate(
     };
     let vmlinux_symbols = vmlinux_table
         .as_ref()
-        .map(|t| crate::apply::ObjectSymbols::new(t.iter().collect()));
+        .map(|t| crate::apply::ObjectSymbols::new(t.symbols.iter().collect()));
     for unit in units {
         if unit.kernel_object != "vmlinux" || unit.diff.functions.is_empty() {
             continue;
@@ -207,6 +207,17 @@ pub fn generate(
                 continue;
             }
         };
+        if let (true, Some(table), Some(symbols)) = (
+            unit.kernel_object == "vmlinux",
+            &vmlinux_table,
+            &vmlinux_symbols,
+        ) {
+            refusals.extend(target_symbols::refuse_sealed_address_taken(
+                &extracted.address_taken,
+                table,
+                symbols,
+            ));
+        }
         write_extracted(work, &format!("extracted_{index}.o"), &extracted, unit)?;
         object_files.push(format!("extracted_{index}.o"));
         // An adaptive function's version from before the update travels as

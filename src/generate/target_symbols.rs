@@ -14,8 +14,19 @@ use anyhow::{bail, Context, Result};
 use object::elf;
 use std::path::Path;
 
-/// The kallsyms entries of the vmlinux in the bzImage `vmlinuz`, in order.
-pub fn read_vmlinuz(vmlinuz: &Path) -> Result<Vec<Ksym>> {
+/// What the target's image says about its running code.
+pub struct VmlinuxTable {
+    /// The kallsyms entries, in order.
+    pub symbols: Vec<Ksym>,
+    /// Addresses of the ENDBR instructions the kernel seals at boot
+    /// (`.ibt_endbr_seal`, IBT kernels): functions whose address vmlinux
+    /// never takes, which an indirect call would fault on.
+    pub sealed: std::collections::HashSet<u64>,
+}
+
+/// The kallsyms entries and sealed ENDBRs of the vmlinux in the bzImage
+/// `vmlinuz`.
+pub fn read_vmlinuz(vmlinuz: &Path) -> Result<VmlinuxTable> {
     let vmlinux = crate::identity::vmlinuz_payload(vmlinuz)?;
     let elf = object::File::parse(&*vmlinux)
         .with_context(|| format!("{}: the decompressed kernel is not ELF", vmlinuz.display()))?;
@@ -24,8 +35,46 @@ pub fn read_vmlinuz(vmlinuz: &Path) -> Result<Vec<Ksym>> {
         .section_by_name(".rodata")
         .with_context(|| format!("{}: the kernel has no .rodata", vmlinuz.display()))?;
     let data = rodata.data().context("cannot read the kernel's .rodata")?;
-    kallsyms_tables(data)
-        .with_context(|| format!("{}: no kallsyms tables found", vmlinuz.display()))
+    let symbols = kallsyms_tables(data)
+        .with_context(|| format!("{}: no kallsyms tables found", vmlinuz.display()))?;
+    let mut sealed = std::collections::HashSet::new();
+    if let Some(seals) = elf.section_by_name(".ibt_endbr_seal") {
+        let data = seals
+            .data()
+            .context("cannot read the kernel's .ibt_endbr_seal")?;
+        // Each entry is `.long endbr - .`.
+        for (i, entry) in data.chunks_exact(4).enumerate() {
+            let offset = i32::from_le_bytes(entry.try_into().unwrap_or([0; 4]));
+            let place = seals.address().wrapping_add(4 * i as u64);
+            sealed.insert(place.wrapping_add_signed(i64::from(offset)));
+        }
+    }
+    Ok(VmlinuxTable { symbols, sealed })
+}
+
+/// Refusals for kernel functions whose address the new code takes
+/// (`address_taken`) although the target seals their ENDBR: the kernel
+/// never took their address, so at boot it turned the instruction an
+/// indirect call must land on into a NOP, and a call through the new
+/// pointer would fault.
+pub fn refuse_sealed_address_taken(
+    address_taken: &[String],
+    table: &VmlinuxTable,
+    vmlinux: &ObjectSymbols,
+) -> Vec<Refusal> {
+    address_taken
+        .iter()
+        .filter(|name| {
+            vmlinux.positions(name).iter().any(|&i| {
+                let sym = &table.symbols[i];
+                matches!(sym.kind, 't' | 'T') && table.sealed.contains(&sym.address)
+            })
+        })
+        .map(|name| Refusal {
+            symbol: name.clone(),
+            reason: "the new code takes its address, but the target kernel seals its ENDBR at boot (IBT: vmlinux never takes its address), so an indirect call through that pointer would fault".into(),
+        })
+        .collect()
 }
 
 /// Decode the tables `scripts/kallsyms` writes (base-relative offsets with
