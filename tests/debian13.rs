@@ -229,3 +229,56 @@ done
         &format!("@@ version_proc_show starts with {endbr64} @@"),
     );
 }
+
+/// A cumulative update on Debian 13: the second banner, built with
+/// `--replaces proc-version-banner`, takes over from the first in one
+/// transition; the first is retired and unloaded, and reverting the
+/// cumulative one leaves the kernel's own code.
+#[test]
+fn a_cumulative_update_replaces_the_first_on_debian_13() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let first = work.path().join("first.dynpkg");
+    let out = build_with(
+        &keys,
+        &["proc-version-banner.diff"],
+        ["--target", DEBIAN_13],
+        &first,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cumulative = work.path().join("cumulative.dynpkg");
+    let out = build_with(
+        &keys,
+        &["proc-version-banner-v2.diff"],
+        [
+            "--target",
+            DEBIAN_13,
+            "--name",
+            "cumulative",
+            "--replaces",
+            "proc-version-banner",
+        ],
+        &cumulative,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = vm_on_kernel(
+        &keys,
+        DEBIAN_13,
+        &[&first, &cumulative],
+        r#"
+banners() { echo "$(grep -c 'live update proc-version-banner applied' /proc/version) $(grep -c 'second update' /proc/version)"; }
+dynamos apply /packages/first.dynpkg > /dev/null; echo "@@ first: $(banners) @@"
+dynamos apply /packages/cumulative.dynpkg > /tmp/apply.log 2>&1; echo "@@ cumulative exit $?: $(tr '\n' ' ' < /tmp/apply.log)@@"
+echo "@@ cumulative: $(banners) modules $(grep -c '^dynamos' /proc/modules) @@"
+dynamos revert --all > /dev/null; echo "@@ reverted: $(banners) modules $(grep -c '^dynamos' /proc/modules) @@"
+"#,
+    );
+    expect_line(&text, "@@ first: 1 0 @@");
+    let apply = section(&text, "@@ cumulative exit 0: ", "@@");
+    assert!(
+        apply.contains("retired  dynamos_proc_version_banner"),
+        "{text}"
+    );
+    expect_line(&text, "@@ cumulative: 0 1 modules 1 @@");
+    expect_line(&text, "@@ reverted: 0 0 modules 0 @@");
+}
