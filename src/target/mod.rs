@@ -1,7 +1,9 @@
 //! The kernel a package is built for: where its pristine source, its config
-//! and its module-building headers come from, and where builds for it are
-//! cached. A Debian 6.1 build is fetched through apt on first use; a user's
-//! own tree (`--src DIR --config FILE`) is used in place and never written.
+//! and its module-building headers come from, which compiler builds for it
+//! (`toolchain`), what its special sections look like (`abi`, `probe`), and
+//! where builds for it are cached. A Debian 12 or 13 build is fetched from
+//! the Debian archive on first use; a user's own tree (`--src DIR --config
+//! FILE`) is used in place and never written.
 
 pub mod abi;
 pub mod probe;
