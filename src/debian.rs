@@ -134,7 +134,7 @@ pub fn update_kernel_index(if_older_than: Option<std::time::Duration>) -> Result
         .collect();
     std::fs::write(dir.join("sources.list"), sources)?;
     std::fs::write(dir.join("status"), b"")?;
-    let progress = crate::build::spinner(format!(
+    let progress = crate::report::spinner(format!(
         "reading the Debian archive's kernel packages from {mirror}"
     ));
     let output = apt_command("apt-get", Archive::Kernels)
@@ -183,7 +183,7 @@ pub fn download(debs: &[DebRef], dir: &Path, archive: Archive) -> Result<Vec<Pat
         update_kernel_index(None)?;
     }
     let specs: Vec<String> = debs.iter().map(DebRef::apt_spec).collect();
-    let progress = crate::build::spinner(format!("downloading {}", specs.join(" ")));
+    let progress = crate::report::spinner(format!("downloading {}", specs.join(" ")));
     let output = apt_command("apt-get", archive)
         .arg("download")
         .args(&specs)

@@ -16,6 +16,7 @@ pub mod identity;
 pub mod package;
 pub mod patch;
 pub mod pipeline;
+pub mod report;
 pub mod runpre;
 pub mod shadow;
 pub mod synchronize;

@@ -38,7 +38,8 @@ pub struct BuildReport {
     pub manifest: Manifest,
     /// Wall time of each stage, in pipeline order.
     pub timings: Vec<(&'static str, Duration)>,
-    /// Caveats of the generated update, one line each.
+    /// Caveats of the update, one line each, as every stage recorded them
+    /// (`crate::report`).
     pub notes: Vec<String>,
 }
 
@@ -138,6 +139,8 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     };
 
     let first = request.patches.first().context("no patch given")?;
+    // Notes of an earlier build in this process are not this one's.
+    crate::report::take_notes();
     let name = match &request.name {
         Some(n) => checked_package_name(n)?,
         None => package_name(first),
@@ -203,9 +206,9 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         crate::patch::tree_reader(&patch_root),
         request.fuzz,
     )?;
-    // Shown at once: a misplaced hunk explains a failed or empty build too.
+    // A misplaced hunk explains a failed or empty build too.
     for note in &applied.notes {
-        eprintln!("note: {note}");
+        crate::report::note(note.clone());
     }
     lap("apply patches", &mut timings);
 
@@ -395,10 +398,13 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     crate::cache::write_atomic(&output, &bytes)?;
     lap("sign and write", &mut timings);
 
+    for note in generated.notes {
+        crate::report::note(note);
+    }
     Ok(BuildReport {
         package_path: output,
         manifest,
         timings,
-        notes: generated.notes,
+        notes: crate::report::take_notes(),
     })
 }

@@ -89,7 +89,11 @@ fn main() {
     if args.json {
         let (summary, code) = match &result {
             Ok(report) => (BuildSummary::written(report), exit::OK),
-            Err(err) => (BuildSummary::failed(err), exit_code_of(err)),
+            Err(err) => {
+                let mut summary = BuildSummary::failed(err);
+                summary.notes = dynamos::report::take_notes();
+                (summary, exit_code_of(err))
+            }
         };
         match serde_json::to_string_pretty(&summary) {
             Ok(text) => println!("{text}"),
@@ -137,6 +141,10 @@ fn main() {
             }
         }
         Err(err) => {
+            // The notes found before the failure may explain it.
+            for note in dynamos::report::take_notes() {
+                eprintln!("note: {note}");
+            }
             eprintln!("dynamos-build: {err:#}");
             std::process::exit(exit_code_of(&err));
         }

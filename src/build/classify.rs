@@ -42,7 +42,7 @@ pub(crate) fn sort_changes(
         return Err(Error::Refused(refusals).into());
     }
     for path in &sorted.ignored {
-        eprintln!("note: ignoring {}: not {what}", path.display());
+        crate::report::note(format!("ignoring {}: not {what}", path.display()));
     }
     if sorted.sources.is_empty() && sorted.headers.is_empty() {
         return Err(Error::NoChange.into());

@@ -175,7 +175,7 @@ pub fn build(
     fs::create_dir_all(&author_include)?;
     fs::write(author_include.join(AUTHOR_HEADER_NAME), AUTHOR_HEADER)?;
 
-    let progress = super::spinner(format!(
+    let progress = crate::report::spinner(format!(
         "compiling module source {}, original and patched",
         module.root.display()
     ));

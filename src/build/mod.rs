@@ -41,43 +41,12 @@ use crate::cache::{self, Lock};
 use crate::target::Target;
 use crate::{Error, Refusal};
 use anyhow::{anyhow, bail, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
-
-/// A spinner on stderr for a step that takes a while; hidden when stderr is not a terminal.
-pub fn spinner(message: String) -> ProgressBar {
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template("{spinner} {msg} ({elapsed})").unwrap());
-    bar.set_message(message);
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar
-}
-
-/// `VERSION.PATCHLEVEL.SUBLEVEL` of a kernel tree, read from its Makefile.
-pub fn kernel_version(source: &Path) -> Result<String> {
-    let text = std::fs::read_to_string(source.join("Makefile"))?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| {
-                l.strip_prefix(name)
-                    .and_then(|r| r.trim().strip_prefix('='))
-            })
-            .map(|v| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    Ok(format!(
-        "{}.{}.{}{}",
-        field("VERSION"),
-        field("PATCHLEVEL"),
-        field("SUBLEVEL"),
-        field("EXTRAVERSION")
-    ))
-}
 
 /// Flags every object is compiled with, so that each function and data
 /// object gets its own section for the diff stage to compare.
@@ -258,10 +227,10 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
     }
     if units.is_empty() {
         for header in &headers {
-            eprintln!(
-                "note: {}: no file this kernel config compiles includes it",
+            crate::report::note(format!(
+                "{}: no file this kernel config compiles includes it",
                 header.display()
-            );
+            ));
         }
         return Err(Error::NoChange.into());
     }
@@ -283,7 +252,7 @@ pub fn build(target: &Target, changes: &BTreeMap<PathBuf, Option<Vec<u8>>>) -> R
         .cloned()
         .collect();
 
-    let progress = spinner(format!(
+    let progress = crate::report::spinner(format!(
         "compiling {} file(s), original and patched",
         objects.len()
     ));
@@ -430,7 +399,8 @@ const MAX_HEADER_INCLUDERS: usize = 200;
 /// without a word: their code is not in this kernel.
 fn add_header_includers(trees: &Trees, headers: &[PathBuf], units: &mut Vec<Unit>) -> Result<()> {
     let srcarch = trees.srcarch()?;
-    let progress = spinner(format!("finding the files that include {}", join(headers)));
+    let progress =
+        crate::report::spinner(format!("finding the files that include {}", join(headers)));
     let generated = format!("arch/{srcarch}/include/generated");
     let index = includers::IncludeIndex::scan(
         &trees.source,
@@ -523,7 +493,8 @@ pub fn module_build_dir(target: &Target) -> Result<PathBuf> {
     }
     let stamp = trees.orig.join(".dynamos-modules-prepared");
     if !stamp.exists() {
-        let progress = spinner("preparing the original tree for module builds".into());
+        let progress =
+            crate::report::spinner("preparing the original tree for module builds".into());
         let run = trees.run_make(&trees.source, &trees.orig, &[JOBS, "modules_prepare"]);
         progress.finish_and_clear();
         let run = run?;
@@ -686,10 +657,10 @@ fn unlinked_library_member(target: &Target, trees: &Trees, unit: &Unit) -> Resul
             .map(|dir| dir.join("System.map")),
     };
     let Some(map) = map.and_then(|m| fs::read_to_string(m).ok()) else {
-        eprintln!(
-            "note: {} is a member of lib.a, which this config links only where referenced; without the kernel's System.map it is not checked that this vmlinux has it",
+        crate::report::note(format!(
+            "{} is a member of lib.a, which this config links only where referenced; without the kernel's System.map it is not checked that this vmlinux has it",
             unit.source.display()
-        );
+        ));
         return Ok(None);
     };
     let object_path = trees.orig.join(&unit.object);
@@ -1042,7 +1013,7 @@ impl Trees {
         {
             return Ok(());
         }
-        let progress = spinner(
+        let progress = crate::report::spinner(
             "preparing the kernel trees (first build only: configuring the original and patched trees)"
                 .into(),
         );

@@ -1036,7 +1036,7 @@ fn build_module(
     load_time: &[klp::KlpReference],
 ) -> Result<Vec<u8>> {
     let kbuild_dir = &kernel.kbuild_dir;
-    let progress = crate::build::spinner(format!("building module {module_name}"));
+    let progress = crate::report::spinner(format!("building module {module_name}"));
     let mut make = kernel.toolchain.command("make");
     make.arg("-C")
         .arg(kbuild_dir)

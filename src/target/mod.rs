@@ -160,7 +160,7 @@ impl DebianBuild {
             )?;
             debian::extract(&debs[0], &deb_dir)?;
             let tarball = deb_dir.join(format!("usr/src/{package}.tar.xz"));
-            let progress = crate::build::spinner(format!("unpacking {}", tarball.display()));
+            let progress = crate::report::spinner(format!("unpacking {}", tarball.display()));
             let status = std::process::Command::new("tar")
                 .arg("-xf")
                 .arg(&tarball)
@@ -354,7 +354,7 @@ impl Target {
         let key = hex::encode(&hasher.finalize()[..8]);
         let release = match release {
             Some(r) => r.to_string(),
-            None => crate::build::kernel_version(&source)?,
+            None => kernel_version(&source)?,
         };
         // A Debian kernel's config built by a compiler the host lacks: that
         // compiler in a root of the release `--target` names. Otherwise the
@@ -388,6 +388,27 @@ impl Target {
             build_id: None,
         })
     }
+}
+
+/// `VERSION.PATCHLEVEL.SUBLEVEL` of a kernel tree, read from its Makefile.
+pub fn kernel_version(source: &Path) -> Result<String> {
+    let text = std::fs::read_to_string(source.join("Makefile"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(name)
+                    .and_then(|r| r.trim().strip_prefix('='))
+            })
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    Ok(format!(
+        "{}.{}.{}{}",
+        field("VERSION"),
+        field("PATCHLEVEL"),
+        field("SUBLEVEL"),
+        field("EXTRAVERSION")
+    ))
 }
 
 fn on_path(program: &str) -> bool {

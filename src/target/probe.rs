@@ -64,7 +64,7 @@ fn compile_and_read(
 ) -> Result<BTreeMap<String, StructLayout>> {
     fs::write(dir.join(format!("{PROBE_NAME}.c")), PROBE)?;
     fs::write(dir.join("Kbuild"), format!("obj-m := {PROBE_NAME}.o\n"))?;
-    let progress = crate::build::spinner("measuring the target kernel's special sections".into());
+    let progress = crate::report::spinner("measuring the target kernel's special sections".into());
     let mut make = toolchain.command("make");
     make.arg("-C")
         .arg(kbuild_dir)

@@ -186,7 +186,7 @@ fn debian_root(codename: &str, compiler: &str) -> Result<PathBuf> {
         );
     }
     cache::ensure_dir(&dir, |tmp| {
-        let progress = crate::build::spinner(format!(
+        let progress = crate::report::spinner(format!(
             "making a Debian {codename} root with {compiler} (once)"
         ));
         let output = Command::new("debootstrap")

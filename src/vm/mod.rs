@@ -206,7 +206,7 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
         .stdout(qemu_log_file.try_clone()?)
         .stderr(qemu_log_file);
 
-    let progress = crate::build::spinner(format!("running the command in a {release} guest"));
+    let progress = crate::report::spinner(format!("running the command in a {release} guest"));
     let started = Instant::now();
     let mut child = KillOnDrop(
         command
