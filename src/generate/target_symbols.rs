@@ -87,10 +87,11 @@ fn kallsyms_tables(data: &[u8]) -> Result<Vec<Ksym>> {
         let Some(tokens) = token_table_before(data, index_at) else {
             continue;
         };
-        if let Some(symbols) = symbols_before(data, &tokens) {
+        // The newer layout is ruled out quickly; the older one is searched.
+        if let Some(symbols) = symbols_around(data, &tokens, index_at + 512) {
             return Ok(symbols);
         }
-        if let Some(symbols) = symbols_around(data, &tokens, index_at + 512) {
+        if let Some(symbols) = symbols_before(data, &tokens) {
             return Ok(symbols);
         }
     }
@@ -229,35 +230,54 @@ fn symbols_with_count(
 /// offsets start at `offsets_start`, right after the token index.
 fn symbols_around(data: &[u8], tokens: &Tokens, offsets_start: usize) -> Option<Vec<Ksym>> {
     const MOST_GROUPS: usize = (4 << 20) / 256;
-    for groups in 1..=MOST_GROUPS {
-        for pad in [0usize, 4] {
-            let markers_start = tokens.table_start.checked_sub(pad + 4 * groups)?;
-            if (markers_start + 4 * groups).next_multiple_of(8) != tokens.table_start
-                || !markers_start.is_multiple_of(8)
-            {
-                continue;
-            }
-            let markers: Vec<u32> = (0..groups)
-                .map(|i| u32_at(data, markers_start + 4 * i))
-                .collect::<Option<_>>()?;
-            if !plausible_markers(&markers) {
-                continue;
-            }
-            let last_marker = *markers.last()? as usize;
-            let lowest = markers_start.saturating_sub(last_marker + 256 * 600);
-            let mut names_start = markers_start.checked_sub(last_marker)? / 8 * 8;
-            while names_start >= lowest.max(8) {
-                let count = u32_at(data, names_start - 8)? as usize;
-                if count.div_ceil(256) == groups {
-                    if let Some(names) =
-                        decode_names(data, tokens, names_start, count, &markers, markers_start)
-                    {
-                        let base_at = offsets_start + (4 * count).next_multiple_of(8);
-                        return addresses(data, names, offsets_start, base_at);
-                    }
+    for pad in [0usize, 4] {
+        let Some(end) = tokens.table_start.checked_sub(pad) else {
+            continue;
+        };
+        // Walk the markers back from their end: each group's starts at
+        // least 512 bytes (two a name) before the next one's, down to the
+        // first group's 0.
+        let mut markers: Vec<u32> = Vec::new();
+        let mut markers_start = end;
+        while markers.len() < MOST_GROUPS && markers.last() != Some(&0) {
+            let Some(at) = markers_start.checked_sub(4) else {
+                break;
+            };
+            let Some(value) = u32_at(data, at) else {
+                break;
+            };
+            if let Some(&next) = markers.last() {
+                if value >= next || next - value < 512 || next - value > 256 * 600 {
+                    break;
                 }
-                names_start -= 8;
             }
+            markers.push(value);
+            markers_start = at;
+        }
+        if markers.last() != Some(&0) {
+            continue;
+        }
+        markers.reverse();
+        let groups = markers.len();
+        if (markers_start + 4 * groups).next_multiple_of(8) != tokens.table_start
+            || !markers_start.is_multiple_of(8)
+        {
+            continue;
+        }
+        let last_marker = *markers.last()? as usize;
+        let lowest = markers_start.saturating_sub(last_marker + 256 * 600);
+        let mut names_start = markers_start.checked_sub(last_marker)? / 8 * 8;
+        while names_start >= lowest.max(8) {
+            let count = u32_at(data, names_start - 8)? as usize;
+            if count.div_ceil(256) == groups {
+                if let Some(names) =
+                    decode_names(data, tokens, names_start, count, &markers, markers_start)
+                {
+                    let base_at = offsets_start + (4 * count).next_multiple_of(8);
+                    return addresses(data, names, offsets_start, base_at);
+                }
+            }
+            names_start -= 8;
         }
     }
     None
