@@ -21,8 +21,9 @@ pub enum Archive {
     Kernels,
 }
 
-/// Debian releases whose kernels can be targets: number and codename.
-const RELEASES: &[(u32, &str)] = &[(12, "bookworm"), (13, "trixie")];
+/// Debian releases whose kernels can be targets: number, codename and the
+/// compiler its kernels are built with.
+const RELEASES: &[(u32, &str, &str)] = &[(12, "bookworm", "gcc-12"), (13, "trixie", "gcc-14")];
 
 /// The codename of the Debian release a kernel ABI belongs to:
 /// `6.12.117+deb13-amd64` is trixie's; ABIs without `+debNN` (`6.1.0-57`)
@@ -36,17 +37,26 @@ pub fn codename_of(release: &str) -> Result<&'static str> {
         .next()
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    match RELEASES.iter().find(|(n, _)| *n == number) {
-        Some((_, codename)) => Ok(codename),
+    match RELEASES.iter().find(|(n, _, _)| *n == number) {
+        Some((_, codename, _)) => Ok(codename),
         None => bail!("{release} is from Debian {number}, which dynamos does not target"),
     }
+}
+
+/// The Debian release whose kernels `compiler` (`x86_64-linux-gnu-gcc-14`,
+/// as a config names it) builds, for a tree whose release says none.
+pub fn codename_of_compiler(compiler: &str) -> Option<&'static str> {
+    RELEASES
+        .iter()
+        .find(|(_, _, cc)| compiler == *cc || compiler.ends_with(&format!("-{cc}")))
+        .map(|(_, codename, _)| *codename)
 }
 
 /// Each release's suites in the archive: (archive folder, suite).
 fn kernel_suites() -> Vec<(&'static str, String)> {
     RELEASES
         .iter()
-        .flat_map(|(_, codename)| {
+        .flat_map(|(_, codename, _)| {
             [
                 ("debian", codename.to_string()),
                 ("debian", format!("{codename}-updates")),
@@ -101,8 +111,14 @@ fn apt_command(program: &str, archive: Archive) -> Command {
 }
 
 /// When the kernel index was last brought up to date.
+/// How old the index's lists are; None when they were never read, or
+/// read from another mirror than the one asked for now.
 fn index_age() -> Option<std::time::Duration> {
-    std::fs::metadata(kernel_index().join("updated"))
+    let stamp = kernel_index().join("updated");
+    if std::fs::read_to_string(&stamp).ok()? != mirror() {
+        return None;
+    }
+    std::fs::metadata(&stamp)
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.elapsed().ok())
@@ -132,8 +148,9 @@ pub fn update_kernel_index(if_older_than: Option<std::time::Duration>) -> Result
         .iter()
         .map(|(folder, suite)| format!("deb {mirror}/{folder} {suite} main\n"))
         .collect();
-    std::fs::write(dir.join("sources.list"), sources)?;
-    std::fs::write(dir.join("status"), b"")?;
+    // Replaced whole: other processes may be reading the index meanwhile.
+    cache::write_atomic(&dir.join("sources.list"), sources.as_bytes())?;
+    cache::write_atomic(&dir.join("status"), b"")?;
     let progress = crate::report::spinner(format!(
         "reading the Debian archive's kernel packages from {mirror}"
     ));
@@ -149,7 +166,7 @@ pub fn update_kernel_index(if_older_than: Option<std::time::Duration>) -> Result
     if !output.status.success() {
         bail!("cannot read the Debian archive at {mirror}: apt-get update failed");
     }
-    cache::write_atomic(&dir.join("updated"), b"")?;
+    cache::write_atomic(&dir.join("updated"), mirror.as_bytes())?;
     Ok(())
 }
 
@@ -183,27 +200,56 @@ pub fn download(debs: &[DebRef], dir: &Path, archive: Archive) -> Result<Vec<Pat
         update_kernel_index(None)?;
     }
     let specs: Vec<String> = debs.iter().map(DebRef::apt_spec).collect();
+    let mut failure = match fetch(&specs, dir, archive)? {
+        None => return found_debs(debs, dir),
+        Some(reason) => reason,
+    };
+    if archive == Archive::Kernels {
+        // The archive drops superseded files: read it again, then retry.
+        update_kernel_index(Some(std::time::Duration::ZERO))?;
+        match fetch(&specs, dir, archive)? {
+            None => return found_debs(debs, dir),
+            Some(reason) => failure = reason,
+        }
+    }
+    bail!(
+        "cannot download {}: {}{}",
+        specs.join(" "),
+        failure,
+        if archive == Archive::Host {
+            " (run `apt-get update` as root if the package lists are missing)"
+        } else {
+            ""
+        }
+    )
+}
+
+/// `apt-get download` of `specs` into `dir`: None when it worked, else
+/// apt's error line.
+fn fetch(specs: &[String], dir: &Path, archive: Archive) -> Result<Option<String>> {
     let progress = crate::report::spinner(format!("downloading {}", specs.join(" ")));
     let output = apt_command("apt-get", archive)
         .arg("download")
-        .args(&specs)
+        .args(specs)
         .current_dir(dir)
         .output()
         .context("cannot run apt-get (is this a Debian system?)")?;
     progress.finish_and_clear();
-    if !output.status.success() {
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        let reason = stderr
+    if output.status.success() {
+        return Ok(None);
+    }
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    Ok(Some(
+        stderr
             .lines()
             .find(|l| l.starts_with("E:"))
             .unwrap_or("apt-get download failed")
-            .to_string();
-        bail!(
-            "cannot download {}: {} (run `apt-get update` as root if the package lists are missing)",
-            specs.join(" "),
-            reason.trim()
-        );
-    }
+            .trim()
+            .to_string(),
+    ))
+}
+
+fn found_debs(debs: &[DebRef], dir: &Path) -> Result<Vec<PathBuf>> {
     debs.iter()
         .map(|deb| find_deb(dir, &deb.name))
         .collect::<Result<Vec<_>>>()
@@ -378,6 +424,12 @@ mod tests {
         assert_eq!(codename_of("6.12.117+deb13-amd64").unwrap(), "trixie");
         assert_eq!(codename_of("6.12.117+deb12-amd64").unwrap(), "bookworm");
         assert!(codename_of("6.16.3+deb14-amd64").is_err());
+        assert_eq!(
+            codename_of_compiler("x86_64-linux-gnu-gcc-14"),
+            Some("trixie")
+        );
+        assert_eq!(codename_of_compiler("gcc-12"), Some("bookworm"));
+        assert_eq!(codename_of_compiler("clang"), None);
     }
 
     #[test]

@@ -363,18 +363,29 @@ impl Target {
             .lines()
             .find_map(|l| l.strip_prefix("CONFIG_CC_VERSION_TEXT=\""))
             .unwrap_or("");
-        let codename = debian::codename_of(&release).ok();
+        // The release --target names, else the one whose compiler the
+        // config names (a tree's own version says no Debian release).
+        let compiler = version_text.split_whitespace().next().unwrap_or("");
+        let codename = if release.contains("+deb") {
+            debian::codename_of(&release).ok()
+        } else {
+            debian::codename_of_compiler(compiler)
+        };
         let toolchain = match codename {
             Some(codename) if version_text.contains("(Debian ") => {
-                toolchain::Toolchain::for_debian_kernel(&config_text, codename)?
+                let mut toolchain =
+                    toolchain::Toolchain::for_debian_kernel(&config_text, codename)?
+                        .with_bind(&source);
+                for file in [Some(&config), symvers.as_ref()].into_iter().flatten() {
+                    if let Some(folder) = file.parent() {
+                        toolchain = toolchain.with_bind(folder);
+                    }
+                }
+                toolchain
             }
-            _ => toolchain::Toolchain::host(
-                version_text
-                    .split_whitespace()
-                    .next()
-                    .filter(|cc| on_path(cc))
-                    .unwrap_or("gcc"),
-            ),
+            _ => {
+                toolchain::Toolchain::host(Some(compiler).filter(|cc| on_path(cc)).unwrap_or("gcc"))
+            }
         };
         Ok(Target {
             toolchain,

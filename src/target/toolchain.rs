@@ -49,6 +49,7 @@ while [ "$1" != "--" ]; do
 done
 shift
 for d in /proc /dev /sys; do mount --rbind "$d" "$root$d" || exit 125; done
+unset TMPDIR
 exec chroot "$root" /bin/sh -c 'cd "$0" 2>/dev/null || cd /; exec "$@"' "$(pwd)" "$@"
 "#;
 
@@ -59,6 +60,9 @@ pub struct Toolchain {
     pub cc: String,
     /// A root with the compiler, when the host lacks it.
     root: Option<PathBuf>,
+    /// Folders besides the cache and /tmp that commands in the root must
+    /// see at their own paths (a user's source tree, its config).
+    binds: Vec<PathBuf>,
 }
 
 impl Toolchain {
@@ -67,7 +71,16 @@ impl Toolchain {
         Toolchain {
             cc: cc.to_string(),
             root: None,
+            binds: Vec::new(),
         }
+    }
+
+    /// Make `folder` visible at its own path to commands in the root.
+    pub fn with_bind(mut self, folder: &std::path::Path) -> Toolchain {
+        if self.root.is_some() && !self.binds.iter().any(|b| folder.starts_with(b)) {
+            self.binds.push(folder.to_path_buf());
+        }
+        self
     }
 
     /// The toolchain for a kernel whose config is `config` (its text),
@@ -80,29 +93,38 @@ impl Toolchain {
         let Some(cc) = version_text.split_whitespace().next().map(str::to_string) else {
             bail!("the target's config names no compiler in CONFIG_CC_VERSION_TEXT");
         };
-        if host_version_text(&cc).as_deref() == Some(version_text.as_str()) {
-            return Ok(Toolchain::host(&cc));
+        if let Some(found) = host_version_text(&cc) {
+            if same_compiler(&found, &version_text) {
+                return Ok(Toolchain::host(&cc));
+            }
         }
         // `x86_64-linux-gnu-gcc-14` comes with the package gcc-14.
         let package = cc
             .rsplit_once("-linux-gnu-")
             .map_or(cc.as_str(), |(_, p)| p);
-        let root = debian_root(codename, package)?;
+        let root = debian_root(codename, package, &version_text)?;
         let toolchain = Toolchain {
             cc: cc.clone(),
             root: Some(root.clone()),
+            binds: Vec::new(),
         };
-        let found = toolchain
+        let output = toolchain
             .command(&cc)
             .arg("--version")
             .output()
-            .ok()
-            .map(|o| first_line(&o.stdout));
-        if found.as_deref() != Some(version_text.as_str()) {
+            .context("cannot run unshare (util-linux) to enter the compiler's root")?;
+        if !output.status.success() {
             bail!(
-                "the target was built with {version_text:?}, but the {codename} root at {} has {}",
+                "cannot run {cc} in the {codename} root at {}: {} (entering it needs root)",
                 root.display(),
-                found.map_or("no such compiler".to_string(), |f| format!("{f:?}"))
+                first_line(&output.stderr)
+            );
+        }
+        let found = first_line(&output.stdout);
+        if !same_compiler(&found, &version_text) {
+            bail!(
+                "the target was built with {version_text:?}, but the {codename} root at {} has {found:?}",
+                root.display()
             );
         }
         Ok(toolchain)
@@ -125,8 +147,9 @@ impl Toolchain {
             "sh",
         ])
         .arg(root)
-        .arg(cache::cache_root())
+        .arg(std::fs::canonicalize(cache::cache_root()).unwrap_or_else(|_| cache::cache_root()))
         .arg("/tmp")
+        .args(&self.binds)
         .arg("--")
         .arg(program);
         cmd
@@ -139,6 +162,29 @@ impl Toolchain {
             Some(root) => format!("{} in {}", self.cc, root.display()),
         }
     }
+}
+
+/// Whether `found` (a compiler's `--version` line) is the compiler the
+/// kernel's config names: the same text, or the same program and release
+/// with another Debian revision (`12.2.0-14` and `12.2.0-14+deb12u1`),
+/// which run-pre then checks against the running code.
+fn same_compiler(found: &str, wanted: &str) -> bool {
+    fn ends(text: &str) -> (Option<&str>, Option<&str>) {
+        (
+            text.split_whitespace().next(),
+            text.split_whitespace().last(),
+        )
+    }
+    if found == wanted {
+        return true;
+    }
+    let same = ends(found) == ends(wanted) && ends(wanted).0.is_some();
+    if same {
+        crate::report::note(format!(
+            "the target was built with {wanted:?}; building with {found:?}, the same compiler release"
+        ));
+    }
+    same
 }
 
 /// `CONFIG_NAME="value"` of a config, unquoted.
@@ -166,13 +212,15 @@ fn host_version_text(cc: &str) -> Option<String> {
 
 /// A root of Debian `codename` with `compiler` and the kernel's build
 /// tools, made once with debootstrap.
-fn debian_root(codename: &str, compiler: &str) -> Result<PathBuf> {
+fn debian_root(codename: &str, compiler: &str, version_text: &str) -> Result<PathBuf> {
     let include = std::iter::once(compiler)
         .chain(BUILD_PACKAGES.iter().copied())
         .collect::<Vec<_>>()
         .join(",");
-    // Named after its packages too: another list makes another root.
-    let digest = hex::encode(&sha2::Sha256::digest(include.as_bytes())[..4]);
+    // Named after its packages and the compiler wanted too: another list,
+    // or a kernel built by another revision, makes another root.
+    let digest =
+        hex::encode(&sha2::Sha256::digest(format!("{include}\n{version_text}").as_bytes())[..4]);
     let dir = cache::cache_root()
         .join("toolchains")
         .join(format!("{codename}-{compiler}-{digest}"));
@@ -189,7 +237,10 @@ fn debian_root(codename: &str, compiler: &str) -> Result<PathBuf> {
         let progress = crate::report::spinner(format!(
             "making a Debian {codename} root with {compiler} (once)"
         ));
-        let output = Command::new("debootstrap")
+        // In a mount namespace of its own: the /proc and /sys debootstrap
+        // mounts in the root vanish with it, even when it is killed.
+        let output = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "debootstrap"])
             .args([
                 "--variant=minbase",
                 &format!("--include={include}"),
