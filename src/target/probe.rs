@@ -41,6 +41,13 @@ fn probe_digest(kbuild_dir: &Path, toolchain: &Toolchain) -> String {
     hasher.update(PROBE.as_bytes());
     hasher.update(kbuild_dir.to_string_lossy().as_bytes());
     hasher.update(toolchain.describe().as_bytes());
+    // A tree configured again in place (a user's) measures again.
+    for generated in [
+        "include/generated/autoconf.h",
+        "include/generated/utsrelease.h",
+    ] {
+        hasher.update(fs::read(kbuild_dir.join(generated)).unwrap_or_default());
+    }
     hex::encode(&hasher.finalize()[..8])
 }
 
@@ -63,7 +70,11 @@ fn compile_and_read(
     toolchain: &Toolchain,
 ) -> Result<BTreeMap<String, StructLayout>> {
     fs::write(dir.join(format!("{PROBE_NAME}.c")), PROBE)?;
-    fs::write(dir.join("Kbuild"), format!("obj-m := {PROBE_NAME}.o\n"))?;
+    // Debug info even where the config has none: the layouts come from it.
+    fs::write(
+        dir.join("Kbuild"),
+        format!("obj-m := {PROBE_NAME}.o\nccflags-y += -g\n"),
+    )?;
     let progress = crate::report::spinner("measuring the target kernel's special sections".into());
     let mut make = toolchain.command("make");
     make.arg("-C")
