@@ -83,7 +83,7 @@ pub fn vmlinuz_payload(vmlinuz: &Path) -> Result<Vec<u8>> {
             vmlinuz.display()
         );
     };
-    decompress(payload, tool, args)
+    decompress(payload, tool, args, false)
         .with_context(|| format!("cannot decompress the kernel in {}", vmlinuz.display()))
 }
 
@@ -94,7 +94,7 @@ pub fn decompressed(data: Vec<u8>, what: &Path) -> Result<Vec<u8>> {
         .iter()
         .find(|(magic, _, _)| data.starts_with(magic))
     {
-        Some((_, tool, args)) => decompress(&data, tool, args)
+        Some((_, tool, args)) => decompress(&data, tool, args, true)
             .with_context(|| format!("cannot decompress {}", what.display())),
         None => Ok(data),
     }
@@ -118,9 +118,10 @@ fn bzimage_payload(image: &[u8]) -> Option<&[u8]> {
     image.get(start..start.checked_add(u32_at(0x24c)? as usize)?)
 }
 
-/// The first stream of `data` decompressed by `tool` (what follows it, the
-/// kernel's own size field, is not part of the stream).
-fn decompress(data: &[u8], tool: &str, args: &[&str]) -> Result<Vec<u8>> {
+/// The first stream of `data` decompressed by `tool`. A bzImage payload
+/// ends with the kernel's own size field after the stream, which zstd
+/// reports as an error: only a `whole` file must decompress cleanly.
+fn decompress(data: &[u8], tool: &str, args: &[&str], whole: bool) -> Result<Vec<u8>> {
     let mut child = Command::new(tool)
         .args(args)
         .stdin(Stdio::piped())
@@ -138,6 +139,9 @@ fn decompress(data: &[u8], tool: &str, args: &[&str]) -> Result<Vec<u8>> {
         .wait_with_output()
         .with_context(|| format!("{tool} failed"))?;
     let _ = writer.join();
+    if whole && !output.status.success() {
+        bail!("{tool} found it damaged or truncated");
+    }
     if output.stdout.is_empty() {
         bail!("{tool} produced nothing");
     }
