@@ -141,6 +141,17 @@ pub fn build(
     let super::SortedChanges {
         sources, headers, ..
     } = super::sort_changes(changes, "module code")?;
+    // objtool runs on such a kernel's linked modules, and the tables it
+    // wrote for a one-object module would stop it from annotating the
+    // package module's own code.
+    let config = fs::read_to_string(&target.config)
+        .with_context(|| format!("cannot read {}", target.config.display()))?;
+    if config.lines().any(|l| l == "CONFIG_X86_KERNEL_IBT=y") {
+        bail!(
+            "out-of-tree modules of IBT kernels ({}) are not supported yet",
+            target.release
+        );
+    }
 
     fs::create_dir_all(&target.work)
         .with_context(|| format!("cannot create {}", target.work.display()))?;
