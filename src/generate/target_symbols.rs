@@ -246,10 +246,8 @@ fn symbols_around(data: &[u8], tokens: &Tokens, offsets_start: usize) -> Option<
             let Some(value) = u32_at(data, at) else {
                 break;
             };
-            if let Some(&next) = markers.last() {
-                if value >= next || next - value < 512 || next - value > 256 * 600 {
-                    break;
-                }
+            if markers.last().is_some_and(|&next| !group_step(value, next)) {
+                break;
             }
             markers.push(value);
             markers_start = at;
@@ -283,12 +281,14 @@ fn symbols_around(data: &[u8], tokens: &Tokens, offsets_start: usize) -> Option<
     None
 }
 
-/// Each group of 256 names takes at least two bytes a name.
+/// Consecutive markers: each group of 256 names takes at least two bytes
+/// a name and at most 600.
+fn group_step(marker: u32, next: u32) -> bool {
+    next > marker && (512..=256 * 600).contains(&(next - marker))
+}
+
 fn plausible_markers(markers: &[u32]) -> bool {
-    markers.first() == Some(&0)
-        && markers
-            .windows(2)
-            .all(|w| w[1] > w[0] && w[1] - w[0] >= 512 && w[1] - w[0] <= 256 * 600)
+    markers.first() == Some(&0) && markers.windows(2).all(|w| group_step(w[0], w[1]))
 }
 
 /// The 6.1 layout: the base and the offsets before num_syms.
