@@ -320,18 +320,12 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         })
         .collect();
     let modules = generate::module_symbols::ModuleContext {
-        modules_dir: match &target.debian {
-            Some(d) => Some(d.modules_dir()?),
-            None => None,
-        },
+        modules_dir: target.shipped_modules()?,
         original_modules: built.original_modules.clone(),
         exporters: std::fs::read_to_string(kbuild_dir.join("Module.symvers"))
             .map(|s| generate::module_symbols::exporters(&s))
             .unwrap_or_default(),
-        vmlinuz: match &target.debian {
-            Some(d) => Some(d.vmlinuz()?),
-            None => None,
-        },
+        vmlinuz: target.shipped_image()?,
     };
     let kernel = generate::TargetKernel {
         kbuild_dir,
@@ -382,7 +376,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         tool_version: crate::TOOL_VERSION.to_string(),
         target: TargetIdentity {
             release: target.release.clone(),
-            debian_version: target.debian.as_ref().map(|d| d.version.clone()),
+            debian_version: target.distribution_version(),
             build_id: target.build_id.clone(),
         },
         patches: digests,

@@ -644,18 +644,7 @@ fn unlinked_library_member(target: &Target, trees: &Trees, unit: &Unit) -> Resul
     if config.lines().any(|l| l == "CONFIG_MODULES=y") {
         return Ok(None);
     }
-    let map = match &target.debian {
-        Some(debian) => Some(
-            debian
-                .image_root()?
-                .join(format!("boot/System.map-{}", target.release)),
-        ),
-        None => target
-            .symvers
-            .as_ref()
-            .and_then(|s| s.parent())
-            .map(|dir| dir.join("System.map")),
-    };
+    let map = target.system_map()?;
     let Some(map) = map.and_then(|m| fs::read_to_string(m).ok()) else {
         crate::report::note(format!(
             "{} is a member of lib.a, which this config links only where referenced; without the kernel's System.map it is not checked that this vmlinux has it",
@@ -816,7 +805,7 @@ impl Trees {
             journal: target.work.join("src.journal"),
             lock_fd: lock.raw_fd(),
             toolchain: target.toolchain.clone(),
-            immutable_source: target.debian.is_some(),
+            immutable_source: target.source_is_immutable(),
             listings: Default::default(),
         }
     }

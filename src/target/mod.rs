@@ -250,8 +250,9 @@ pub struct TargetSpec {
 pub struct Target {
     /// Kernel release string the package is for (`uname -r` on the target).
     pub release: String,
-    /// The Debian build, when the target is one.
-    pub debian: Option<DebianBuild>,
+    /// The Debian build, when the target is one. Stages ask the methods
+    /// below rather than this.
+    debian: Option<DebianBuild>,
     /// Pristine source tree; never written to.
     pub source: PathBuf,
     /// Kernel config to build with.
@@ -270,6 +271,48 @@ pub struct Target {
 }
 
 impl Target {
+    /// The distribution's unpacked modules folder (`lib/modules/<release>`),
+    /// when the target is a distribution's build.
+    pub fn shipped_modules(&self) -> Result<Option<PathBuf>> {
+        self.debian
+            .as_ref()
+            .map(DebianBuild::modules_dir)
+            .transpose()
+    }
+
+    /// The distribution's kernel image, when the target is its build.
+    pub fn shipped_image(&self) -> Result<Option<PathBuf>> {
+        self.debian.as_ref().map(DebianBuild::vmlinuz).transpose()
+    }
+
+    /// The kernel's System.map: the distribution's, or the one beside a
+    /// user tree's `--symvers`.
+    pub fn system_map(&self) -> Result<Option<PathBuf>> {
+        Ok(match &self.debian {
+            Some(debian) => Some(
+                debian
+                    .image_root()?
+                    .join(format!("boot/System.map-{}", self.release)),
+            ),
+            None => self
+                .symvers
+                .as_ref()
+                .and_then(|s| s.parent())
+                .map(|dir| dir.join("System.map")),
+        })
+    }
+
+    /// The distribution's version of the kernel packages (`6.1.192-3`).
+    pub fn distribution_version(&self) -> Option<String> {
+        self.debian.as_ref().map(|d| d.version.clone())
+    }
+
+    /// The source is a released package that never changes, so an object
+    /// built from it once stays valid.
+    pub fn source_is_immutable(&self) -> bool {
+        self.debian.is_some()
+    }
+
     /// Resolve the spec into a ready-to-use target, fetching what is missing.
     pub fn resolve(spec: &TargetSpec) -> Result<Target> {
         match (&spec.src, &spec.config) {
