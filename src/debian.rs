@@ -110,7 +110,6 @@ fn apt_command(program: &str, archive: Archive) -> Command {
     cmd
 }
 
-/// When the kernel index was last brought up to date.
 /// How old the index's lists are; None when they were never read, or
 /// read from another mirror than the one asked for now.
 fn index_age() -> Option<std::time::Duration> {
