@@ -688,6 +688,34 @@ impl InstructionIndex {
             _ => 4,
         }
     }
+
+    /// Whether the PC-relative field `r` is the displacement of a direct
+    /// call or jump (gas relocates calls to static functions with
+    /// R_X86_64_PC32, like a `lea`, so the type alone does not tell).
+    pub fn is_direct_branch(
+        &mut self,
+        obj: &ObjectFile,
+        section: usize,
+        r: &object::Reloc,
+    ) -> bool {
+        use iced_x86::{Decoder, DecoderOptions, OpKind};
+        if !reloc_is_pc_relative(r.r_type) || !obj.sections[section].is_exec() {
+            return false;
+        }
+        let ends = self
+            .ends
+            .entry(section)
+            .or_insert_with(|| instruction_ends(obj.data(section)));
+        let (Ok(i) | Err(i)) = ends.binary_search(&(r.offset + 1));
+        let (Some(&end), start) = (ends.get(i), i.checked_sub(1).map_or(0, |p| ends[p])) else {
+            return false;
+        };
+        let Some(code) = obj.data(section).get(start as usize..end as usize) else {
+            return false;
+        };
+        let instr = Decoder::with_ip(64, code, start, DecoderOptions::NONE).decode();
+        instr.op_count() == 1 && instr.op0_kind() == OpKind::NearBranch64
+    }
 }
 
 /// A relative branch the assembler resolved itself (no relocation) whose

@@ -436,6 +436,12 @@ impl Extractor<'_> {
     /// function must still start with an ENDBR.
     fn translate_target(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
         let translated = self.translate_target_to(from_section, r)?;
+        if self
+            .instructions
+            .is_direct_branch(self.patched, from_section, r)
+        {
+            return Some(translated);
+        }
         let in_table = matches!(
             {
                 let s = &self.patched.sections[from_section];
@@ -443,7 +449,7 @@ impl Extractor<'_> {
             },
             SectionRole::Entries(_) | SectionRole::PairedEntries
         );
-        if !in_table && !self.is_branch(from_section, r) {
+        if !in_table {
             if let Some((_, external)) = self.externals.values().find(|(id, _)| *id == translated.0)
             {
                 if external.kind != SymbolKind::Data {
@@ -452,23 +458,6 @@ impl Extractor<'_> {
             }
         }
         Some(translated)
-    }
-
-    /// Whether `r` is the target of a call or jump in code (`e8`/`e9`
-    /// rel32, `0f 8x` jcc rel32): gas uses R_X86_64_PC32 for calls to
-    /// static functions, so the relocation type alone does not tell.
-    fn is_branch(&self, from_section: usize, r: &Reloc) -> bool {
-        use object::elf::{R_X86_64_PC32, R_X86_64_PLT32};
-        if !self.patched.sections[from_section].is_exec()
-            || !matches!(r.r_type, R_X86_64_PC32 | R_X86_64_PLT32)
-        {
-            return false;
-        }
-        let code = self.patched.data(from_section);
-        let at = r.offset as usize;
-        let byte = |back: usize| at.checked_sub(back).and_then(|i| code.get(i)).copied();
-        matches!(byte(1), Some(0xe8 | 0xe9))
-            || (byte(2) == Some(0x0f) && byte(1).is_some_and(|b| (0x80..=0x8f).contains(&b)))
     }
 
     fn translate_target_to(&mut self, from_section: usize, r: &Reloc) -> Option<(SymbolId, i64)> {
