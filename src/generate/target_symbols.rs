@@ -209,19 +209,17 @@ fn symbols_with_count(
         if !plausible_markers(&markers) {
             continue;
         }
-        let last_marker = *markers.last()? as usize;
-        let lowest = markers_start.saturating_sub(last_marker + 256 * 600);
-        let mut names_start = markers_start.checked_sub(last_marker)? / 8 * 8;
-        while names_start >= lowest.max(16) {
-            if u32_at(data, names_start - 8)? as usize == count {
-                if let Some(symbols) =
-                    decode(data, tokens, names_start, count, &markers, markers_start)
-                {
-                    return Some(symbols);
-                }
-            }
-            names_start -= 8;
-        }
+        let Some((names_start, names)) =
+            names_before(data, tokens, &markers, markers_start, |n| n == count)
+        else {
+            continue;
+        };
+        // The relative base and the offsets come before num_syms.
+        let base_at = names_start - 16;
+        let Some(offsets_start) = base_at.checked_sub((4 * count).next_multiple_of(8)) else {
+            continue;
+        };
+        return addresses(data, names, offsets_start, base_at);
     }
     None
 }
@@ -262,21 +260,39 @@ fn symbols_around(data: &[u8], tokens: &Tokens, offsets_start: usize) -> Option<
         {
             continue;
         }
-        let last_marker = *markers.last()? as usize;
-        let lowest = markers_start.saturating_sub(last_marker + 256 * 600);
-        let mut names_start = markers_start.checked_sub(last_marker)? / 8 * 8;
-        while names_start >= lowest.max(8) {
-            let count = u32_at(data, names_start - 8)? as usize;
-            if count.div_ceil(256) == groups {
-                if let Some(names) =
-                    decode_names(data, tokens, names_start, count, &markers, markers_start)
-                {
-                    let base_at = offsets_start + (4 * count).next_multiple_of(8);
-                    return addresses(data, names, offsets_start, base_at);
-                }
+        let Some((_, names)) = names_before(data, tokens, &markers, markers_start, |n| {
+            n.div_ceil(256) == groups
+        }) else {
+            continue;
+        };
+        let base_at = offsets_start + (4 * names.len()).next_multiple_of(8);
+        return addresses(data, names, offsets_start, base_at);
+    }
+    None
+}
+
+/// The names that end where the markers start, preceded by num_syms (a
+/// count `fits` accepts): where they start, and the names.
+fn names_before(
+    data: &[u8],
+    tokens: &Tokens,
+    markers: &[u32],
+    markers_start: usize,
+    fits: impl Fn(usize) -> bool,
+) -> Option<(usize, Vec<Vec<u8>>)> {
+    let last_marker = *markers.last()? as usize;
+    let lowest = markers_start.saturating_sub(last_marker + 256 * 600);
+    let mut names_start = markers_start.checked_sub(last_marker)? / 8 * 8;
+    while names_start >= lowest.max(16) {
+        let count = u32_at(data, names_start - 8)? as usize;
+        if fits(count) {
+            if let Some(names) =
+                decode_names(data, tokens, names_start, count, markers, markers_start)
+            {
+                return Some((names_start, names));
             }
-            names_start -= 8;
         }
+        names_start -= 8;
     }
     None
 }
@@ -289,21 +305,6 @@ fn group_step(marker: u32, next: u32) -> bool {
 
 fn plausible_markers(markers: &[u32]) -> bool {
     markers.first() == Some(&0) && markers.windows(2).all(|w| group_step(w[0], w[1]))
-}
-
-/// The 6.1 layout: the base and the offsets before num_syms.
-fn decode(
-    data: &[u8],
-    tokens: &Tokens,
-    names_start: usize,
-    count: usize,
-    markers: &[u32],
-    markers_start: usize,
-) -> Option<Vec<Ksym>> {
-    let names = decode_names(data, tokens, names_start, count, markers, markers_start)?;
-    let base_at = names_start - 16;
-    let offsets_start = base_at.checked_sub((4 * count).next_multiple_of(8))?;
-    addresses(data, names, offsets_start, base_at)
 }
 
 /// The `count` names from `names_start`, when they end where the markers
