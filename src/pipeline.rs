@@ -252,8 +252,12 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     lap("compile", &mut timings);
 
     let kbuild_dir = kbuild_dir(&target)?;
-    let mut abi = crate::target::probe::kernel_abi(&kbuild_dir, &target.work, &target.toolchain)?;
-    abi.objtool_at_link = built.objtool_at_link;
+    let abi = crate::target::probe::kernel_abi(
+        &kbuild_dir,
+        &target.work,
+        &target.toolchain,
+        built.objtool_at_link,
+    )?;
     let replace_unchanged: BTreeSet<String> = request.replace_unchanged.iter().cloned().collect();
     let mut objects = Vec::new();
     for pair in &built.pairs {

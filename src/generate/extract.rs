@@ -464,7 +464,7 @@ impl Extractor<'_> {
         let sym = self.patched.symbols[r.symbol].clone();
         let Some(target_section) = sym.section() else {
             if crate::shadow::is_runtime_symbol(&sym.name)
-                || (self.abi.objtool_at_link && abi::named_by_objtool(&sym.name))
+                || (self.abi.objtool_at_link() && abi::named_by_objtool(&sym.name))
             {
                 return Some((self.runtime_reference(&sym.name), r.addend));
             }
@@ -724,7 +724,7 @@ impl Extractor<'_> {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| self.abi.table(&s.name).map(|t| (i, *t)))
-            .filter(|(_, t)| !(self.abi.objtool_at_link && t.section.written_by_objtool))
+            .filter(|(_, t)| !(self.abi.objtool_at_link() && t.section.written_by_objtool))
             .collect();
         for (section, table) in tables {
             let size = self.patched.sections[section].size;

@@ -194,13 +194,16 @@ pub struct KernelAbi {
     /// objtool runs on the linked vmlinux.o and modules, not on each
     /// object (IBT kernels since 6.2): the package module gets the tables
     /// objtool writes from kbuild, and must not bring its own.
-    pub objtool_at_link: bool,
+    objtool_at_link: bool,
 }
 
 impl KernelAbi {
     /// The tables whose layouts `layouts` (type name → measured layout)
-    /// determine.
-    pub fn from_layouts(layouts: &BTreeMap<String, StructLayout>) -> Result<KernelAbi> {
+    /// determine, for a kernel that runs objtool at link or not.
+    pub fn from_layouts(
+        layouts: &BTreeMap<String, StructLayout>,
+        objtool_at_link: bool,
+    ) -> Result<KernelAbi> {
         let size = |entry: EntryType| -> Option<u64> {
             match entry {
                 EntryType::Fixed(n) => Some(n),
@@ -251,8 +254,12 @@ impl KernelAbi {
         }
         Ok(KernelAbi {
             tables,
-            objtool_at_link: false,
+            objtool_at_link,
         })
+    }
+
+    pub fn objtool_at_link(&self) -> bool {
+        self.objtool_at_link
     }
 
     /// The table called `name` in this kernel.
@@ -453,7 +460,7 @@ mod tests {
                 layout(16, &[("instr", 0), ("type", 8), ("len", 9)]),
             );
         }
-        KernelAbi::from_layouts(&layouts).unwrap()
+        KernelAbi::from_layouts(&layouts, false).unwrap()
     }
 
     fn linux_6_1() -> KernelAbi {
@@ -526,7 +533,9 @@ mod tests {
             "struct alt_instr".to_string(),
             layout(12, &[("repl_offset", 4)]),
         );
-        let error = KernelAbi::from_layouts(&layouts).unwrap_err().to_string();
+        let error = KernelAbi::from_layouts(&layouts, false)
+            .unwrap_err()
+            .to_string();
         assert!(
             error.contains("struct alt_instr has no byte-sized member instrlen"),
             "{error}"

@@ -16,8 +16,13 @@ const PROBE: &str = include_str!("../../templates/layouts.c");
 const PROBE_NAME: &str = "dynamos_layouts";
 
 /// The ABI of the kernel `kbuild_dir` builds modules for, measured once
-/// and remembered in `work`.
-pub fn kernel_abi(kbuild_dir: &Path, work: &Path, toolchain: &Toolchain) -> Result<KernelAbi> {
+/// and remembered in `work`; `objtool_at_link` as the build found it.
+pub fn kernel_abi(
+    kbuild_dir: &Path,
+    work: &Path,
+    toolchain: &Toolchain,
+    objtool_at_link: bool,
+) -> Result<KernelAbi> {
     let cached = work.join("kernel-abi");
     let stamp = format!("# {}", probe_digest(kbuild_dir, toolchain));
     let layouts = match fs::read_to_string(&cached)
@@ -31,7 +36,7 @@ pub fn kernel_abi(kbuild_dir: &Path, work: &Path, toolchain: &Toolchain) -> Resu
             layouts
         }
     };
-    KernelAbi::from_layouts(&layouts)
+    KernelAbi::from_layouts(&layouts, objtool_at_link)
 }
 
 /// The probe's source, the kbuild folder it is compiled in and the
