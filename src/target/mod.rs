@@ -399,15 +399,13 @@ impl Target {
             Some(r) => r.to_string(),
             None => kernel_version(&source)?,
         };
-        // A Debian kernel's config built by a compiler the host lacks: that
-        // compiler in a root of the release `--target` names. Otherwise the
-        // compiler the config names when the host has it, else its gcc.
-        let version_text = config_text
-            .lines()
-            .find_map(|l| l.strip_prefix("CONFIG_CC_VERSION_TEXT=\""))
-            .unwrap_or("");
-        // The release --target names, else the one whose compiler the
-        // config names (a tree's own version says no Debian release).
+        // A Debian kernel's config: its compiler as for a Debian target, in
+        // a root of the release --target names, else of the one whose
+        // compiler the config names (a tree's own version names no Debian
+        // release). Otherwise the config's compiler when the host has it,
+        // else the host's gcc.
+        let version_text =
+            toolchain::config_string(&config_text, "CONFIG_CC_VERSION_TEXT").unwrap_or_default();
         let compiler = version_text.split_whitespace().next().unwrap_or("");
         let codename = if release.contains("+deb") {
             debian::codename_of(&release).ok()

@@ -188,7 +188,7 @@ fn same_compiler(found: &str, wanted: &str) -> bool {
 }
 
 /// `CONFIG_NAME="value"` of a config, unquoted.
-fn config_string(config: &str, name: &str) -> Option<String> {
+pub fn config_string(config: &str, name: &str) -> Option<String> {
     config.lines().find_map(|l| {
         let value = l.strip_prefix(name)?.strip_prefix('=')?;
         Some(value.trim_matches('"').replace("\\\"", "\""))
