@@ -67,6 +67,15 @@ const DECOMPRESSORS: &[(&[u8], &str, &[&str])] = &[
     ),
 ];
 
+/// The entry of [`DECOMPRESSORS`] whose magic `data` starts with.
+fn decompressor(
+    data: &[u8],
+) -> Option<&'static (&'static [u8], &'static str, &'static [&'static str])> {
+    DECOMPRESSORS
+        .iter()
+        .find(|(magic, _, _)| data.starts_with(magic))
+}
+
 /// The stripped vmlinux ELF inside an x86 bzImage, found where the boot
 /// protocol's setup header says the payload is.
 pub fn vmlinuz_payload(vmlinuz: &Path) -> Result<Vec<u8>> {
@@ -74,10 +83,7 @@ pub fn vmlinuz_payload(vmlinuz: &Path) -> Result<Vec<u8>> {
         std::fs::read(vmlinuz).with_context(|| format!("cannot read {}", vmlinuz.display()))?;
     let payload = bzimage_payload(&image)
         .with_context(|| format!("{}: not an x86 bzImage with a payload", vmlinuz.display()))?;
-    let Some((_, tool, args)) = DECOMPRESSORS
-        .iter()
-        .find(|(magic, _, _)| payload.starts_with(magic))
-    else {
+    let Some((_, tool, args)) = decompressor(payload) else {
         bail!(
             "{}: the kernel is compressed in a format other than xz or zstd",
             vmlinuz.display()
@@ -90,10 +96,7 @@ pub fn vmlinuz_payload(vmlinuz: &Path) -> Result<Vec<u8>> {
 /// `data` decompressed when it starts with the magic of a format in
 /// [`DECOMPRESSORS`] (Debian 13 ships its modules as `.ko.xz`), else as it is.
 pub fn decompressed(data: Vec<u8>, what: &Path) -> Result<Vec<u8>> {
-    match DECOMPRESSORS
-        .iter()
-        .find(|(magic, _, _)| data.starts_with(magic))
-    {
+    match decompressor(&data) {
         Some((_, tool, args)) => decompress(&data, tool, args, true)
             .with_context(|| format!("cannot decompress {}", what.display())),
         None => Ok(data),
