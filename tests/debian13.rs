@@ -8,6 +8,15 @@ use common::*;
 
 const DEBIAN_13: &str = "6.12.117+deb13-amd64";
 
+/// `dynamos-build --target DEBIAN_13 PATCH [extra] -o out`, which must
+/// succeed; its standard output.
+fn built(keys: &Keys, patch: &str, extra: &[&str], out: &std::path::Path) -> String {
+    let target = ["--target", DEBIAN_13];
+    let result = build_with(keys, &[patch], target.iter().chain(extra), out);
+    assert!(result.status.success(), "{}", stderr(&result));
+    stdout(&result)
+}
+
 /// A /proc fix built for Debian 13's kernel goes live there, its running
 /// code verified by run-pre, and is reverted; the return-thunk sites of
 /// the new code are patched like the kernel's own (an unpatched one warns
@@ -17,18 +26,8 @@ fn a_proc_fix_goes_live_on_debian_13_and_is_reverted() {
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let pkg = work.path().join("proc-version-banner.dynpkg");
-    let out = build_with(
-        &keys,
-        &["proc-version-banner.diff"],
-        ["--target", DEBIAN_13],
-        &pkg,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stdout(&out).contains(&format!("for {DEBIAN_13}")),
-        "{}",
-        stdout(&out)
-    );
+    let said = built(&keys, "proc-version-banner.diff", &[], &pkg);
+    assert!(said.contains(&format!("for {DEBIAN_13}")), "{said}");
     // Entry layouts come from the target's own headers: 6.12's alt_instr
     // has feature flags beside the CPUID bit and is 14 bytes, not 6.1's 12.
     let abi = std::fs::read_to_string(
@@ -75,17 +74,10 @@ fn a_module_fix_goes_live_on_debian_13_across_a_reload() {
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let pkg = work.path().join("binfmt.dynpkg");
-    let out = build_with(
-        &keys,
-        &["binfmt-misc-status-debian13.diff"],
-        ["--target", DEBIAN_13],
-        &pkg,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    let said = built(&keys, "binfmt-misc-status-debian13.diff", &[], &pkg);
     assert!(
-        stdout(&out).contains("replace  bm_status_read (binfmt_misc, fs/binfmt_misc.c)"),
-        "{}",
-        stdout(&out)
+        said.contains("replace  bm_status_read (binfmt_misc, fs/binfmt_misc.c)"),
+        "{said}"
     );
     let status = "/proc/sys/fs/binfmt_misc/status";
     let script = format!(
@@ -239,28 +231,14 @@ fn a_cumulative_update_replaces_the_first_on_debian_13() {
     let keys = Keys::new();
     let work = tempfile::tempdir().unwrap();
     let first = work.path().join("first.dynpkg");
-    let out = build_with(
-        &keys,
-        &["proc-version-banner.diff"],
-        ["--target", DEBIAN_13],
-        &first,
-    );
-    assert!(out.status.success(), "{}", stderr(&out));
+    built(&keys, "proc-version-banner.diff", &[], &first);
     let cumulative = work.path().join("cumulative.dynpkg");
-    let out = build_with(
+    built(
         &keys,
-        &["proc-version-banner-v2.diff"],
-        [
-            "--target",
-            DEBIAN_13,
-            "--name",
-            "cumulative",
-            "--replaces",
-            "proc-version-banner",
-        ],
+        "proc-version-banner-v2.diff",
+        &["--name", "cumulative", "--replaces", "proc-version-banner"],
         &cumulative,
     );
-    assert!(out.status.success(), "{}", stderr(&out));
     let text = vm_on_kernel(
         &keys,
         DEBIAN_13,
