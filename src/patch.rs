@@ -501,6 +501,16 @@ impl<'a> Parser<'a> {
         if (old_start == 0 && old_len != 0) || (new_start == 0 && new_len != 0) {
             return Err(self.err(idx, "hunk starts at line 0"));
         }
+        // Bounded so that every offset computed from them fits an isize.
+        if [old_start, old_len, new_start, new_len]
+            .iter()
+            .any(|&n| n > MAX_HUNK_LINE)
+        {
+            return Err(self.err(
+                idx,
+                format!("hunk header numbers a line past {MAX_HUNK_LINE}"),
+            ));
+        }
         self.pos += 1;
         let mut lines: Vec<HunkLine> = Vec::new();
         let (mut old_seen, mut new_seen) = (0usize, 0usize);
@@ -608,6 +618,10 @@ fn trim_end(s: &[u8]) -> &[u8] {
 }
 
 /// `@@ -a[,b] +c[,d] @@ ...` → (a, b, c, d); a missing count means 1.
+/// The largest line number or length a hunk header may state; no source
+/// file comes near it.
+const MAX_HUNK_LINE: usize = u32::MAX as usize;
+
 fn parse_hunk_header(line: &[u8]) -> Option<(usize, usize, usize, usize)> {
     let rest = line.strip_prefix(b"@@ -")?;
     let end = rest.windows(3).position(|w| w == b" @@")?;
@@ -1144,6 +1158,17 @@ mod tests {
             .expect("path touched")
             .as_ref()
             .map(|c| String::from_utf8(c.clone()).unwrap())
+    }
+
+    #[test]
+    fn hunk_line_numbers_past_any_file_are_an_error_not_an_overflow() {
+        let huge = 1usize << 63;
+        let patch = format!("--- a/f\n+++ b/f\n@@ -{huge},1 +{huge},1 @@\n-line 1\n+line one\n");
+        let err = apply_one(&patch, &[("f", &numbered(3))]).unwrap_err();
+        assert!(err.to_string().contains("past 4294967295"), "{err}");
+        let near = "--- a/f\n+++ b/f\n@@ -4294967295,1 +4294967295,1 @@\n-line 1\n+line one\n";
+        let changes = apply_one(near, &[("f", &numbered(3))]).unwrap();
+        assert_eq!(text(&changes, "f").unwrap(), "line one\nline 2\nline 3\n");
     }
 
     fn numbered(n: usize) -> String {
