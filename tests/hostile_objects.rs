@@ -97,3 +97,19 @@ fn extreme_addend_is_compared() {
     assert!(stderr.is_empty(), "{stderr}");
     assert!(stdout.lines().any(|l| l == "changed  changed"), "{stdout}");
 }
+
+/// A `loopne` with an address-size prefix leaves the function: its rel8
+/// displacement is found where the decoder says, not guessed from the
+/// instruction's name (that guess once took it for a rel32 and
+/// underflowed).
+#[test]
+fn prefixed_short_branch_is_compared() {
+    let dir = tempfile::tempdir().unwrap();
+    let (orig, patched) = split("object_diff-prefixed-loop-branch-width.bin", dir.path());
+    let out = diff(&orig, &patched);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stdout}{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert!(stdout.lines().any(|l| l == "changed  same"), "{stdout}");
+}

@@ -726,7 +726,7 @@ impl InstructionIndex {
 pub struct ImplicitBranch {
     /// Section offset of the displacement field.
     pub field: u64,
-    /// 4 for rel32, 1 for rel8.
+    /// 4 for rel32, 2 for rel16, 1 for rel8.
     pub width: usize,
     /// Section offset of the branch target.
     pub target: u64,
@@ -757,12 +757,14 @@ pub fn implicit_branches(
         if target >= start && target < end {
             continue;
         }
-        let width = if format!("{:?}", instr.code()).ends_with("rel8_64") {
-            1
-        } else {
-            4
-        };
-        let field = instr.next_ip() - width as u64;
+        // The decoder reports a branch's displacement as its immediate:
+        // rel8, rel16 (`xbegin`) or rel32, wherever prefixes put it.
+        let offsets = decoder.get_constant_offsets(&instr);
+        let width = offsets.immediate_size();
+        if width == 0 {
+            continue;
+        }
+        let field = instr.ip() + offsets.immediate_offset() as u64;
         if relocs.iter().any(|r| r.offset == field) {
             continue;
         }
@@ -770,7 +772,7 @@ pub fn implicit_branches(
             field,
             width,
             target,
-            bias: width as u64,
+            bias: instr.next_ip() - field,
         });
     }
     found
