@@ -24,7 +24,7 @@ fn a_task_sleeping_in_the_replaced_function_holds_the_transition() {
     let script = r#"
 cp /packages/vfork-sleeper /tmp/; chmod +x /tmp/vfork-sleeper
 left() {
-  echo "@@ $1 exit $2 livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c '^dynamos' /proc/modules) records $(ls /var/lib/dynamos/applied 2>/dev/null | wc -l) @@"
+  echo "@@ $1 exit $2 livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c '^dynamos' /proc/modules) records $(ls /run/dynamos/applied 2>/dev/null | wc -l) @@"
 }
 mkfifo /tmp/fifo
 /tmp/vfork-sleeper /tmp/fifo > /tmp/sleeper.log &

@@ -60,7 +60,7 @@ fn failed_applies_leave_nothing_behind() {
     let packages: Vec<PathBuf> = vec![good, flipped, missing, unloadable];
     let script = r#"
 left() {
-  echo "@@ $1 exit $2 livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c '^dynamos' /proc/modules) records $(ls /var/lib/dynamos/applied 2>/dev/null | wc -l) @@"
+  echo "@@ $1 exit $2 livepatches $(ls /sys/kernel/livepatch | wc -l) modules $(grep -c '^dynamos' /proc/modules) records $(ls /run/dynamos/applied 2>/dev/null | wc -l) @@"
 }
 for p in flipped missing-symbol unloadable; do
   dynamos apply /packages/$p.dynpkg 2>/tmp/err; rc=$?

@@ -47,7 +47,8 @@ pub struct SystemPaths {
     /// The running kernel's memory, read to verify its code (run-pre).
     pub kcore: PathBuf,
     pub proc: PathBuf,
-    /// One `<module_name>.json` record per applied package.
+    /// One `<module_name>.json` record per applied package: state of this
+    /// boot's kernel, so it lives in /run and no reboot inherits it.
     pub state_dir: PathBuf,
 }
 
@@ -59,7 +60,7 @@ impl Default for SystemPaths {
             kallsyms: "/proc/kallsyms".into(),
             kcore: "/proc/kcore".into(),
             proc: "/proc".into(),
-            state_dir: "/var/lib/dynamos/applied".into(),
+            state_dir: "/run/dynamos/applied".into(),
         }
     }
 }
