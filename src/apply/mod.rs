@@ -10,6 +10,7 @@
 
 pub mod adaptive;
 mod image;
+pub mod installed;
 pub mod kcore;
 mod kernel;
 pub mod kthreads;
@@ -50,6 +51,8 @@ pub struct SystemPaths {
     /// One `<module_name>.json` record per applied package: state of this
     /// boot's kernel, so it lives in /run and no reboot inherits it.
     pub state_dir: PathBuf,
+    /// Installed packages, one folder per kernel release (`installed.rs`).
+    pub installed: PathBuf,
 }
 
 impl Default for SystemPaths {
@@ -61,6 +64,7 @@ impl Default for SystemPaths {
             kcore: "/proc/kcore".into(),
             proc: "/proc".into(),
             state_dir: "/run/dynamos/applied".into(),
+            installed: "/var/lib/dynamos/installed".into(),
         }
     }
 }
@@ -702,6 +706,7 @@ mod tests {
             kcore: root.join("kcore"),
             proc: root.join("proc"),
             state_dir: root.join("state"),
+            installed: root.join("installed"),
         }
     }
 

@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use dynamos::apply::{self, ApplyOptions};
+use dynamos::apply::{self, installed, ApplyOptions};
 use dynamos::diff::values::describe_value;
 use dynamos::error::{exit, exit_code_of};
 use dynamos::package::{self, keys};
@@ -73,6 +73,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Verify a package and keep it under /var/lib/dynamos/installed for the
+    /// kernel it targets, to be applied at every boot of that kernel (root).
+    /// Applying it now is `apply`.
+    Install {
+        package: PathBuf,
+        #[command(flatten)]
+        trust: TrustArgs,
+        /// Print one JSON object on standard output (docs/user-guide.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget an installed package; an applied update stays applied until
+    /// `revert` (root).
+    Uninstall {
+        /// Package name, as `dynamos list` shows it.
+        name: String,
+        /// Only the copy for this kernel release (default: every release).
+        #[arg(long)]
+        release: Option<String>,
+    },
+    /// Let a package held by the crash guard be applied at boot again (root).
+    Unhold {
+        /// Package name, as `dynamos list` shows it.
+        name: String,
+    },
+    /// Apply the installed packages for the running kernel, in install
+    /// order; run early at boot by dynamos.service (root).
+    Boot {
+        /// Record that this boot survived its applies (dynamos-confirm.timer
+        /// runs it); an apply never confirmed holds its package at the next
+        /// boot.
+        #[arg(long)]
+        confirm: bool,
+        /// Seconds each package's transition may take.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Print one JSON object on standard output (docs/user-guide.md).
+        #[arg(long)]
+        json: bool,
+    },
     /// End the rollout of an adaptively replaced function: its new version
     /// serves every call from now on, its handler is no longer asked (root).
     Promote {
@@ -110,6 +150,13 @@ enum Command {
         /// host time: timings that do not depend on the host's load.
         #[arg(long, value_name = "SHIFT")]
         icount: Option<u32>,
+        /// A raw disk image to attach as /dev/vda; it keeps what the guest
+        /// writes, so a second run with it is a reboot.
+        #[arg(long, value_name = "IMAGE")]
+        disk: Option<PathBuf>,
+        /// A further kernel command-line word (repeatable).
+        #[arg(long = "append", value_name = "WORD")]
+        kernel_arguments: Vec<String>,
         /// Shell commands to run in the guest.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -262,6 +309,71 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+        Command::Install {
+            package,
+            trust,
+            json,
+        } => {
+            let opts = ApplyOptions {
+                extra_trust: trust.trust,
+                ..ApplyOptions::default()
+            };
+            let done = installed::install(&opts.paths, &package, &opts);
+            let unchanged = matches!(&done, Ok(i) if i.already_installed);
+            if json {
+                let code = print_json(done.map(|i| {
+                    serde_json::json!({
+                        "status": if i.already_installed { "unchanged" } else { "installed" },
+                        "package": i.name,
+                        "release": i.release,
+                        "order": i.order,
+                        "path": i.path,
+                    })
+                }))?;
+                return Ok(if unchanged { exit::NO_CHANGE } else { code });
+            }
+            let done = done?;
+            if done.already_installed {
+                println!(
+                    "{} is already installed for {} ({})",
+                    done.name,
+                    done.release,
+                    done.path.display()
+                );
+                return Ok(exit::NO_CHANGE);
+            }
+            println!(
+                "installed {} for {} ({}); it is applied at every boot of that kernel",
+                done.name,
+                done.release,
+                done.path.display()
+            );
+            Ok(exit::OK)
+        }
+        Command::Uninstall { name, release } => {
+            let paths = apply::SystemPaths::default();
+            for release in installed::uninstall(&paths, &name, release.as_deref())? {
+                println!("uninstalled {name} for {release}");
+            }
+            if apply::list_at(&paths)?
+                .iter()
+                .any(|u| u.in_kernel && u.package.as_deref() == Some(name.as_str()))
+            {
+                println!("{name} stays applied until `dynamos revert {name}`");
+            }
+            Ok(exit::OK)
+        }
+        Command::Unhold { name } => {
+            for release in installed::unhold(&apply::SystemPaths::default(), &name)? {
+                println!("{name} for {release} is applied again at boot");
+            }
+            Ok(exit::OK)
+        }
+        Command::Boot {
+            confirm,
+            timeout,
+            json,
+        } => boot(confirm, Duration::from_secs(timeout), json),
         Command::Promote { function } => {
             let module = apply::adaptive::promote(&apply::SystemPaths::default(), &function)?;
             println!("promoted {function} in {module}: the new version serves every call");
@@ -269,9 +381,14 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::List { json } => {
             let updates = apply::list()?;
+            let installed = installed::installed_at(&apply::SystemPaths::default())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&updates)?);
-            } else if updates.is_empty() {
+                let value = serde_json::json!({ "live": updates, "installed": installed });
+                println!("{}", serde_json::to_string_pretty(&value)?);
+                return Ok(exit::OK);
+            }
+            print_installed(&installed);
+            if updates.is_empty() {
                 println!("no live updates");
             } else {
                 for u in &updates {
@@ -357,6 +474,8 @@ fn run(cli: Cli) -> Result<i32> {
             memory,
             modules,
             icount,
+            disk,
+            kernel_arguments,
             command,
         } => {
             // The local signing key is trusted in the guest: that is what
@@ -375,6 +494,8 @@ fn run(cli: Cli) -> Result<i32> {
                 memory_mb: memory,
                 modules,
                 instruction_clock_shift: icount,
+                disk,
+                kernel_arguments,
                 ..Default::default()
             })?;
             print!("{}", outcome.output);
@@ -578,6 +699,89 @@ fn applied_json(applied: &apply::AppliedPackage) -> serde_json::Value {
         "synchronized": applied.synchronized,
         "restarted": applied.restarted,
     })
+}
+
+/// The installed packages, one line each, before the live updates.
+fn print_installed(packages: &[installed::InstalledPackage]) {
+    for p in packages {
+        let state = match (&p.record.held, &p.record.last) {
+            (Some(reason), _) => format!("held: {reason}"),
+            (None, None) => "not yet applied at boot".to_string(),
+            (None, Some(last)) => format!(
+                "boot apply {} ({})",
+                match last.stage {
+                    installed::BootStage::Started => "started",
+                    installed::BootStage::Applied => "done, boot not yet confirmed",
+                    installed::BootStage::Confirmed => "done and confirmed",
+                    installed::BootStage::Failed => "failed",
+                },
+                installed::describe_time(last.at)
+            ),
+        };
+        println!("installed {}  {}  #{}  {state}", p.name, p.release, p.order);
+    }
+}
+
+/// `dynamos boot`: apply the installed packages, or confirm this boot.
+/// Exits 0 when every installed package for this kernel is live (or
+/// superseded), 1 when one failed or is held.
+fn boot(confirm: bool, timeout: Duration, json: bool) -> Result<i32> {
+    let opts = ApplyOptions {
+        transition_timeout: timeout,
+        ..ApplyOptions::default()
+    };
+    if confirm {
+        let confirmed = installed::confirm(&opts.paths);
+        if json {
+            return print_json(
+                confirmed
+                    .map(|names| serde_json::json!({ "status": "confirmed", "confirmed": names })),
+            );
+        }
+        for name in confirmed? {
+            println!("confirmed {name}: this boot survived its apply");
+        }
+        return Ok(exit::OK);
+    }
+    if installed::boot_disabled(&opts.paths)? {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({ "status": "disabled", "packages": [] })
+            );
+        } else {
+            println!("dynamos.enable=0 on the kernel command line: no installed package applied");
+        }
+        return Ok(exit::OK);
+    }
+    let results = installed::boot(&opts.paths, &opts);
+    let code = match &results {
+        Ok(results) if results.iter().all(|r| r.outcome.is_fine()) => exit::OK,
+        Ok(_) => exit::ERROR,
+        Err(_) => exit::ERROR,
+    };
+    if json {
+        let code_json =
+            print_json(results.map(|r| serde_json::json!({ "status": "booted", "packages": r })))?;
+        return Ok(code_json.max(code));
+    }
+    for r in results? {
+        match &r.outcome {
+            installed::BootOutcome::Applied => println!("applied  {}", r.name),
+            installed::BootOutcome::AlreadyLive => println!("live     {} (already)", r.name),
+            installed::BootOutcome::Superseded { by } => {
+                println!("skipped  {} (superseded by {by})", r.name)
+            }
+            installed::BootOutcome::Held { reason } => eprintln!(
+                "dynamos: held {}: {reason}; `dynamos unhold {}` lets it be applied again",
+                r.name, r.name
+            ),
+            installed::BootOutcome::Failed { message } => {
+                eprintln!("dynamos: failed {}: {message}", r.name)
+            }
+        }
+    }
+    Ok(code)
 }
 
 /// `, carrying a, b` for a restarted thread's carried locals.

@@ -60,6 +60,13 @@ pub struct VmOptions {
     /// shift=N`: one instruction is 2^N ns) instead of host time, so guest
     /// timings count work done and not how loaded the host is.
     pub instruction_clock_shift: Option<u32>,
+    /// A raw disk image attached as the guest's `/dev/vda` (virtio; the
+    /// guest loads `virtio_pci` and `virtio_blk` itself). It outlives the
+    /// machine: a second run with the same image is a reboot.
+    pub disk: Option<PathBuf>,
+    /// Further kernel command-line words (`dynamos.enable=0`,
+    /// `module.sig_enforce=1`).
+    pub kernel_arguments: Vec<String>,
 }
 
 impl Default for VmOptions {
@@ -74,6 +81,8 @@ impl Default for VmOptions {
             memory_mb: 1024,
             modules: Vec::new(),
             instruction_clock_shift: None,
+            disk: None,
+            kernel_arguments: Vec::new(),
         }
     }
 }
@@ -104,6 +113,18 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
             "{} MB is too little memory for the virtual machine (at least 256 MB)",
             opts.memory_mb
         );
+    }
+    if let Some(disk) = &opts.disk {
+        if !disk.is_file() {
+            bail!("disk image {} not found", disk.display());
+        }
+    }
+    if let Some(bad) = opts
+        .kernel_arguments
+        .iter()
+        .find(|a| a.is_empty() || a.contains(char::is_whitespace))
+    {
+        bail!("kernel argument {bad:?} must be one word");
     }
     let packages = guest_files(&opts.packages, "package")?;
     let keys = guest_files(&opts.trusted_keys, "trusted key")?;
@@ -189,13 +210,24 @@ pub fn run(opts: &VmOptions) -> Result<VmOutcome> {
     for dir in &qemu.firmware_dirs {
         command.arg("-L").arg(dir);
     }
+    if let Some(disk) = &opts.disk {
+        command.arg("-drive").arg(format!(
+            "file={},format=raw,if=virtio,cache=writeback",
+            qemu_path(disk)?
+        ));
+    }
+    let mut append = "console=ttyS0 panic=-1 rdinit=/init".to_string();
+    for word in &opts.kernel_arguments {
+        append.push(' ');
+        append.push_str(word);
+    }
     command
         .arg("-kernel")
         .arg(&kernel)
         .arg("-initrd")
         .arg(&initrd)
         .arg("-append")
-        .arg("console=ttyS0 panic=-1 rdinit=/init")
+        .arg(&append)
         .arg("-chardev")
         .arg(format!("file,id=console,path={}", qemu_path(&console_log)?))
         .args(["-serial", "chardev:console"])

@@ -1,0 +1,605 @@
+//! Installed packages: kept per kernel release, applied at boot by
+//! `dynamos boot`, and held back after a boot-time apply the machine did
+//! not survive. The layout and the crash guard are in docs/fleet.md.
+//!
+//! Invariant: a package's boot record says `started` on disk before its
+//! module is loaded and `applied` only after the transition finished, so a
+//! machine that dies in between, or before `boot --confirm` runs, leaves a
+//! record of an earlier boot that is not `confirmed`.
+
+use super::*;
+use crate::package::Manifest;
+use std::fs::File;
+use std::io::Write;
+
+/// How far the last boot-time apply of a package got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootStage {
+    /// The module was about to be loaded.
+    Started,
+    /// The update went live; the boot was not yet confirmed as surviving it.
+    Applied,
+    /// `dynamos boot --confirm` ran in the same boot after the apply.
+    Confirmed,
+    /// The apply failed cleanly (nothing loaded); it is tried again at the
+    /// next boot.
+    Failed,
+}
+
+/// The last boot-time apply of one installed package.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootAttempt {
+    /// `/proc/sys/kernel/random/boot_id` of that boot.
+    pub boot_id: String,
+    pub stage: BootStage,
+    /// Seconds since the Unix epoch when the stage was recorded.
+    pub at: u64,
+    /// Why the apply failed, for `Failed`.
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// What is recorded beside each installed package.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootRecord {
+    pub last: Option<BootAttempt>,
+    /// Why the package is not applied at boot until `dynamos unhold`.
+    pub held: Option<String>,
+}
+
+/// One installed package.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstalledPackage {
+    /// Install order within its kernel release, from 1.
+    pub order: u32,
+    pub name: String,
+    pub release: String,
+    pub path: PathBuf,
+    #[serde(skip)]
+    pub manifest: Manifest,
+    pub record: BootRecord,
+}
+
+impl InstalledPackage {
+    fn record_path(&self) -> PathBuf {
+        self.path.with_extension("json")
+    }
+}
+
+/// What `dynamos install` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Installation {
+    pub name: String,
+    pub release: String,
+    pub order: u32,
+    pub path: PathBuf,
+    /// The same package was installed already: nothing changed.
+    pub already_installed: bool,
+}
+
+/// What `dynamos boot` did with one installed package.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum BootOutcome {
+    Applied,
+    AlreadyLive,
+    /// A later installed package replaces it.
+    Superseded {
+        by: String,
+    },
+    /// Not applied until an administrator runs `dynamos unhold`.
+    Held {
+        reason: String,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+impl BootOutcome {
+    /// Whether the package's changes are live (or carried by a later one).
+    pub fn is_fine(&self) -> bool {
+        matches!(
+            self,
+            BootOutcome::Applied | BootOutcome::AlreadyLive | BootOutcome::Superseded { .. }
+        )
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BootResult {
+    pub name: String,
+    #[serde(flatten)]
+    pub outcome: BootOutcome,
+}
+
+/// The file extension of an installed package; its record ends in `.json`.
+const PACKAGE_EXTENSION: &str = "dynamos";
+
+/// Verify `package` and store it for the kernel release it targets. Applying
+/// it now is `apply`; `boot` applies it at every boot of that kernel.
+pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Result<Installation> {
+    let bytes = package::read_file(package)?;
+    let pkg = package::read_verified(&bytes, &trusted_keys(opts)?)
+        .with_context(|| format!("{}", package.display()))?;
+    let manifest = &pkg.manifest;
+    check_file_name(&manifest.name, "package name")?;
+    check_file_name(&manifest.target.release, "kernel release")?;
+    require_root("install")?;
+    let _lock = lock(paths)?;
+    let installed = installed_at(paths)?;
+    let release = &manifest.target.release;
+    if let Some(same) = installed
+        .iter()
+        .find(|p| &p.release == release && p.name == manifest.name)
+    {
+        let stored =
+            fs::read(&same.path).with_context(|| format!("cannot read {}", same.path.display()))?;
+        if stored != bytes {
+            bail!(
+                "another package named {} is installed for {release}: `dynamos uninstall {}` first",
+                manifest.name,
+                manifest.name
+            );
+        }
+        return Ok(Installation {
+            name: same.name.clone(),
+            release: release.clone(),
+            order: same.order,
+            path: same.path.clone(),
+            already_installed: true,
+        });
+    }
+    let order = installed
+        .iter()
+        .filter(|p| &p.release == release)
+        .map(|p| p.order)
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let path = paths
+        .installed
+        .join(release)
+        .join(format!("{order:04}-{}.{PACKAGE_EXTENSION}", manifest.name));
+    // The record first: a package file without one is never listed.
+    write_durable(
+        &path.with_extension("json"),
+        &serde_json::to_vec_pretty(&BootRecord::default())?,
+    )?;
+    write_durable(&path, &bytes)?;
+    Ok(Installation {
+        name: manifest.name.clone(),
+        release: release.clone(),
+        order,
+        path,
+        already_installed: false,
+    })
+}
+
+/// Remove the installed package `name` (for `release`, or for every
+/// release); returns the releases it was removed for. An applied update
+/// stays applied until `revert`.
+pub fn uninstall(paths: &SystemPaths, name: &str, release: Option<&str>) -> Result<Vec<String>> {
+    require_root("uninstall")?;
+    let _lock = lock(paths)?;
+    let mut removed = Vec::new();
+    for p in installed_at(paths)? {
+        if p.name == name && release.is_none_or(|r| r == p.release) {
+            fs::remove_file(&p.path)
+                .with_context(|| format!("cannot remove {}", p.path.display()))?;
+            // The record goes last: without a package it is ignored.
+            let _ = fs::remove_file(p.record_path());
+            removed.push(p.release);
+        }
+    }
+    if removed.is_empty() {
+        bail!(
+            "no package named {name} is installed{} (see dynamos list)",
+            release.map(|r| format!(" for {r}")).unwrap_or_default()
+        );
+    }
+    Ok(removed)
+}
+
+/// Let a held package be applied at boot again; returns the releases it
+/// was held for.
+pub fn unhold(paths: &SystemPaths, name: &str) -> Result<Vec<String>> {
+    require_root("unhold")?;
+    let _lock = lock(paths)?;
+    let mut released = Vec::new();
+    for mut p in installed_at(paths)? {
+        if p.name == name && p.record.held.is_some() {
+            p.record.held = None;
+            write_record(&p)?;
+            released.push(p.release);
+        }
+    }
+    if released.is_empty() {
+        bail!("no installed package named {name} is held (see dynamos list)");
+    }
+    Ok(released)
+}
+
+/// Every installed package, by release and then install order. Files that
+/// are not `NNNN-NAME.dynamos` with a record beside them are ignored.
+pub fn installed_at(paths: &SystemPaths) -> Result<Vec<InstalledPackage>> {
+    let mut out = Vec::new();
+    let releases = match fs::read_dir(&paths.installed) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => {
+            return Err(e).with_context(|| format!("cannot read {}", paths.installed.display()))
+        }
+    };
+    for release_dir in releases.flatten() {
+        let release = release_dir.file_name().to_string_lossy().into_owned();
+        if release.starts_with('.') || !release_dir.path().is_dir() {
+            continue;
+        }
+        let entries = fs::read_dir(release_dir.path())
+            .with_context(|| format!("cannot read {}", release_dir.path().display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = file.strip_suffix(&format!(".{PACKAGE_EXTENSION}")) else {
+                continue;
+            };
+            let Some((order, name)) = stem.split_once('-') else {
+                continue;
+            };
+            let Ok(order) = order.parse::<u32>() else {
+                continue;
+            };
+            let record_path = path.with_extension("json");
+            let record: BootRecord = match fs::read(&record_path) {
+                Ok(text) => serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is damaged", record_path.display()))?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(e).with_context(|| format!("cannot read {}", record_path.display()))
+                }
+            };
+            let bytes = package::read_file(&path)?;
+            let manifest = package::read_unverified(&bytes)
+                .with_context(|| format!("{}", path.display()))?
+                .0
+                .manifest;
+            out.push(InstalledPackage {
+                order,
+                name: name.to_string(),
+                release: release.clone(),
+                path,
+                manifest,
+                record,
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.release, a.order).cmp(&(&b.release, b.order)));
+    Ok(out)
+}
+
+/// Apply, in install order, every installed package for the running kernel
+/// that is not held, superseded or already live. The crash guard runs
+/// first: a package whose last boot-time apply belongs to an earlier boot
+/// and was never confirmed is held.
+pub fn boot(paths: &SystemPaths, opts: &ApplyOptions) -> Result<Vec<BootResult>> {
+    require_root("boot")?;
+    let release = kernel_release()?;
+    let boot_id = boot_id(paths)?;
+    let mut packages: Vec<InstalledPackage> = {
+        let _lock = lock(paths)?;
+        let mut packages: Vec<InstalledPackage> = installed_at(paths)?
+            .into_iter()
+            .filter(|p| p.release == release)
+            .collect();
+        for p in &mut packages {
+            if let Some(reason) = crash_reason(&p.record, &boot_id) {
+                // The attempt is judged: its story is in the reason now,
+                // and `unhold` must not see it again.
+                p.record.held = Some(reason);
+                p.record.last = None;
+                write_record(p)?;
+            }
+        }
+        packages
+    };
+    let live = live_patch_names(paths)?;
+    let mut results = Vec::new();
+    for (i, decided) in decide(&packages, &live).into_iter().enumerate() {
+        let outcome = match decided {
+            Some(outcome) => outcome,
+            None => {
+                let p = &mut packages[i];
+                record_stage(p, &boot_id, BootStage::Started, None)?;
+                match super::apply(&p.path, opts) {
+                    Ok(_) => {
+                        record_stage(p, &boot_id, BootStage::Applied, None)?;
+                        BootOutcome::Applied
+                    }
+                    Err(err) => {
+                        let message = format!("{err:#}");
+                        record_stage(p, &boot_id, BootStage::Failed, Some(message.clone()))?;
+                        BootOutcome::Failed { message }
+                    }
+                }
+            }
+        };
+        results.push(BootResult {
+            name: packages[i].name.clone(),
+            outcome,
+        });
+    }
+    Ok(results)
+}
+
+/// What becomes of each installed package (in install order) without
+/// applying it; `None` means apply it. A package is superseded by a later
+/// one that replaces it, unless that one is held.
+fn decide(packages: &[InstalledPackage], live: &[String]) -> Vec<Option<BootOutcome>> {
+    packages
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let superseded_by = packages[i + 1..].iter().find(|later| {
+                later.record.held.is_none() && later.manifest.replaces.contains(&p.name)
+            });
+            if let Some(reason) = &p.record.held {
+                Some(BootOutcome::Held {
+                    reason: reason.clone(),
+                })
+            } else if live.contains(&p.manifest.module_name) {
+                Some(BootOutcome::AlreadyLive)
+            } else {
+                superseded_by.map(|later| BootOutcome::Superseded {
+                    by: later.name.clone(),
+                })
+            }
+        })
+        .collect()
+}
+
+/// Mark this boot's applies as survived; returns the packages confirmed.
+pub fn confirm(paths: &SystemPaths) -> Result<Vec<String>> {
+    require_root("boot --confirm")?;
+    let boot_id = boot_id(paths)?;
+    let _lock = lock(paths)?;
+    let mut confirmed = Vec::new();
+    for mut p in installed_at(paths)? {
+        let applied_now = p
+            .record
+            .last
+            .as_ref()
+            .is_some_and(|a| a.boot_id == boot_id && a.stage == BootStage::Applied);
+        if applied_now {
+            record_stage(&mut p, &boot_id, BootStage::Confirmed, None)?;
+            confirmed.push(p.name);
+        }
+    }
+    Ok(confirmed)
+}
+
+/// Whether the kernel command line says `dynamos.enable=0`.
+pub fn boot_disabled(paths: &SystemPaths) -> Result<bool> {
+    let path = paths.proc.join("cmdline");
+    let cmdline =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(cmdline
+        .split_whitespace()
+        .any(|word| word == "dynamos.enable=0"))
+}
+
+/// Why a package must be held: its last boot-time apply was in an earlier
+/// boot and never confirmed.
+fn crash_reason(record: &BootRecord, boot_id: &str) -> Option<String> {
+    let last = record.last.as_ref()?;
+    if last.boot_id == boot_id || record.held.is_some() {
+        return None;
+    }
+    let what = match last.stage {
+        BootStage::Started => "the machine stopped while it was being applied",
+        BootStage::Applied => "the machine stopped before that boot was confirmed",
+        BootStage::Confirmed | BootStage::Failed => return None,
+    };
+    Some(format!(
+        "{what} (boot {}, {})",
+        last.boot_id,
+        describe_time(last.at)
+    ))
+}
+
+fn record_stage(
+    p: &mut InstalledPackage,
+    boot_id: &str,
+    stage: BootStage,
+    message: Option<String>,
+) -> Result<()> {
+    p.record.last = Some(BootAttempt {
+        boot_id: boot_id.to_string(),
+        stage,
+        at: now_unix(),
+        message,
+    });
+    write_record(p)
+}
+
+fn write_record(p: &InstalledPackage) -> Result<()> {
+    write_durable(&p.record_path(), &serde_json::to_vec_pretty(&p.record)?)
+}
+
+/// Replace `path` with `data` so that after a crash it holds either the old
+/// or the new content, and the new one once this returns.
+fn write_durable(path: &Path, data: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
+    let mut file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(data)
+        .and_then(|_| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+fn boot_id(paths: &SystemPaths) -> Result<String> {
+    let path = paths.proc.join("sys/kernel/random/boot_id");
+    let id =
+        fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(id.trim().to_string())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// `2026-12-02 21:05:11 UTC` for seconds since the epoch.
+pub fn describe_time(unix: u64) -> String {
+    let (days, secs) = (unix / 86_400, unix % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+fn require_root(command: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("dynamos {command} must run as root");
+    }
+    Ok(())
+}
+
+/// Names become file names under /var/lib/dynamos.
+fn check_file_name(name: &str, what: &str) -> Result<()> {
+    let fine = !name.is_empty()
+        && !name.starts_with('.')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
+    if !fine {
+        bail!("the package's {what} {name:?} is not usable as a file name");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attempt(boot_id: &str, stage: BootStage) -> BootRecord {
+        BootRecord {
+            last: Some(BootAttempt {
+                boot_id: boot_id.into(),
+                stage,
+                at: 1_764_709_511,
+                message: None,
+            }),
+            held: None,
+        }
+    }
+
+    #[test]
+    fn only_an_unconfirmed_apply_of_an_earlier_boot_is_held() {
+        let started = crash_reason(&attempt("a", BootStage::Started), "b").unwrap();
+        assert!(started.contains("while it was being applied"), "{started}");
+        assert!(started.contains("2025-12-02 21:05:11 UTC"), "{started}");
+        let applied = crash_reason(&attempt("a", BootStage::Applied), "b").unwrap();
+        assert!(
+            applied.contains("before that boot was confirmed"),
+            "{applied}"
+        );
+        assert_eq!(crash_reason(&attempt("a", BootStage::Confirmed), "b"), None);
+        assert_eq!(crash_reason(&attempt("a", BootStage::Failed), "b"), None);
+        // The same boot running `dynamos boot` again is no crash.
+        assert_eq!(crash_reason(&attempt("b", BootStage::Applied), "b"), None);
+        assert_eq!(crash_reason(&BootRecord::default(), "b"), None);
+    }
+
+    fn installed(order: u32, name: &str, replaces: &[&str], held: bool) -> InstalledPackage {
+        let mut manifest = crate::apply::resolve::tests::manifest();
+        manifest.name = name.into();
+        manifest.module_name = format!("dynamos_{name}");
+        manifest.replaces = replaces.iter().map(|r| r.to_string()).collect();
+        InstalledPackage {
+            order,
+            name: name.into(),
+            release: "x".into(),
+            path: PathBuf::new(),
+            manifest,
+            record: BootRecord {
+                last: None,
+                held: held.then(|| "crashed".to_string()),
+            },
+        }
+    }
+
+    #[test]
+    fn a_cumulative_package_supersedes_earlier_ones_unless_it_is_held() {
+        let packages = [
+            installed(1, "first", &[], false),
+            installed(2, "second", &[], false),
+            installed(3, "both", &["first", "second"], false),
+            installed(4, "other", &[], false),
+        ];
+        let decided = decide(&packages, &["dynamos_other".to_string()]);
+        let superseded = Some(BootOutcome::Superseded { by: "both".into() });
+        assert_eq!(
+            decided,
+            [
+                superseded.clone(),
+                superseded,
+                None,
+                Some(BootOutcome::AlreadyLive)
+            ]
+        );
+        // A held cumulative package leaves the ones it replaces to apply.
+        let packages = [
+            installed(1, "first", &[], false),
+            installed(2, "both", &["first"], true),
+        ];
+        let decided = decide(&packages, &[]);
+        assert_eq!(decided[0], None);
+        assert!(matches!(decided[1], Some(BootOutcome::Held { .. })));
+    }
+
+    #[test]
+    fn dates_are_civil_utc() {
+        assert_eq!(describe_time(0), "1970-01-01 00:00:00 UTC");
+        assert_eq!(describe_time(951_825_600), "2000-02-29 12:00:00 UTC");
+        assert_eq!(describe_time(1_798_761_599), "2026-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn names_that_are_not_plain_file_names_are_refused() {
+        for bad in ["", ".hidden", "a/b", "a b", "..", "x\n"] {
+            assert!(check_file_name(bad, "package name").is_err(), "{bad:?}");
+        }
+        for good in [
+            "fix",
+            "proc-version-banner",
+            "6.1.0-57-amd64",
+            "6.12.117+deb13-amd64",
+        ] {
+            check_file_name(good, "kernel release").unwrap();
+        }
+    }
+}
