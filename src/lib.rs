@@ -8,6 +8,7 @@
 pub mod apply;
 pub mod build;
 pub mod cache;
+pub mod cli;
 pub mod debian;
 pub mod diff;
 pub mod error;

@@ -2,70 +2,12 @@
 //! touches and emit one signed live-update package.
 
 use clap::Parser;
+use dynamos::cli::build::Args;
 use dynamos::error::{exit, exit_code_of, Error, Refusal};
 use dynamos::pipeline::{build_package, BuildReport, BuildRequest};
 use dynamos::target::TargetSpec;
 use serde::Serialize;
 use std::path::PathBuf;
-
-#[derive(Parser)]
-#[command(
-    name = "dynamos-build",
-    version,
-    about = "Build a signed live-update package from kernel patches"
-)]
-struct Args {
-    /// Unified diffs against the kernel tree (applied with -p1, in order).
-    #[arg(required = true)]
-    patches: Vec<PathBuf>,
-    /// Package file to write (default: NAME.dynpkg from the first patch).
-    #[arg(short, long)]
-    output: Option<PathBuf>,
-    /// Debian kernel build to target, e.g. 6.1.0-57-amd64 (the default).
-    #[arg(long)]
-    target: Option<String>,
-    /// Your own kernel source tree (used read-only), with --config.
-    #[arg(long, requires = "config")]
-    src: Option<PathBuf>,
-    /// Kernel config for --src.
-    #[arg(long, requires = "src")]
-    config: Option<PathBuf>,
-    /// Module.symvers of the kernel built from --src (needed with CONFIG_MODVERSIONS).
-    #[arg(long, requires = "src")]
-    symvers: Option<PathBuf>,
-    /// Source folder of an out-of-tree module built with kbuild (a Kbuild
-    /// or Makefile with obj-m), used read-only: the patches fix it (paths
-    /// relative to DIR) instead of the kernel tree.
-    #[arg(long, value_name = "DIR")]
-    module_src: Option<PathBuf>,
-    /// Secret key to sign with (default: the one `dynamos keygen` wrote).
-    #[arg(long)]
-    key: Option<PathBuf>,
-    /// Package name (default: the first patch's file name without .diff).
-    #[arg(long)]
-    name: Option<String>,
-    /// Make a cumulative update superseding this earlier package; repeat for
-    /// several. Applying it replaces every applied update atomically.
-    #[arg(long, value_name = "PACKAGE")]
-    replaces: Vec<String>,
-    /// Let a hunk land ignoring up to N context lines at its start and end
-    /// (as `patch --fuzz N`); each such hunk is noted.
-    #[arg(long, value_name = "N", default_value_t = 0)]
-    fuzz: usize,
-    /// Replace FUNCTION even if the patches leave its code unchanged (an
-    /// identity update, e.g. to measure the redirect's cost); repeatable.
-    /// FUNCTION must be in a file the patches touch and have an ftrace entry.
-    #[arg(long, value_name = "FUNCTION")]
-    replace_unchanged: Vec<String>,
-    /// Print how long each stage took.
-    #[arg(long)]
-    timings: bool,
-    /// Print one JSON object on standard output instead of text: what the
-    /// package replaces and adds, its notes and stage timings, or why it
-    /// was not written (docs/user-guide.md describes the fields).
-    #[arg(long)]
-    json: bool,
-}
 
 fn main() {
     let args = Args::parse();
