@@ -9,6 +9,7 @@ pub mod apply;
 pub mod build;
 pub mod cache;
 pub mod cli;
+pub mod deb;
 pub mod debian;
 pub mod diff;
 pub mod error;

@@ -15,7 +15,7 @@ pub mod kcore;
 mod kernel;
 pub mod kthreads;
 mod list;
-mod resolve;
+pub(crate) mod resolve;
 pub mod shadows;
 mod stack;
 pub mod synchronized;

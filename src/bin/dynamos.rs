@@ -207,6 +207,37 @@ fn run(cli: Cli) -> Result<i32> {
             timeout,
             json,
         } => boot(confirm, Duration::from_secs(timeout), json),
+        Command::Deb {
+            package,
+            output,
+            version,
+            maintainer,
+        } => {
+            let deb = dynamos::deb::wrap(
+                &package,
+                &dynamos::deb::DebOptions {
+                    version,
+                    maintainer,
+                    output,
+                },
+            )?;
+            println!(
+                "wrote {} ({}, depends on {})",
+                deb.path.display(),
+                deb.name,
+                deb.depends
+            );
+            Ok(exit::OK)
+        }
+        Command::PackageTool {
+            binaries,
+            output,
+            maintainer,
+        } => {
+            let deb = dynamos::deb::wrap_tool(&binaries, &output, &maintainer)?;
+            println!("wrote {} (depends on {})", deb.path.display(), deb.depends);
+            Ok(exit::OK)
+        }
         Command::Promote { function } => {
             let module = apply::adaptive::promote(&apply::SystemPaths::default(), &function)?;
             println!("promoted {function} in {module}: the new version serves every call");

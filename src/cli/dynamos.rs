@@ -107,6 +107,31 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Wrap an update package as a Debian package that depends on the exact
+    /// linux-image build it is for and installs it with `dynamos install`.
+    Deb {
+        package: PathBuf,
+        /// The .deb to write (default: NAME_VERSION_amd64.deb here).
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        /// Debian version of the .deb; raise it for a rebuilt fix.
+        #[arg(long = "deb-version", default_value = "1")]
+        version: String,
+        #[arg(long, default_value = "dynamos <root@localhost>")]
+        maintainer: String,
+    },
+    /// Write dynamos's own Debian package from built binaries
+    /// (scripts/deb.sh).
+    #[command(hide = true)]
+    PackageTool {
+        /// Folder holding the `dynamos` and `dynamos-build` binaries.
+        #[arg(long)]
+        binaries: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long, default_value = "dynamos <root@localhost>")]
+        maintainer: String,
+    },
     /// End the rollout of an adaptively replaced function: its new version
     /// serves every call from now on, its handler is no longer asked (root).
     Promote {
