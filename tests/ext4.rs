@@ -19,14 +19,9 @@ use std::process::Command;
 
 const IMAGE: &str = "ext4-bad-bitmap.img";
 
-/// A program of e2fsprogs, which lives in /sbin or /usr/sbin.
+/// A program of e2fsprogs, with fixed timestamps.
 fn e2fsprogs(name: &str) -> Command {
-    let full = ["/usr/sbin", "/sbin"]
-        .iter()
-        .map(|dir| Path::new(dir).join(name))
-        .find(|path| path.exists())
-        .unwrap_or_else(|| Path::new(name).to_path_buf());
-    let mut command = Command::new(full);
+    let mut command = sbin_command(name);
     // Fixed timestamps, UUID and hash seed: the same image on every run.
     command.env("E2FSPROGS_FAKE_TIME", "1700000000");
     command

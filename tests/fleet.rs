@@ -23,20 +23,13 @@ fn exec_start(unit: &str) -> String {
     lines[0].to_string()
 }
 
-/// The guest's /var/lib/dynamos on the disk; `format` makes the file
-/// system first.
-fn mount_state(format: bool) -> String {
-    format!(
-        "set -e\n\
-         modprobe virtio_pci; modprobe virtio_blk; modprobe ext4\n\
-         i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
-         {}\
-         mkdir -p /var/lib/dynamos\n\
-         mount -t ext4 /dev/vda /var/lib/dynamos\n\
-         set +e\n",
-        if format { "mke2fs -q /dev/vda\n" } else { "" }
-    )
-}
+/// Script lines that mount the guest's /var/lib/dynamos from the disk.
+const MOUNT_STATE: &str = "set -e\n\
+     modprobe virtio_pci; modprobe virtio_blk; modprobe ext4\n\
+     i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done\n\
+     mkdir -p /var/lib/dynamos\n\
+     mount -t ext4 /dev/vda /var/lib/dynamos\n\
+     set +e\n";
 
 /// Boot the disk once with `script`; returns the exit code and output.
 fn boot(
@@ -82,10 +75,15 @@ fn installed_packages_go_live_at_each_boot_and_a_crash_holds_them() {
     let out = build(&keys, "proc-version-banner.diff", &pkg);
     assert!(out.status.success(), "dynamos-build: {}", stderr(&out));
     let disk = work.path().join("state.img");
-    std::fs::File::create(&disk)
-        .unwrap()
-        .set_len(32 << 20)
-        .unwrap();
+    // Journaled, as a machine's /var is: the crash below must not leave
+    // the file system damaged, only the records as they were synced.
+    let out = sbin_command("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&disk)
+        .arg("32M")
+        .output()
+        .expect("mkfs.ext4 runs (e2fsprogs, scripts/install-deps.sh)");
+    assert!(out.status.success(), "mkfs.ext4: {}", stderr(&out));
     let boot_unit = exec_start("dynamos.service");
     let confirm_unit = exec_start("dynamos-confirm.service");
     assert_eq!(boot_unit, "/usr/bin/dynamos boot");
@@ -101,7 +99,7 @@ fn installed_packages_go_live_at_each_boot_and_a_crash_holds_them() {
          echo \"@@ patched $({version_is_patched}) @@\"\n\
          dynamos list\n\
          umount /var/lib/dynamos\n",
-        mount = mount_state(true)
+        mount = MOUNT_STATE
     );
     let (code, text) = boot(&keys, &disk, &[&pkg], &["dynamos.enable=0"], &script);
     assert_eq!(code, Some(0), "{text}");
@@ -120,16 +118,19 @@ fn installed_packages_go_live_at_each_boot_and_a_crash_holds_them() {
     );
 
     // Boot 2: the unit applies it; the confirm unit records the boot
-    // survived.
+    // survived once the apply is older than the grace (120 s by default;
+    // one second here).
     let script = format!(
         "{mount}\
          echo \"@@ before $({version_is_patched}) @@\"\n\
          {boot_unit}; echo \"@@ boot unit $? @@\"\n\
          echo \"@@ patched $({version_is_patched}) @@\"\n\
-         {confirm_unit}; echo \"@@ confirm unit $? @@\"\n\
+         {confirm_unit}; echo \"@@ too early $? @@\"\n\
+         dynamos list | grep -q 'done, boot not yet confirmed' && echo '@@ unconfirmed yes @@'\n\
+         sleep 2; {confirm_unit} --grace 1; echo \"@@ confirm unit $? @@\"\n\
          dynamos list\n\
          umount /var/lib/dynamos\n",
-        mount = mount_state(false)
+        mount = MOUNT_STATE
     );
     let (code, text) = boot(&keys, &disk, &[], &[], &script);
     assert_eq!(code, Some(0), "{text}");
@@ -137,6 +138,8 @@ fn installed_packages_go_live_at_each_boot_and_a_crash_holds_them() {
     assert_eq!(status(&text, "boot unit"), "0", "{text}");
     expect_line(&text, "applied  proc-version-banner");
     assert_eq!(status(&text, "patched"), "1", "{text}");
+    assert_eq!(status(&text, "too early"), "0", "{text}");
+    assert_eq!(status(&text, "unconfirmed"), "yes", "{text}");
     assert_eq!(status(&text, "confirm unit"), "0", "{text}");
     expect_line(&text, "confirmed proc-version-banner");
     expect_line(&text, "boot apply done and confirmed");
@@ -146,7 +149,7 @@ fn installed_packages_go_live_at_each_boot_and_a_crash_holds_them() {
         "{mount}\
          {boot_unit}\n\
          echo c > /proc/sysrq-trigger\n",
-        mount = mount_state(false)
+        mount = MOUNT_STATE
     );
     let (code, text) = boot(&keys, &disk, &[], &[], &script);
     assert_eq!(code, Some(1), "{text}");
@@ -163,7 +166,7 @@ fn installed_packages_go_live_at_each_boot_and_a_crash_holds_them() {
          {boot_unit}; echo \"@@ boot unit unheld $? @@\"\n\
          echo \"@@ patched unheld $({version_is_patched}) @@\"\n\
          umount /var/lib/dynamos\n",
-        mount = mount_state(false)
+        mount = MOUNT_STATE
     );
     let (code, text) = boot(&keys, &disk, &[], &[], &script);
     assert_eq!(code, Some(0), "{text}");

@@ -76,6 +76,9 @@ pub struct Installation {
     pub path: PathBuf,
     /// The same package was installed already: nothing changed.
     pub already_installed: bool,
+    /// Another package of the same name was installed; this one took its
+    /// place in the order, and its hold if it had one.
+    pub replaced: bool,
 }
 
 /// What `dynamos boot` did with one installed package.
@@ -127,7 +130,7 @@ pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Resu
     check_file_name(&manifest.name, "package name")?;
     check_file_name(&manifest.target.release, "kernel release")?;
     require_root("install")?;
-    let _lock = lock(paths)?;
+    let _lock = store_lock(paths)?;
     let installed = installed_at(paths)?;
     let release = &manifest.target.release;
     if let Some(same) = installed
@@ -137,18 +140,22 @@ pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Resu
         let stored =
             fs::read(&same.path).with_context(|| format!("cannot read {}", same.path.display()))?;
         if stored != bytes {
-            bail!(
-                "another package named {} is installed for {release}: `dynamos uninstall {}` first",
-                manifest.name,
-                manifest.name
-            );
+            // A rebuilt fix of the same name (a .deb upgrade) takes the
+            // old one's place in the order, and any hold stays.
+            let record = BootRecord {
+                last: None,
+                held: same.record.held.clone(),
+            };
+            write_durable(&same.record_path(), &serde_json::to_vec_pretty(&record)?)?;
+            write_durable(&same.path, &bytes)?;
         }
         return Ok(Installation {
             name: same.name.clone(),
             release: release.clone(),
             order: same.order,
             path: same.path.clone(),
-            already_installed: true,
+            already_installed: stored == bytes,
+            replaced: stored != bytes,
         });
     }
     let order = installed
@@ -174,6 +181,7 @@ pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Resu
         order,
         path,
         already_installed: false,
+        replaced: false,
     })
 }
 
@@ -182,7 +190,7 @@ pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Resu
 /// stays applied until `revert`.
 pub fn uninstall(paths: &SystemPaths, name: &str, release: Option<&str>) -> Result<Vec<String>> {
     require_root("uninstall")?;
-    let _lock = lock(paths)?;
+    let _lock = store_lock(paths)?;
     let mut removed = Vec::new();
     for p in installed_at(paths)? {
         if p.name == name && release.is_none_or(|r| r == p.release) {
@@ -190,6 +198,9 @@ pub fn uninstall(paths: &SystemPaths, name: &str, release: Option<&str>) -> Resu
                 .with_context(|| format!("cannot remove {}", p.path.display()))?;
             // The record goes last: without a package it is ignored.
             let _ = fs::remove_file(p.record_path());
+            if let Some(dir) = p.path.parent() {
+                sync_dir(dir)?;
+            }
             removed.push(p.release);
         }
     }
@@ -206,7 +217,7 @@ pub fn uninstall(paths: &SystemPaths, name: &str, release: Option<&str>) -> Resu
 /// was held for.
 pub fn unhold(paths: &SystemPaths, name: &str) -> Result<Vec<String>> {
     require_root("unhold")?;
-    let _lock = lock(paths)?;
+    let _lock = store_lock(paths)?;
     let mut released = Vec::new();
     for mut p in installed_at(paths)? {
         if p.name == name && p.record.held.is_some() {
@@ -252,19 +263,29 @@ pub fn installed_at(paths: &SystemPaths) -> Result<Vec<InstalledPackage>> {
                 continue;
             };
             let record_path = path.with_extension("json");
-            let record: BootRecord = match fs::read(&record_path) {
-                Ok(text) => serde_json::from_slice(&text)
-                    .with_context(|| format!("{} is damaged", record_path.display()))?,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => {
-                    return Err(e).with_context(|| format!("cannot read {}", record_path.display()))
+            if !record_path.exists() {
+                continue;
+            }
+            // One damaged entry must not keep the others from booting.
+            let read = || -> Result<(BootRecord, Manifest)> {
+                let text = fs::read(&record_path)
+                    .with_context(|| format!("cannot read {}", record_path.display()))?;
+                let record = serde_json::from_slice(&text)
+                    .with_context(|| format!("{} is damaged", record_path.display()))?;
+                let bytes = package::read_file(&path)?;
+                let manifest = package::read_unverified(&bytes)
+                    .with_context(|| format!("{}", path.display()))?
+                    .0
+                    .manifest;
+                Ok((record, manifest))
+            };
+            let (record, manifest) = match read() {
+                Ok(read) => read,
+                Err(err) => {
+                    crate::report::note(format!("skipped an installed package: {err:#}"));
+                    continue;
                 }
             };
-            let bytes = package::read_file(&path)?;
-            let manifest = package::read_unverified(&bytes)
-                .with_context(|| format!("{}", path.display()))?
-                .0
-                .manifest;
             out.push(InstalledPackage {
                 order,
                 name: name.to_string(),
@@ -287,91 +308,128 @@ pub fn boot(paths: &SystemPaths, opts: &ApplyOptions) -> Result<Vec<BootResult>>
     require_root("boot")?;
     let release = kernel_release()?;
     let boot_id = boot_id(paths)?;
-    let mut packages: Vec<InstalledPackage> = {
-        let _lock = lock(paths)?;
-        let mut packages: Vec<InstalledPackage> = installed_at(paths)?
-            .into_iter()
-            .filter(|p| p.release == release)
-            .collect();
-        for p in &mut packages {
-            if let Some(reason) = crash_reason(&p.record, &boot_id) {
-                // The attempt is judged: its story is in the reason now,
-                // and `unhold` must not see it again.
-                p.record.held = Some(reason);
-                p.record.last = None;
-                write_record(p)?;
-            }
+    // The whole run holds the store: a second `boot`, an install or an
+    // unhold waits instead of writing records from an older reading.
+    let _lock = store_lock(paths)?;
+    let mut packages: Vec<InstalledPackage> = installed_at(paths)?
+        .into_iter()
+        .filter(|p| p.release == release)
+        .collect();
+    for p in &mut packages {
+        if let Some(reason) = crash_reason(&p.record, &boot_id) {
+            // The attempt is judged: its story is in the reason now,
+            // and `unhold` must not see it again.
+            p.record.held = Some(reason);
+            p.record.last = None;
+            write_record(p)?;
         }
-        packages
-    };
+    }
     let live = live_patch_names(paths)?;
-    let mut results = Vec::new();
-    for (i, decided) in decide(&packages, &live).into_iter().enumerate() {
-        let outcome = match decided {
-            Some(outcome) => outcome,
-            None => {
-                let p = &mut packages[i];
-                record_stage(p, &boot_id, BootStage::Started, None)?;
-                match super::apply(&p.path, opts) {
-                    Ok(_) => {
-                        record_stage(p, &boot_id, BootStage::Applied, None)?;
-                        BootOutcome::Applied
-                    }
-                    Err(err) => {
-                        let message = format!("{err:#}");
-                        record_stage(p, &boot_id, BootStage::Failed, Some(message.clone()))?;
-                        BootOutcome::Failed { message }
-                    }
-                }
-            }
-        };
-        results.push(BootResult {
-            name: packages[i].name.clone(),
-            outcome,
+    let decided = decide(&packages, &live);
+    let mut outcomes: Vec<Option<BootOutcome>> = vec![None; packages.len()];
+    for (i, decision) in decided.iter().enumerate() {
+        outcomes[i] = Some(match decision {
+            Some(outcome) => outcome.clone(),
+            None => apply_at_boot(paths, &mut packages[i], &boot_id, opts)?,
         });
     }
-    Ok(results)
+    // A cumulative package that failed leaves the fixes it replaces to
+    // their own packages, rather than none live.
+    for i in 0..packages.len() {
+        let Some(BootOutcome::Superseded { by }) = &outcomes[i] else {
+            continue;
+        };
+        let failed = packages
+            .iter()
+            .zip(&outcomes)
+            .any(|(p, o)| &p.name == by && matches!(o, Some(BootOutcome::Failed { .. })));
+        if failed {
+            outcomes[i] = Some(apply_at_boot(paths, &mut packages[i], &boot_id, opts)?);
+        }
+    }
+    Ok(packages
+        .iter()
+        .zip(outcomes)
+        .map(|(p, outcome)| BootResult {
+            name: p.name.clone(),
+            outcome: outcome.unwrap_or(BootOutcome::AlreadyLive),
+        })
+        .collect())
 }
 
-/// What becomes of each installed package (in install order) without
-/// applying it; `None` means apply it. A package is superseded by a later
-/// one that replaces it, unless that one is held.
+/// Apply one installed package, its record saying `started` on disk
+/// before the module loads and `applied` or `failed` after.
+fn apply_at_boot(
+    paths: &SystemPaths,
+    p: &mut InstalledPackage,
+    boot_id: &str,
+    opts: &ApplyOptions,
+) -> Result<BootOutcome> {
+    record_stage(p, boot_id, BootStage::Started, None)?;
+    match super::apply(&p.path, opts) {
+        Ok(_) => {
+            record_stage(p, boot_id, BootStage::Applied, None)?;
+            Ok(BootOutcome::Applied)
+        }
+        Err(err) => {
+            let message = format!("{err:#}");
+            // A failure that left the module loaded (its rollback failed
+            // too) is not clean: the record stays `started`, so the guard
+            // holds it if the machine does not survive.
+            if !paths.sys_module.join(&p.manifest.module_name).exists() {
+                record_stage(p, boot_id, BootStage::Failed, Some(message.clone()))?;
+            }
+            Ok(BootOutcome::Failed { message })
+        }
+    }
+}
+
+/// What becomes of each installed package without applying it; `None`
+/// means apply it. A package is superseded by any other installed one that
+/// replaces it (whatever their install order: apt may configure them in
+/// either), unless that one is held.
 fn decide(packages: &[InstalledPackage], live: &[String]) -> Vec<Option<BootOutcome>> {
     packages
         .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let superseded_by = packages[i + 1..].iter().find(|later| {
-                later.record.held.is_none() && later.manifest.replaces.contains(&p.name)
+        .map(|p| {
+            let superseded_by = packages.iter().find(|other| {
+                other.name != p.name
+                    && other.record.held.is_none()
+                    && other.manifest.replaces.contains(&p.name)
             });
-            if let Some(reason) = &p.record.held {
+            if let Some(later) = superseded_by {
+                Some(BootOutcome::Superseded {
+                    by: later.name.clone(),
+                })
+            } else if let Some(reason) = &p.record.held {
                 Some(BootOutcome::Held {
                     reason: reason.clone(),
                 })
             } else if live.contains(&p.manifest.module_name) {
                 Some(BootOutcome::AlreadyLive)
             } else {
-                superseded_by.map(|later| BootOutcome::Superseded {
-                    by: later.name.clone(),
-                })
+                None
             }
         })
         .collect()
 }
 
-/// Mark this boot's applies as survived; returns the packages confirmed.
-pub fn confirm(paths: &SystemPaths) -> Result<Vec<String>> {
+/// Mark this boot's applies that are at least `grace` old as survived;
+/// returns the packages confirmed. dynamos-confirm.timer runs it every
+/// minute, so each apply gets its grace whenever it happened.
+pub fn confirm(paths: &SystemPaths, grace: Duration) -> Result<Vec<String>> {
     require_root("boot --confirm")?;
     let boot_id = boot_id(paths)?;
-    let _lock = lock(paths)?;
+    let _lock = store_lock(paths)?;
+    let now = now_unix();
     let mut confirmed = Vec::new();
     for mut p in installed_at(paths)? {
-        let applied_now = p
-            .record
-            .last
-            .as_ref()
-            .is_some_and(|a| a.boot_id == boot_id && a.stage == BootStage::Applied);
-        if applied_now {
+        let survived = p.record.last.as_ref().is_some_and(|a| {
+            a.boot_id == boot_id
+                && a.stage == BootStage::Applied
+                && now.saturating_sub(a.at) >= grace.as_secs()
+        });
+        if survived {
             record_stage(&mut p, &boot_id, BootStage::Confirmed, None)?;
             confirmed.push(p.name);
         }
@@ -431,7 +489,13 @@ fn write_record(p: &InstalledPackage) -> Result<()> {
 /// or the new content, and the new one once this returns.
 fn write_durable(path: &Path, data: &[u8]) -> Result<()> {
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    if !dir.is_dir() {
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        // The new folder's own entry must last too.
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+    }
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
@@ -441,9 +505,18 @@ fn write_durable(path: &Path, data: &[u8]) -> Result<()> {
         .and_then(|_| file.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+/// Serializes everything that writes the store or its records.
+fn store_lock(paths: &SystemPaths) -> Result<crate::cache::Lock> {
+    crate::cache::Lock::acquire(&paths.installed.join(".lock"))
 }
 
 fn boot_id(paths: &SystemPaths) -> Result<String> {
@@ -491,7 +564,7 @@ fn require_root(command: &str) -> Result<()> {
 /// Names become file names under /var/lib/dynamos.
 fn check_file_name(name: &str, what: &str) -> Result<()> {
     let fine = !name.is_empty()
-        && !name.starts_with('.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b));
@@ -579,6 +652,18 @@ mod tests {
         let decided = decide(&packages, &[]);
         assert_eq!(decided[0], None);
         assert!(matches!(decided[1], Some(BootOutcome::Held { .. })));
+        // Install order does not matter (apt configures in either), and a
+        // held package a good one replaces is superseded, not held.
+        let packages = [
+            installed(1, "both", &["first"], false),
+            installed(2, "first", &[], true),
+        ];
+        let decided = decide(&packages, &[]);
+        assert_eq!(decided[0], None);
+        assert_eq!(
+            decided[1],
+            Some(BootOutcome::Superseded { by: "both".into() })
+        );
     }
 
     #[test]
@@ -590,7 +675,7 @@ mod tests {
 
     #[test]
     fn names_that_are_not_plain_file_names_are_refused() {
-        for bad in ["", ".hidden", "a/b", "a b", "..", "x\n"] {
+        for bad in ["", ".hidden", "-rf", "a/b", "a b", "..", "x\n"] {
             assert!(check_file_name(bad, "package name").is_err(), "{bad:?}");
         }
         for good in [

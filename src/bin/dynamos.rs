@@ -19,7 +19,11 @@ fn main() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    let code = match run(cli) {
+    let result = run(cli);
+    for note in dynamos::report::take_notes() {
+        eprintln!("dynamos: note: {note}");
+    }
+    let code = match result {
         Ok(code) => code,
         Err(err) => {
             eprintln!("dynamos: {err:#}");
@@ -156,7 +160,13 @@ fn run(cli: Cli) -> Result<i32> {
             if json {
                 let code = print_json(done.map(|i| {
                     serde_json::json!({
-                        "status": if i.already_installed { "unchanged" } else { "installed" },
+                        "status": if i.already_installed {
+                            "unchanged"
+                        } else if i.replaced {
+                            "replaced"
+                        } else {
+                            "installed"
+                        },
                         "package": i.name,
                         "release": i.release,
                         "order": i.order,
@@ -166,6 +176,15 @@ fn run(cli: Cli) -> Result<i32> {
                 return Ok(if unchanged { exit::NO_CHANGE } else { code });
             }
             let done = done?;
+            if done.replaced {
+                println!(
+                    "replaced the installed {} for {} with this package ({})",
+                    done.name,
+                    done.release,
+                    done.path.display()
+                );
+                return Ok(exit::OK);
+            }
             if done.already_installed {
                 println!(
                     "{} is already installed for {} ({})",
@@ -204,9 +223,14 @@ fn run(cli: Cli) -> Result<i32> {
         }
         Command::Boot {
             confirm,
+            grace,
             timeout,
             json,
-        } => boot(confirm, Duration::from_secs(timeout), json),
+        } => boot(
+            confirm.then(|| Duration::from_secs(grace)),
+            Duration::from_secs(timeout),
+            json,
+        ),
         Command::Deb {
             package,
             output,
@@ -589,13 +613,13 @@ fn print_installed(packages: &[installed::InstalledPackage]) {
 /// `dynamos boot`: apply the installed packages, or confirm this boot.
 /// Exits 0 when every installed package for this kernel is live (or
 /// superseded), 1 when one failed or is held.
-fn boot(confirm: bool, timeout: Duration, json: bool) -> Result<i32> {
+fn boot(confirm: Option<Duration>, timeout: Duration, json: bool) -> Result<i32> {
     let opts = ApplyOptions {
         transition_timeout: timeout,
         ..ApplyOptions::default()
     };
-    if confirm {
-        let confirmed = installed::confirm(&opts.paths);
+    if let Some(grace) = confirm {
+        let confirmed = installed::confirm(&opts.paths, grace);
         if json {
             return print_json(
                 confirmed
@@ -629,7 +653,11 @@ fn boot(confirm: bool, timeout: Duration, json: bool) -> Result<i32> {
             print_json(results.map(|r| serde_json::json!({ "status": "booted", "packages": r })))?;
         return Ok(code_json.max(code));
     }
-    for r in results? {
+    let results = results?;
+    if results.is_empty() {
+        println!("no package is installed for this kernel");
+    }
+    for r in results {
         match &r.outcome {
             installed::BootOutcome::Applied => println!("applied  {}", r.name),
             installed::BootOutcome::AlreadyLive => println!("live     {} (already)", r.name),

@@ -95,11 +95,15 @@ pub enum Command {
     /// Apply the installed packages for the running kernel, in install
     /// order; run early at boot by dynamos.service (root).
     Boot {
-        /// Record that this boot survived its applies (dynamos-confirm.timer
-        /// runs it); an apply never confirmed holds its package at the next
-        /// boot.
+        /// Record that this boot survived its applies made at least --grace
+        /// seconds ago (dynamos-confirm.timer runs it every minute); an
+        /// apply never confirmed holds its package at the next boot.
         #[arg(long)]
         confirm: bool,
+        /// With --confirm: how old, in seconds, an apply must be to be
+        /// confirmed.
+        #[arg(long, default_value_t = 120, requires = "confirm")]
+        grace: u64,
         /// Seconds each package's transition may take.
         #[arg(long, default_value_t = 60)]
         timeout: u64,

@@ -205,6 +205,17 @@ fn vm_checked(
     text
 }
 
+/// A program that lives in /usr/sbin or /sbin (e2fsprogs), which a test's
+/// PATH may lack.
+pub fn sbin_command(name: &str) -> Command {
+    let full = ["/usr/sbin", "/sbin"]
+        .iter()
+        .map(|dir| Path::new(dir).join(name))
+        .find(|path| path.exists())
+        .unwrap_or_else(|| Path::new(name).to_path_buf());
+    Command::new(full)
+}
+
 /// Assert that the VM output `text` holds `line`.
 pub fn expect_line(text: &str, line: &str) {
     assert!(text.contains(line), "missing `{line}` in:\n{text}");
