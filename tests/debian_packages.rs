@@ -142,9 +142,11 @@ fn dynamos_and_an_update_install_as_debian_packages_in_a_clean_root() {
     expect_line(&text, "depends on linux-image-6.1.0-57-amd64");
     let (_, text) = in_root(
         &root,
-        "dpkg --remove dynamos-update-proc-version-banner-6.1.0-57-amd64; dynamos list",
+        "dynamos list; dpkg --remove dynamos-update-proc-version-banner-6.1.0-57-amd64",
     );
+    // Its postinst never ran: nothing is installed in dynamos's store.
     expect_line(&text, "no live updates");
+    assert!(!text.contains("installed proc-version-banner"), "{text}");
 
     // The real kernel image package (its initramfs tool left out).
     std::fs::create_dir_all(work.path().join("debs")).unwrap();
