@@ -103,14 +103,45 @@ pub fn ensure_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
 /// Write `data` to `path` through a temporary file and a rename, so readers
 /// never see a partial file.
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    write_renamed(path, data, false)
+}
+
+/// [`write_atomic`], and synced: after a crash `path` holds the old or the
+/// new content, and the new one once this returns (its folder's entry, and
+/// a folder it had to create, included).
+pub fn write_durable(path: &Path, data: &[u8]) -> Result<()> {
+    write_renamed(path, data, true)
+}
+
+fn write_renamed(path: &Path, data: &[u8], sync: bool) -> Result<()> {
+    use std::io::Write;
     let parent = path.parent().unwrap_or_else(|| Path::new("."));
-    fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    if !parent.is_dir() {
+        fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create {}", parent.display()))?;
+        if let (true, Some(grandparent)) = (sync, parent.parent()) {
+            sync_dir(grandparent)?;
+        }
+    }
     let tmp = parent.join(format!(
         ".{}.tmp{}",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file"),
         std::process::id()
     ));
-    fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(data)
+        .and_then(|_| if sync { file.sync_all() } else { Ok(()) })
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    if sync {
+        sync_dir(parent)?;
+    }
     Ok(())
+}
+
+/// Make a folder's entries (a rename, a removal) last across a crash.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))
 }

@@ -345,7 +345,7 @@ fn parse_glibc_version(version: &str) -> Option<(u32, u32)> {
 }
 
 /// Run `dpkg-deb --build`, files owned by root whoever builds.
-pub fn build_deb(root: &Path, output: &Path) -> Result<()> {
+fn build_deb(root: &Path, output: &Path) -> Result<()> {
     let out = Command::new("dpkg-deb")
         .args(["--root-owner-group", "-Zxz", "--build"])
         .arg(root)

@@ -8,9 +8,8 @@
 //! record of an earlier boot that is not `confirmed`.
 
 use super::*;
+use crate::cache::{sync_dir, write_durable};
 use crate::package::Manifest;
-use std::fs::File;
-use std::io::Write;
 
 /// How far the last boot-time apply of a package got.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,11 +73,19 @@ pub struct Installation {
     pub release: String,
     pub order: u32,
     pub path: PathBuf,
-    /// The same package was installed already: nothing changed.
-    pub already_installed: bool,
+    pub change: InstallChange,
+}
+
+/// What an install changed in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstallChange {
+    Installed,
     /// Another package of the same name was installed; this one took its
     /// place in the order, and its hold if it had one.
-    pub replaced: bool,
+    Replaced,
+    /// The same package was installed already: nothing changed.
+    Unchanged,
 }
 
 /// What `dynamos boot` did with one installed package.
@@ -87,7 +94,7 @@ pub struct Installation {
 pub enum BootOutcome {
     Applied,
     AlreadyLive,
-    /// A later installed package replaces it.
+    /// Another installed package replaces it.
     Superseded {
         by: String,
     },
@@ -122,7 +129,8 @@ const PACKAGE_EXTENSION: &str = "dynamos";
 
 /// Verify `package` and store it for the kernel release it targets. Applying
 /// it now is `apply`; `boot` applies it at every boot of that kernel.
-pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Result<Installation> {
+pub fn install(package: &Path, opts: &ApplyOptions) -> Result<Installation> {
+    let paths = &opts.paths;
     let bytes = package::read_file(package)?;
     let pkg = package::read_verified(&bytes, &trusted_keys(opts)?)
         .with_context(|| format!("{}", package.display()))?;
@@ -139,7 +147,12 @@ pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Resu
     {
         let stored =
             fs::read(&same.path).with_context(|| format!("cannot read {}", same.path.display()))?;
-        if stored != bytes {
+        let change = if stored == bytes {
+            InstallChange::Unchanged
+        } else {
+            InstallChange::Replaced
+        };
+        if change == InstallChange::Replaced {
             // A rebuilt fix of the same name (a .deb upgrade) takes the
             // old one's place in the order, and any hold stays.
             let record = BootRecord {
@@ -154,8 +167,7 @@ pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Resu
             release: release.clone(),
             order: same.order,
             path: same.path.clone(),
-            already_installed: stored == bytes,
-            replaced: stored != bytes,
+            change,
         });
     }
     let order = installed
@@ -180,8 +192,7 @@ pub fn install(paths: &SystemPaths, package: &Path, opts: &ApplyOptions) -> Resu
         release: release.clone(),
         order,
         path,
-        already_installed: false,
-        replaced: false,
+        change: InstallChange::Installed,
     })
 }
 
@@ -304,7 +315,8 @@ pub fn installed_at(paths: &SystemPaths) -> Result<Vec<InstalledPackage>> {
 /// that is not held, superseded or already live. The crash guard runs
 /// first: a package whose last boot-time apply belongs to an earlier boot
 /// and was never confirmed is held.
-pub fn boot(paths: &SystemPaths, opts: &ApplyOptions) -> Result<Vec<BootResult>> {
+pub fn boot(opts: &ApplyOptions) -> Result<Vec<BootResult>> {
+    let paths = &opts.paths;
     require_root("boot")?;
     let release = kernel_release()?;
     let boot_id = boot_id(paths)?;
@@ -326,25 +338,25 @@ pub fn boot(paths: &SystemPaths, opts: &ApplyOptions) -> Result<Vec<BootResult>>
     }
     let live = live_patch_names(paths)?;
     let decided = decide(&packages, &live);
-    let mut outcomes: Vec<Option<BootOutcome>> = vec![None; packages.len()];
-    for (i, decision) in decided.iter().enumerate() {
-        outcomes[i] = Some(match decision {
-            Some(outcome) => outcome.clone(),
-            None => apply_at_boot(paths, &mut packages[i], &boot_id, opts)?,
+    let mut outcomes = Vec::with_capacity(packages.len());
+    for (p, decision) in packages.iter_mut().zip(decided) {
+        outcomes.push(match decision {
+            Some(outcome) => outcome,
+            None => apply_at_boot(paths, p, &boot_id, opts)?,
         });
     }
     // A cumulative package that failed leaves the fixes it replaces to
     // their own packages, rather than none live.
     for i in 0..packages.len() {
-        let Some(BootOutcome::Superseded { by }) = &outcomes[i] else {
+        let BootOutcome::Superseded { by } = &outcomes[i] else {
             continue;
         };
         let failed = packages
             .iter()
             .zip(&outcomes)
-            .any(|(p, o)| &p.name == by && matches!(o, Some(BootOutcome::Failed { .. })));
+            .any(|(p, o)| &p.name == by && matches!(o, BootOutcome::Failed { .. }));
         if failed {
-            outcomes[i] = Some(apply_at_boot(paths, &mut packages[i], &boot_id, opts)?);
+            outcomes[i] = apply_at_boot(paths, &mut packages[i], &boot_id, opts)?;
         }
     }
     Ok(packages
@@ -352,7 +364,7 @@ pub fn boot(paths: &SystemPaths, opts: &ApplyOptions) -> Result<Vec<BootResult>>
         .zip(outcomes)
         .map(|(p, outcome)| BootResult {
             name: p.name.clone(),
-            outcome: outcome.unwrap_or(BootOutcome::AlreadyLive),
+            outcome,
         })
         .collect())
 }
@@ -485,35 +497,6 @@ fn write_record(p: &InstalledPackage) -> Result<()> {
     write_durable(&p.record_path(), &serde_json::to_vec_pretty(&p.record)?)
 }
 
-/// Replace `path` with `data` so that after a crash it holds either the old
-/// or the new content, and the new one once this returns.
-fn write_durable(path: &Path, data: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    if !dir.is_dir() {
-        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-        // The new folder's own entry must last too.
-        if let Some(parent) = dir.parent() {
-            sync_dir(parent)?;
-        }
-    }
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    let mut file = File::create(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    file.write_all(data)
-        .and_then(|_| file.sync_all())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
-    sync_dir(dir)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("cannot sync {}", dir.display()))
-}
-
 /// Serializes everything that writes the store or its records.
 fn store_lock(paths: &SystemPaths) -> Result<crate::cache::Lock> {
     crate::cache::Lock::acquire(&paths.installed.join(".lock"))
@@ -551,14 +534,6 @@ pub fn describe_time(unix: u64) -> String {
         secs / 60 % 60,
         secs % 60
     )
-}
-
-fn require_root(command: &str) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("dynamos {command} must run as root");
-    }
-    Ok(())
 }
 
 /// Names become file names under /var/lib/dynamos.

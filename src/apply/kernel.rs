@@ -244,6 +244,15 @@ pub(super) fn describe_blockers(blockers: &[String]) -> String {
     }
 }
 
+/// `dynamos COMMAND` changes the running kernel or the machine's store.
+pub(super) fn require_root(command: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("dynamos {command} must run as root");
+    }
+    Ok(())
+}
+
 pub(super) fn lock(paths: &SystemPaths) -> Result<crate::cache::Lock> {
     crate::cache::Lock::acquire(&paths.state_dir.join(".lock"))
 }

@@ -234,10 +234,7 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
             bail!("package module is named {inner} but the manifest says {name}");
         }
     }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        bail!("dynamos apply must run as root");
-    }
+    require_root("apply")?;
     let _lock = lock(paths)?;
     if paths.livepatch.join(name).exists() || paths.sys_module.join(name).exists() {
         return Err(Error::refused(

@@ -155,52 +155,38 @@ fn run(cli: Cli) -> Result<i32> {
                 extra_trust: trust.trust,
                 ..ApplyOptions::default()
             };
-            let done = installed::install(&opts.paths, &package, &opts);
-            let unchanged = matches!(&done, Ok(i) if i.already_installed);
+            let done = installed::install(&package, &opts);
+            let code = |change| match change {
+                installed::InstallChange::Unchanged => exit::NO_CHANGE,
+                _ => exit::OK,
+            };
             if json {
-                let code = print_json(done.map(|i| {
+                let change = done.as_ref().ok().map(|i| i.change);
+                let printed = print_json(done.map(|i| {
                     serde_json::json!({
-                        "status": if i.already_installed {
-                            "unchanged"
-                        } else if i.replaced {
-                            "replaced"
-                        } else {
-                            "installed"
-                        },
+                        "status": i.change,
                         "package": i.name,
                         "release": i.release,
                         "order": i.order,
                         "path": i.path,
                     })
                 }))?;
-                return Ok(if unchanged { exit::NO_CHANGE } else { code });
+                return Ok(change.map_or(printed, code));
             }
             let done = done?;
-            if done.replaced {
-                println!(
-                    "replaced the installed {} for {} with this package ({})",
-                    done.name,
-                    done.release,
-                    done.path.display()
-                );
-                return Ok(exit::OK);
+            let (name, release, path) = (&done.name, &done.release, done.path.display());
+            match done.change {
+                installed::InstallChange::Installed => println!(
+                    "installed {name} for {release} ({path}); it is applied at every boot of that kernel"
+                ),
+                installed::InstallChange::Replaced => println!(
+                    "replaced the installed {name} for {release} with this package ({path})"
+                ),
+                installed::InstallChange::Unchanged => {
+                    println!("{name} is already installed for {release} ({path})")
+                }
             }
-            if done.already_installed {
-                println!(
-                    "{} is already installed for {} ({})",
-                    done.name,
-                    done.release,
-                    done.path.display()
-                );
-                return Ok(exit::NO_CHANGE);
-            }
-            println!(
-                "installed {} for {} ({}); it is applied at every boot of that kernel",
-                done.name,
-                done.release,
-                done.path.display()
-            );
-            Ok(exit::OK)
+            Ok(code(done.change))
         }
         Command::Uninstall { name, release } => {
             let paths = apply::SystemPaths::default();
@@ -642,11 +628,10 @@ fn boot(confirm: Option<Duration>, timeout: Duration, json: bool) -> Result<i32>
         }
         return Ok(exit::OK);
     }
-    let results = installed::boot(&opts.paths, &opts);
+    let results = installed::boot(&opts);
     let code = match &results {
         Ok(results) if results.iter().all(|r| r.outcome.is_fine()) => exit::OK,
-        Ok(_) => exit::ERROR,
-        Err(_) => exit::ERROR,
+        _ => exit::ERROR,
     };
     if json {
         let code_json =
