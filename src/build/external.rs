@@ -9,9 +9,7 @@
 //! for the modules the target does not ship: their symbol tables are what
 //! the running module's kallsyms will list.
 
-use super::{
-    changed_symbol_versions_in, child, kernel_object, new_result_dir, tail, BuildOutput, JOBS,
-};
+use super::{changed_symbol_versions_in, child, kernel_object, new_result_dir, tail, BuildOutput};
 use super::{ObjectPair, AUTHOR_HEADER, AUTHOR_HEADER_NAME, KCFLAGS, LOG_TAIL};
 use crate::target::Target;
 use crate::{Error, Refusal};
@@ -317,9 +315,9 @@ fn make_modules(
     let mut cmd = toolchain.command("make");
     cmd.arg("-C")
         .arg(kbuild_dir)
-        .arg(format!("CC={}", toolchain.cc))
+        .arg(toolchain.make_cc())
         .arg(format!("M={}", copy.display()))
-        .arg(JOBS)
+        .arg(super::jobs_arg())
         // The copy's folder (named after this process) is mapped out of
         // the debug info: both copies compile to the same bytes.
         .arg(format!(

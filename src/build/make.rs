@@ -5,6 +5,7 @@ use anyhow::{anyhow, Context, Result};
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Environment a parent make or the user may have set that would change the build.
 pub(super) const MAKE_ENV_REMOVE: &[&str] = &[
@@ -25,6 +26,27 @@ pub(super) const MAKE_ENV_REMOVE: &[&str] = &[
     "C",
     "V",
 ];
+
+/// Target builds this process runs beside others (`dynamos-build --jobs`).
+static CONCURRENT_BUILDS: AtomicUsize = AtomicUsize::new(1);
+
+/// Say that `builds` target builds run at once, each in its own process:
+/// each make then takes its share of the cores, so that they do not
+/// oversubscribe the machine together.
+pub fn share_cores_among(builds: usize) {
+    CONCURRENT_BUILDS.store(builds.max(1), Ordering::Relaxed);
+}
+
+/// Processors this process may use.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// `-jN` of every make: this build's share of the cores, at least one.
+pub(crate) fn jobs_arg() -> String {
+    let share = cores() / CONCURRENT_BUILDS.load(Ordering::Relaxed).max(1);
+    format!("-j{}", share.max(1))
+}
 
 /// Result of one `make` run.
 pub(crate) struct MakeRun {

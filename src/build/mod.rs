@@ -35,7 +35,8 @@ pub(crate) use classify::{sort_changes, SortedChanges};
 use diagnostics::*;
 use farm::*;
 use make::MAKE_ENV_REMOVE;
-pub(crate) use make::{run_make_logged, MakeRun};
+pub use make::{cores, share_cores_among};
+pub(crate) use make::{jobs_arg, run_make_logged, MakeRun};
 
 use crate::cache::{self, Lock};
 use crate::target::Target;
@@ -69,9 +70,6 @@ fn kcflags(source: &Path, out: &Path) -> String {
 /// generated module for what it shares with transitional clones.
 pub const AUTHOR_HEADER: &str = include_str!("../../templates/dynamos.h");
 const AUTHOR_HEADER_NAME: &str = "dynamos.h";
-
-/// Parallel jobs of each `make`.
-const JOBS: &str = "-j2";
 
 /// Lines of make's output shown when a build fails.
 const LOG_TAIL: usize = 30;
@@ -495,7 +493,8 @@ pub fn module_build_dir(target: &Target) -> Result<PathBuf> {
     if !stamp.exists() {
         let progress =
             crate::report::spinner("preparing the original tree for module builds".into());
-        let run = trees.run_make(&trees.source, &trees.orig, &[JOBS, "modules_prepare"]);
+        let jobs = jobs_arg();
+        let run = trees.run_make(&trees.source, &trees.orig, &[&jobs, "modules_prepare"]);
         progress.finish_and_clear();
         let run = run?;
         if !run.success {
@@ -866,7 +865,7 @@ impl Trees {
             .arg("objtree=.")
             .arg(format!("SRCARCH={srcarch}"))
             .arg(format!("ARCH={srcarch}"))
-            .arg(format!("CC={}", self.toolchain.cc))
+            .arg(self.toolchain.make_cc())
             .arg("dynamos-list");
         for var in MAKE_ENV_REMOVE {
             cmd.env_remove(var);
@@ -1112,7 +1111,8 @@ impl Trees {
                 out.display()
             )
         })?;
-        for step in [&["olddefconfig"][..], &[JOBS, "prepare"][..]] {
+        let jobs = jobs_arg();
+        for step in [&["olddefconfig"][..], &[&jobs, "prepare"][..]] {
             let run = self.run_make(source, out, step)?;
             if !run.success {
                 let hint = missing_tool_hint(&run.output)
@@ -1138,7 +1138,7 @@ impl Trees {
                 output: String::new(),
             });
         }
-        let mut args: Vec<String> = vec![JOBS.into(), "-k".into()];
+        let mut args: Vec<String> = vec![jobs_arg(), "-k".into()];
         args.extend(objects.iter().map(|o| o.display().to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.run_make(source, out, &args)
@@ -1151,7 +1151,7 @@ impl Trees {
             .arg(format!("O={}", out.display()))
             .arg(format!("KERNELRELEASE={}", self.release))
             .arg(format!("KCFLAGS={}", kcflags(source, out)))
-            .arg(format!("CC={}", self.toolchain.cc));
+            .arg(self.toolchain.make_cc());
         cmd.args(args);
         run_make_logged(cmd, &out.join(".dynamos-make.log"), Some(self.lock_fd))
     }

@@ -1041,7 +1041,7 @@ fn build_module(
     make.arg("-C")
         .arg(kbuild_dir)
         .arg(format!("M={}", work.display()))
-        .arg(format!("CC={}", kernel.toolchain.cc))
+        .arg(kernel.toolchain.make_cc())
         // Our resolver symbols are undefined on purpose; they are checked below.
         .arg("KBUILD_MODPOST_WARN=1")
         .arg(reproducible_kcflags(kbuild_dir, work))

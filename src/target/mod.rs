@@ -315,6 +315,12 @@ impl Target {
 
     /// Resolve the spec into a ready-to-use target, fetching what is missing.
     pub fn resolve(spec: &TargetSpec) -> Result<Target> {
+        let mut target = Self::resolve_kernel(spec)?;
+        target.toolchain = target.toolchain.with_wrapper_from_environment()?;
+        Ok(target)
+    }
+
+    fn resolve_kernel(spec: &TargetSpec) -> Result<Target> {
         match (&spec.src, &spec.config) {
             (Some(src), Some(config)) => Self::user_tree(
                 src,

@@ -84,7 +84,7 @@ fn compile_and_read(
     let mut make = toolchain.command("make");
     make.arg("-C")
         .arg(kbuild_dir)
-        .arg(format!("CC={}", toolchain.cc))
+        .arg(toolchain.make_cc())
         .arg(format!("M={}", dir.display()))
         .arg(format!("{PROBE_NAME}.o"));
     let run = crate::build::run_make_logged(make, &dir.join("make.log"), None);

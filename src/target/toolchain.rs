@@ -9,6 +9,11 @@
 //! it in a private mount namespace where the cache and /tmp appear at
 //! their own paths, so nothing outside the namespace sees the mounts and
 //! nothing is left mounted when make ends.
+//!
+//! A compiler wrapper from the environment (ccache, sccache, distcc) is
+//! put in front of that compiler, never in its place: `DYNAMOS_CC_WRAPPER`,
+//! or the words before the compiler in `CC` (`CC="ccache gcc"`, as kbuild
+//! takes it). It must be installed where the compiler runs.
 
 use crate::cache;
 use anyhow::{bail, Context, Result};
@@ -58,6 +63,9 @@ pub struct Toolchain {
     /// What kbuild is told to use as `CC`: `gcc-12`,
     /// `x86_64-linux-gnu-gcc-14`.
     pub cc: String,
+    /// A program and its arguments run in front of `cc` (ccache, distcc).
+    /// It must not change objects, so nothing cached depends on it.
+    wrapper: Vec<String>,
     /// A root with the compiler, when the host lacks it.
     root: Option<PathBuf>,
     /// Folders besides the cache and /tmp that commands in the root must
@@ -70,6 +78,7 @@ impl Toolchain {
     pub fn host(cc: &str) -> Toolchain {
         Toolchain {
             cc: cc.to_string(),
+            wrapper: Vec::new(),
             root: None,
             binds: Vec::new(),
         }
@@ -105,6 +114,7 @@ impl Toolchain {
         let root = debian_root(codename, package, &version_text)?;
         let toolchain = Toolchain {
             cc: cc.clone(),
+            wrapper: Vec::new(),
             root: Some(root.clone()),
             binds: Vec::new(),
         };
@@ -155,6 +165,53 @@ impl Toolchain {
         cmd
     }
 
+    /// The `CC=` argument of every make: the wrapper, if any, then the
+    /// compiler that built the target.
+    pub fn make_cc(&self) -> String {
+        let words: Vec<&str> = self
+            .wrapper
+            .iter()
+            .map(String::as_str)
+            .chain([self.cc.as_str()])
+            .collect();
+        format!("CC={}", words.join(" "))
+    }
+
+    /// This toolchain with the compiler wrapper the environment names
+    /// ([`wrapper_from_environment`]), checked to be installed where the
+    /// compiler runs: on the host, or in the root (nothing is installed
+    /// there for it).
+    pub fn with_wrapper_from_environment(mut self) -> Result<Toolchain> {
+        let Some((wrapper, variable)) = wrapper_from_environment(
+            std::env::var("DYNAMOS_CC_WRAPPER").ok().as_deref(),
+            std::env::var("CC").ok().as_deref(),
+        ) else {
+            return Ok(self);
+        };
+        let program = &wrapper[0];
+        let found = self
+            .command("sh")
+            .args(["-c", "command -v \"$1\"", "sh", program])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .is_ok_and(|out| out.status.success());
+        if !found {
+            match &self.root {
+                None => bail!(
+                    "compiler wrapper {program} (from {variable}) is not installed: install it or unset {variable}"
+                ),
+                Some(root) => bail!(
+                    "compiler wrapper {program} (from {variable}) is not installed in the root at {}, where {} runs: install it there (chroot {} apt-get install {program}) or unset {variable}",
+                    root.display(),
+                    self.cc,
+                    root.display()
+                ),
+            }
+        }
+        self.wrapper = wrapper;
+        Ok(self)
+    }
+
     /// What a configured tree built with this toolchain depends on.
     pub fn describe(&self) -> String {
         match &self.root {
@@ -162,6 +219,25 @@ impl Toolchain {
             Some(root) => format!("{} in {}", self.cc, root.display()),
         }
     }
+}
+
+/// The compiler wrapper the environment asks for, and the variable that
+/// named it: `DYNAMOS_CC_WRAPPER` when set (empty means none, whatever `CC`
+/// says), else the words before the last in `CC` (`CC="ccache gcc-12"`).
+/// The compiler `CC` names is not used: the target's own compiler is.
+fn wrapper_from_environment(
+    dynamos_wrapper: Option<&str>,
+    cc: Option<&str>,
+) -> Option<(Vec<String>, &'static str)> {
+    let words =
+        |text: &str| -> Vec<String> { text.split_whitespace().map(str::to_string).collect() };
+    if let Some(text) = dynamos_wrapper {
+        let wrapper = words(text);
+        return (!wrapper.is_empty()).then_some((wrapper, "DYNAMOS_CC_WRAPPER"));
+    }
+    let mut wrapper = words(cc?);
+    wrapper.pop();
+    (!wrapper.is_empty()).then_some((wrapper, "CC"))
 }
 
 /// Whether `found` (a compiler's `--version` line) is the compiler the
@@ -280,5 +356,29 @@ mod tests {
             Some("x86_64-linux-gnu-gcc-14 (Debian 14.2.0-19) 14.2.0")
         );
         assert_eq!(config_string(config, "CONFIG_CC"), None);
+    }
+
+    #[test]
+    fn a_wrapper_goes_in_front_of_the_targets_compiler() {
+        let words = |w: &[&str]| w.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(wrapper_from_environment(None, None), None);
+        assert_eq!(wrapper_from_environment(None, Some("gcc")), None);
+        assert_eq!(
+            wrapper_from_environment(None, Some("ccache gcc")),
+            Some((words(&["ccache"]), "CC"))
+        );
+        assert_eq!(
+            wrapper_from_environment(Some("distcc"), Some("ccache gcc")),
+            Some((words(&["distcc"]), "DYNAMOS_CC_WRAPPER"))
+        );
+        assert_eq!(
+            wrapper_from_environment(Some(" "), Some("ccache gcc")),
+            None
+        );
+        let mut toolchain = Toolchain::host("gcc-12");
+        assert_eq!(toolchain.make_cc(), "CC=gcc-12");
+        toolchain.wrapper = words(&["ccache"]);
+        assert_eq!(toolchain.make_cc(), "CC=ccache gcc-12");
+        assert_eq!(toolchain.describe(), "gcc-12");
     }
 }
