@@ -15,6 +15,7 @@ pub mod diff;
 pub mod error;
 pub mod generate;
 pub mod identity;
+pub mod multi_target;
 pub mod package;
 pub mod patch;
 pub mod pipeline;

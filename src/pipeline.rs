@@ -71,7 +71,7 @@ pub fn package_name(patch: &Path) -> String {
 }
 
 /// A package name given by the user: the characters `package_name` keeps.
-fn checked_package_name(name: &str) -> Result<String> {
+pub fn checked_package_name(name: &str) -> Result<String> {
     let ok = !name.is_empty()
         && name.len() <= 47
         && name

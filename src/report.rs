@@ -27,6 +27,18 @@ pub fn take_notes() -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// A line of one of several builds running at once, shown with its target
+/// in front (`[6.1.0-57-amd64] note: ...`): on stdout when the build
+/// printed it there, else on stderr. One whole line per write, so the
+/// builds' lines never mix.
+pub fn relay(target: &str, line: &str, to_stdout: bool) {
+    if to_stdout {
+        println!("[{target}] {line}");
+    } else {
+        eprintln!("[{target}] {line}");
+    }
+}
+
 /// A spinner on stderr for a step that takes a while; hidden when stderr is not a terminal.
 pub fn spinner(message: String) -> ProgressBar {
     let bar = ProgressBar::new_spinner();

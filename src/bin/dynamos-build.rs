@@ -4,18 +4,35 @@
 use clap::Parser;
 use dynamos::cli::build::Args;
 use dynamos::error::{exit, exit_code_of, Error, Refusal};
-use dynamos::pipeline::{build_package, BuildReport, BuildRequest};
+use dynamos::multi_target::{self, WorkerOutcome};
+use dynamos::pipeline::{build_package, package_name, BuildReport, BuildRequest};
 use dynamos::target::TargetSpec;
 use serde::Serialize;
 use std::path::PathBuf;
 
 fn main() {
     let args = Args::parse();
+    if args.jobs == Some(0) {
+        fail("--jobs must be at least 1");
+    }
+    if args.worker_for.is_none() && args.target.len() > 1 {
+        std::process::exit(build_for_targets(&args));
+    }
+    let (release, output) = match &args.worker_for {
+        Some(release) => {
+            let builds = multi_target::concurrent_builds(args.jobs, args.target.len());
+            dynamos::build::share_cores_among(builds);
+            let folder = args.output.clone().unwrap_or_else(|| PathBuf::from("."));
+            let file = multi_target::package_file(&folder, &package_name_of(&args), release);
+            (Some(release.clone()), Some(file))
+        }
+        None => (args.target.first().cloned(), args.output),
+    };
     let request = BuildRequest {
         patches: args.patches,
-        output: args.output,
+        output,
         target: TargetSpec {
-            release: args.target,
+            release,
             src: args.src,
             config: args.config,
             symvers: args.symvers,
@@ -33,6 +50,8 @@ fn main() {
             Ok(report) => (BuildSummary::written(report), exit::OK),
             Err(err) => {
                 let mut summary = BuildSummary::failed(err);
+                // One of several targets: say which, written or not.
+                summary.target = args.worker_for.clone();
                 summary.notes = dynamos::report::take_notes();
                 (summary, exit_code_of(err))
             }
@@ -91,6 +110,132 @@ fn main() {
             std::process::exit(exit_code_of(&err));
         }
     }
+}
+
+/// A one-line error before anything was built: exit 1.
+fn fail(message: &str) -> ! {
+    eprintln!("dynamos-build: {message}");
+    std::process::exit(exit::ERROR);
+}
+
+/// `--name`, or the first patch's file name.
+fn package_name_of(args: &Args) -> String {
+    match (&args.name, args.patches.first()) {
+        (Some(name), _) => name.clone(),
+        (None, Some(first)) => package_name(first),
+        (None, None) => "update".into(),
+    }
+}
+
+/// A run with several `--target`: every target built by a worker process
+/// (this program with `--worker-for`), its lines relayed with the target
+/// in front; then one outcome line per target, or one JSON object with an
+/// entry per target. Returns the overall exit code.
+fn build_for_targets(args: &Args) -> i32 {
+    if args.src.is_some() {
+        fail("--src is one kernel tree: give --target once with it");
+    }
+    if let Some(name) = &args.name {
+        if let Err(e) = dynamos::pipeline::checked_package_name(name) {
+            fail(&format!("{e:#}"));
+        }
+    }
+    let folder = args.output.clone().unwrap_or_else(|| PathBuf::from("."));
+    if !folder.is_dir() {
+        fail(&format!(
+            "{}: with several --target, -o names an existing folder to write NAME-RELEASE.dynpkg in",
+            folder.display()
+        ));
+    }
+    if let Err(e) = multi_target::check_targets(&args.target) {
+        fail(&format!("{e:#}"));
+    }
+    let program = match std::env::current_exe() {
+        Ok(program) => program,
+        Err(e) => fail(&format!("cannot find this program to run the builds: {e}")),
+    };
+    // The same command line, told which target is the worker's own.
+    let args_for = |release: &str| {
+        let mut worker = vec!["--worker-for".into(), release.into()];
+        worker.extend(std::env::args_os().skip(1));
+        worker
+    };
+    let started = std::time::Instant::now();
+    let at_once = multi_target::concurrent_builds(args.jobs, args.target.len());
+    let outcomes = multi_target::run_workers(&program, args_for, &args.target, at_once, args.json);
+    let codes: Vec<i32> = outcomes.iter().map(|o| o.code).collect();
+    let code = multi_target::overall_exit_code(&codes);
+    if args.json {
+        let targets: Vec<String> = outcomes.iter().map(worker_summary).collect();
+        println!("{}", all_targets_json(status_name(code), &targets));
+    } else {
+        let name = package_name_of(args);
+        for outcome in &outcomes {
+            let seconds = outcome.wall.as_secs_f64();
+            match outcome.code {
+                exit::OK => println!(
+                    "{}: wrote {} ({seconds:.1} s)",
+                    outcome.release,
+                    multi_target::package_file(&folder, &name, &outcome.release).display()
+                ),
+                code => println!(
+                    "{}: {} (exit {code}, {seconds:.1} s)",
+                    outcome.release,
+                    status_name(code).replace('_', " ")
+                ),
+            }
+        }
+    }
+    if args.timings {
+        eprintln!(
+            "{:>16}: {:.3} s",
+            "all targets",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    code
+}
+
+/// The `status` word of an exit code, as `--json` names outcomes.
+fn status_name(code: i32) -> &'static str {
+    match code {
+        exit::OK => "written",
+        exit::REFUSED => "refused",
+        exit::NO_CHANGE => "no_change",
+        _ => "error",
+    }
+}
+
+/// A worker's one-target JSON object as it printed it (keys in their
+/// order); a worker that printed none gets an `error` object.
+fn worker_summary(outcome: &WorkerOutcome) -> String {
+    let printed = outcome.stdout.trim();
+    if serde_json::from_str::<serde_json::Value>(printed).is_ok_and(|v| v.is_object()) {
+        return printed.to_string();
+    }
+    let mut summary = BuildSummary::empty("error");
+    summary.target = Some(outcome.release.clone());
+    summary.message = Some(format!(
+        "the build for {} ended without a result (exit {})",
+        outcome.release, outcome.code
+    ));
+    serde_json::to_string_pretty(&summary).unwrap_or_default()
+}
+
+/// `{"status": ..., "targets": [...]}`, the targets' objects nested as printed.
+fn all_targets_json(status: &str, targets: &[String]) -> String {
+    let indent = |object: &String| {
+        object
+            .lines()
+            .map(|line| format!("    {line}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    let targets: Vec<String> = targets.iter().map(indent).collect();
+    format!(
+        "{{\n  \"status\": \"{status}\",\n  \"targets\": [\n{}\n  ]\n}}",
+        targets.join(",\n")
+    )
 }
 
 /// What `dynamos-build --json` prints: one object, `status` first.

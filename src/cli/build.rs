@@ -15,11 +15,21 @@ pub struct Args {
     #[arg(required = true)]
     pub patches: Vec<PathBuf>,
     /// Package file to write (default: NAME.dynpkg from the first patch).
+    /// With several --target: the folder to write NAME-RELEASE.dynpkg in
+    /// (default: the current one).
     #[arg(short, long)]
     pub output: Option<PathBuf>,
     /// Debian kernel build to target, e.g. 6.1.0-57-amd64 (the default).
-    #[arg(long)]
-    pub target: Option<String>,
+    /// Repeat to build one package per kernel build in one run.
+    #[arg(long, value_name = "RELEASE")]
+    pub target: Vec<String>,
+    /// With several --target: how many target builds run at once (default:
+    /// one per processor); kbuild's -j is divided among them.
+    #[arg(long, value_name = "N")]
+    pub jobs: Option<usize>,
+    /// Internal: a run for several targets builds RELEASE's package here.
+    #[arg(long, value_name = "RELEASE", hide = true)]
+    pub worker_for: Option<String>,
     /// Your own kernel source tree (used read-only), with --config.
     #[arg(long, requires = "config")]
     pub src: Option<PathBuf>,
