@@ -13,8 +13,11 @@ use std::process::{Command, Output};
 const PATCH: &str = "proc-version-banner.diff";
 const TARGETS: [&str; 2] = ["6.1.0-57-amd64", "6.1.0-50-amd64"];
 
+/// Variables set for a run.
+type Env<'a> = &'a [(&'a str, &'a Path)];
+
 /// `dynamos-build PATCH args...` with the test's key and `env` set.
-fn build_run(keys: &Keys, args: &[&str], env: &[(&str, &Path)]) -> Output {
+fn build_run(keys: &Keys, args: &[&str], env: Env) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_dynamos-build"));
     cmd.arg(root().join("patches").join(PATCH))
         .args(args)
@@ -134,7 +137,7 @@ fn bad_input_among_several_targets_is_one_line_and_exit_1() {
     let not_a_folder = out.path().join("file.dynpkg");
     std::fs::write(&not_a_folder, b"").unwrap();
     let missing_wrapper = out.path().join("no-such-ccache");
-    let cases: [(Vec<&str>, &[(&str, &Path)], &str); 4] = [
+    let cases: [(Vec<&str>, Env, &str); 4] = [
         (
             vec![
                 "--target",
