@@ -32,11 +32,14 @@ pub fn take_notes() -> Vec<String> {
 /// printed it there, else on stderr. One whole line per write, so the
 /// builds' lines never mix.
 pub fn relay(target: &str, line: &str, to_stdout: bool) {
-    if to_stdout {
-        println!("[{target}] {line}");
+    use std::io::Write;
+    // One write of the whole line: `eprintln!` writes its pieces apart.
+    let text = format!("[{target}] {line}\n");
+    let _ = if to_stdout {
+        std::io::stdout().lock().write_all(text.as_bytes())
     } else {
-        eprintln!("[{target}] {line}");
-    }
+        std::io::stderr().lock().write_all(text.as_bytes())
+    };
 }
 
 /// A spinner on stderr for a step that takes a while; hidden when stderr is not a terminal.
