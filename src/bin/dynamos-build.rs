@@ -22,7 +22,7 @@ fn main() {
         Some(release) => {
             let builds = multi_target::concurrent_builds(args.jobs, args.target.len());
             dynamos::build::share_cores_among(builds);
-            let folder = args.output.clone().unwrap_or_else(|| PathBuf::from("."));
+            let folder = args.output.clone().unwrap_or_default();
             let file = multi_target::package_file(&folder, &package_name_of(&args), release);
             (Some(release.clone()), Some(file))
         }
@@ -140,8 +140,9 @@ fn build_for_targets(args: &Args) -> i32 {
             fail(&format!("{e:#}"));
         }
     }
-    let folder = args.output.clone().unwrap_or_else(|| PathBuf::from("."));
-    if !folder.is_dir() {
+    // No -o: the current folder, and file names without a folder in front.
+    let folder = args.output.clone().unwrap_or_default();
+    if !(folder.as_os_str().is_empty() || folder.is_dir()) {
         fail(&format!(
             "{}: with several --target, -o names an existing folder to write NAME-RELEASE.dynpkg in",
             folder.display()
