@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# Usage: scripts/multi-target-time.sh [PATCH [REPS [DYNAMOS-BUILD OPTIONS...]]]
 # Wall time of one fix (PATCH, default patches/proc-version-banner.diff)
 # built for three kernels in one dynamos-build run, REPS times (default 3)
 # each: without a compiler wrapper (one build at a time, then the default
@@ -12,6 +13,8 @@ cd "$(dirname "$0")/.."
 
 PATCH=${1:-patches/proc-version-banner.diff}
 REPS=${2:-3}
+shift $(( $# < 2 ? $# : 2 ))
+OPTIONS=("$@") # further dynamos-build options, e.g. --fuzz 3
 TARGETS=(--target 6.1.0-57-amd64 --target 6.1.0-54-amd64 --target 6.12.117+deb13-amd64)
 cargo build --quiet --release --bins
 BIN=${CARGO_TARGET_DIR:-target}/release
@@ -32,7 +35,7 @@ run() {
     rm -rf "$work/out" && mkdir "$work/out"
     local start end
     start=$(date +%s.%N)
-    if ! env "${vars[@]}" "$BIN/dynamos-build" "$PATCH" "${TARGETS[@]}" -o "$work/out" "$@" \
+    if ! env "${vars[@]}" "$BIN/dynamos-build" "$PATCH" "${TARGETS[@]}" "${OPTIONS[@]}" -o "$work/out" "$@" \
         >"$work/log" 2>&1; then
         cat "$work/log" >&2
         exit 1
