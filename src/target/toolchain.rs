@@ -223,8 +223,9 @@ impl Toolchain {
 
 /// The compiler wrapper the environment asks for, and the variable that
 /// named it: `DYNAMOS_CC_WRAPPER` when set (empty means none, whatever `CC`
-/// says), else the words before the last in `CC` (`CC="ccache gcc-12"`).
-/// The compiler `CC` names is not used: the target's own compiler is.
+/// says), else the words of `CC` before its compiler (`CC="ccache
+/// gcc-12"`; `CC="gcc -m64"` has none). The compiler `CC` names is not
+/// used: the target's own compiler is.
 fn wrapper_from_environment(
     dynamos_wrapper: Option<&str>,
     cc: Option<&str>,
@@ -236,8 +237,21 @@ fn wrapper_from_environment(
         return (!wrapper.is_empty()).then_some((wrapper, "DYNAMOS_CC_WRAPPER"));
     }
     let mut wrapper = words(cc?);
-    wrapper.pop();
+    let compiler = wrapper.iter().position(|w| names_a_compiler(w))?;
+    wrapper.truncate(compiler);
     (!wrapper.is_empty()).then_some((wrapper, "CC"))
+}
+
+/// `gcc`, `cc`, `clang`, `gcc-12`, `/usr/bin/x86_64-linux-gnu-gcc-14`: not
+/// `ccache`, `distcc` or `icecc`, whose names also end in `cc`.
+fn names_a_compiler(word: &str) -> bool {
+    let name = word.rsplit('/').next().unwrap_or(word);
+    let name = name
+        .trim_end_matches(|c: char| c.is_ascii_digit() || c == '.')
+        .trim_end_matches('-');
+    ["gcc", "cc", "clang"]
+        .iter()
+        .any(|compiler| name == *compiler || name.ends_with(&format!("-{compiler}")))
 }
 
 /// Whether `found` (a compiler's `--version` line) is the compiler the
@@ -374,6 +388,12 @@ mod tests {
         assert_eq!(
             wrapper_from_environment(Some(" "), Some("ccache gcc")),
             None
+        );
+        assert_eq!(wrapper_from_environment(None, Some("gcc -m64")), None);
+        assert_eq!(wrapper_from_environment(None, Some("ccache")), None);
+        assert_eq!(
+            wrapper_from_environment(None, Some("distcc /usr/bin/x86_64-linux-gnu-gcc-14 -m64")),
+            Some((words(&["distcc"]), "CC"))
         );
         let mut toolchain = Toolchain::host("gcc-12");
         assert_eq!(toolchain.make_cc(), "CC=gcc-12");
