@@ -8,7 +8,7 @@ set -euo pipefail
 # the diff tests compile their fixtures with both compilers kernels use;
 # zstd: Debian 13's kernel images; debootstrap: the root with a target
 # kernel's compiler when the host lacks it (Debian 13's gcc-14).
-packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils zstd dpkg-dev e2fsprogs clang debootstrap)
+packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev openssl xz-utils zstd dpkg-dev e2fsprogs clang debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -113,7 +113,7 @@ const DOCS: [(&str, &str); 4] = [
 
 /// What `dynamos-build` runs: `scripts/install-deps.sh` installs the same.
 const BUILD_RECOMMENDS: &str =
-    "build-essential, gcc-12, make, flex, bison, bc, libelf-dev, libssl-dev, xz-utils, zstd, dpkg-dev, debootstrap";
+    "build-essential, gcc-12, make, flex, bison, bc, libelf-dev, libssl-dev, openssl, xz-utils, zstd, dpkg-dev, debootstrap";
 
 /// Write dynamos's own .deb from the `dynamos` and `dynamos-build`
 /// binaries in `binaries`: the systemd units (enabled on install), man

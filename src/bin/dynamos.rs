@@ -405,7 +405,16 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
     let m = &pkg.manifest;
     println!("package  {}", m.name);
     println!("target   {}", m.target.release);
-    println!("module   {} ({} bytes)", m.module_name, pkg.module.len());
+    let module_signature = if dynamos::apply::is_signed(&pkg.module) {
+        ", signed for the kernel's module loader"
+    } else {
+        ""
+    };
+    println!(
+        "module   {} ({} bytes{module_signature})",
+        m.module_name,
+        pkg.module.len()
+    );
     println!("signed   key {key_id}");
     for replaced in &m.replaces {
         println!("replaces {replaced} (cumulative)");

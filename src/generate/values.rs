@@ -50,6 +50,7 @@ pub fn add_value_updates(
             name: change.name.clone(),
             kind: SymbolKind::Data,
             file: (!global).then(|| unit.source_file.clone()),
+            bound_at_build: None,
             global,
         };
         if let Some(symbols) = vmlinux {
