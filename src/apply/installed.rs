@@ -66,13 +66,15 @@ impl InstalledPackage {
     }
 }
 
-/// What `dynamos install` did.
+/// What `dynamos install` did; serialized, it is `install --json`'s output.
 #[derive(Debug, Clone, Serialize)]
 pub struct Installation {
+    #[serde(rename = "package")]
     pub name: String,
     pub release: String,
     pub order: u32,
     pub path: PathBuf,
+    #[serde(rename = "status")]
     pub change: InstallChange,
 }
 
@@ -638,6 +640,27 @@ mod tests {
         assert_eq!(
             decided[1],
             Some(BootOutcome::Superseded { by: "both".into() })
+        );
+    }
+
+    #[test]
+    fn install_json_is_the_documented_object() {
+        let done = Installation {
+            name: "fix".into(),
+            release: "6.1.0-57-amd64".into(),
+            order: 2,
+            path: "/var/lib/dynamos/installed/6.1.0-57-amd64/0002-fix.dynamos".into(),
+            change: InstallChange::Unchanged,
+        };
+        assert_eq!(
+            serde_json::to_value(&done).unwrap(),
+            serde_json::json!({
+                "status": "unchanged",
+                "package": "fix",
+                "release": "6.1.0-57-amd64",
+                "order": 2,
+                "path": "/var/lib/dynamos/installed/6.1.0-57-amd64/0002-fix.dynamos",
+            })
         );
     }
 

@@ -162,15 +162,7 @@ fn run(cli: Cli) -> Result<i32> {
             };
             if json {
                 let change = done.as_ref().ok().map(|i| i.change);
-                let printed = print_json(done.map(|i| {
-                    serde_json::json!({
-                        "status": i.change,
-                        "package": i.name,
-                        "release": i.release,
-                        "order": i.order,
-                        "path": i.path,
-                    })
-                }))?;
+                let printed = print_json(done)?;
                 return Ok(change.map_or(printed, code));
             }
             let done = done?;
@@ -509,9 +501,10 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
 
 /// `--json` output of a command: its result, or on failure
 /// `{status: refused|error, message, refused}`, with the usual exit code.
-fn print_json(result: Result<serde_json::Value>) -> Result<i32> {
+fn print_json<T: serde::Serialize>(result: Result<T>) -> Result<i32> {
     let (value, code) = match result {
-        Ok(value) => (value, exit::OK),
+        // Through a `Value`, so every command's keys come out sorted alike.
+        Ok(done) => (serde_json::to_value(done)?, exit::OK),
         Err(err) => {
             let refused = err
                 .chain()
