@@ -180,21 +180,31 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(code(done.change))
         }
-        Command::Uninstall { name, release } => {
-            let paths = apply::SystemPaths::default();
-            for release in installed::uninstall(&paths, &name, release.as_deref())? {
+        Command::Uninstall {
+            name,
+            release,
+            json,
+        } => {
+            let done =
+                installed::uninstall(&apply::SystemPaths::default(), &name, release.as_deref());
+            if json {
+                return print_json(done);
+            }
+            let done = done?;
+            for release in &done.releases {
                 println!("uninstalled {name} for {release}");
             }
-            if apply::list_at(&paths)?
-                .iter()
-                .any(|u| u.in_kernel && u.package.as_deref() == Some(name.as_str()))
-            {
+            if done.still_applied {
                 println!("{name} stays applied until `dynamos revert {name}`");
             }
             Ok(exit::OK)
         }
-        Command::Unhold { name } => {
-            for release in installed::unhold(&apply::SystemPaths::default(), &name)? {
+        Command::Unhold { name, json } => {
+            let done = installed::unhold(&apply::SystemPaths::default(), &name);
+            if json {
+                return print_json(done);
+            }
+            for release in done?.releases {
                 println!("{name} for {release} is applied again at boot");
             }
             Ok(exit::OK)
