@@ -264,3 +264,50 @@ fn an_unreadable_module_key_is_refused_at_once() {
     assert!(started.elapsed() < Duration::from_secs(10));
     assert!(!package.exists());
 }
+
+/// On Debian 13 (IBT, gcc-14) the target's sign-file runs in the
+/// toolchain's root, and the signed module of a module fix goes live
+/// unchanged.
+#[test]
+fn a_signed_module_goes_live_on_debian_13() {
+    let keys = Keys::new();
+    let work = tempfile::tempdir().unwrap();
+    let (key, cert) = module_signing_key(work.path());
+    let package = work.path().join("binfmt.dynpkg");
+    let out = build_with(
+        &keys,
+        &["binfmt-misc-status-debian13.diff"],
+        [
+            "--target",
+            "6.12.117+deb13-amd64",
+            "--module-key",
+            key.to_str().unwrap(),
+            "--module-cert",
+            cert.to_str().unwrap(),
+        ],
+        &package,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let module = module_of(&package);
+    assert!(signature_verifies(&module, &pem_of(&cert), work.path()));
+    let status = "/proc/sys/fs/binfmt_misc/status";
+    let script = format!(
+        "modprobe binfmt_misc && mount -t binfmt_misc none /proc/sys/fs/binfmt_misc\n\
+         dynamos apply /packages/binfmt.dynpkg > /tmp/apply.log 2>&1; echo \"@@ apply exit $?: $(tr '\\n' ' ' < /tmp/apply.log)@@\"\n\
+         echo \"@@ applied: $(cat {status}) @@\"\n\
+         dynamos revert --all > /dev/null; echo \"@@ reverted: $(cat {status}) @@\"\n"
+    );
+    let text = vm_on_kernel_with_modules(
+        &keys,
+        "6.12.117+deb13-amd64",
+        &["binfmt_misc"],
+        &[&package],
+        &script,
+    );
+    assert!(
+        section(&text, "@@ apply exit 0: ", "@@").contains("running code verified: 1 functions"),
+        "{text}"
+    );
+    expect_line(&text, "@@ applied: enabled (live-updated) @@");
+    expect_line(&text, "@@ reverted: enabled @@");
+}
