@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Each boot of the disk takes about 20 s on an idle machine.
 const BOOT_BUDGET: Duration = Duration::from_secs(150);
@@ -39,26 +39,14 @@ fn boot(
     append: &[&str],
     script: &str,
 ) -> (Option<i32>, String) {
-    let mut args: Vec<&str> = vec!["vm", "--timeout", "150", "--disk", disk.to_str().unwrap()];
+    let mut options: Vec<&str> = vec!["--disk", disk.to_str().unwrap()];
     for module in ["virtio_pci", "virtio_blk", "ext4"] {
-        args.extend(["--module", module]);
+        options.extend(["--module", module]);
     }
     for word in append {
-        args.extend(["--append", word]);
+        options.extend(["--append", word]);
     }
-    for file in files {
-        args.extend(["--package", file.to_str().unwrap()]);
-    }
-    args.extend(["--", script]);
-    let started = Instant::now();
-    let out = dynamos(&keys.dir, &args);
-    let text = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(
-        started.elapsed() < BOOT_BUDGET,
-        "one boot took {:?}:\n{text}",
-        started.elapsed()
-    );
-    (out.status.code(), text)
+    vm_boot(keys, &options, files, script, BOOT_BUDGET)
 }
 
 fn status(text: &str, what: &str) -> String {

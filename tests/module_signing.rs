@@ -93,23 +93,11 @@ fn signature_verifies(module: &[u8], cert: &Path, work: &Path) -> bool {
 }
 
 fn boot(keys: &Keys, packages: &[&Path], append: &[&str], script: &str) -> (Option<i32>, String) {
-    let mut args: Vec<&str> = vec!["vm", "--timeout", "120", "--module", "tun"];
+    let mut options = vec!["--module", "tun"];
     for word in append {
-        args.extend(["--append", word]);
+        options.extend(["--append", word]);
     }
-    for package in packages {
-        args.extend(["--package", package.to_str().unwrap()]);
-    }
-    args.extend(["--", script]);
-    let started = Instant::now();
-    let out = dynamos(&keys.dir, &args);
-    let text = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(
-        started.elapsed() < BOOT_BUDGET,
-        "one boot took {:?}:\n{text}",
-        started.elapsed()
-    );
-    (out.status.code(), text)
+    vm_boot(keys, &options, packages, script, BOOT_BUDGET)
 }
 
 #[test]
