@@ -201,6 +201,10 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
 
     let target = Target::resolve(&request.target)?;
     let module_signing = match &request.module_signing_key {
+        // Its symbols are bound from the image's own symbol table.
+        Some(_) if target.shipped_image()?.is_none() => anyhow::bail!(
+            "--module-key needs the target's kernel image, whose symbol table fixes each kernel symbol the module uses: it works for Debian targets, not yet for a --src tree"
+        ),
         Some(key) => Some(generate::module_signature::ModuleSigning {
             key: key.clone(),
             hash: target.module_signature_hash()?,

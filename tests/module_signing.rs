@@ -7,7 +7,7 @@
 //! Debian's kernel trusts only keys built in or enrolled through UEFI
 //! (MOK), which a QEMU boot without firmware cannot enroll: the signature
 //! is checked on the host against the certificate, and the guest shows
-//! that the kernel reads it (an unavailable key, not an unsigned module).
+//! that the kernel finds it (an unavailable key, not an unsigned module).
 
 mod common;
 
@@ -166,8 +166,8 @@ fn signed_modules_load_as_built_and_an_enforcing_kernel_refuses_the_rest() {
         stdout(&out)
     );
 
-    // A kernel that does not enforce signatures loads the signed modules
-    // unchanged; the livepatch core binds their symbols.
+    // A kernel that does not enforce signatures loads the signed modules,
+    // and the livepatch core binds their symbols.
     let script = "\
         dynamos apply /packages/proc-version-banner.dynpkg && echo \"@@ $(grep -c 'proc-version-banner applied' /proc/version) banner @@\"\n\
         dynamos apply /packages/schedstat-static-key.dynpkg\n\

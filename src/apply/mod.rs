@@ -298,8 +298,8 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     if let Err(e) = init_module(&image, &params) {
         values::refuse_changed_before_write(manifest, &e)?;
         let hint = match e.raw_os_error() {
-            Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) | Some(libc::EPERM) => {
-                signature_refusal_hint(paths, &image)
+            Some(errno @ (libc::EKEYREJECTED | libc::ENOKEY | libc::EPERM)) => {
+                signature_refusal_hint(paths, &image, errno)
             }
             Some(libc::EEXIST) => " (a module of this name is already loaded)".into(),
             _ => " (see dmesg)".into(),
@@ -381,25 +381,36 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     }
 }
 
-/// The module names of the live patches a cumulative `manifest` would
-/// retire; refused when one of them is not among those it supersedes.
-/// Why the kernel may have refused a module for its signature, and what
-/// to do about it.
-fn signature_refusal_hint(paths: &SystemPaths, image: &[u8]) -> String {
+/// Why the kernel may have refused a module with `errno` (EKEYREJECTED,
+/// ENOKEY or EPERM), and what to do about it.
+fn signature_refusal_hint(paths: &SystemPaths, image: &[u8], errno: i32) -> String {
     let enforced = fs::read_to_string(paths.sys_module.join("module/parameters/sig_enforce"))
         .is_ok_and(|v| v.trim() == "Y");
+    let modules_disabled = fs::read_to_string(paths.proc.join("sys/kernel/modules_disabled"))
+        .is_ok_and(|v| v.trim() == "1");
+    if errno == libc::EPERM && modules_disabled {
+        return " (module loading is switched off: kernel.modules_disabled is 1 until the next boot)"
+            .into();
+    }
+    let signed = is_signed(image);
+    // Without enforcement only a signature that fails its check is fatal.
+    if signed && !enforced && errno == libc::EKEYREJECTED {
+        return " (the module's signature does not verify against the key that made it: the package's module was changed after it was signed, or signed with a certificate that is not its key's; build it again)".into();
+    }
     let rule = if enforced {
         "this kernel only loads modules signed by a key it trusts (module.sig_enforce)"
     } else {
         "module signature enforcement or kernel lockdown forbids loading it"
     };
-    if is_signed(image) {
+    if signed {
         format!(" ({rule}, and it does not trust the key that signed this package's module: enroll that key's certificate, e.g. `mokutil --import CERT.der` and a reboot, or build with a key it trusts)")
     } else {
         format!(" ({rule}, and this package's module is unsigned: build it with `dynamos-build --module-key KEY --module-cert CERT`, a key the kernel trusts)")
     }
 }
 
+/// The module names of the live patches a cumulative `manifest` would
+/// retire; refused when one of them is not among those it supersedes.
 fn retired_by(paths: &SystemPaths, manifest: &Manifest) -> Result<Vec<String>> {
     let records = read_records(paths)?;
     let mut retiring = Vec::new();

@@ -449,7 +449,7 @@ fn resolve_externals<'m>(
                 refusals.push(crate::Refusal {
                     symbol: qualified(&obj.object, &e.name),
                     reason: format!(
-                        "the signed module names entry {} of this name in the kernel's symbol table, but it is entry {} here: the running kernel's symbol table is not the one the package was built for",
+                        "the signed module names entry {} of this name in the kernel's symbol table, but entry {} is the one meant here (by its neighbours or its running code): the module would bind the wrong symbol",
                         e.bound_at_build.unwrap_or_default(),
                         c.sympos
                     ),
@@ -868,7 +868,7 @@ pub(crate) mod tests {
         );
         let text = err.to_string();
         assert!(
-            text.contains("show: the signed module names entry 2 of this name in the kernel's symbol table, but it is entry 1 here"),
+            text.contains("show: the signed module names entry 2 of this name in the kernel's symbol table, but entry 1 is the one meant here"),
             "{text}"
         );
     }

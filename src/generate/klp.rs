@@ -528,16 +528,21 @@ mod tests {
     #[test]
     fn a_vmlinux_key_bound_at_build_keeps_its_static_call_site() {
         let ko = module_with_static_calls("__dynamos_ext_tramp");
-        let mut symbols = references();
-        symbols.push(KlpReference {
-            module_symbol: "__SCK__vm".into(),
+        let vmlinux = |module_symbol: &str, name: &str| KlpReference {
+            module_symbol: module_symbol.into(),
             patched: "vmlinux".into(),
             symbol: LoadTimeSymbol {
                 object: "vmlinux".into(),
-                name: "__SCK__vm".into(),
+                name: name.into(),
                 sympos: 0,
             },
-        });
+        };
+        // The vmlinux site's call goes to its key's trampoline: only a
+        // module's site is made a plain call, never vmlinux's.
+        let mut symbols = references();
+        symbols.retain(|r| r.module_symbol != "__dynamos_ext_other");
+        symbols.push(vmlinux("__dynamos_ext_other", "__SCT__vm"));
+        symbols.push(vmlinux("__SCK__vm", "__SCK__vm"));
         let converted = convert(&ko, &symbols).unwrap();
         let file = object::File::parse(converted.ko.as_slice()).unwrap();
         assert_eq!(

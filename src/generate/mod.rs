@@ -586,9 +586,10 @@ fn bind_at_build(
                     });
                 }
                 Err(reason) => refusals.push(crate::error::Refusal {
-                    symbol: external.name.clone(),
+                    symbol: format!("{}:{}", object.object, external.name),
                     reason: format!(
-                        "{reason} (the target's symbol table, read at build time: a signed module names each kernel symbol it uses before it is signed)"
+                        "{} (the target's symbol table, read at build time: a signed module names each kernel symbol it uses before it is signed)",
+                        reason.replace("the running kernel", "the target kernel")
                     ),
                 }),
             }
@@ -1148,4 +1149,97 @@ fn build_module(
     }
     let ko = work.join(format!("{module_name}.ko"));
     std::fs::read(&ko).with_context(|| format!("kbuild produced no {}", ko.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{Ksym, ObjectSymbols};
+
+    fn ksym(address: u64, kind: char, name: &str) -> Ksym {
+        Ksym {
+            address,
+            kind,
+            name: name.into(),
+            module: None,
+        }
+    }
+
+    fn external(n: usize, name: &str, file: Option<&str>) -> ExternalSymbol {
+        ExternalSymbol {
+            module_symbol: format!("__dynamos_ext_{n}"),
+            name: name.into(),
+            kind: SymbolKind::Any,
+            file: file.map(String::from),
+            global: file.is_none(),
+            bound_at_build: None,
+        }
+    }
+
+    /// Every external of every object, a module's too, is bound against
+    /// vmlinux at its position; what the table cannot pin down is refused
+    /// for the object using it.
+    #[test]
+    fn externals_bound_at_build_are_vmlinux_livepatch_symbols() {
+        // Two files' statics, further apart than the neighbourhood looked at.
+        let mut table = vec![ksym(0x1000, 't', "a_first"), ksym(0x1010, 't', "show")];
+        for i in 0..crate::apply::NEIGHBOURHOOD as u64 {
+            table.push(ksym(0x1100 + 16 * i, 't', &format!("filler_{i}")));
+        }
+        table.extend([
+            ksym(0x2000, 't', "b_first"),
+            ksym(0x2010, 't', "show"),
+            ksym(0x3000, 'T', "printk"),
+            ksym(0x4000, 'd', "__key.0"),
+            ksym(0x4010, 'd', "__key.0"),
+        ]);
+        let vmlinux = ObjectSymbols::new(table.iter().collect());
+        let mut objects = vec![
+            ObjectUpdate {
+                object: "vmlinux".into(),
+                externals: vec![
+                    external(0, "show", Some("b.c")),
+                    external(1, "printk", None),
+                ],
+                files: vec![SourceObject {
+                    file: "b.c".into(),
+                    symbols: vec!["b_first".into(), "show".into()],
+                }],
+                ..ObjectUpdate::default()
+            },
+            ObjectUpdate {
+                object: "tun".into(),
+                externals: vec![external(2, "printk", None)],
+                ..ObjectUpdate::default()
+            },
+        ];
+        let mut load_time = Vec::new();
+        assert!(bind_at_build(&mut objects, &vmlinux, &mut load_time).is_empty());
+        let bound: Vec<Option<u32>> = objects
+            .iter()
+            .flat_map(|o| o.externals.iter().map(|e| e.bound_at_build))
+            .collect();
+        assert_eq!(bound, [Some(2), Some(0), Some(0)]);
+        assert_eq!(load_time.len(), 3);
+        assert!(load_time
+            .iter()
+            .all(|r| r.patched == "vmlinux" && r.symbol.object == "vmlinux"));
+        assert_eq!(load_time[0].symbol.name, "show");
+        assert_eq!(load_time[2].module_symbol, "__dynamos_ext_2");
+
+        let mut objects = vec![ObjectUpdate {
+            object: "tun".into(),
+            externals: vec![external(3, "__key.0", Some("drivers/net/tun.c"))],
+            ..ObjectUpdate::default()
+        }];
+        let refusals = bind_at_build(&mut objects, &vmlinux, &mut Vec::new());
+        assert_eq!(refusals.len(), 1);
+        assert_eq!(refusals[0].symbol, "tun:__key.0");
+        assert!(
+            refusals[0].reason.starts_with("ambiguous"),
+            "{}",
+            refusals[0].reason
+        );
+        assert!(refusals[0].reason.contains("a signed module names"));
+    }
 }

@@ -23,6 +23,11 @@ pub struct ModuleSigningKey {
 impl ModuleSigningKey {
     /// Refuse unreadable files before anything is compiled.
     pub fn check(&self) -> Result<()> {
+        if is_uri(&self.certificate) {
+            bail!(
+                "a PKCS#11 module-signing key needs its certificate as a file: give --module-cert"
+            );
+        }
         for (what, path) in [("key", &self.key), ("certificate", &self.certificate)] {
             if is_uri(path) {
                 continue;
@@ -71,7 +76,9 @@ pub fn sign(
     let mut toolchain = toolchain.clone();
     for path in [&key, &certificate] {
         if let Some(folder) = path.parent().filter(|_| !is_uri(path)) {
-            toolchain = toolchain.with_bind(folder);
+            toolchain = toolchain
+                .with_user_folder(folder)
+                .with_context(|| format!("cannot sign with {}", path.display()))?;
         }
     }
     let out = toolchain
@@ -83,14 +90,9 @@ pub fn sign(
         .output()
         .with_context(|| format!("cannot run {}", sign_file.display()))?;
     if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let reason = stderr
-            .lines()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no message");
         bail!(
-            "signing the module failed: {}: {reason}",
-            sign_file.display()
+            "signing the module failed: {}",
+            sign_file_reason(&String::from_utf8_lossy(&out.stderr))
         );
     }
     let signed = std::fs::read(&unsigned)?;
@@ -100,6 +102,70 @@ pub fn sign(
     Ok(signed)
 }
 
+/// One line from sign-file's complaint: it prints where in its source it
+/// failed, OpenSSL's errors (`- SSL error:CODE:LIBRARY::REASON: FILE:LINE`)
+/// and last what it was reading (`sign-file: PATH`).
+fn sign_file_reason(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let what = lines
+        .last()
+        .copied()
+        .unwrap_or("sign-file failed without a message");
+    let ssl = lines.iter().rev().find_map(|l| {
+        let error = l.strip_prefix("- SSL error:")?;
+        // Drop the hex code before the first ':' and the source place after
+        // the last ": ".
+        let error = error.split_once(':').map_or(error, |(_, rest)| rest);
+        Some(error.rsplit_once(": ").map_or(error, |(reason, _)| reason))
+    });
+    let mut reason = match ssl {
+        Some(ssl) if !what.contains(ssl) => format!("{what}: {ssl}"),
+        _ => what.to_string(),
+    };
+    if reason.contains("bad password") || reason.contains("bad decrypt") {
+        reason.push_str(" (an encrypted key takes its pass phrase from KBUILD_SIGN_PIN)");
+    }
+    reason
+}
+
 fn is_uri(path: &Path) -> bool {
     path.to_string_lossy().starts_with("pkcs11:")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sign_file_complaints_become_one_line() {
+        let wrong_key = "At main.c:174:\n- SSL error:1E08010C:DECODER routines::unsupported: ../crypto/encode_decode/decoder_lib.c:102\nsign-file: c.der\n";
+        assert_eq!(
+            sign_file_reason(wrong_key),
+            "sign-file: c.der: DECODER routines::unsupported"
+        );
+        let encrypted = "At main.c:174:\n- SSL error:1C800064:Provider routines::bad decrypt: ../providers/implementations/ciphers/ciphercommon_block.c:124\n- SSL error:04800065:PEM routines::bad password read: ../crypto/pem/pem_lib.c:467\nsign-file: ke.pem\n";
+        assert_eq!(
+            sign_file_reason(encrypted),
+            "sign-file: ke.pem: PEM routines::bad password read (an encrypted key takes its pass phrase from KBUILD_SIGN_PIN)"
+        );
+        assert_eq!(sign_file_reason(""), "sign-file failed without a message");
+        assert_eq!(
+            sign_file_reason("sign-file: x.ko: No such file or directory\n"),
+            "sign-file: x.ko: No such file or directory"
+        );
+    }
+
+    #[test]
+    fn a_pkcs11_key_needs_a_certificate_file() {
+        let key = ModuleSigningKey {
+            key: "pkcs11:token=mok".into(),
+            certificate: "pkcs11:token=mok".into(),
+        };
+        let err = key.check().unwrap_err().to_string();
+        assert!(err.contains("give --module-cert"), "{err}");
+    }
 }
