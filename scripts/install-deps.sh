@@ -4,11 +4,12 @@
 # fetches into its own cache on first use.
 set -euo pipefail
 
-# e2fsprogs: the ext4 test makes its filesystem image on the host; clang:
-# the diff tests compile their fixtures with both compilers kernels use;
-# zstd: Debian 13's kernel images; debootstrap: the root with a target
-# kernel's compiler when the host lacks it (Debian 13's gcc-14).
-packages=(build-essential gcc-12 make flex bison bc libelf-dev libssl-dev xz-utils zstd dpkg-dev e2fsprogs clang debootstrap)
+# What dynamos-build runs (dist/build-dependencies, which dynamos's .deb
+# recommends), and for the tests: e2fsprogs, the ext4 test makes its
+# filesystem image on the host; clang, the diff tests compile their
+# fixtures with both compilers kernels use.
+mapfile -t packages < <(grep -v '^#' "$(dirname "$0")/../dist/build-dependencies" | grep .)
+packages+=(e2fsprogs clang)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

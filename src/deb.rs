@@ -111,9 +111,19 @@ const DOCS: [(&str, &str); 4] = [
     ),
 ];
 
-/// What `dynamos-build` runs: `scripts/install-deps.sh` installs the same.
-const BUILD_RECOMMENDS: &str =
-    "build-essential, gcc-12, make, flex, bison, bc, libelf-dev, libssl-dev, xz-utils, zstd, dpkg-dev, debootstrap";
+/// What `dynamos-build` runs, one package a line (`#` comments), the list
+/// `scripts/install-deps.sh` installs.
+const BUILD_DEPENDENCIES: &str = include_str!("../dist/build-dependencies");
+
+/// [`BUILD_DEPENDENCIES`] as a control field's list.
+fn build_recommends() -> String {
+    BUILD_DEPENDENCIES
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// Write dynamos's own .deb from the `dynamos` and `dynamos-build`
 /// binaries in `binaries`: the systemd units (enabled on install), man
@@ -189,13 +199,14 @@ pub fn wrap_tool(binaries: &Path, output: &Path, maintainer: &str) -> Result<Deb
         0o644,
     )?;
     let depends = libraries.depends()?;
+    let recommends = build_recommends();
     let control = format!(
         "Package: dynamos\n\
          Version: {version}\n\
          Architecture: amd64\n\
          Maintainer: {maintainer}\n\
          Depends: {depends}\n\
-         Recommends: {BUILD_RECOMMENDS}\n\
+         Recommends: {recommends}\n\
          Section: admin\n\
          Priority: optional\n\
          Description: live updates for the running Linux kernel\n \
@@ -510,6 +521,18 @@ fn is_debian_version(version: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recommends_every_build_dependency_and_no_comment() {
+        let recommends = build_recommends();
+        assert!(
+            recommends.starts_with("build-essential, gcc-12, "),
+            "{recommends}"
+        );
+        assert!(recommends.ends_with(", debootstrap"), "{recommends}");
+        assert!(recommends.contains(", zstd, "), "{recommends}");
+        assert!(!recommends.contains('#'), "{recommends}");
+    }
 
     #[test]
     fn versions_and_names_follow_debian_policy() {

@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the package file format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 8;
+pub const FORMAT_VERSION: u32 = 9;
 
 /// What a package replaces and what it was built for. Stored in the package
 /// and printed by `dynamos inspect`.
@@ -385,6 +385,11 @@ pub struct ExternalSymbol {
     pub file: Option<String>,
     /// A global symbol: unique among the kernel's global symbols.
     pub global: bool,
+    /// Bound at build time (a signed module): the module refers to it as
+    /// `.klp.sym.vmlinux.NAME,POS` with this position, which the kernel
+    /// resolves as the module loads; apply checks the running kernel
+    /// agrees instead of editing the module.
+    pub bound_at_build: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -675,6 +680,7 @@ pub fn inspect_json(pkg: &Package, key_id: &KeyId) -> serde_json::Value {
         "module": {
             "size": pkg.module.len(),
             "sha256": hex::encode(Sha256::digest(&pkg.module)),
+            "signed": crate::apply::is_signed(&pkg.module),
         },
         "manifest": m,
     })
@@ -1056,6 +1062,7 @@ mod tests {
                         name: "saved_command_line".into(),
                         kind: SymbolKind::Data,
                         file: None,
+                        bound_at_build: None,
                         global: true,
                     }],
                     files: vec![],

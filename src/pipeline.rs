@@ -31,6 +31,9 @@ pub struct BuildRequest {
     /// Source folder of an external (out-of-tree) module the patches fix,
     /// used read-only; the patches' paths are relative to it.
     pub module_source: Option<PathBuf>,
+    /// X.509 key to sign the kernel module with, for kernels that enforce
+    /// module signatures.
+    pub module_signing_key: Option<generate::module_signature::ModuleSigningKey>,
 }
 
 pub struct BuildReport {
@@ -168,6 +171,9 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         );
     }
     let signing_key = package::keys::load_signing_key(&key_path)?;
+    if let Some(key) = &request.module_signing_key {
+        key.check()?;
+    }
     let module_source = request
         .module_source
         .as_deref()
@@ -194,6 +200,17 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     lap("parse patches", &mut timings);
 
     let target = Target::resolve(&request.target)?;
+    let module_signing = match &request.module_signing_key {
+        // Its symbols are bound from the image's own symbol table.
+        Some(_) if target.shipped_image()?.is_none() => anyhow::bail!(
+            "--module-key needs the target's kernel image, whose symbol table fixes each kernel symbol the module uses: it works for Debian targets, not yet for a --src tree"
+        ),
+        Some(key) => Some(generate::module_signature::ModuleSigning {
+            key: key.clone(),
+            hash: target.module_signature_hash()?,
+        }),
+        None => None,
+    };
     lap("prepare target", &mut timings);
 
     // The tree the patches' paths are relative to.
@@ -346,6 +363,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
             shadows: &shadows.types,
         },
         &kernel,
+        module_signing.as_ref(),
         &work,
     );
     let _ = std::fs::remove_dir_all(&work);

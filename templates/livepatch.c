@@ -1125,7 +1125,8 @@ static void set_positions(void)
 }
 
 #if CLEAR_MODULE_RELOCS
-/* Not exported; `dynamos apply` resolves them from kallsyms. */
+/* Not exported; resolved from kallsyms by `dynamos apply` (or bound at build
+ * for a signed module). */
 extern void *__dynamos_text_poke(void *addr, const void *opcode, size_t len);
 extern struct mutex __dynamos_text_mutex;
 

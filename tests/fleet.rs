@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Each boot of the disk takes about 20 s on an idle machine.
 const BOOT_BUDGET: Duration = Duration::from_secs(150);
@@ -39,26 +39,14 @@ fn boot(
     append: &[&str],
     script: &str,
 ) -> (Option<i32>, String) {
-    let mut args: Vec<&str> = vec!["vm", "--timeout", "150", "--disk", disk.to_str().unwrap()];
+    let mut options: Vec<&str> = vec!["--disk", disk.to_str().unwrap()];
     for module in ["virtio_pci", "virtio_blk", "ext4"] {
-        args.extend(["--module", module]);
+        options.extend(["--module", module]);
     }
     for word in append {
-        args.extend(["--append", word]);
+        options.extend(["--append", word]);
     }
-    for file in files {
-        args.extend(["--package", file.to_str().unwrap()]);
-    }
-    args.extend(["--", script]);
-    let started = Instant::now();
-    let out = dynamos(&keys.dir, &args);
-    let text = format!("{}{}", stdout(&out), stderr(&out));
-    assert!(
-        started.elapsed() < BOOT_BUDGET,
-        "one boot took {:?}:\n{text}",
-        started.elapsed()
-    );
-    (out.status.code(), text)
+    vm_boot(keys, &options, files, script, BOOT_BUDGET)
 }
 
 fn status(text: &str, what: &str) -> String {
@@ -155,16 +143,21 @@ fn installed_packages_go_live_at_each_boot_and_a_crash_holds_them() {
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("the guest kernel panicked"), "{text}");
 
-    // Boot 4: the crash guard holds it until an administrator unholds it.
+    // Boot 4: the crash guard holds it until an administrator unholds it;
+    // then it is uninstalled, staying live. Both as CI would run them.
     let script = format!(
         "{mount}\
          {boot_unit}; echo \"@@ boot unit $? @@\"\n\
          echo \"@@ patched $({version_is_patched}) @@\"\n\
          dynamos list\n\
          {boot_unit}; echo \"@@ boot unit again $? @@\"\n\
-         dynamos unhold proc-version-banner; echo \"@@ unhold $? @@\"\n\
+         dynamos unhold --json proc-version-banner > /tmp/unhold.json; echo \"@@ unhold $? @@\"\n\
+         dynamos unhold proc-version-banner; echo \"@@ unhold again $? @@\"\n\
          {boot_unit}; echo \"@@ boot unit unheld $? @@\"\n\
          echo \"@@ patched unheld $({version_is_patched}) @@\"\n\
+         dynamos uninstall --json proc-version-banner > /tmp/uninstall.json; echo \"@@ uninstall $? @@\"\n\
+         dynamos uninstall --json proc-version-banner > /tmp/again.json; echo \"@@ uninstall again $? @@\"\n\
+         for f in unhold uninstall again; do echo \"@@ json $f\"; cat /tmp/$f.json; echo '@@ end'; done\n\
          umount /var/lib/dynamos\n",
         mount = MOUNT_STATE
     );
@@ -182,6 +175,42 @@ fn installed_packages_go_live_at_each_boot_and_a_crash_holds_them() {
     );
     assert_eq!(status(&text, "boot unit again"), "1", "{text}");
     assert_eq!(status(&text, "unhold"), "0", "{text}");
+    assert_eq!(status(&text, "unhold again"), "1", "{text}");
+    expect_line(
+        &text,
+        "dynamos: no installed package named proc-version-banner is held (see dynamos list)",
+    );
     assert_eq!(status(&text, "boot unit unheld"), "0", "{text}");
     assert_eq!(status(&text, "patched unheld"), "1", "{text}");
+    assert_eq!(status(&text, "uninstall"), "0", "{text}");
+    assert_eq!(status(&text, "uninstall again"), "1", "{text}");
+    let json = |name: &str| -> serde_json::Value {
+        let body = section(&text, &format!("@@ json {name}\n"), "@@ end");
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{name}: {e}: {body}"))
+    };
+    assert_eq!(
+        json("unhold"),
+        serde_json::json!({
+            "status": "unheld",
+            "package": "proc-version-banner",
+            "releases": ["6.1.0-57-amd64"],
+        })
+    );
+    assert_eq!(
+        json("uninstall"),
+        serde_json::json!({
+            "status": "uninstalled",
+            "package": "proc-version-banner",
+            "releases": ["6.1.0-57-amd64"],
+            "still_applied": true,
+        })
+    );
+    let again = json("again");
+    assert_eq!(again["status"], "error", "{again}");
+    assert!(
+        again["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no package named proc-version-banner is installed")),
+        "{again}"
+    );
 }

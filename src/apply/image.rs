@@ -8,6 +8,15 @@ use object::elf::{FileHeader64, SHN_ABS, SHN_UNDEF, STB_GLOBAL};
 use object::read::elf::{FileHeader, SectionHeader, SectionTable, Sym};
 use object::LittleEndian;
 
+/// What ends a signed module (`MODULE_SIG_STRING`): the kernel checks the
+/// signature before it looks at anything else in the module.
+pub const MODULE_SIGNATURE_MARKER: &[u8] = b"~Module signature appended~\n";
+
+/// Whether the module image carries an appended signature.
+pub fn is_signed(image: &[u8]) -> bool {
+    image.ends_with(MODULE_SIGNATURE_MARKER)
+}
+
 /// Size of one ELF64 symbol table entry.
 const SYM_SIZE: usize = 24;
 

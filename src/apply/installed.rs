@@ -66,13 +66,15 @@ impl InstalledPackage {
     }
 }
 
-/// What `dynamos install` did.
+/// What `dynamos install` did; serialized, it is `install --json`'s output.
 #[derive(Debug, Clone, Serialize)]
 pub struct Installation {
+    #[serde(rename = "package")]
     pub name: String,
     pub release: String,
     pub order: u32,
     pub path: PathBuf,
+    #[serde(rename = "status")]
     pub change: InstallChange,
 }
 
@@ -196,51 +198,101 @@ pub fn install(package: &Path, opts: &ApplyOptions) -> Result<Installation> {
     })
 }
 
+/// What `dynamos uninstall` did; serialized, it is `uninstall --json`'s
+/// output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename = "uninstalled")]
+pub struct Uninstallation {
+    #[serde(rename = "package")]
+    pub name: String,
+    /// The kernel releases it was installed for.
+    pub releases: Vec<String>,
+    /// Its update is live in the running kernel, and stays so until
+    /// `dynamos revert`.
+    pub still_applied: bool,
+}
+
+/// What `dynamos unhold` did; serialized, it is `unhold --json`'s output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename = "unheld")]
+pub struct Unhold {
+    #[serde(rename = "package")]
+    pub name: String,
+    /// The kernel releases it was held for.
+    pub releases: Vec<String>,
+}
+
 /// Remove the installed package `name` (for `release`, or for every
-/// release); returns the releases it was removed for. An applied update
-/// stays applied until `revert`.
-pub fn uninstall(paths: &SystemPaths, name: &str, release: Option<&str>) -> Result<Vec<String>> {
+/// release). An applied update stays applied until `revert`.
+pub fn uninstall(paths: &SystemPaths, name: &str, release: Option<&str>) -> Result<Uninstallation> {
     require_root("uninstall")?;
+    remove_installed(paths, name, release)
+}
+
+/// `uninstall` past its root check.
+fn remove_installed(
+    paths: &SystemPaths,
+    name: &str,
+    release: Option<&str>,
+) -> Result<Uninstallation> {
     let _lock = store_lock(paths)?;
-    let mut removed = Vec::new();
-    for p in installed_at(paths)? {
-        if p.name == name && release.is_none_or(|r| r == p.release) {
-            fs::remove_file(&p.path)
-                .with_context(|| format!("cannot remove {}", p.path.display()))?;
-            // The record goes last: without a package it is ignored.
-            let _ = fs::remove_file(p.record_path());
-            if let Some(dir) = p.path.parent() {
-                sync_dir(dir)?;
-            }
-            removed.push(p.release);
-        }
-    }
-    if removed.is_empty() {
+    let matching: Vec<InstalledPackage> = installed_at(paths)?
+        .into_iter()
+        .filter(|p| p.name == name && release.is_none_or(|r| r == p.release))
+        .collect();
+    if matching.is_empty() {
         bail!(
             "no package named {name} is installed{} (see dynamos list)",
             release.map(|r| format!(" for {r}")).unwrap_or_default()
         );
     }
-    Ok(removed)
+    // Read before removing anything, so that a failure leaves the store
+    // as it was.
+    let live = live_patch_names(paths)?;
+    let still_applied = matching
+        .iter()
+        .any(|p| live.contains(&p.manifest.module_name));
+    let mut releases = Vec::new();
+    for p in matching {
+        fs::remove_file(&p.path).with_context(|| format!("cannot remove {}", p.path.display()))?;
+        // The record goes last: without a package it is ignored.
+        let _ = fs::remove_file(p.record_path());
+        if let Some(dir) = p.path.parent() {
+            sync_dir(dir)?;
+        }
+        releases.push(p.release);
+    }
+    Ok(Uninstallation {
+        name: name.to_string(),
+        releases,
+        still_applied,
+    })
 }
 
-/// Let a held package be applied at boot again; returns the releases it
-/// was held for.
-pub fn unhold(paths: &SystemPaths, name: &str) -> Result<Vec<String>> {
+/// Let a held package be applied at boot again.
+pub fn unhold(paths: &SystemPaths, name: &str) -> Result<Unhold> {
     require_root("unhold")?;
+    clear_hold(paths, name)
+}
+
+/// `unhold` past its root check.
+fn clear_hold(paths: &SystemPaths, name: &str) -> Result<Unhold> {
     let _lock = store_lock(paths)?;
-    let mut released = Vec::new();
+    let mut releases = Vec::new();
     for mut p in installed_at(paths)? {
         if p.name == name && p.record.held.is_some() {
             p.record.held = None;
             write_record(&p)?;
-            released.push(p.release);
+            releases.push(p.release);
         }
     }
-    if released.is_empty() {
+    if releases.is_empty() {
         bail!("no installed package named {name} is held (see dynamos list)");
     }
-    Ok(released)
+    Ok(Unhold {
+        name: name.to_string(),
+        releases,
+    })
 }
 
 /// Every installed package, by release and then install order. Files that
@@ -639,6 +691,146 @@ mod tests {
             decided[1],
             Some(BootOutcome::Superseded { by: "both".into() })
         );
+    }
+
+    #[test]
+    fn install_json_is_the_documented_object() {
+        let done = Installation {
+            name: "fix".into(),
+            release: "6.1.0-57-amd64".into(),
+            order: 2,
+            path: "/var/lib/dynamos/installed/6.1.0-57-amd64/0002-fix.dynamos".into(),
+            change: InstallChange::Unchanged,
+        };
+        assert_eq!(
+            serde_json::to_value(&done).unwrap(),
+            serde_json::json!({
+                "status": "unchanged",
+                "package": "fix",
+                "release": "6.1.0-57-amd64",
+                "order": 2,
+                "path": "/var/lib/dynamos/installed/6.1.0-57-amd64/0002-fix.dynamos",
+            })
+        );
+    }
+
+    /// A store and a livepatch folder under `root`, the rest as on a machine.
+    fn store_at(root: &Path) -> SystemPaths {
+        SystemPaths {
+            installed: root.join("installed"),
+            livepatch: root.join("livepatch"),
+            ..SystemPaths::default()
+        }
+    }
+
+    /// Put a package into the store as `install` leaves it.
+    fn put_installed(paths: &SystemPaths, release: &str, order: u32, name: &str, held: bool) {
+        let mut manifest = crate::apply::resolve::tests::manifest();
+        manifest.name = name.into();
+        manifest.module_name = format!("dynamos_{name}");
+        manifest.target.release = release.into();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let package = package::Package {
+            manifest,
+            module: Vec::new(),
+        };
+        let path = paths
+            .installed
+            .join(release)
+            .join(format!("{order:04}-{name}.{PACKAGE_EXTENSION}"));
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let record = BootRecord {
+            last: None,
+            held: held.then(|| "crashed".to_string()),
+        };
+        fs::write(
+            path.with_extension("json"),
+            serde_json::to_vec(&record).unwrap(),
+        )
+        .unwrap();
+        fs::write(&path, package::write_signed(&package, &key)).unwrap();
+    }
+
+    fn names_installed(paths: &SystemPaths) -> Vec<(String, String)> {
+        installed_at(paths)
+            .unwrap()
+            .into_iter()
+            .map(|p| (p.release, p.name))
+            .collect()
+    }
+
+    #[test]
+    fn uninstall_removes_every_release_and_says_whether_the_update_is_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = store_at(dir.path());
+        put_installed(&paths, "r1", 1, "fix", false);
+        put_installed(&paths, "r1", 2, "other", false);
+        put_installed(&paths, "r2", 1, "fix", true);
+        fs::create_dir_all(paths.livepatch.join("dynamos_fix")).unwrap();
+
+        let done = remove_installed(&paths, "fix", None).unwrap();
+        assert_eq!(
+            serde_json::to_value(&done).unwrap(),
+            serde_json::json!({
+                "status": "uninstalled",
+                "package": "fix",
+                "releases": ["r1", "r2"],
+                "still_applied": true,
+            })
+        );
+        assert_eq!(names_installed(&paths), [("r1".into(), "other".into())]);
+        // Neither the packages nor their records are left behind.
+        assert!(!paths.installed.join("r2/0001-fix.json").exists());
+
+        // Not installed (for that release): exit 1, as the text form.
+        let err = remove_installed(&paths, "fix", None).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("no package named fix is installed"),
+            "{err:#}"
+        );
+        assert_eq!(crate::error::exit_code_of(&err), crate::error::exit::ERROR);
+        let err = remove_installed(&paths, "other", Some("r2")).unwrap_err();
+        assert!(format!("{err:#}").contains("installed for r2"), "{err:#}");
+        assert_eq!(names_installed(&paths).len(), 1);
+
+        let done = remove_installed(&paths, "other", Some("r1")).unwrap();
+        assert_eq!(done.releases, ["r1"]);
+        assert!(!done.still_applied);
+        assert!(names_installed(&paths).is_empty());
+    }
+
+    #[test]
+    fn unhold_clears_every_hold_of_the_name_and_refuses_one_not_held() {
+        let dir = tempfile::tempdir().unwrap();
+        let paths = store_at(dir.path());
+        put_installed(&paths, "r1", 1, "fix", true);
+        put_installed(&paths, "r1", 2, "other", false);
+        put_installed(&paths, "r2", 1, "fix", true);
+
+        // Installed but not held, or not installed: exit 1, as the text form.
+        for name in ["other", "missing"] {
+            let err = clear_hold(&paths, name).unwrap_err();
+            assert!(
+                format!("{err:#}").contains(&format!("no installed package named {name} is held")),
+                "{err:#}"
+            );
+            assert_eq!(crate::error::exit_code_of(&err), crate::error::exit::ERROR);
+        }
+
+        let done = clear_hold(&paths, "fix").unwrap();
+        assert_eq!(
+            serde_json::to_value(&done).unwrap(),
+            serde_json::json!({
+                "status": "unheld",
+                "package": "fix",
+                "releases": ["r1", "r2"],
+            })
+        );
+        assert!(installed_at(&paths)
+            .unwrap()
+            .iter()
+            .all(|p| p.record.held.is_none()));
+        assert!(clear_hold(&paths, "fix").is_err());
     }
 
     #[test]

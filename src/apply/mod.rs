@@ -21,12 +21,12 @@ mod stack;
 pub mod synchronized;
 pub mod values;
 
-pub use image::{make_symbols_absolute, modinfo_name};
+pub use image::{is_signed, make_symbols_absolute, modinfo_name};
 use kernel::*;
 pub use list::{list, list_at, LiveFunction, LiveObject, LiveUpdate};
 pub use resolve::{
-    choose, kind_matches, object_symbols, parse_kallsyms, resolve, sympos_param, Choice, Ksym,
-    ObjectSymbols, Resolution, ResolvedSymbol, NEIGHBOURHOOD,
+    choose, file_symbols, kind_matches, object_symbols, parse_kallsyms, resolve, sympos_param,
+    Choice, Ksym, ObjectSymbols, Resolution, ResolvedSymbol, NEIGHBOURHOOD,
 };
 
 use crate::error::Error;
@@ -266,8 +266,13 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     let values: Vec<(String, u64)> = resolution
         .externals
         .iter()
+        .filter(|r| !r.bound_at_build)
         .map(|r| (r.module_symbol.clone(), r.address))
         .collect();
+    // A signed module loads as built: any edit would void its signature.
+    if is_signed(&image) && !values.is_empty() {
+        bail!("package module is signed but leaves kernel symbols to bind at apply; rebuild it with this dynamos");
+    }
     make_symbols_absolute(&mut image, &values)?;
 
     let fallbacks = adaptive::fallbacks(
@@ -293,11 +298,11 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
     if let Err(e) = init_module(&image, &params) {
         values::refuse_changed_before_write(manifest, &e)?;
         let hint = match e.raw_os_error() {
-            Some(libc::EKEYREJECTED) | Some(libc::ENOKEY) | Some(libc::EPERM) => {
-                " (module signature enforcement or kernel lockdown forbids loading it)"
+            Some(errno @ (libc::EKEYREJECTED | libc::ENOKEY | libc::EPERM)) => {
+                signature_refusal_hint(paths, &image, errno)
             }
-            Some(libc::EEXIST) => " (a module of this name is already loaded)",
-            _ => " (see dmesg)",
+            Some(libc::EEXIST) => " (a module of this name is already loaded)".into(),
+            _ => " (see dmesg)".into(),
         };
         bail!("the kernel refused to load module {name}: {e}{hint}");
     }
@@ -373,6 +378,34 @@ pub fn apply(pkg_path: &Path, opts: &ApplyOptions) -> Result<AppliedPackage> {
                 Err(c) => Err(anyhow!("{err:#}; reverting it failed too: {c:#}")),
             }
         }
+    }
+}
+
+/// Why the kernel may have refused a module with `errno` (EKEYREJECTED,
+/// ENOKEY or EPERM), and what to do about it.
+fn signature_refusal_hint(paths: &SystemPaths, image: &[u8], errno: i32) -> String {
+    let enforced = fs::read_to_string(paths.sys_module.join("module/parameters/sig_enforce"))
+        .is_ok_and(|v| v.trim() == "Y");
+    let modules_disabled = fs::read_to_string(paths.proc.join("sys/kernel/modules_disabled"))
+        .is_ok_and(|v| v.trim() == "1");
+    if errno == libc::EPERM && modules_disabled {
+        return " (module loading is switched off: kernel.modules_disabled is 1 until the next boot)"
+            .into();
+    }
+    let signed = is_signed(image);
+    // Without enforcement only a signature that fails its check is fatal.
+    if signed && !enforced && errno == libc::EKEYREJECTED {
+        return " (the module's signature does not verify against the key that made it: the package's module was changed after it was signed, or signed with a certificate that is not its key's; build it again)".into();
+    }
+    let rule = if enforced {
+        "this kernel only loads modules signed by a key it trusts (module.sig_enforce)"
+    } else {
+        "module signature enforcement or kernel lockdown forbids loading it"
+    };
+    if signed {
+        format!(" ({rule}, and it does not trust the key that signed this package's module: enroll that key's certificate, e.g. `mokutil --import CERT.der` and a reboot, or build with a key it trusts)")
+    } else {
+        format!(" ({rule}, and this package's module is unsigned: build it with `dynamos-build --module-key KEY --module-cert CERT`, a key the kernel trusts)")
     }
 }
 

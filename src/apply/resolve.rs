@@ -5,7 +5,7 @@
 
 use super::kcore::KernelMemory;
 use crate::error::Error;
-use crate::package::{ExpectedCode, Manifest, ObjectUpdate, SymbolKind};
+use crate::package::{ExpectedCode, Manifest, ObjectUpdate, SourceObject, SymbolKind};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -17,6 +17,9 @@ pub struct ResolvedSymbol {
     pub name: String,
     pub object: String,
     pub address: u64,
+    /// The module's relocations name it already; the kernel binds them.
+    #[serde(default)]
+    pub bound_at_build: bool,
 }
 
 /// One line of /proc/kallsyms.
@@ -266,17 +269,17 @@ fn neighbour_score(syms: &[&Ksym], at: usize, wanted: &HashSet<&str>) -> usize {
 
 /// The symbols the source file `file` defines, per the manifest. Matches the
 /// path exactly, else ignoring the extension (`x.c` / `x.o`).
-fn file_symbols<'a>(obj: &'a ObjectUpdate, file: &str) -> Option<&'a [String]> {
+pub fn file_symbols<'a>(files: &'a [SourceObject], file: &str) -> Option<&'a [String]> {
     fn stem(p: &str) -> &str {
         match p.rfind('.') {
             Some(dot) if !p[dot..].contains('/') => &p[..dot],
             _ => p,
         }
     }
-    obj.files
+    files
         .iter()
         .find(|f| f.file == file)
-        .or_else(|| obj.files.iter().find(|f| stem(&f.file) == stem(file)))
+        .or_else(|| files.iter().find(|f| stem(&f.file) == stem(file)))
         .map(|f| f.symbols.as_slice())
 }
 
@@ -351,7 +354,7 @@ pub fn resolve(
                 &syms,
                 &f.name,
                 SymbolKind::Function,
-                file_symbols(obj, &f.file),
+                file_symbols(&obj.files, &f.file),
                 matches.as_ref().map(|m| m as &dyn Fn(u64) -> bool),
             ) {
                 Ok(c) => {
@@ -428,7 +431,7 @@ fn resolve_externals<'m>(
 ) {
     for e in &obj.externals {
         let fsyms = match &e.file {
-            Some(file) => Some(file_symbols(obj, file).unwrap_or(&[])),
+            Some(file) => Some(file_symbols(&obj.files, file).unwrap_or(&[])),
             None => None,
         };
         let expected = (e.kind == SymbolKind::Function)
@@ -442,12 +445,23 @@ fn resolve_externals<'m>(
             fsyms,
             matches.as_ref().map(|m| m as &dyn Fn(u64) -> bool),
         ) {
+            Ok(c) if e.bound_at_build.is_some_and(|built| built != c.sympos) => {
+                refusals.push(crate::Refusal {
+                    symbol: qualified(&obj.object, &e.name),
+                    reason: format!(
+                        "the signed module names entry {} of this name in the kernel's symbol table, but entry {} is the one meant here (by its neighbours or its running code): the module would bind the wrong symbol",
+                        e.bound_at_build.unwrap_or_default(),
+                        c.sympos
+                    ),
+                });
+            }
             Ok(c) => {
                 externals.push(ResolvedSymbol {
                     module_symbol: e.module_symbol.clone(),
                     name: e.name.clone(),
                     object: obj.object.clone(),
                     address: c.address,
+                    bound_at_build: e.bound_at_build.is_some(),
                 });
                 if !chosen.iter().any(|(x, _)| expected == Some(*x)) {
                     chosen.extend(expected.map(|x| (x, c.address)));
@@ -806,6 +820,7 @@ pub(crate) mod tests {
                         kind: SymbolKind::Function,
                         file: Some("a.c".into()),
                         global: false,
+                        bound_at_build: None,
                     },
                     ExternalSymbol {
                         module_symbol: "__dynamos_ext_1".into(),
@@ -813,6 +828,7 @@ pub(crate) mod tests {
                         kind: SymbolKind::Data,
                         file: None,
                         global: true,
+                        bound_at_build: None,
                     },
                 ],
                 files: vec![
@@ -831,6 +847,30 @@ pub(crate) mod tests {
             replaces: vec![],
             shadows: vec![],
         }
+    }
+
+    /// A signed module's symbols were bound at build time: apply checks
+    /// the running kernel has each at the position the module names.
+    #[test]
+    fn symbols_bound_at_build_must_be_where_the_module_says() {
+        let mut m = manifest();
+        m.objects[0].externals[0].bound_at_build = Some(1);
+        m.objects[0].externals[1].bound_at_build = Some(0);
+        let r = resolve(&m, &ks(), &NoMemory).unwrap();
+        assert!(r.externals.iter().all(|e| e.bound_at_build));
+        assert_eq!(r.externals[0].address, 0xffffffff81001100);
+
+        m.objects[0].externals[0].bound_at_build = Some(2);
+        let err = resolve(&m, &ks(), &NoMemory).unwrap_err();
+        assert_eq!(
+            crate::error::exit_code_of(&err),
+            crate::error::exit::REFUSED
+        );
+        let text = err.to_string();
+        assert!(
+            text.contains("show: the signed module names entry 2 of this name in the kernel's symbol table, but entry 1 is the one meant here"),
+            "{text}"
+        );
     }
 
     #[test]

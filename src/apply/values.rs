@@ -206,6 +206,7 @@ mod tests {
             name: "lease_break_time".into(),
             object: "vmlinux".into(),
             address,
+            bound_at_build: false,
         }]
     }
 

@@ -4,6 +4,7 @@
 use clap::Parser;
 use dynamos::cli::build::Args;
 use dynamos::error::{exit, exit_code_of, Error, Refusal};
+use dynamos::generate::module_signature::ModuleSigningKey;
 use dynamos::multi_target::{self, WorkerOutcome};
 use dynamos::pipeline::{build_package, package_name, BuildReport, BuildRequest};
 use dynamos::target::TargetSpec;
@@ -43,6 +44,10 @@ fn main() {
         fuzz: args.fuzz,
         replace_unchanged: args.replace_unchanged,
         module_source: args.module_src,
+        module_signing_key: args.module_key.map(|key| ModuleSigningKey {
+            certificate: args.module_cert.unwrap_or_else(|| key.clone()),
+            key,
+        }),
     };
     let result = build_package(&request);
     if args.json {

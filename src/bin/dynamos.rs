@@ -162,15 +162,7 @@ fn run(cli: Cli) -> Result<i32> {
             };
             if json {
                 let change = done.as_ref().ok().map(|i| i.change);
-                let printed = print_json(done.map(|i| {
-                    serde_json::json!({
-                        "status": i.change,
-                        "package": i.name,
-                        "release": i.release,
-                        "order": i.order,
-                        "path": i.path,
-                    })
-                }))?;
+                let printed = print_json(done)?;
                 return Ok(change.map_or(printed, code));
             }
             let done = done?;
@@ -188,21 +180,31 @@ fn run(cli: Cli) -> Result<i32> {
             }
             Ok(code(done.change))
         }
-        Command::Uninstall { name, release } => {
-            let paths = apply::SystemPaths::default();
-            for release in installed::uninstall(&paths, &name, release.as_deref())? {
+        Command::Uninstall {
+            name,
+            release,
+            json,
+        } => {
+            let done =
+                installed::uninstall(&apply::SystemPaths::default(), &name, release.as_deref());
+            if json {
+                return print_json(done);
+            }
+            let done = done?;
+            for release in &done.releases {
                 println!("uninstalled {name} for {release}");
             }
-            if apply::list_at(&paths)?
-                .iter()
-                .any(|u| u.in_kernel && u.package.as_deref() == Some(name.as_str()))
-            {
+            if done.still_applied {
                 println!("{name} stays applied until `dynamos revert {name}`");
             }
             Ok(exit::OK)
         }
-        Command::Unhold { name } => {
-            for release in installed::unhold(&apply::SystemPaths::default(), &name)? {
+        Command::Unhold { name, json } => {
+            let done = installed::unhold(&apply::SystemPaths::default(), &name);
+            if json {
+                return print_json(done);
+            }
+            for release in done?.releases {
                 println!("{name} for {release} is applied again at boot");
             }
             Ok(exit::OK)
@@ -405,7 +407,16 @@ fn inspect(path: &Path, json: bool, save_module: Option<&Path>) -> Result<i32> {
     let m = &pkg.manifest;
     println!("package  {}", m.name);
     println!("target   {}", m.target.release);
-    println!("module   {} ({} bytes)", m.module_name, pkg.module.len());
+    let module_signature = if dynamos::apply::is_signed(&pkg.module) {
+        ", signed for the kernel's module loader"
+    } else {
+        ""
+    };
+    println!(
+        "module   {} ({} bytes{module_signature})",
+        m.module_name,
+        pkg.module.len()
+    );
     println!("signed   key {key_id}");
     for replaced in &m.replaces {
         println!("replaces {replaced} (cumulative)");
@@ -509,9 +520,10 @@ fn diff(original: &Path, patched: &Path, json: bool) -> Result<i32> {
 
 /// `--json` output of a command: its result, or on failure
 /// `{status: refused|error, message, refused}`, with the usual exit code.
-fn print_json(result: Result<serde_json::Value>) -> Result<i32> {
+fn print_json<T: serde::Serialize>(result: Result<T>) -> Result<i32> {
     let (value, code) = match result {
-        Ok(value) => (value, exit::OK),
+        // Through a `Value`, so every command's keys come out sorted alike.
+        Ok(done) => (serde_json::to_value(done)?, exit::OK),
         Err(err) => {
             let refused = err
                 .chain()

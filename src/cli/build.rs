@@ -47,6 +47,16 @@ pub struct Args {
     /// Secret key to sign with (default: the one `dynamos keygen` wrote).
     #[arg(long)]
     pub key: Option<PathBuf>,
+    /// Also sign the kernel module with this X.509 module-signing key (a
+    /// PEM private key, or a PKCS#11 URI), as the target's scripts/sign-file
+    /// does, for kernels that enforce module signatures (Secure Boot,
+    /// module.sig_enforce=1). The kernel must trust its certificate.
+    #[arg(long, value_name = "KEY")]
+    pub module_key: Option<PathBuf>,
+    /// Certificate of --module-key, PEM or DER (default: the --module-key
+    /// file, which then holds both, as the kernel's signing_key.pem does).
+    #[arg(long, value_name = "CERT", requires = "module_key")]
+    pub module_cert: Option<PathBuf>,
     /// Package name (default: the first patch's file name without .diff).
     #[arg(long)]
     pub name: Option<String>,

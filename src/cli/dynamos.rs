@@ -86,11 +86,17 @@ pub enum Command {
         /// Only the copy for this kernel release (default: every release).
         #[arg(long)]
         release: Option<String>,
+        /// Print one JSON object on standard output (docs/user-guide.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Let a package held by the crash guard be applied at boot again (root).
     Unhold {
         /// Package name, as `dynamos list` shows it.
         name: String,
+        /// Print one JSON object on standard output (docs/user-guide.md).
+        #[arg(long)]
+        json: bool,
     },
     /// Apply the installed packages for the running kernel, in install
     /// order; run early at boot by dynamos.service (root).

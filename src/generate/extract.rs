@@ -710,6 +710,7 @@ impl Extractor<'_> {
             kind,
             file: (defined_here && !global).then(|| self.source_file.to_string()),
             global,
+            bound_at_build: None,
         };
         self.externals.insert(key, (id, external));
         id

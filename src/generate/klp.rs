@@ -25,6 +25,7 @@ use object::elf;
 use std::collections::{BTreeMap, HashMap};
 
 const SHN_LIVEPATCH: u16 = 0xff20;
+const VMLINUX: &str = "vmlinux";
 const SHF_RELA_LIVEPATCH: u64 = 0x0010_0000;
 
 /// The module loader reads `section` while loading our module, before any
@@ -110,6 +111,7 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
     let mut klp_objects = HashMap::new();
     let mut diagnostics = HashMap::new();
     let mut load_time = HashMap::new();
+    let mut module_load_time = HashMap::new();
     for sym in builder.symbols.iter_mut() {
         let Some(reference) = wanted.get(sym.name.as_slice()) else {
             continue;
@@ -124,6 +126,10 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
         sym.st_info = (elf::STB_GLOBAL << 4) | elf::STT_NOTYPE;
         sym.st_other = elf::STV_DEFAULT;
         klp_objects.insert(sym.id().index(), reference.patched.clone());
+        if s.object == VMLINUX {
+            continue;
+        }
+        module_load_time.insert(sym.id().index(), s);
         if let Some(what) = diagnostic_key(&s.name) {
             diagnostics.insert(sym.id().index(), what);
         }
@@ -150,7 +156,7 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
     let static_call_sites = section_named(b".static_call_sites");
     let silenced_calls = silenced_call_sites(&builder, static_call_sites, &diagnostics);
     if let Some(sites) = static_call_sites {
-        let direct = direct_call_sites(&builder, sites, &load_time, &diagnostics);
+        let direct = direct_call_sites(&builder, sites, &module_load_time, &diagnostics);
         drop_entries(&mut builder, sites, &direct, STATIC_CALL_SITE_SIZE);
     }
     for section in builder.sections.iter_mut() {
@@ -207,7 +213,9 @@ pub fn convert(ko: &[u8], symbols: &[KlpReference]) -> Result<Converted> {
         let target = targets[&target_index];
         let target_name =
             String::from_utf8_lossy(builder.sections.get(target).name.as_slice()).into_owned();
-        if read_before_livepatch_relocations(&target_name) {
+        // vmlinux's livepatch relocations are applied first, as the module
+        // loads; a module's only when that module loads.
+        if object != VMLINUX && read_before_livepatch_relocations(&target_name) {
             let used = relocs
                 .first()
                 .and_then(|r| r.symbol)
@@ -512,6 +520,42 @@ mod tests {
         // Both calls are livepatch relocations of kvm's object.
         let klp = file.section_by_name(".klp.rela.kvm..text.f").unwrap();
         assert_eq!(klp.size(), 2 * 24);
+    }
+
+    /// vmlinux's livepatch relocations are applied as the module loads,
+    /// before its static call sites are read: a vmlinux key bound at build
+    /// (a signed module) keeps its site.
+    #[test]
+    fn a_vmlinux_key_bound_at_build_keeps_its_static_call_site() {
+        let ko = module_with_static_calls("__dynamos_ext_tramp");
+        let vmlinux = |module_symbol: &str, name: &str| KlpReference {
+            module_symbol: module_symbol.into(),
+            patched: "vmlinux".into(),
+            symbol: LoadTimeSymbol {
+                object: "vmlinux".into(),
+                name: name.into(),
+                sympos: 0,
+            },
+        };
+        // The vmlinux site's call goes to its key's trampoline: only a
+        // module's site is made a plain call, never vmlinux's.
+        let mut symbols = references();
+        symbols.retain(|r| r.module_symbol != "__dynamos_ext_other");
+        symbols.push(vmlinux("__dynamos_ext_other", "__SCT__vm"));
+        symbols.push(vmlinux("__SCK__vm", "__SCK__vm"));
+        let converted = convert(&ko, &symbols).unwrap();
+        let file = object::File::parse(converted.ko.as_slice()).unwrap();
+        assert_eq!(
+            file.section_by_name(".static_call_sites").unwrap().size(),
+            8
+        );
+        let moved = file
+            .section_by_name(".klp.rela.vmlinux..static_call_sites")
+            .unwrap();
+        assert_eq!(moved.size(), 24);
+        assert!(file
+            .symbols()
+            .any(|s| object::read::ObjectSymbol::name(&s) == Ok(".klp.sym.vmlinux.__SCK__vm,0")));
     }
 
     #[test]

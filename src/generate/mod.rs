@@ -5,11 +5,13 @@
 //! extracted object per translation unit (see `extract`). References to
 //! kernel symbols stay undefined under `__dynamos_ext_N` names; the manifest
 //! says what each one is, and `dynamos apply` resolves them on the running
-//! kernel before loading (docs/architecture.md explains why).
+//! kernel before loading (docs/architecture.md explains why); a module to
+//! be signed has them bound here instead (`bind_at_build`).
 
 pub mod extract;
 pub mod klp;
 pub mod kthreads;
+pub mod module_signature;
 pub mod module_symbols;
 pub mod target_symbols;
 pub mod values;
@@ -76,6 +78,7 @@ pub fn generate(
     units: &[TranslationUnit],
     rewritten: &Rewritten,
     kernel: &TargetKernel,
+    signing: Option<&module_signature::ModuleSigning>,
     work: &Path,
 ) -> Result<GeneratedModule> {
     let (modules, abi) = (&kernel.modules, &kernel.abi);
@@ -108,14 +111,19 @@ pub fn generate(
     }
     // What the running kernel's symbol table will be, where the target's
     // image tells: the build decides what apply would only find out later.
+    // A signed module names every kernel symbol's position at build time.
     let vmlinux_table = match &modules.vmlinuz {
         Some(image)
-            if units
-                .iter()
-                .any(|u| u.kernel_object == "vmlinux" && !u.diff.is_empty()) =>
+            if signing.is_some()
+                || units
+                    .iter()
+                    .any(|u| u.kernel_object == "vmlinux" && !u.diff.is_empty()) =>
         {
             Some(target_symbols::read_vmlinuz(image)?)
         }
+        None if signing.is_some() => bail!(
+            "signing the module needs the target's kernel image, whose symbol table fixes each kernel symbol the module uses at build time"
+        ),
         _ => None,
     };
     let vmlinux_symbols = vmlinux_table
@@ -314,6 +322,7 @@ pub fn generate(
                             name: name.clone(),
                             kind: SymbolKind::Data,
                             file: Some(unit.source_file.clone()),
+                            bound_at_build: None,
                             global: *global,
                         });
                         task_pointers.push((module_symbol, name.clone()));
@@ -478,6 +487,7 @@ pub fn generate(
                     name: name.into(),
                     kind,
                     file: None,
+                    bound_at_build: None,
                     global: true,
                 });
             }
@@ -493,8 +503,18 @@ pub fn generate(
             name: "__module_text_address".into(),
             kind: SymbolKind::Function,
             file: None,
+            bound_at_build: None,
             global: true,
         });
+    }
+    if signing.is_some() {
+        let symbols = vmlinux_symbols
+            .as_ref()
+            .expect("read above whenever the module is signed");
+        let unbound = bind_at_build(&mut objects, symbols, &mut load_time);
+        if !unbound.is_empty() {
+            return Err(Error::Refused(unbound).into());
+        }
     }
     let source = values::render(
         &render_livepatch(package, module_name, &objects, shadows, clear_module_relocs),
@@ -518,11 +538,64 @@ pub fn generate(
     notes.extend(converted.silent.iter().map(|(module, what)| {
         format!("{what} of {module}: silent in the new code (a livepatch jump label cannot use the module's key)")
     }));
-    Ok(GeneratedModule {
-        ko: converted.ko,
-        objects,
-        notes,
-    })
+    let ko = match signing {
+        Some(signing) => module_signature::sign(
+            &converted.ko,
+            signing,
+            &kernel.kbuild_dir,
+            &kernel.toolchain,
+            work,
+        )?,
+        None => converted.ko,
+    };
+    Ok(GeneratedModule { ko, objects, notes })
+}
+
+/// Bind every kernel symbol the module uses from vmlinux at build time:
+/// each becomes a livepatch symbol at its position in the target's symbol
+/// table, which the kernel resolves as it loads the module (vmlinux's
+/// livepatch relocations are applied before the module loader reads its
+/// jump labels, alternatives and static calls). Symbols the table cannot
+/// tell apart are refused: apply could pick by running code, a signed
+/// module cannot.
+fn bind_at_build(
+    objects: &mut [ObjectUpdate],
+    vmlinux: &crate::apply::ObjectSymbols,
+    load_time: &mut Vec<klp::KlpReference>,
+) -> Vec<crate::error::Refusal> {
+    let mut refusals = Vec::new();
+    for object in objects.iter_mut() {
+        let files = object.files.clone();
+        for external in &mut object.externals {
+            let file_symbols = external
+                .file
+                .as_ref()
+                .map(|file| crate::apply::file_symbols(&files, file).unwrap_or(&[]));
+            match crate::apply::choose(vmlinux, &external.name, external.kind, file_symbols, None)
+            {
+                Ok(choice) => {
+                    external.bound_at_build = Some(choice.sympos);
+                    load_time.push(klp::KlpReference {
+                        module_symbol: external.module_symbol.clone(),
+                        patched: "vmlinux".into(),
+                        symbol: crate::package::LoadTimeSymbol {
+                            object: "vmlinux".into(),
+                            name: external.name.clone(),
+                            sympos: choice.sympos,
+                        },
+                    });
+                }
+                Err(reason) => refusals.push(crate::error::Refusal {
+                    symbol: format!("{}:{}", object.object, external.name),
+                    reason: format!(
+                        "{} (the target's symbol table, read at build time: a signed module names each kernel symbol it uses before it is signed)",
+                        reason.replace("the running kernel", "the target kernel")
+                    ),
+                }),
+            }
+        }
+    }
+    refusals
 }
 
 /// Add externals of a module unit's new code to `update`: vmlinux symbols
@@ -574,6 +647,7 @@ fn running_original(unit: &TranslationUnit, function: &str, module_symbol: &str)
         name: function.to_string(),
         kind: SymbolKind::Function,
         file: Some(unit.source_file.clone()),
+        bound_at_build: None,
         global: unit
             .original
             .symbols
@@ -1075,4 +1149,97 @@ fn build_module(
     }
     let ko = work.join(format!("{module_name}.ko"));
     std::fs::read(&ko).with_context(|| format!("kbuild produced no {}", ko.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apply::{Ksym, ObjectSymbols};
+
+    fn ksym(address: u64, kind: char, name: &str) -> Ksym {
+        Ksym {
+            address,
+            kind,
+            name: name.into(),
+            module: None,
+        }
+    }
+
+    fn external(n: usize, name: &str, file: Option<&str>) -> ExternalSymbol {
+        ExternalSymbol {
+            module_symbol: format!("__dynamos_ext_{n}"),
+            name: name.into(),
+            kind: SymbolKind::Any,
+            file: file.map(String::from),
+            global: file.is_none(),
+            bound_at_build: None,
+        }
+    }
+
+    /// Every external of every object, a module's too, is bound against
+    /// vmlinux at its position; what the table cannot pin down is refused
+    /// for the object using it.
+    #[test]
+    fn externals_bound_at_build_are_vmlinux_livepatch_symbols() {
+        // Two files' statics, further apart than the neighbourhood looked at.
+        let mut table = vec![ksym(0x1000, 't', "a_first"), ksym(0x1010, 't', "show")];
+        for i in 0..crate::apply::NEIGHBOURHOOD as u64 {
+            table.push(ksym(0x1100 + 16 * i, 't', &format!("filler_{i}")));
+        }
+        table.extend([
+            ksym(0x2000, 't', "b_first"),
+            ksym(0x2010, 't', "show"),
+            ksym(0x3000, 'T', "printk"),
+            ksym(0x4000, 'd', "__key.0"),
+            ksym(0x4010, 'd', "__key.0"),
+        ]);
+        let vmlinux = ObjectSymbols::new(table.iter().collect());
+        let mut objects = vec![
+            ObjectUpdate {
+                object: "vmlinux".into(),
+                externals: vec![
+                    external(0, "show", Some("b.c")),
+                    external(1, "printk", None),
+                ],
+                files: vec![SourceObject {
+                    file: "b.c".into(),
+                    symbols: vec!["b_first".into(), "show".into()],
+                }],
+                ..ObjectUpdate::default()
+            },
+            ObjectUpdate {
+                object: "tun".into(),
+                externals: vec![external(2, "printk", None)],
+                ..ObjectUpdate::default()
+            },
+        ];
+        let mut load_time = Vec::new();
+        assert!(bind_at_build(&mut objects, &vmlinux, &mut load_time).is_empty());
+        let bound: Vec<Option<u32>> = objects
+            .iter()
+            .flat_map(|o| o.externals.iter().map(|e| e.bound_at_build))
+            .collect();
+        assert_eq!(bound, [Some(2), Some(0), Some(0)]);
+        assert_eq!(load_time.len(), 3);
+        assert!(load_time
+            .iter()
+            .all(|r| r.patched == "vmlinux" && r.symbol.object == "vmlinux"));
+        assert_eq!(load_time[0].symbol.name, "show");
+        assert_eq!(load_time[2].module_symbol, "__dynamos_ext_2");
+
+        let mut objects = vec![ObjectUpdate {
+            object: "tun".into(),
+            externals: vec![external(3, "__key.0", Some("drivers/net/tun.c"))],
+            ..ObjectUpdate::default()
+        }];
+        let refusals = bind_at_build(&mut objects, &vmlinux, &mut Vec::new());
+        assert_eq!(refusals.len(), 1);
+        assert_eq!(refusals[0].symbol, "tun:__key.0");
+        assert!(
+            refusals[0].reason.starts_with("ambiguous"),
+            "{}",
+            refusals[0].reason
+        );
+        assert!(refusals[0].reason.contains("a signed module names"));
+    }
 }

@@ -295,6 +295,7 @@ mod tests {
             name: name.into(),
             kind: SymbolKind::Any,
             file: file.map(String::from),
+            bound_at_build: None,
             global: file.is_none(),
         }
     }

@@ -4,7 +4,8 @@
 //!
 //! The variable's address reaches the module like any other kernel
 //! symbol: an undefined `__dynamos_value_N` that the manifest lists among
-//! the externals and `dynamos apply` resolves from kallsyms.
+//! the externals and `dynamos apply` resolves from kallsyms (or the build
+//! binds, for a signed module).
 
 use super::TranslationUnit;
 use crate::apply::ObjectSymbols;
@@ -50,6 +51,7 @@ pub fn add_value_updates(
             name: change.name.clone(),
             kind: SymbolKind::Data,
             file: (!global).then(|| unit.source_file.clone()),
+            bound_at_build: None,
             global,
         };
         if let Some(symbols) = vmlinux {

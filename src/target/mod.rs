@@ -302,6 +302,21 @@ impl Target {
         })
     }
 
+    /// The hash the kernel's module signatures use (`CONFIG_MODULE_SIG_HASH`);
+    /// an error when the kernel was built without module signatures.
+    pub fn module_signature_hash(&self) -> Result<String> {
+        let config = std::fs::read_to_string(&self.config)
+            .with_context(|| format!("cannot read {}", self.config.display()))?;
+        if toolchain::config_string(&config, "CONFIG_MODULE_SIG_FORMAT").as_deref() != Some("y") {
+            anyhow::bail!(
+                "the target kernel {} is built without module signatures (CONFIG_MODULE_SIG_FORMAT): it cannot check a signed module",
+                self.release
+            );
+        }
+        Ok(toolchain::config_string(&config, "CONFIG_MODULE_SIG_HASH")
+            .unwrap_or_else(|| "sha256".to_string()))
+    }
+
     /// The distribution's version of the kernel packages (`6.1.192-3`).
     pub fn distribution_version(&self) -> Option<String> {
         self.debian.as_ref().map(|d| d.version.clone())

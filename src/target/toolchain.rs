@@ -92,6 +92,27 @@ impl Toolchain {
         self
     }
 
+    /// [`Toolchain::with_bind`] for a folder of the user's (a key's), refused
+    /// when the root has that folder with files of its own, which the bind
+    /// would hide from the command (`/etc`, `/usr/lib/ssl`).
+    pub fn with_user_folder(self, folder: &std::path::Path) -> Result<Toolchain> {
+        if let Some(root) = &self.root {
+            let inside = root.join(folder.strip_prefix("/").unwrap_or(folder));
+            let visible_files = std::fs::read_dir(&inside).is_ok_and(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| !e.file_name().to_string_lossy().starts_with('.'))
+            });
+            if visible_files {
+                bail!(
+                    "{} would hide the files the compiler's root has there; move it to a folder of its own",
+                    folder.display()
+                );
+            }
+        }
+        Ok(self.with_bind(folder))
+    }
+
     /// The toolchain for a kernel whose config is `config` (its text),
     /// of the Debian release `codename`: the host's compiler when its
     /// `--version` says what the config says, else a root of that release.

@@ -205,6 +205,35 @@ fn vm_checked(
     text
 }
 
+/// One `dynamos vm` boot with `options` (`--disk`, `--module`, `--append`,
+/// ...), `files` under /packages and `script`, which must end within
+/// `budget`; returns the exit code and the output, for tests that check
+/// failures in the guest themselves.
+pub fn vm_boot(
+    keys: &Keys,
+    options: &[&str],
+    files: &[&Path],
+    script: &str,
+    budget: std::time::Duration,
+) -> (Option<i32>, String) {
+    let timeout = budget.as_secs().to_string();
+    let mut args: Vec<&str> = vec!["vm", "--timeout", &timeout];
+    args.extend(options);
+    for file in files {
+        args.extend(["--package", file.to_str().unwrap()]);
+    }
+    args.extend(["--", script]);
+    let started = std::time::Instant::now();
+    let out = dynamos(&keys.dir, &args);
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        started.elapsed() < budget,
+        "one boot took {:?}:\n{text}",
+        started.elapsed()
+    );
+    (out.status.code(), text)
+}
+
 /// A program that lives in /usr/sbin or /sbin (e2fsprogs), which a test's
 /// PATH may lack.
 pub fn sbin_command(name: &str) -> Command {
