@@ -91,7 +91,9 @@ fn a_target_that_refuses_does_not_stop_the_others() {
         "--target", TARGETS[0], "--target", debian_13, "--json", "-o",
     ])
     .arg(out.path())
-    .env("DYNAMOS_CONFIG", keys.dir.path());
+    .env("DYNAMOS_CONFIG", keys.dir.path())
+    .env_remove("DYNAMOS_CC_WRAPPER")
+    .env_remove("CC");
     let built = cmd.output().unwrap();
     let (text, messages) = (stdout(&built), stderr(&built));
     assert_eq!(built.status.code(), Some(2), "{text}{messages}");
