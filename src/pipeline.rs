@@ -44,6 +44,8 @@ pub struct BuildReport {
     /// Caveats of the update, one line each, as every stage recorded them
     /// (`crate::report`).
     pub notes: Vec<String>,
+    /// The kernel module carries a module signature (`--module-key`).
+    pub module_signed: bool,
 }
 
 /// Package name from the first patch file: `fixes/CVE-1.diff` → `CVE-1`.
@@ -406,6 +408,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         replaces: request.replaces.clone(),
         shadows: shadows.types.clone(),
     };
+    let module_signed = crate::apply::is_signed(&generated.ko);
     let package = Package {
         manifest: manifest.clone(),
         module: generated.ko,
@@ -422,5 +425,6 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
         manifest,
         timings,
         notes: crate::report::take_notes(),
+        module_signed,
     })
 }

@@ -29,6 +29,7 @@ fn build_results_are_one_json_object_with_the_exit_code() {
     assert_eq!(written["status"], "written", "{written}");
     assert_eq!(written["target"], "6.1.0-57-amd64", "{written}");
     assert_eq!(written["package"], out.to_str().unwrap(), "{written}");
+    assert_eq!(written["module_signed"], false, "{written}");
     assert_eq!(
         written["replaced"][0]["function"], "version_proc_show",
         "{written}"

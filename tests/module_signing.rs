@@ -120,8 +120,11 @@ fn signed_modules_load_as_built_and_an_enforcing_kernel_refuses_the_rest() {
         "tun-vnet-hdr-size-limit",
     ] {
         let package = work.path().join(format!("{patch}.dynpkg"));
-        let out = build_with(&keys, &[&format!("{patch}.diff")], signing, &package);
+        let args = signing.iter().copied().chain(["--json"]);
+        let out = build_with(&keys, &[&format!("{patch}.diff")], args, &package);
         assert!(out.status.success(), "{patch}: {}", stderr(&out));
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["module_signed"], true, "{summary}");
         signed.push(package);
     }
     let unsigned = work.path().join("unsigned/proc-version-banner.dynpkg");

@@ -253,6 +253,9 @@ struct BuildSummary {
     package: Option<PathBuf>,
     #[serde(skip_serializing_if = "Option::is_none")]
     target: Option<String>,
+    /// Whether the written package's kernel module is signed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    module_signed: Option<bool>,
     replaced: Vec<ReplacedSummary>,
     added: Vec<AddedSummary>,
     value_updates: Vec<String>,
@@ -287,6 +290,7 @@ impl BuildSummary {
             status,
             package: None,
             target: None,
+            module_signed: None,
             replaced: Vec::new(),
             added: Vec::new(),
             value_updates: Vec::new(),
@@ -301,6 +305,7 @@ impl BuildSummary {
         let mut summary = BuildSummary::empty("written");
         summary.package = Some(report.package_path.clone());
         summary.target = Some(report.manifest.target.release.clone());
+        summary.module_signed = Some(report.module_signed);
         for object in &report.manifest.objects {
             summary
                 .replaced
