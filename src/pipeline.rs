@@ -75,8 +75,17 @@ pub fn package_name(patch: &Path) -> String {
     }
 }
 
+/// The package's name: `name` as given (checked), else from the first
+/// patch file.
+pub fn resolve_package_name(name: Option<&str>, first_patch: &Path) -> Result<String> {
+    match name {
+        Some(name) => checked_package_name(name),
+        None => Ok(package_name(first_patch)),
+    }
+}
+
 /// A package name given by the user: the characters `package_name` keeps.
-pub fn checked_package_name(name: &str) -> Result<String> {
+fn checked_package_name(name: &str) -> Result<String> {
     let ok = !name.is_empty()
         && name.len() <= 47
         && name
@@ -146,10 +155,7 @@ pub fn build_package(request: &BuildRequest) -> Result<BuildReport> {
     let first = request.patches.first().context("no patch given")?;
     // Notes of an earlier build in this process are not this one's.
     crate::report::take_notes();
-    let name = match &request.name {
-        Some(n) => checked_package_name(n)?,
-        None => package_name(first),
-    };
+    let name = resolve_package_name(request.name.as_deref(), first)?;
     for replaced in &request.replaces {
         checked_package_name(replaced)?;
         if replaced == &name {

@@ -6,7 +6,7 @@ use dynamos::cli::build::Args;
 use dynamos::error::{exit, exit_code_of, Error, Refusal};
 use dynamos::generate::module_signature::ModuleSigningKey;
 use dynamos::multi_target::{self, WorkerOutcome};
-use dynamos::pipeline::{build_package, package_name, BuildReport, BuildRequest};
+use dynamos::pipeline::{build_package, resolve_package_name, BuildReport, BuildRequest};
 use dynamos::target::TargetSpec;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -123,13 +123,12 @@ fn fail(message: &str) -> ! {
     std::process::exit(exit::ERROR);
 }
 
-/// `--name`, or the first patch's file name.
+/// `--name`, or the first patch's file name; a bad `--name` is exit 1.
 fn package_name_of(args: &Args) -> String {
-    match (&args.name, args.patches.first()) {
-        (Some(name), _) => name.clone(),
-        (None, Some(first)) => package_name(first),
-        (None, None) => "update".into(),
-    }
+    let Some(first) = args.patches.first() else {
+        fail("no patch given");
+    };
+    resolve_package_name(args.name.as_deref(), first).unwrap_or_else(|e| fail(&format!("{e:#}")))
 }
 
 /// A run with several `--target`: every target built by a worker process
@@ -140,11 +139,7 @@ fn build_for_targets(args: &Args) -> i32 {
     if args.src.is_some() {
         fail("--src is one kernel tree: give --target once with it");
     }
-    if let Some(name) = &args.name {
-        if let Err(e) = dynamos::pipeline::checked_package_name(name) {
-            fail(&format!("{e:#}"));
-        }
-    }
+    let name = package_name_of(args);
     // No -o: the current folder, and file names without a folder in front.
     let folder = args.output.clone().unwrap_or_default();
     if !(folder.as_os_str().is_empty() || folder.is_dir()) {
@@ -175,7 +170,6 @@ fn build_for_targets(args: &Args) -> i32 {
         let targets: Vec<String> = outcomes.iter().map(worker_summary).collect();
         println!("{}", all_targets_json(status_name(code), &targets));
     } else {
-        let name = package_name_of(args);
         for outcome in &outcomes {
             let seconds = outcome.wall.as_secs_f64();
             match outcome.code {

@@ -121,9 +121,6 @@ pub fn generate(
         {
             Some(target_symbols::read_vmlinuz(image)?)
         }
-        None if signing.is_some() => bail!(
-            "signing the module needs the target's kernel image, whose symbol table fixes each kernel symbol the module uses at build time"
-        ),
         _ => None,
     };
     let vmlinux_symbols = vmlinux_table
@@ -508,9 +505,9 @@ pub fn generate(
         });
     }
     if signing.is_some() {
-        let symbols = vmlinux_symbols
-            .as_ref()
-            .expect("read above whenever the module is signed");
+        let Some(symbols) = vmlinux_symbols.as_ref() else {
+            bail!("signing the module needs the target's kernel image, whose symbol table fixes each kernel symbol the module uses at build time");
+        };
         let unbound = bind_at_build(&mut objects, symbols, &mut load_time);
         if !unbound.is_empty() {
             return Err(Error::Refused(unbound).into());
@@ -565,12 +562,17 @@ fn bind_at_build(
 ) -> Vec<crate::error::Refusal> {
     let mut refusals = Vec::new();
     for object in objects.iter_mut() {
-        let files = object.files.clone();
-        for external in &mut object.externals {
+        let ObjectUpdate {
+            object: name,
+            externals,
+            files,
+            ..
+        } = object;
+        for external in externals.iter_mut() {
             let file_symbols = external
                 .file
                 .as_ref()
-                .map(|file| crate::apply::file_symbols(&files, file).unwrap_or(&[]));
+                .map(|file| crate::apply::file_symbols(files, file).unwrap_or(&[]));
             match crate::apply::choose(vmlinux, &external.name, external.kind, file_symbols, None)
             {
                 Ok(choice) => {
@@ -586,7 +588,7 @@ fn bind_at_build(
                     });
                 }
                 Err(reason) => refusals.push(crate::error::Refusal {
-                    symbol: format!("{}:{}", object.object, external.name),
+                    symbol: format!("{name}:{}", external.name),
                     reason: format!(
                         "{} (the target's symbol table, read at build time: a signed module names each kernel symbol it uses before it is signed)",
                         reason.replace("the running kernel", "the target kernel")
